@@ -217,7 +217,10 @@ def multilevel_euler_maruyama(
     drifts = _validate.check_drifts(drifts, ts[0], y0, args)
     _validate.check_diffusion(diffusion, ts[0], y0, args)
     probs_fn = _validate.check_probs(probs, len(drifts), coupling, ts)
+    noise = None if diffusion is None else _noise.brownian_source(key, y0, ts)
     if level_key is None:
+        if diffusion is None:
+            _validate.check_key(key, "key")
         if not _validate.is_prng_key(key):
             raise TypeError(
                 "level_key: required when key is a Brownian path or precomputed increments "
@@ -226,7 +229,6 @@ def multilevel_euler_maruyama(
             )
         _, level_key = _noise.split_key(key)
     _validate.check_key(level_key, "level_key")
-    noise = None if diffusion is None else _noise.brownian_source(key, y0, ts)
 
     def step_drift(n, t, y, evaluations):
         p = jnp.asarray(probs_fn(t))

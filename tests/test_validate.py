@@ -1,0 +1,91 @@
+"""Every bad input gets a clear error that names the argument."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlem_jax import euler_maruyama, multilevel_euler_maruyama
+
+TS = jnp.linspace(0.0, 1.0, 5)
+Y0 = jnp.ones(3)
+KEY = jax.random.key(0)
+F = lambda t, y, a: -y
+G = lambda t, y, a: 0.5
+
+
+def mlem(**kw):
+    base = dict(drifts=(F, F), probs=jnp.array([1.0, 0.5]), diffusion=G, y0=Y0, ts=TS, key=KEY)
+    base.update(kw)
+    return multilevel_euler_maruyama(**base)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(drifts=()), r"drifts: expected at least one"),
+        (dict(drifts=F), r"drifts: expected a sequence"),
+        (dict(drifts=(F, lambda t, y, a: y[:2])), r"drifts\[1\]: .*shape and dtype"),
+        (dict(drifts=(F, lambda t, y, a: y.astype(jnp.int32))), r"drifts\[1\]: .*int32"),
+        (dict(drifts=(F, lambda t, y, a: (y, y))), r"drifts\[1\]: .*pytree structure"),
+        (dict(probs=jnp.array([1.0, 0.5, 0.2])), r"probs: .*shape \(2,\)"),
+        (dict(probs=jnp.array([1.0, 1.5])), r"probs: .*\(0, 1\]"),
+        (dict(probs=jnp.array([1.0, 0.0])), r"probs: .*\(0, 1\]"),
+        (dict(probs=jnp.array([0.5, 0.5])), r"probs: the first .* probability 1"),
+        (dict(probs=jnp.array([1.0, jnp.nan])), r"probs: contains NaN"),
+        (dict(probs=lambda t: jnp.array([1.0, 0.5, 0.1])), r"probs: the schedule .*\(2,\)"),
+        (dict(probs=lambda t: jnp.array([1.0, 2.0 * t])), r"probs\(t\): .*\(0, 1\]"),
+        (
+            dict(drifts=(F, F, F), probs=jnp.array([1.0, 0.2, 0.5]), coupling="nested"),
+            r"probs: the nested coupling needs non-increasing",
+        ),
+        (dict(coupling="antithetic"), r"coupling: expected one of"),
+        (dict(ts=jnp.ones((2, 3))), r"ts: expected a 1-D"),
+        (dict(ts=jnp.array([0.0])), r"ts: expected at least 2"),
+        (dict(ts=jnp.array([0.0, 0.5, 0.5, 1.0])), r"ts: expected a strictly monotone"),
+        (dict(ts=jnp.array([0.0, 0.5, 0.2])), r"ts: expected a strictly monotone"),
+        (dict(diffusion=lambda t, y, a: jnp.ones(4)), r"diffusion: .*does not broadcast"),
+        (dict(diffusion=lambda t, y, a: jnp.ones((2, 3))), r"diffusion: .*does not broadcast"),
+        (dict(key=0), r"key: expected a PRNG key"),
+        (dict(key=jax.random.split(KEY, 4)), r"key: expected a PRNG key"),
+        (dict(key=jnp.ones((3, 3))), r"key: precomputed Brownian increments must have shape"),
+        (dict(level_key=jax.random.split(KEY, 2)), r"level_key: expected a single PRNG key"),
+        (dict(key=jnp.zeros((4, 3))), r"level_key: required when key is"),
+        (dict(saveat="everything"), r"saveat: expected None, 'all'"),
+        (dict(saveat=[0, 9]), r"saveat: indices must lie"),
+    ],
+)
+def test_bad_multilevel_inputs(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        mlem(**kw)
+
+
+def test_errors_raise_at_trace_time_under_jit():
+    with pytest.raises(ValueError, match=r"drifts\[1\]"):
+        jax.jit(lambda k: mlem(key=k, drifts=(F, lambda t, y, a: y[:1])).y)(KEY)
+    with pytest.raises(TypeError, match=r"level_key"):
+        jax.jit(lambda lk: mlem(level_key=lk).y)(jnp.ones(2))
+
+
+def test_small_probability_warns():
+    with pytest.warns(UserWarning, match=r"below 1e-06"):
+        mlem(probs=jnp.array([1.0, 1e-8]))
+
+
+def test_bad_em_inputs():
+    with pytest.raises(ValueError, match=r"drift: .*shape"):
+        euler_maruyama(lambda t, y, a: y.sum(), G, Y0, TS, KEY)
+    with pytest.raises(TypeError, match=r"drift: expected a callable"):
+        euler_maruyama(None, G, Y0, TS, KEY)
+    with pytest.raises(TypeError, match=r"diffusion: expected a callable"):
+        euler_maruyama(F, 0.5, Y0, TS, KEY)
+    with pytest.raises(ValueError, match=r"ts: expected a strictly monotone"):
+        euler_maruyama(F, G, Y0, np.array([1.0, 0.0, 0.5]), KEY)
+
+
+def test_brownian_path_of_wrong_shape():
+    import diffrax
+
+    path = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(2,), key=KEY)
+    with pytest.raises(ValueError, match=r"key: the Brownian path's increments must be shaped like y0"):
+        euler_maruyama(F, G, Y0, TS, path)
