@@ -1,5 +1,11 @@
 """mlem-jax: the Multilevel Euler-Maruyama method (arXiv 2603.24594) in JAX."""
 
+from mlem_jax._probabilities import (
+    correction_costs,
+    geometric_probabilities,
+    injected_variance,
+    optimal_probabilities,
+)
 from mlem_jax._progress import StepInfo
 from mlem_jax._solvers import (
     MultilevelSolution,
@@ -12,6 +18,10 @@ from mlem_jax._solvers import (
 __all__ = [
     "MultilevelSolution",
     "StepInfo",
+    "correction_costs",
+    "geometric_probabilities",
+    "injected_variance",
+    "optimal_probabilities",
     "euler_maruyama",
     "level_coins",
     "multilevel_drift",
