@@ -1,7 +1,10 @@
 """mlem-jax: the Multilevel Euler-Maruyama method (arXiv 2603.24594) in JAX."""
 
 from mlem_jax._probabilities import (
+    FixedBudget,
+    PiecewiseConstant,
     correction_costs,
+    expected_cost,
     geometric_probabilities,
     injected_variance,
     optimal_probabilities,
@@ -16,6 +19,9 @@ from mlem_jax._solvers import (
 )
 
 __all__ = [
+    "FixedBudget",
+    "PiecewiseConstant",
+    "expected_cost",
     "MultilevelSolution",
     "StepInfo",
     "correction_costs",

@@ -18,6 +18,10 @@ Level 1 is the base of the estimator and always has p_1 = 1.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -44,46 +48,136 @@ def correction_costs(level_costs, coupling: str = "independent") -> np.ndarray:
     raise ValueError(f"coupling: expected 'independent' or 'nested', got {coupling!r}.")
 
 
-def optimal_probabilities(variances, costs, step_size: float, target_variance: float) -> np.ndarray:
-    """The cheapest probabilities whose injected variance per unit time is `target_variance`.
+def optimal_probabilities(
+    variances,
+    costs,
+    step_size: float,
+    target_variance: float | None = None,
+    *,
+    budget: float | None = None,
+    num_steps: int | None = None,
+    bin_weights=None,
+) -> np.ndarray:
+    """The cheapest probabilities for a target injected variance, or the most accurate
+    ones for a compute budget.
 
     Args:
-      variances: V_k = E|f^k - f^{k-1}|^2 for k = 1..K (V_1 is not used: p_1 = 1).
-      costs: C_k, the cost of drawing the correction of level k (see `correction_costs`).
+      variances: V_k = E|f^k - f^{k-1}|^2, shape (K,), or (B, K) for B time bins (a
+        time-dependent schedule; V_1 is not used: p_1 = 1).
+      costs: (K,) cost of drawing the correction of each level (see `correction_costs`).
       step_size: |h| of the EM grid.
-      target_variance: nu^2 = |h| sum_k V_k (1/p_k - 1), the variance ML-EM may add per
-        unit time.
+      target_variance: nu^2 = |h| sum_b w_b sum_k V_bk (1/p_bk - 1), the variance ML-EM
+        may add per unit time (averaged over the bins).
+      budget: instead of a variance, the expected cost per trajectory,
+        num_steps * sum_b w_b sum_k p_bk C_k; needs `num_steps`.
+      bin_weights: (B,) fraction of the steps in each bin (default: equal).
 
     Returns:
-      p, an array (K,) with p_1 = 1 and p_k in (0, 1].
+      p with the shape of `variances`, p_1 = 1, p_k in (0, 1]. All bins share one
+      Lagrange multiplier, so the allocation is optimal over time as well as levels.
     """
-    v = _check_positive(variances, "variances")
+    v = np.asarray(variances, dtype=np.float64)
+    one_bin = v.ndim == 1
+    v = np.atleast_2d(v)
+    if v.ndim != 2 or v.shape[1] == 0:
+        raise ValueError(f"variances: expected shape (K,) or (bins, K), got {np.shape(variances)}.")
+    if np.any(np.isnan(v)) or np.any(~np.isfinite(v)) or np.any(v[:, 1:] <= 0):
+        raise ValueError(
+            "variances: expected finite positive variances of the level corrections, got "
+            f"{np.array2string(np.asarray(variances), precision=3)}. A zero variance means two "
+            "levels are identical: drop one of them."
+        )
     c = _check_positive(costs, "costs")
-    if v.shape != c.shape:
-        raise ValueError(f"costs: expected one cost per level ({v.size}), got {c.size}.")
+    if c.shape != (v.shape[1],):
+        raise ValueError(f"costs: expected one cost per level ({v.shape[1]}), got {c.size}.")
     if not step_size > 0:
         raise ValueError(f"step_size: expected a positive step, got {step_size}.")
-    if not target_variance > 0:
-        raise ValueError(f"target_variance: expected a positive variance, got {target_variance}.")
+    w = np.full(v.shape[0], 1.0 / v.shape[0]) if bin_weights is None else np.asarray(bin_weights, np.float64)
+    if w.shape != (v.shape[0],) or np.any(w < 0) or not np.isclose(w.sum(), 1.0):
+        raise ValueError(f"bin_weights: expected {v.shape[0]} non-negative weights summing to 1, got {w}.")
+    if (target_variance is None) == (budget is None):
+        raise ValueError("target_variance, budget: give exactly one of them.")
     h = float(step_size)
+    ratio = np.sqrt(v / c)  # p is lambda * ratio where not clamped
+    root = w[:, None] * np.sqrt(v * c)
     p = np.ones_like(v)
-    free = np.arange(v.size) >= 1
-    while free.any():
-        lam = h * np.sum(np.sqrt(v[free] * c[free])) / (target_variance + h * np.sum(v[free]))
-        q = lam * np.sqrt(v / c)
-        newly_clamped = free & (q >= 1)
-        if not newly_clamped.any():
-            p[free] = q[free]
-            break
-        free &= ~newly_clamped
-    return p
+    free = np.zeros(v.shape, bool)
+    free[:, 1:] = True
+    if target_variance is not None:
+        if not target_variance > 0:
+            raise ValueError(f"target_variance: expected a positive variance, got {target_variance}.")
+        while free.any():
+            lam = h * root[free].sum() / (target_variance + h * (w[:, None] * v)[free].sum())
+            clamp = free & (lam * ratio >= 1)
+            if not clamp.any():
+                break
+            free &= ~clamp
+    else:
+        if num_steps is None or num_steps < 1:
+            raise ValueError("num_steps: a budget per trajectory needs the number of steps.")
+        per_step = float(budget) / num_steps
+        floor = c[0]
+        if not per_step > floor:
+            raise ValueError(
+                f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level "
+                f"alone ({num_steps} steps x {c[0]:.4g} = {num_steps * c[0]:.4g}); raise the budget "
+                "or use fewer steps."
+            )
+        while free.any():
+            clamped_cost = floor + (w[:, None] * c[None, :] * (~free))[:, 1:].sum()
+            lam = (per_step - clamped_cost) / root[free].sum()
+            if lam <= 0:
+                raise ValueError(f"budget: {budget:.4g} cannot pay for the levels that must run.")
+            clamp = free & (lam * ratio >= 1)
+            if not clamp.any():
+                break
+            free &= ~clamp
+    if free.any():
+        p[free] = (lam * ratio)[free]
+    return p[0] if one_bin else p
 
 
-def injected_variance(variances, probs, step_size: float) -> float:
-    """nu^2 = |h| sum_{k>=2} V_k (1/p_k - 1), the variance per unit time of independent coins."""
-    v = np.asarray(variances, np.float64)
-    p = np.asarray(probs, np.float64)
-    return float(step_size * np.sum(v[1:] * (1.0 / p[1:] - 1.0)))
+def injected_variance(variances, probs, step_size: float, bin_weights=None) -> float:
+    """nu^2 = |h| sum_b w_b sum_{k>=2} V_bk (1/p_bk - 1), the variance per unit time that
+    independent coins add (variances and probs of shape (K,) or (bins, K))."""
+    v = np.atleast_2d(np.asarray(variances, np.float64))
+    p = np.atleast_2d(np.asarray(probs, np.float64))
+    w = np.full(v.shape[0], 1.0 / v.shape[0]) if bin_weights is None else np.asarray(bin_weights)
+    return float(step_size * np.sum(w[:, None] * v[:, 1:] * (1.0 / p[:, 1:] - 1.0)))
+
+
+def expected_cost(probs, costs, num_steps: int, bin_weights=None) -> float:
+    """num_steps * sum_b w_b sum_k p_bk C_k: the expected cost of one trajectory."""
+    p = np.atleast_2d(np.asarray(probs, np.float64))
+    w = np.full(p.shape[0], 1.0 / p.shape[0]) if bin_weights is None else np.asarray(bin_weights)
+    return float(num_steps * np.sum(w[:, None] * p * np.asarray(costs)[None, :]))
+
+
+class PiecewiseConstant(NamedTuple):
+    """A time-dependent schedule, constant on each bin: probs(t) = values[b] for t in
+    [edges[b], edges[b+1]). A pytree and a function of t, usable as the `probs` of
+    `multilevel_euler_maruyama`; times outside the edges use the nearest bin."""
+
+    edges: jax.Array  # (B + 1,) increasing
+    values: jax.Array  # (B, K)
+
+    def __call__(self, t):
+        b = jnp.searchsorted(self.edges, t, side="right") - 1
+        return self.values[jnp.clip(b, 0, self.values.shape[0] - 1)]
+
+
+class FixedBudget(NamedTuple):
+    """Fire level k (k >= 2) at exactly firings[k-2] steps per trajectory, chosen uniformly
+    at random from level_key, and weight it by num_steps / firings so that every step's
+    drift is unbiased on average: E[B_{n,k} / p_k] = 1 with p_k = firings / num_steps.
+
+    Gives a predictable latency. The coins of different steps are dependent (sampling
+    without replacement), so unlike Bernoulli coins a step is not unbiased given the past;
+    when the corrections depend on the state this adds a small bias (docs/calibration.md).
+    With coupling="nested" the fired steps of level k+1 are a subset of those of level k.
+    """
+
+    firings: tuple  # (K - 1,) firings of levels 2..K per trajectory
 
 
 def geometric_probabilities(num_levels: int, ratio: float) -> np.ndarray:

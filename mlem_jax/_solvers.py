@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import _noise, _progress, _validate
+from mlem_jax._probabilities import FixedBudget
 
 PyTree = Any
 Drift = Callable[[jax.Array, PyTree, Any], PyTree]
@@ -79,6 +80,30 @@ def multilevel_drift(
         term = jax.tree_util.tree_map(lambda v, w=weights[k]: w.astype(v.dtype) * v, fk)
         total = term if total is None else jax.tree_util.tree_map(jnp.add, total, term)
     return total, needed
+
+
+def _coin_source(probs, num_levels, coupling, ts, level_key):
+    """`(n, t) -> (p, coins)` for step n: Bernoulli coins from fold_in(level_key, n), or,
+    for a `FixedBudget`, a mask drawn once with exactly the requested firings."""
+    if isinstance(probs, FixedBudget):
+        num_steps = ts.shape[0] - 1
+        firings = _validate.check_firings(probs.firings, num_levels, num_steps, coupling)
+        m = jnp.asarray(firings, jnp.int32)
+        if coupling == "independent":
+            u = jax.random.uniform(level_key, (num_levels - 1, num_steps))
+        else:
+            u = jnp.broadcast_to(jax.random.uniform(level_key, (num_steps,)), (num_levels - 1, num_steps))
+        rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)  # rank of each step's uniform
+        mask = jnp.concatenate([jnp.ones((1, num_steps), bool), rank < m[:, None]], axis=0)
+        p = jnp.concatenate([jnp.ones(1), m / num_steps]).astype(ts.dtype)
+        return lambda n, t: (p, mask[:, n])
+    probs_fn = _validate.check_probs(probs, num_levels, coupling, ts)
+
+    def flip(n, t):
+        p = jnp.asarray(probs_fn(t))
+        return p, level_coins(jax.random.fold_in(level_key, n), p, coupling)
+
+    return flip
 
 
 def _em_update(y, F, h, diffusion, t, args, dw):
@@ -196,8 +221,9 @@ def multilevel_euler_maruyama(
 
     Args:
       drifts: (f^1, ..., f^K) from cheapest to most expensive, each f(t, y, args).
-      probs: length-K array of level probabilities with p_1 = 1, or a function of t
-        returning one (a time-dependent schedule).
+      probs: length-K array of level probabilities with p_1 = 1, a function of t
+        returning one (a time-dependent schedule such as `PiecewiseConstant`), or a
+        `FixedBudget` (an exact number of firings per level and trajectory).
       diffusion, y0, ts, args, saveat, callback, progress: as in `euler_maruyama`.
       key: a PRNG key, a diffrax Brownian path, or precomputed increments. With a key,
         the noise is the noise `euler_maruyama` draws from the same key.
@@ -216,7 +242,6 @@ def multilevel_euler_maruyama(
     y0 = jax.tree_util.tree_map(jnp.asarray, y0)
     drifts = _validate.check_drifts(drifts, ts[0], y0, args)
     _validate.check_diffusion(diffusion, ts[0], y0, args)
-    probs_fn = _validate.check_probs(probs, len(drifts), coupling, ts)
     noise = None if diffusion is None else _noise.brownian_source(key, y0, ts)
     if level_key is None:
         if diffusion is None:
@@ -229,10 +254,10 @@ def multilevel_euler_maruyama(
             )
         _, level_key = _noise.split_key(key)
     _validate.check_key(level_key, "level_key")
+    coin_flips = _coin_source(probs, len(drifts), coupling, ts, level_key)
 
     def step_drift(n, t, y, evaluations):
-        p = jnp.asarray(probs_fn(t))
-        coins = level_coins(jax.random.fold_in(level_key, n), p, coupling)
+        p, coins = coin_flips(n, t)
         F, needed = multilevel_drift(drifts, p, coins, t, y, args)
         return F, evaluations + needed.astype(jnp.int32)
 

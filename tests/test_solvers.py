@@ -213,3 +213,24 @@ def test_seeded_sample_is_batch_independent(coupling):
     np.testing.assert_array_equal(batch7[2:5], batch3)
     for i, a in enumerate(alone):
         np.testing.assert_array_equal(a, batch3[i])
+
+
+def test_callback_and_progress_under_jit():
+    seen = []
+    ts = jnp.linspace(0.0, 1.0, 6)
+    run = jax.jit(
+        lambda k: multilevel_euler_maruyama(
+            mlp_levels(), jnp.array([1.0, 0.5, 0.5]), const_sigma, jnp.ones(4), ts, k,
+            callback=lambda info: seen.append((int(info.step), float(info.t), np.asarray(info.y))),
+            progress=True,
+        )
+    )
+    for seed in range(2):  # the compiled loop reports again on a second call
+        seen.clear()
+        sol = run(jax.random.key(seed))
+        jax.block_until_ready(sol)
+        jax.effects_barrier()
+        assert sorted(s for s, _, _ in seen) == list(range(5))
+        last = max(seen, key=lambda x: x[0])
+        assert last[1] == pytest.approx(1.0)
+        np.testing.assert_array_equal(last[2], sol.y)

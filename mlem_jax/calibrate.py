@@ -1,0 +1,524 @@
+"""Calibration: measure what ML-EM's probabilities depend on, then choose them.
+
+1. `level_costs`: wall time (median of jitted calls on this device) and XLA FLOPs of
+   one evaluation of each level.
+2. `level_statistics`: along reference trajectories (EM driven by the finest level), per
+   level k and time bin, V_k(t) = E|f^k - f^{k-1}|^2, the mean correction, its kurtosis,
+   an MLMC-style consistency check, and the error of each level against the finest.
+3. `calibrated_probabilities`: the optimal allocation of `optimal_probabilities`, constant
+   or piecewise constant in time, for a target injected variance or a budget.
+4. `fit_gamma`: error ~ cost^(-power/gamma) (+ an optional floor), with a confidence
+   interval.
+5. `calibration_report`: all of the above in the layout of the MLMC test report
+   (Giles' mlmc_test), plus a plot of V_k(t) and p_k(t).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax._probabilities import (
+    PiecewiseConstant,
+    correction_costs,
+    expected_cost,
+    injected_variance,
+    optimal_probabilities,
+)
+from mlem_jax._solvers import euler_maruyama
+from mlem_jax._validate import check_drifts, check_ts
+
+
+# ----------------------------------------------------------------------------- costs
+
+
+class LevelCosts(NamedTuple):
+    """seconds: median wall time of one jitted evaluation per level (this device);
+    flops: XLA's cost-analysis FLOPs per evaluation (NaN where the backend gives none)."""
+
+    seconds: np.ndarray
+    flops: np.ndarray
+
+
+def _flops(fn, *args) -> float:
+    try:
+        analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    except Exception:  # some backends do not implement cost analysis
+        return math.nan
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", math.nan))
+
+
+def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) -> LevelCosts:
+    """Cost of one evaluation `f(t, y, args)` of each level, on the current device.
+
+    Pass a batched `y` (and a drift that accepts it, for example `jax.vmap(f)`) to measure
+    the batched cost that sampling pays. Warm-up (compilation) is excluded; the median of
+    `repeats` timed calls is reported.
+    """
+    drifts = tuple(drifts)
+    if not drifts:
+        raise ValueError("drifts: expected at least one drift function.")
+    seconds, flops = [], []
+    for f in drifts:
+        jf = jax.jit(f)
+        jax.block_until_ready(jf(t, y, args))
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(jf(t, y, args))
+            times.append(time.perf_counter() - t0)
+        seconds.append(float(np.median(times)))
+        flops.append(_flops(f, t, y, args))
+    seconds, flops = np.array(seconds), np.array(flops)
+    check_cost_order(seconds, "costs")
+    return LevelCosts(seconds, flops)
+
+
+def check_cost_order(costs, name: str) -> None:
+    costs = np.asarray(costs, np.float64)
+    if costs.size > 1 and np.any(np.diff(costs) <= 0):
+        warnings.warn(
+            f"{name}: the level costs do not increase with the level ({np.array2string(costs, precision=3)}); "
+            "drifts must go from cheapest to most expensive, so the levels are probably in the "
+            "wrong order (or too cheap to time: measure a batched evaluation).",
+            stacklevel=3,
+        )
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+class LevelStatistics(NamedTuple):
+    """Per time bin b and level k (level 1 is compared with f^0 = 0):
+
+    bin_edges (B+1,); bin_weights (B,): fraction of the steps in each bin;
+    variances (B, K): V_k(t) = E|f^k - f^{k-1}|^2 (squared norm over the whole state);
+    variance_se (B, K): standard errors of those estimates;
+    means (B, K): |E (f^k - f^{k-1})|, RMS over the state's components of the mean;
+    kurtosis (B, K): E|D|^4 / (E|D|^2)^2 of the correction D (its kurtosis for a scalar);
+    errors (B, K): sqrt(E|f^k - f^K|^2), each level against the finest;
+    check (K,): MLMC consistency ratio |E Y_k - (E P_k - E P_{k-1})| / (3 standard
+      errors), from three disjoint thirds of the trajectories (Y = mean correction,
+      P = mean drift); above 1 flags levels that are not evaluated consistently.
+    """
+
+    bin_edges: np.ndarray
+    bin_weights: np.ndarray
+    variances: np.ndarray
+    variance_se: np.ndarray
+    means: np.ndarray
+    kurtosis: np.ndarray
+    errors: np.ndarray
+    check: np.ndarray
+
+    def time_averaged(self, field: str) -> np.ndarray:
+        return np.asarray(self.bin_weights) @ np.asarray(getattr(self, field))
+
+
+def level_statistics(
+    drifts: Sequence[Callable],
+    diffusion: Callable | None,
+    y0: Any,
+    ts,
+    keys,
+    args=None,
+    num_bins: int = 10,
+    stride: int = 1,
+) -> LevelStatistics:
+    """Statistics of the level corrections along reference trajectories.
+
+    Args:
+      drifts: (f^1, ..., f^K), cheapest first.
+      diffusion: as in `euler_maruyama` (None for an ODE).
+      y0: initial states, one per trajectory, stacked on a leading axis.
+      ts: the sampling grid; the reference is EM driven by f^K on it.
+      keys: one PRNG key per trajectory (shape (M,)).
+      num_bins: number of equal time bins over the span of ts.
+      stride: evaluate the levels at every `stride`-th grid point (saves time).
+    """
+    ts = check_ts(ts)
+    keys = jnp.asarray(keys)
+    num_traj = keys.shape[0]
+    if num_traj < 6:
+        raise ValueError(f"keys: expected at least 6 trajectories for the statistics, got {num_traj}.")
+    first = jax.tree_util.tree_map(lambda a: a[0], y0)
+    drifts = check_drifts(drifts, ts[0], first, args)
+    if num_bins < 1:
+        raise ValueError(f"num_bins: expected a positive number of bins, got {num_bins}.")
+    finest = drifts[-1]
+    path = jax.jit(jax.vmap(lambda y, k: euler_maruyama(finest, diffusion, y, ts, k, args, saveat="all")))(
+        y0, keys
+    )
+    idx = np.arange(0, ts.shape[0] - 1, stride)
+    t_pts = np.asarray(ts)[idx]
+    states = jax.tree_util.tree_map(lambda a: a[:, idx], path)  # (M, P, ...)
+
+    def per_point(t, y):
+        fs = [f(t, y, args) for f in drifts]
+        flat = [jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(v)]) for v in fs]
+        prev = [jnp.zeros_like(flat[0])] + flat[:-1]
+        deltas = jnp.stack([a - b for a, b in zip(flat, prev)])  # (K, D)
+        sq = jnp.sum(deltas**2, axis=1)
+        err = jnp.sum((jnp.stack(flat) - flat[-1]) ** 2, axis=1)
+        return sq, err, deltas, jnp.mean(deltas, axis=1), jnp.mean(jnp.stack(flat), axis=1)
+
+    batch = jax.vmap(jax.vmap(per_point, in_axes=(0, 0)), in_axes=(None, 0))
+    sq, err, deltas, ymean, pmean = jax.jit(batch)(jnp.asarray(t_pts), states)
+    sq, err = np.asarray(sq, np.float64), np.asarray(err, np.float64)  # (M, P, K)
+    deltas = np.asarray(deltas, np.float64)  # (M, P, K, D)
+    ymean, pmean = np.asarray(ymean, np.float64), np.asarray(pmean, np.float64)
+
+    lo, hi = float(np.min(np.asarray(ts))), float(np.max(np.asarray(ts)))
+    edges = np.linspace(lo, hi, num_bins + 1)
+    which = np.clip(np.searchsorted(edges, t_pts, side="right") - 1, 0, num_bins - 1)
+    K = len(drifts)
+    V = np.full((num_bins, K), np.nan)
+    V_se, means, kurt, errors = V.copy(), V.copy(), V.copy(), V.copy()
+    weights = np.zeros(num_bins)
+    for b in range(num_bins):
+        sel = which == b
+        if not sel.any():
+            continue
+        weights[b] = sel.sum()
+        z = sq[:, sel].reshape(-1, K)
+        V[b] = z.mean(0)
+        V_se[b] = z.std(0, ddof=1) / np.sqrt(z.shape[0])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            kurt[b] = (z**2).mean(0) / z.mean(0) ** 2
+        means[b] = np.sqrt(np.mean(deltas[:, sel].mean(axis=(0, 1)) ** 2, axis=-1))
+        errors[b] = np.sqrt(err[:, sel].reshape(-1, K).mean(0))
+    weights /= weights.sum()
+
+    # MLMC-style consistency check on disjoint thirds of the trajectories
+    thirds = [np.arange(num_traj)[i::3] for i in range(3)]
+    Y = ymean[thirds[0]].reshape(-1, K)
+    PB = pmean[thirds[1]].reshape(-1, K)
+    PC = np.concatenate([np.zeros((pmean[thirds[2]].reshape(-1, K).shape[0], 1)),
+                         pmean[thirds[2]].reshape(-1, K)[:, :-1]], axis=1)
+    se = lambda a: a.std(0, ddof=1) / np.sqrt(a.shape[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        check = np.abs(Y.mean(0) - (PB.mean(0) - PC.mean(0))) / (3 * (se(Y) + se(PB) + se(PC)))
+    return LevelStatistics(edges, weights, V, V_se, means, kurt, errors, check)
+
+
+# -------------------------------------------------------------------- probabilities
+
+
+def calibrated_probabilities(
+    stats: LevelStatistics,
+    costs,
+    step_size: float,
+    target_variance: float | None = None,
+    *,
+    budget: float | None = None,
+    num_steps: int | None = None,
+    time_dependent: bool = True,
+    coupling: str = "independent",
+):
+    """The optimal probabilities for measured statistics and level costs.
+
+    Returns a `PiecewiseConstant` schedule over the statistics' time bins
+    (`time_dependent=True`) or a constant array (K,), usable directly as the `probs` of
+    `multilevel_euler_maruyama`. Give a `target_variance` (injected variance per unit
+    time) or a `budget` (expected cost per trajectory, with `num_steps`).
+    """
+    V = np.asarray(stats.variances, np.float64)
+    costs = np.asarray(costs, np.float64)
+    if costs.shape != (V.shape[1],):
+        raise ValueError(
+            f"costs: expected one cost per level ({V.shape[1]} levels in the statistics), got {costs.size}."
+        )
+    check_cost_order(costs, "costs")
+    Ct = correction_costs(costs, coupling)
+    if not time_dependent:
+        V = stats.time_averaged("variances")
+        return jnp.asarray(
+            optimal_probabilities(V, Ct, step_size, target_variance, budget=budget, num_steps=num_steps),
+            jnp.float32,
+        )
+    V = np.maximum(V, np.finfo(np.float64).tiny)  # an empty or constant bin still gets a schedule
+    p = optimal_probabilities(
+        V, Ct, step_size, target_variance, budget=budget, num_steps=num_steps, bin_weights=stats.bin_weights
+    )
+    if coupling == "nested":
+        p = np.minimum.accumulate(p, axis=1)
+    return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
+
+
+# ------------------------------------------------------------------------- fit gamma
+
+
+class GammaFit(NamedTuple):
+    """error ~ offset + scale * cost^(-power / gamma); [low, high] is the confidence
+    interval of gamma at the requested level."""
+
+    gamma: float
+    low: float
+    high: float
+    offset: float
+    scale: float
+    power: float
+
+
+def _t_quantile(q: float, dof: int) -> float:
+    """Student t quantile (bisection on the regularised incomplete beta via math.lgamma)."""
+    from statistics import NormalDist
+
+    if dof > 200:
+        return NormalDist().inv_cdf(q)
+
+    def cdf(x):
+        # numerical integration of the t density; accurate enough for a confidence interval
+        grid = np.linspace(0.0, abs(x), 4001)
+        c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+        dens = c * (1 + grid**2 / dof) ** (-(dof + 1) / 2)
+        area = float(np.sum((dens[1:] + dens[:-1]) * np.diff(grid)) / 2)
+        return 0.5 + math.copysign(area, x)
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confidence: float = 0.95,
+              bootstrap: int = 200, seed: int = 0) -> GammaFit:
+    """Fit error ~ [offset +] scale * cost^(-power/gamma) and return gamma with a CI.
+
+    Without an offset this is a log-log least-squares line, slope -power/gamma, with a
+    Student-t interval on the slope. With an offset (an irreducible error, such as the
+    loss floor of denoising score matching), the offset is profiled on a grid below the
+    smallest error and the interval comes from a residual bootstrap with a fixed seed.
+    `power=2` fits losses that scale like squared errors (L = L* + a cost^(-2/gamma)).
+    """
+    c = np.asarray(costs, np.float64)
+    e = np.asarray(errors, np.float64)
+    if c.shape != e.shape or c.ndim != 1:
+        raise ValueError(f"costs, errors: expected two 1-D arrays of the same length, got {c.shape} and {e.shape}.")
+    need = 4 if offset else 3
+    if c.size < need:
+        raise ValueError(f"costs: fitting gamma{' with an offset' if offset else ''} needs at least {need} points, got {c.size}.")
+    if np.any(~np.isfinite(c)) or np.any(c <= 0) or np.any(~np.isfinite(e)) or np.any(e <= 0):
+        raise ValueError("costs, errors: expected finite positive values.")
+
+    def line(x, y):
+        A = np.stack([np.ones_like(x), x], 1)
+        coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+        resid = y - A @ coef
+        return coef, resid, A
+
+    x = np.log(c)
+    if not offset:
+        coef, resid, A = line(x, np.log(e))
+        slope = coef[1]
+        if slope >= 0:
+            raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
+        dof = x.size - 2
+        s2 = resid @ resid / max(dof, 1)
+        se = math.sqrt(s2 * np.linalg.inv(A.T @ A)[1, 1])
+        tq = _t_quantile(0.5 + confidence / 2, dof)
+        gamma = -power / slope
+        lo_s, hi_s = slope - tq * se, slope + tq * se
+        low = -power / lo_s if lo_s < 0 else gamma
+        high = -power / hi_s if hi_s < 0 else math.inf
+        return GammaFit(gamma, min(low, high), max(low, high), 0.0, math.exp(coef[0]), power)
+
+    def profile(err):
+        best = None
+        for frac in np.linspace(0.0, 0.995, 120):
+            off = frac * err.min()
+            coef, resid, _ = line(x, np.log(err - off))
+            sse = resid @ resid
+            if coef[1] < 0 and (best is None or sse < best[0]):
+                best = (sse, off, coef)
+        if best is None:
+            raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
+        return best
+
+    sse, off, coef = profile(e)
+    gamma = -power / coef[1]
+    fitted = off + np.exp(coef[0] + coef[1] * x)
+    resid = np.log(e) - np.log(fitted)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(bootstrap):
+        sample = fitted * np.exp(rng.choice(resid, resid.size))
+        _, _, cf = profile(sample)
+        boots.append(-power / cf[1])
+    low, high = np.quantile(boots, [0.5 - confidence / 2, 0.5 + confidence / 2])
+    return GammaFit(gamma, float(low), float(high), float(off), math.exp(coef[0]), power)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+class CalibrationReport(NamedTuple):
+    """Everything `calibration_report` measured and chose; `str(report)` is the table."""
+
+    costs: LevelCosts
+    cost_basis: np.ndarray  # the costs the allocation used (seconds or FLOPs)
+    cost_unit: str
+    stats: LevelStatistics
+    probs: Any  # PiecewiseConstant or array (K,): pass it as `probs`
+    mean_probs: np.ndarray  # (K,) time-averaged p_k
+    gamma: GammaFit | None
+    num_steps: int
+    num_trajectories: int
+    span: float
+    em_cost: float  # expected cost per trajectory of EM on the finest level
+    mlem_cost: float  # expected cost per trajectory of ML-EM with `probs`
+    injected_variance: float  # nu^2 per unit time
+    device: str
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+    def plot(self, path: str) -> str:
+        return plot_report(self, path)
+
+
+def calibration_report(
+    drifts: Sequence[Callable],
+    diffusion: Callable | None,
+    y0: Any,
+    ts,
+    keys,
+    args=None,
+    *,
+    costs: LevelCosts | None = None,
+    cost_unit: str = "seconds",
+    num_bins: int = 10,
+    target_variance: float | None = None,
+    budget: float | None = None,
+    time_dependent: bool = True,
+    coupling: str = "independent",
+    stride: int = 1,
+) -> CalibrationReport:
+    """Measure costs and statistics, choose probabilities and fit gamma, in one call.
+
+    `y0` and `keys` are the batch of reference trajectories (stacked initial states and
+    one key each). Level costs are measured on a batched evaluation at (ts[0], y0) unless
+    given. With neither `target_variance` nor `budget`, the budget is a quarter of the
+    cost of EM on the finest level (the paper's 4x), but never below the cheapest level.
+    """
+    ts = check_ts(ts)
+    drifts = tuple(drifts)
+    if cost_unit not in ("seconds", "flops"):
+        raise ValueError(f"cost_unit: expected 'seconds' or 'flops', got {cost_unit!r}.")
+    if costs is None:
+        batched = [jax.vmap(f, in_axes=(None, 0, None)) for f in drifts]
+        costs = level_costs(batched, ts[0], y0, args)
+    basis = np.asarray(costs.seconds if cost_unit == "seconds" else costs.flops, np.float64)
+    if basis.shape != (len(drifts),):
+        raise ValueError(f"costs: expected one cost per level ({len(drifts)} drifts), got {basis.size}.")
+    if np.any(~np.isfinite(basis)) or np.any(basis <= 0):
+        raise ValueError(f"costs: the {cost_unit} of every level must be positive and finite, got {basis}.")
+    stats = level_statistics(drifts, diffusion, y0, ts, keys, args, num_bins=num_bins, stride=stride)
+    num_steps = int(ts.shape[0] - 1)
+    span = float(abs(ts[-1] - ts[0]))
+    h = span / num_steps
+    em_cost = num_steps * basis[-1]
+    if target_variance is None and budget is None:
+        budget = max(em_cost / 4, num_steps * basis[0] * 1.05)
+    probs = calibrated_probabilities(
+        stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
+        time_dependent=time_dependent, coupling=coupling,
+    )
+    p = np.atleast_2d(np.asarray(probs.values if isinstance(probs, PiecewiseConstant) else probs, np.float64))
+    w = stats.bin_weights if p.shape[0] > 1 else np.ones(1)
+    V = stats.variances if p.shape[0] > 1 else stats.time_averaged("variances")[None]
+    Ct = correction_costs(basis, coupling)
+    nu2 = injected_variance(V, p, h, bin_weights=w)
+    mlem_cost = expected_cost(p, Ct, num_steps, bin_weights=w)
+    err = stats.time_averaged("errors")[:-1]
+    flops = np.asarray(costs.flops, np.float64)
+    x = flops[:-1] if np.all(np.isfinite(flops)) and np.all(flops > 0) else np.asarray(costs.seconds)[:-1]
+    gamma = None
+    if err.size >= 3 and np.all(err > 0) and np.all(np.diff(err) < 0):
+        try:
+            gamma = fit_gamma(x, err)
+        except ValueError:
+            gamma = None
+    d = jax.devices()[0]
+    return CalibrationReport(
+        costs, basis, cost_unit, stats, probs, w @ p, gamma, num_steps, int(np.shape(keys)[0]), span,
+        em_cost, mlem_cost, nu2, f"{d.platform} ({getattr(d, 'device_kind', d.platform)})",
+    )
+
+
+def format_report(r: CalibrationReport) -> str:
+    st = r.stats
+    V = st.time_averaged("variances")
+    se = np.sqrt(np.asarray(st.bin_weights) ** 2 @ np.asarray(st.variance_se) ** 2)
+    mean = st.time_averaged("means")
+    kurt = st.time_averaged("kurtosis")
+    p = np.atleast_2d(np.asarray(r.probs.values if isinstance(r.probs, PiecewiseConstant) else r.probs))
+    lines = [
+        "ML-EM calibration report",
+        f"device {r.device}; {len(V)} levels, {r.num_trajectories} reference trajectories, "
+        f"{r.num_steps} steps over a span of {r.span:g}, {len(st.bin_weights)} time bins",
+        "",
+        f"{'level':>5} {'cost ms':>10} {'GFLOP':>10} {'V_k':>11} {'+-':>9} {'mean':>11} {'kurtosis':>9} "
+        f"{'check':>7} {'p_k mean':>9} {'p_k min':>9} {'p_k max':>9}",
+    ]
+    for k in range(len(V)):
+        lines.append(
+            f"{k + 1:5d} {1e3 * r.costs.seconds[k]:10.4g} {r.costs.flops[k] / 1e9:10.4g} {V[k]:11.4e} "
+            f"{se[k]:9.2e} {mean[k]:11.4e} {kurt[k]:9.2f} {st.check[k]:7.2f} {r.mean_probs[k]:9.4f} "
+            f"{p[:, k].min():9.4f} {p[:, k].max():9.4f}"
+        )
+    lines.append("")
+    lines.append("V_k = E|f^k - f^(k-1)|^2 along EM trajectories of the finest level (level 1: E|f^1|^2);")
+    lines.append("check > 1 flags an inconsistent telescoping sum (MLMC test); kurtosis = E|D|^4 / (E|D|^2)^2.")
+    err = st.time_averaged("errors")
+    lines.append("RMS error of each level against the finest: " + ", ".join(f"{e:.3e}" for e in err))
+    if r.gamma is not None:
+        g = r.gamma
+        lines.append(f"gamma (error ~ cost^(-1/gamma), levels 1..K-1): {g.gamma:.2f}, 95% CI [{g.low:.2f}, {g.high:.2f}]")
+    else:
+        lines.append("gamma: not fitted (needs at least 3 levels below the finest with decreasing errors)")
+    unit = "ms" if r.cost_unit == "seconds" else "GFLOP"
+    scale = 1e3 if r.cost_unit == "seconds" else 1e-9
+    lines.append(
+        f"predicted cost per trajectory ({r.cost_unit}): EM on the finest level {r.em_cost * scale:.4g} {unit}, "
+        f"ML-EM {r.mlem_cost * scale:.4g} {unit}, ratio {r.em_cost / r.mlem_cost:.2f}x, "
+        f"at an injected variance nu^2 = {r.injected_variance:.3e} per unit time "
+        f"(coupled RMS error about sqrt(T nu^2) = {math.sqrt(r.span * r.injected_variance):.3e})"
+    )
+    return "\n".join(lines)
+
+
+def plot_report(r: CalibrationReport, path: str) -> str:
+    """A PNG with V_k(t) and the chosen p_k(t)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = r.stats
+    mid = (st.bin_edges[1:] + st.bin_edges[:-1]) / 2
+    p = np.atleast_2d(np.asarray(r.probs.values if isinstance(r.probs, PiecewiseConstant) else r.probs))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for k in range(st.variances.shape[1]):
+        axes[0].semilogy(mid, st.variances[:, k], "o-", ms=3, label=f"k={k + 1}")
+        edges = st.bin_edges
+        values = p[:, k] if p.shape[0] > 1 else np.full(len(edges) - 1, p[0, k])
+        axes[1].step(edges, np.append(values, values[-1]), where="post", label=f"k={k + 1}")
+    axes[0].set(title="V_k(t) = E|f^k - f^(k-1)|^2", xlabel="t")
+    axes[1].set(title="chosen p_k(t)", xlabel="t", yscale="log")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
