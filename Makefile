@@ -24,11 +24,13 @@ test: $(STAMP)
 bench-quick: $(STAMP)
 	$(PY) benchmarks/toy_complexity.py --quick
 	$(PY) benchmarks/overhead.py --quick
+	$(PY) benchmarks/calibrated_probabilities.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
 	$(PY) benchmarks/toy_complexity.py --out docs/figures
 	$(PY) benchmarks/overhead.py --out docs/figures
+	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
 
 clean:
 	rm -rf $(VENV) benchmarks/out .pytest_cache

@@ -197,12 +197,12 @@ def level_statistics(
         errors[b] = np.sqrt(err[:, sel].reshape(-1, K).mean(0))
     weights /= weights.sum()
 
-    # MLMC-style consistency check on disjoint thirds of the trajectories
+    # MLMC-style consistency check on disjoint thirds of the trajectories; one value per
+    # trajectory (its time average), so that the samples are independent
     thirds = [np.arange(num_traj)[i::3] for i in range(3)]
-    Y = ymean[thirds[0]].reshape(-1, K)
-    PB = pmean[thirds[1]].reshape(-1, K)
-    PC = np.concatenate([np.zeros((pmean[thirds[2]].reshape(-1, K).shape[0], 1)),
-                         pmean[thirds[2]].reshape(-1, K)[:, :-1]], axis=1)
+    Y = ymean[thirds[0]].mean(1)
+    PB = pmean[thirds[1]].mean(1)
+    PC = np.concatenate([np.zeros((thirds[2].size, 1)), pmean[thirds[2]].mean(1)[:, :-1]], axis=1)
     se = lambda a: a.std(0, ddof=1) / np.sqrt(a.shape[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         check = np.abs(Y.mean(0) - (PB.mean(0) - PC.mean(0))) / (3 * (se(Y) + se(PB) + se(PC)))
@@ -290,14 +290,14 @@ def _t_quantile(q: float, dof: int) -> float:
     return (lo + hi) / 2
 
 
-def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confidence: float = 0.95,
-              bootstrap: int = 200, seed: int = 0) -> GammaFit:
+def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confidence: float = 0.95) -> GammaFit:
     """Fit error ~ [offset +] scale * cost^(-power/gamma) and return gamma with a CI.
 
     Without an offset this is a log-log least-squares line, slope -power/gamma, with a
     Student-t interval on the slope. With an offset (an irreducible error, such as the
-    loss floor of denoising score matching), the offset is profiled on a grid below the
-    smallest error and the interval comes from a residual bootstrap with a fixed seed.
+    loss floor of denoising score matching), gamma is profiled on a grid (offset and
+    scale solved by weighted least squares at each gamma) and the interval is the
+    profile-likelihood (F-test) interval.
     `power=2` fits losses that scale like squared errors (L = L* + a cost^(-2/gamma)).
     """
     c = np.asarray(costs, np.float64)
@@ -332,30 +332,36 @@ def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confid
         high = -power / hi_s if hi_s < 0 else math.inf
         return GammaFit(gamma, min(low, high), max(low, high), 0.0, math.exp(coef[0]), power)
 
-    def profile(err):
-        best = None
-        for frac in np.linspace(0.0, 0.995, 120):
-            off = frac * err.min()
-            coef, resid, _ = line(x, np.log(err - off))
-            sse = resid @ resid
-            if coef[1] < 0 and (best is None or sse < best[0]):
-                best = (sse, off, coef)
-        if best is None:
-            raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
-        return best
+    # With an offset: for a fixed gamma the model is linear in (offset, scale); fit it by
+    # least squares weighted by 1/error^2 (relative errors), profile gamma on a grid, and
+    # take the profile-likelihood interval SSE(gamma) <= SSE_min (1 + F(1, n-3) / (n-3)).
+    wts = 1.0 / e
 
-    sse, off, coef = profile(e)
-    gamma = -power / coef[1]
-    fitted = off + np.exp(coef[0] + coef[1] * x)
-    resid = np.log(e) - np.log(fitted)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(bootstrap):
-        sample = fitted * np.exp(rng.choice(resid, resid.size))
-        _, _, cf = profile(sample)
-        boots.append(-power / cf[1])
-    low, high = np.quantile(boots, [0.5 - confidence / 2, 0.5 + confidence / 2])
-    return GammaFit(gamma, float(low), float(high), float(off), math.exp(coef[0]), power)
+    def sse_at(g):
+        z = c ** (-power / g)
+        A = np.stack([np.ones_like(z), z], 1) * wts[:, None]
+        coef, *_ = np.linalg.lstsq(A, e * wts, rcond=None)
+        r = e * wts - A @ coef
+        return (r @ r if coef[1] > 0 else np.inf), coef
+
+    grid = np.exp(np.linspace(np.log(0.2), np.log(50.0), 3000)) * power
+    sse = np.array([sse_at(g)[0] for g in grid])
+    if not np.isfinite(sse).any():
+        raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
+    i = int(np.argmin(sse))
+    lo_i, hi_i = max(i - 1, 0), min(i + 1, grid.size - 1)
+    fine = np.linspace(grid[lo_i], grid[hi_i], 401)
+    fine_sse = np.array([sse_at(g)[0] for g in fine])
+    gamma = float(fine[np.argmin(fine_sse)])
+    best, coef = sse_at(gamma)
+    dof = x.size - 3
+    limit = best * (1 + _t_quantile(0.5 + confidence / 2, dof) ** 2 / dof)
+    inside = grid[sse <= limit]
+    low = float(min(inside.min(), gamma)) if inside.size else gamma
+    high = float(max(inside.max(), gamma)) if inside.size else gamma
+    if sse[-1] <= limit:
+        high = math.inf  # the data cannot rule out arbitrarily large gamma
+    return GammaFit(gamma, low, high, float(coef[0]), float(coef[1]), power)
 
 
 # ---------------------------------------------------------------------------- report
@@ -414,7 +420,8 @@ def calibration_report(
     drifts = tuple(drifts)
     if cost_unit not in ("seconds", "flops"):
         raise ValueError(f"cost_unit: expected 'seconds' or 'flops', got {cost_unit!r}.")
-    if costs is None:
+    measured = costs is None
+    if measured:
         batched = [jax.vmap(f, in_axes=(None, 0, None)) for f in drifts]
         costs = level_costs(batched, ts[0], y0, args)
     basis = np.asarray(costs.seconds if cost_unit == "seconds" else costs.flops, np.float64)
@@ -429,10 +436,13 @@ def calibration_report(
     em_cost = num_steps * basis[-1]
     if target_variance is None and budget is None:
         budget = max(em_cost / 4, num_steps * basis[0] * 1.05)
-    probs = calibrated_probabilities(
-        stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
-        time_dependent=time_dependent, coupling=coupling,
-    )
+    with warnings.catch_warnings():
+        if measured:  # level_costs has already warned about the order of the costs
+            warnings.simplefilter("ignore", UserWarning)
+        probs = calibrated_probabilities(
+            stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
+            time_dependent=time_dependent, coupling=coupling,
+        )
     p = np.atleast_2d(np.asarray(probs.values if isinstance(probs, PiecewiseConstant) else probs, np.float64))
     w = stats.bin_weights if p.shape[0] > 1 else np.ones(1)
     V = stats.variances if p.shape[0] > 1 else stats.time_averaged("variances")[None]

@@ -42,3 +42,15 @@ def affine_moments(a, b, probs, ts, x0, sigma, coupling):
         m = (1 - h * aK) * m + h * bK
         q = q_new
     return m, q, d
+
+
+def em_moment_path(a, b, ts, x0, sigma):
+    """E X_n and E X_n^2 at every grid point for EM on the affine drift -a x + b."""
+    m, q = [float(x0)], [float(x0) ** 2]
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        h = t1 - t0
+        m_new = (1 - h * a) * m[-1] + h * b
+        q_new = (1 - h * a) ** 2 * q[-1] + 2 * h * b * (1 - h * a) * m[-1] + h**2 * b**2 + sigma**2 * abs(h)
+        m.append(m_new)
+        q.append(q_new)
+    return np.array(m), np.array(q)

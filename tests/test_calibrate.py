@@ -1,0 +1,213 @@
+"""Calibration: level statistics against exact values, allocations, fit_gamma, the
+fixed-budget schedule, the report, and its bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlem_jax import FixedBudget, PiecewiseConstant, euler_maruyama, multilevel_euler_maruyama
+from mlem_jax import correction_costs, expected_cost, injected_variance, optimal_probabilities
+from mlem_jax.calibrate import (
+    calibrated_probabilities,
+    calibration_report,
+    fit_gamma,
+    level_costs,
+    level_statistics,
+)
+from recursions import em_moment_path
+
+A = (0.5, 1.5, 1.2, 1.0)
+B = (0.0, 0.5, 0.4, 0.3)
+SIGMA = 0.3
+
+
+def affine_levels(a=A, b=B):
+    return tuple((lambda t, y, args, ak=ak, bk=bk: -ak * y + bk) for ak, bk in zip(a, b))
+
+
+def g(t, y, args):
+    return SIGMA
+
+
+def test_level_variances_match_exact_values():
+    """One bin per grid point, so every trajectory contributes one independent sample."""
+    N, M = 8, 20_000
+    ts = jnp.linspace(0.0, 1.0, N + 1)
+    keys = jax.random.split(jax.random.key(0), M)
+    y0 = jnp.ones(M)
+    stats = level_statistics(affine_levels(), g, y0, ts, keys, num_bins=N)
+    m, q = em_moment_path(A[-1], B[-1], np.asarray(ts, np.float64), 1.0, SIGMA)
+    a_prev = np.concatenate([[0.0], A[:-1]])
+    b_prev = np.concatenate([[0.0], B[:-1]])
+    da, db = np.array(A) - a_prev, np.array(B) - b_prev
+    exact = da**2 * q[:N, None] - 2 * da * db * m[:N, None] + db**2  # (N, K)
+    # at t = 0 every trajectory starts at y0 = 1: no spread, only float32 rounding
+    ok = np.abs(stats.variances - exact) <= 4 * stats.variance_se + 1e-5 * exact
+    assert np.all(ok), (stats.variances, exact)
+    assert np.all(stats.variance_se[1:] > 0)
+    # the error of each level against the finest is exact too: |(a_K - a_k) x - (b_K - b_k)|
+    ea, eb = A[-1] - np.array(A), B[-1] - np.array(B)
+    exact_err = np.sqrt(ea**2 * q[:N, None] - 2 * ea * eb * m[:N, None] + eb**2)
+    np.testing.assert_allclose(stats.errors, exact_err, rtol=0.03, atol=1e-6)
+    assert np.all(stats.check < 1.5)
+    assert np.allclose(stats.kurtosis[:, 1:], stats.kurtosis[:, 1:])  # finite
+
+
+def test_time_dependent_allocation_beats_constant():
+    rng = np.random.default_rng(0)
+    V = np.exp(rng.normal(size=(6, 4))) * 4.0 ** -np.arange(4)
+    C = correction_costs(2.0 ** (2.5 * np.arange(1, 5)))
+    h, nu2 = 0.01, 1e-3
+    p_t = optimal_probabilities(V, C, h, nu2)
+    const = optimal_probabilities(V.mean(0), C, h, nu2)
+    assert np.isclose(injected_variance(V, p_t, h), nu2, rtol=1e-9)
+    # the constant schedule with the same variance, rescaled on the time-dependent V
+    scale = np.logspace(-2, 2, 2001)
+    for s in scale:
+        q = np.minimum(1.0, np.concatenate([[1.0], s * const[1:]]))
+        if injected_variance(np.broadcast_to(V, V.shape), np.broadcast_to(q, V.shape), h) <= nu2:
+            break
+    assert expected_cost(p_t, C, 100) < expected_cost(np.broadcast_to(q, V.shape), C, 100)
+
+
+def test_budget_mode_spends_the_budget():
+    V = np.array([[1.0, 0.3, 0.05, 0.01], [1.0, 0.05, 0.01, 0.001]])
+    C = correction_costs([1.0, 4.0, 16.0, 64.0])
+    p = optimal_probabilities(V, C, 0.01, budget=900.0, num_steps=100)
+    assert np.isclose(expected_cost(p, C, 100), 900.0, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"budget: .* not above the cost of the cheapest level"):
+        optimal_probabilities(V, C, 0.01, budget=50.0, num_steps=100)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("gamma", [2.0, 2.5, 3.5])
+def test_fit_gamma_recovers_known_gamma(gamma, offset):
+    rng = np.random.default_rng(int(gamma * 10) + offset)
+    cost = 4.0 ** np.arange(1, 11)
+    err = 2.0 * cost ** (-1 / gamma) * np.exp(0.01 * rng.standard_normal(cost.size))
+    if offset:
+        err = err + 0.03
+    fit = fit_gamma(cost, err, offset=offset)
+    assert abs(fit.gamma - gamma) < 0.1, fit
+    assert fit.low <= fit.gamma <= fit.high and fit.high - fit.low < 1.5, fit
+    if offset:
+        assert abs(fit.offset - 0.03) < 0.01
+
+
+@pytest.mark.parametrize("offset, trials, floor", [(False, 300, 270), (True, 80, 68)])
+def test_fit_gamma_interval_covers(offset, trials, floor):
+    """The 95% interval covers the true gamma in about 95% of synthetic data sets; the
+    floor is 4 binomial standard errors below 95%."""
+    rng = np.random.default_rng(5)
+    cost = 4.0 ** np.arange(1, 9)
+    hits = 0
+    for _ in range(trials):
+        err = cost ** (-1 / 2.5) * np.exp(0.03 * rng.standard_normal(cost.size))
+        fit = fit_gamma(cost, err + 0.02 * offset, offset=offset)
+        hits += fit.low <= 2.5 <= fit.high
+    assert hits >= floor, hits
+
+
+def test_fit_gamma_with_loss_power_two():
+    cost = 4.0 ** np.arange(1, 8)
+    loss = 0.3 + 5.0 * cost ** (-2 / 2.5)
+    fit = fit_gamma(cost, loss, offset=True, power=2.0)
+    assert abs(fit.gamma - 2.5) < 0.1
+
+
+def test_fixed_budget_fires_exact_counts():
+    N = 50
+    ts = jnp.linspace(0.0, 1.0, N + 1)
+    levels = affine_levels()
+    for seed in range(3):
+        sol = multilevel_euler_maruyama(
+            levels, FixedBudget((20, 7, 3)), g, 1.0, ts, jax.random.key(seed), coupling="nested"
+        )
+        np.testing.assert_array_equal(sol.evaluations, [N, 20, 7, 3])
+        sol = multilevel_euler_maruyama(levels[:2], FixedBudget((9,)), g, 1.0, ts, jax.random.key(seed))
+        np.testing.assert_array_equal(sol.evaluations, [N, 9])
+
+
+@pytest.mark.parametrize("coupling", ["independent", "nested"])
+def test_fixed_budget_is_unbiased(coupling):
+    """Levels differing by state-independent corrections: the mean follows EM on f^K."""
+    a = (1.0, 1.0, 1.0)
+    b = (0.0, 2.0, 1.0)
+    N, M = 10, 40_000
+    ts = jnp.linspace(0.0, 1.0, N + 1)
+
+    def one(k, lk):
+        return multilevel_euler_maruyama(
+            affine_levels(a, b), FixedBudget((3, 2)), g, jnp.float32(1.0), ts, k, level_key=lk, coupling=coupling
+        ).y
+
+    x = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), M), jax.random.split(jax.random.key(2), M)))
+    m, _ = em_moment_path(a[-1], b[-1], np.asarray(ts, np.float64), 1.0, SIGMA)
+    se = x.std() / np.sqrt(M)
+    assert abs(x.mean() - m[-1]) < 4 * se, (x.mean(), m[-1], se)
+    # and the randomness is real: the spread exceeds plain EM's
+    em = np.asarray(jax.vmap(lambda k: euler_maruyama(affine_levels(a, b)[-1], g, 1.0, ts, k))(jax.random.split(jax.random.key(1), M)))
+    assert x.std() > 1.1 * em.std()
+
+
+def test_piecewise_constant_schedule_in_the_solver():
+    probs = PiecewiseConstant(jnp.array([0.0, 0.5, 1.0]), jnp.array([[1.0, 1.0], [1.0, 1e-3]]))
+    ts = jnp.linspace(0.0, 1.0, 21)
+    sol = multilevel_euler_maruyama(affine_levels()[:2], probs, g, 1.0, ts, jax.random.key(0))
+    assert sol.evaluations[1] >= 10 and sol.evaluations[1] <= 11  # first half always, then rarely
+    with pytest.raises(ValueError, match=r"probs\(t\): the first"):
+        bad = PiecewiseConstant(jnp.array([0.0, 1.0]), jnp.array([[0.5, 0.5]]))
+        multilevel_euler_maruyama(affine_levels()[:2], bad, g, 1.0, ts, jax.random.key(0))
+
+
+def test_report_text_plot_and_usable_probs(tmp_path):
+    M, N = 60, 20
+    ts = jnp.linspace(0.0, 1.0, N + 1)
+    keys = jax.random.split(jax.random.key(0), M)
+    levels = affine_levels((1.5, 0.75, 1.125, 1.0), (0.3, 0.3, 0.3, 0.3))  # errors halve per level
+    # FLOP-free affine levels cost the same: give synthetic costs that grow
+    from mlem_jax.calibrate import LevelCosts
+
+    costs = LevelCosts(np.array([1e-4, 4e-4, 1.6e-3, 6.4e-3]), np.array([1e6, 4e6, 1.6e7, 6.4e7]))
+    report = calibration_report(levels, g, jnp.ones(M), ts, keys, costs=costs, num_bins=4)
+    text = str(report)
+    for word in ("level", "V_k", "kurtosis", "check", "gamma", "predicted cost"):
+        assert word in text
+    assert report.gamma is not None
+    assert report.em_cost / report.mlem_cost == pytest.approx(4.0, rel=1e-6)  # default budget: EM / 4
+    png = report.plot(str(tmp_path / "report.png"))
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).ndim == 3
+    sol = multilevel_euler_maruyama(levels, report.probs, g, 1.0, ts, jax.random.key(1))
+    assert np.isfinite(sol.y)
+
+
+def test_level_costs_measures_time_and_flops():
+    w_small, w_big = jnp.ones((16, 16)), jnp.ones((16, 512))
+    small = lambda t, y, a: jnp.tanh(y @ w_small)
+    big = lambda t, y, a: jnp.tanh(y @ w_big) @ w_big.T
+    c = level_costs((small, big), 0.0, jnp.ones((64, 16)), repeats=3)
+    assert c.flops[1] > 10 * c.flops[0] > 0
+    assert np.all(c.seconds > 0)
+
+
+def test_bad_inputs():
+    stats_like = level_statistics(affine_levels(), g, jnp.ones(12), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 12), num_bins=2)
+    with pytest.raises(ValueError, match=r"costs: expected one cost per level \(4 levels"):
+        calibrated_probabilities(stats_like, [1.0, 2.0, 3.0], 0.1, 1e-3)
+    with pytest.raises(ValueError, match=r"variances: expected finite positive"):
+        optimal_probabilities([1.0, np.nan], [1.0, 2.0], 0.1, 1e-3)
+    with pytest.raises(ValueError, match=r"variances: expected finite positive"):
+        optimal_probabilities([1.0, 0.0], [1.0, 2.0], 0.1, 1e-3)
+    with pytest.warns(UserWarning, match=r"costs: the level costs do not increase"):
+        calibrated_probabilities(stats_like, [4.0, 3.0, 2.0, 1.0], 0.1, 1e-3)
+    with pytest.raises(ValueError, match=r"probs: FixedBudget gives the firings of levels 2..K"):
+        multilevel_euler_maruyama(affine_levels(), FixedBudget((3,)), g, 1.0, jnp.linspace(0, 1, 5), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"probs: FixedBudget firings must lie in \[1, 4\]"):
+        multilevel_euler_maruyama(affine_levels()[:2], FixedBudget((5,)), g, 1.0, jnp.linspace(0, 1, 5), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"keys: expected at least 6"):
+        level_statistics(affine_levels(), g, jnp.ones(3), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 3))
+    with pytest.raises(ValueError, match=r"costs, errors: expected two 1-D arrays"):
+        fit_gamma([1.0, 2.0, 3.0], [1.0, 2.0])
