@@ -1,0 +1,298 @@
+"""The `mlem-jax` command: train a UNet family, calibrate, sample with EM or ML-EM, demo.
+
+    mlem-jax demo                         # the shipped digits family, EM against ML-EM
+    mlem-jax train --dataset digits --nfs 4 8 16 32 --steps 2000 --out runs/digits16
+    mlem-jax calibrate --family runs/digits16/family --out runs/digits16/calibration.json
+    mlem-jax sample --family runs/digits16/family --calibration runs/digits16/calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+
+class CLIError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _positive(kind):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {s!r}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}")
+        return v
+
+    return parse
+
+
+def _family(path):
+    from mlem_jax.diffusion.family import load_family, shipped_family_path
+
+    path = path or shipped_family_path()
+    try:
+        return load_family(path)
+    except FileNotFoundError as e:
+        raise CLIError(f"--family: {e}") from e
+
+
+def _grid(family, steps, grid):
+    from mlem_jax.diffusion import karras_grid, quadratic_grid, uniform_grid
+
+    if grid == "karras":
+        return karras_grid(family.sde, steps)
+    return {"uniform": uniform_grid, "quadratic": quadratic_grid}[grid](steps)
+
+
+def _levels(family, levels):
+    K = len(family.models)
+    if levels is None:
+        return list(range(K))
+    idx = [k - 1 for k in levels]
+    if any(not 0 <= k < K for k in idx) or sorted(set(idx)) != idx:
+        raise CLIError(f"--levels: expected increasing level numbers in 1..{K}, got {levels}.")
+    return idx
+
+
+def _probs(args, levels, family):
+    import jax.numpy as jnp
+
+    from mlem_jax import PiecewiseConstant
+
+    if args.calibration:
+        if not os.path.exists(args.calibration):
+            raise CLIError(f"--calibration: file {args.calibration!r} not found (write one with mlem-jax calibrate).")
+        with open(args.calibration) as f:
+            cal = json.load(f)
+        if cal["levels"] != [family.models[k].nf for k in levels]:
+            raise CLIError(f"--calibration: made for levels with nf={cal['levels']}, sampling levels with nf="
+                           f"{[family.models[k].nf for k in levels]}; pass the matching --levels.")
+        return PiecewiseConstant(jnp.asarray(cal["edges"], jnp.float32), jnp.asarray(cal["values"], jnp.float32))
+    if args.probs is not None:
+        if len(args.probs) != len(levels):
+            raise CLIError(f"--probs: expected {len(levels)} probabilities (one per level), got {len(args.probs)}.")
+        p = np.asarray(args.probs, np.float64)
+        if p[0] != 1 or np.any(p <= 0) or np.any(p > 1):
+            raise CLIError(f"--probs: expected p_1 = 1 and every p in (0, 1], got {args.probs}.")
+        return jnp.asarray(p, jnp.float32)
+    from mlem_jax import geometric_probabilities
+
+    return jnp.asarray(geometric_probabilities(len(levels), 0.3), jnp.float32)
+
+
+def _write_samples(path, images, extra):
+    from mlem_jax.diffusion.images import save_png, to_grid
+
+    png = path if path.endswith(".png") else path + ".png"
+    save_png(png, to_grid(images), scale=4)
+    npz = png[:-4] + ".npz"
+    np.savez_compressed(npz, images=images, **extra)
+    return png, npz
+
+
+# ------------------------------------------------------------------------ commands
+
+
+def cmd_train(args):
+    from mlem_jax.diffusion.data import load_dataset
+    from mlem_jax.diffusion.family import save_family
+    from mlem_jax.diffusion.sde import VP
+    from mlem_jax.diffusion.train import TrainConfig, train_family
+    from mlem_jax.diffusion.unet import unet_family
+
+    try:
+        train_x = load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+        test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise CLIError(f"--dataset: {e}") from e
+    try:
+        family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult))
+    except ValueError as e:
+        raise CLIError(f"--nfs: {e}") from e
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
+    print(f"training {len(family)} levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
+          f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each")
+    t0 = time.perf_counter()
+    results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
+                           resume=args.resume, progress=not args.no_progress)
+    losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
+    command = "mlem-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "mlem-jax train"
+    path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
+                       train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
+                                                 "held_out_loss": {str(k): v for k, v in losses.items()},
+                                                 "train_seconds": time.perf_counter() - t0})
+    for nf, loss in losses.items():
+        print(f"  nf={nf:3d}: held-out DSM loss {loss:.4f}")
+    print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")
+
+
+def cmd_sample(args):
+    from mlem_jax.diffusion.sampling import sample
+
+    family = _family(args.family)
+    levels = _levels(family, args.levels)
+    probs = None if args.em else _probs(args, levels, family)
+    ts = _grid(family, args.steps, args.grid)
+    res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
+                 args.coupling, args.ode, progress=not args.no_progress)
+    method = "EM" if probs is None else f"ML-EM ({args.coupling})"
+    nfs = [family.models[k].nf for k in (levels if probs is not None else levels[-1:])]
+    png, npz = _write_samples(args.out, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
+    print(f"{method}: {args.batch_size} samples, {args.steps} steps, levels nf={nfs}")
+    print(f"  wall time {res.run_seconds:.2f} s (+ {res.compile_seconds:.1f} s compilation)")
+    print("  evaluations per sample path: " + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, res.evaluations)))
+    print(f"wrote {png} and {npz}")
+
+
+def cmd_calibrate(args):
+    import jax
+    import jax.numpy as jnp
+
+    from mlem_jax.calibrate import calibration_report
+    from mlem_jax.diffusion.parameterization import reverse_diffusion
+
+    family = _family(args.family)
+    levels = _levels(family, args.levels)
+    drifts = tuple(family.drifts()[k] for k in levels)
+    ts = _grid(family, args.steps, args.grid)
+    keys = jax.random.split(jax.random.key(args.seed), args.trajectories)
+    y0 = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(keys)
+    t0 = time.perf_counter()
+    report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
+                                budget=None if args.speedup is None else None, stride=args.stride,
+                                target_variance=args.target_variance)
+    print(report)
+    out = args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    probs = report.probs
+    with open(out, "w") as f:
+        json.dump({"levels": [family.models[k].nf for k in levels], "edges": np.asarray(probs.edges).tolist(),
+                   "values": np.asarray(probs.values).tolist(), "steps": args.steps, "grid": args.grid,
+                   "command": "mlem-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:])}, f, indent=1)
+    plot = report.plot(out[:-5] + ".png" if out.endswith(".json") else out + ".png")
+    print(f"wrote {out} and {plot} in {time.perf_counter() - t0:.0f} s")
+
+
+def cmd_demo(args):
+    from mlem_jax.diffusion.family import shipped_family_path
+    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid
+    from mlem_jax.diffusion.sampling import sample
+
+    family = _family(args.family)
+    K = len(family.models)
+    cal_path = (args.family or shipped_family_path()) + ".calibration.json"
+    args.calibration = cal_path if os.path.exists(cal_path) else None
+    args.probs = None
+    probs = _probs(args, list(range(K)), family)
+    ts = _grid(family, args.steps, "uniform")
+    nfs = [m.nf for m in family.models]
+    print(f"mlem-jax demo: {args.batch_size} digits, {args.steps} steps, family nf={nfs} "
+          f"({'calibrated' if args.calibration else 'geometric'} probabilities)")
+    em = sample(family, [K - 1], ts, args.seed, args.batch_size, None, progress=not args.no_progress)
+    ml = sample(family, list(range(K)), ts, args.seed, args.batch_size, probs, progress=not args.no_progress)
+    rms = float(np.sqrt(np.mean((em.images - ml.images) ** 2)))
+    spread = float(np.sqrt(np.mean((em.images - em.images.mean(0)) ** 2)))
+    print(f"  EM    (nf={nfs[-1]} only): {em.run_seconds:6.2f} s  (+ {em.compile_seconds:.1f} s compilation)  "
+          f"evaluations: nf={nfs[-1]}: {args.steps}")
+    print(f"  ML-EM (all levels):  {ml.run_seconds:6.2f} s  (+ {ml.compile_seconds:.1f} s compilation)  evaluations: "
+          + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, ml.evaluations)))
+    print(f"  coupled RMS difference (same noise): {rms:.4f}  (spread of the EM samples: {spread:.4f})")
+    print(f"  speedup of ML-EM over EM: {em.run_seconds / ml.run_seconds:.2f}x")
+    grid = side_by_side(to_grid(em.images), to_grid(ml.images))
+    save_png(args.out, grid, scale=4)
+    np.savez_compressed(args.out[:-4] + ".npz" if args.out.endswith(".png") else args.out + ".npz",
+                        em=em.images, mlem=ml.images, evaluations=ml.evaluations)
+    print(f"wrote {args.out} (left: EM, right: ML-EM)")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="mlem-jax", description="Sample diffusion models with the Multilevel Euler-Maruyama method.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a UNet family by denoising score matching")
+    t.add_argument("--dataset", default="digits", help="digits (embedded, default), procedural, or a tfds dataset prepared in --data-dir (mnist, fashion_mnist, cifar10, ...)")
+    t.add_argument("--data-dir", default=None, help="tfds data dir holding the prepared dataset (never downloads)")
+    t.add_argument("--image-size", type=_positive(int), default=None, help="resize images to this size")
+    t.add_argument("--nfs", type=_positive(int), nargs="+", default=[4, 8, 16, 32], help="base widths of the levels, increasing")
+    t.add_argument("--ch-mult", type=_positive(int), nargs="+", default=[1, 2, 2], help="channel multipliers per resolution")
+    t.add_argument("--steps", type=_positive(int), default=2000, help="training steps per level")
+    t.add_argument("--batch-size", type=_positive(int), default=128, help="training batch size")
+    t.add_argument("--learning-rate", type=_positive(float), default=2e-3, help="Adam learning rate after warm-up")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    t.add_argument("--checkpoint-every", type=_positive(int), default=500, help="steps between checkpoints")
+    t.add_argument("--eval-every", type=_positive(int), default=250, help="steps between held-out losses")
+    t.add_argument("--out", default="runs/family", help="output folder: checkpoints/ and family.npz/.json")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    def common(s, out_default):
+        s.add_argument("--family", default=None, help="trained family (path to family.npz, or its stem); default: the shipped digits family")
+        s.add_argument("--levels", type=_positive(int), nargs="+", default=None, help="level numbers to use, 1 = cheapest (default: all)")
+        s.add_argument("--steps", type=_positive(int), default=100, help="number of sampling steps")
+        s.add_argument("--grid", choices=["uniform", "quadratic", "karras"], default="uniform", help="time grid")
+        s.add_argument("--seed", type=int, default=0, help="sampling seed")
+        s.add_argument("--out", default=out_default, help="output file")
+        s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("sample", help="sample with EM (one level) or ML-EM (several levels)")
+    common(s, "samples.png")
+    s.add_argument("--batch-size", type=_positive(int), default=64, help="number of samples")
+    s.add_argument("--em", action="store_true", help="plain EM with the last of --levels")
+    s.add_argument("--probs", type=float, nargs="+", default=None, help="constant level probabilities, p_1 = 1")
+    s.add_argument("--calibration", default=None, help="a calibration file written by mlem-jax calibrate")
+    s.add_argument("--coupling", choices=["independent", "nested"], default="independent")
+    s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
+    s.set_defaults(func=cmd_sample)
+
+    c = sub.add_parser("calibrate", help="measure level costs and variances, write time-dependent probabilities")
+    common(c, "calibration.json")
+    c.add_argument("--trajectories", type=_positive(int), default=32, help="reference trajectories")
+    c.add_argument("--bins", type=_positive(int), default=10, help="time bins of the schedule")
+    c.add_argument("--stride", type=_positive(int), default=2, help="evaluate levels at every n-th grid point")
+    c.add_argument("--target-variance", type=_positive(float), default=None,
+                   help="injected variance per unit time (default: a budget of a quarter of EM's cost)")
+    c.set_defaults(func=cmd_calibrate, speedup=None)
+
+    d = sub.add_parser("demo", help="EM against ML-EM on the shipped digits family, side by side")
+    d.add_argument("--family", default=None, help=argparse.SUPPRESS)
+    d.add_argument("--steps", type=_positive(int), default=100, help="number of sampling steps")
+    d.add_argument("--batch-size", type=_positive(int), default=64, help="number of samples")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.add_argument("--out", default="demo.png", help="side-by-side PNG (left EM, right ML-EM)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CLIError as e:
+        print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

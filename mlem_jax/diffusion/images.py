@@ -1,0 +1,41 @@
+"""Image grids as PNG files."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+
+def to_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """(N, H, W, C) in [-1, 1] -> one uint8 image (rows * (H + pad), cols * (W + pad), C)."""
+    x = np.asarray(images, np.float32)
+    n, h, w, c = x.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+    pix = np.clip((x + 1) / 2 * 255 + 0.5, 0, 255).astype(np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = pix[i]
+    return grid
+
+
+def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
+    from PIL import Image
+
+    g = grid[..., 0] if grid.shape[-1] == 1 else grid
+    img = Image.fromarray(g)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 6) -> np.ndarray:
+    h = max(left.shape[0], right.shape[0])
+    pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
+    sep = np.full((h, gap, left.shape[-1]), 255, np.uint8)
+    return np.concatenate([pad(left), sep, pad(right)], axis=1)

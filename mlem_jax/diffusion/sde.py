@@ -1,0 +1,170 @@
+"""Forward SDEs dx = f(t) x dt + g(t) dW on t in [0, 1] with Gaussian marginals
+x_t | x_0 ~ N(alpha(t) x_0, std(t)^2 I), and sampling grids as plain arrays.
+
+* VP (DDPM / score SDE): beta(t) = beta_min + t (beta_max - beta_min), f = -beta/2,
+  g = sqrt(beta), alpha = exp(-B(t)/2) with B(t) = int_0^t beta, std^2 = 1 - alpha^2.
+* sub-VP: as VP with g^2 = beta (1 - exp(-2 B(t))) and std^2 = (1 - alpha^2)^2.
+* VE (SMLD): sigma(t) = sigma_min (sigma_max / sigma_min)^t, f = 0,
+  g = sigma sqrt(2 log(sigma_max / sigma_min)), alpha = 1, std^2 = sigma^2 - sigma_min^2.
+
+Each SDE is a frozen dataclass registered as a pytree (its parameters are the leaves).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class AbstractSDE(abc.ABC):
+    """The interface every SDE provides, and what all of them share."""
+
+    t_max = 1.0
+
+    @abc.abstractmethod
+    def drift_coeff(self, t): ...  # f(t), the drift is f(t) x
+
+    @abc.abstractmethod
+    def diffusion(self, t): ...  # g(t)
+
+    @abc.abstractmethod
+    def alpha(self, t): ...  # marginal mean coefficient
+
+    @abc.abstractmethod
+    def std(self, t): ...  # marginal standard deviation
+
+    @abc.abstractmethod
+    def prior_sample(self, key, shape): ...
+
+    def marginal(self, key, x0, t):
+        """A draw of x_t given x_0, and the noise used: (alpha x0 + std eps, eps)."""
+        eps = jax.random.normal(key, jnp.shape(x0), jnp.result_type(x0))
+        return self.alpha(t) * x0 + self.std(t) * eps, eps
+
+    def noise_to_signal(self, t):
+        """sigma(t) = std / alpha, the noise level of the rescaled marginal."""
+        return self.std(t) / self.alpha(t)
+
+
+@dataclasses.dataclass(frozen=True)
+class VP(AbstractSDE):
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def _int_beta(self, t):
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def drift_coeff(self, t):
+        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+
+    def diffusion(self, t):
+        return jnp.sqrt(self.beta_min + t * (self.beta_max - self.beta_min))
+
+    def alpha(self, t):
+        return jnp.exp(-0.5 * self._int_beta(t))
+
+    def std(self, t):
+        return jnp.sqrt(-jnp.expm1(-self._int_beta(t)))
+
+    def prior_sample(self, key, shape):
+        return jax.random.normal(key, shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVP(AbstractSDE):
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def _int_beta(self, t):
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def drift_coeff(self, t):
+        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+
+    def diffusion(self, t):
+        beta = self.beta_min + t * (self.beta_max - self.beta_min)
+        return jnp.sqrt(beta * -jnp.expm1(-2.0 * self._int_beta(t)))
+
+    def alpha(self, t):
+        return jnp.exp(-0.5 * self._int_beta(t))
+
+    def std(self, t):
+        return -jnp.expm1(-self._int_beta(t))
+
+    def prior_sample(self, key, shape):
+        return jax.random.normal(key, shape) * self.std(1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class VE(AbstractSDE):
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def drift_coeff(self, t):
+        return jnp.zeros_like(jnp.asarray(t, jnp.float32))
+
+    def diffusion(self, t):
+        return self.sigma(t) * jnp.sqrt(2.0 * jnp.log(self.sigma_max / self.sigma_min))
+
+    def alpha(self, t):
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+    def std(self, t):
+        return jnp.sqrt(self.sigma(t) ** 2 - self.sigma_min**2)
+
+    def prior_sample(self, key, shape):
+        return jax.random.normal(key, shape) * self.sigma_max
+
+
+for _cls in (VP, SubVP, VE):
+    jax.tree_util.register_dataclass(
+        _cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[]
+    )
+
+
+# ----------------------------------------------------------------------------- grids
+
+
+def _check_grid(n: int, t_min: float, t_max: float) -> None:
+    if int(n) != n or n < 1:
+        raise ValueError(f"num_steps: expected a positive integer, got {n!r}.")
+    if not 0 <= t_min < t_max:
+        raise ValueError(f"t_min: expected 0 <= t_min < t_max = {t_max}, got {t_min}.")
+
+
+def uniform_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
+    """num_steps + 1 times from t_max down to t_min, equally spaced."""
+    _check_grid(num_steps, t_min, t_max)
+    return jnp.linspace(t_max, t_min, num_steps + 1)
+
+
+def quadratic_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
+    """Times t_min + (t_max - t_min) u^2 for u from 1 to 0: finer steps near the data."""
+    _check_grid(num_steps, t_min, t_max)
+    u = jnp.linspace(1.0, 0.0, num_steps + 1)
+    return t_min + (t_max - t_min) * u**2
+
+
+def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0, rho: float = 7.0) -> jax.Array:
+    """Karras et al. (2022): noise levels sigma_i = (s_max^(1/rho) + i/n (s_min^(1/rho) -
+    s_max^(1/rho)))^rho in sigma = std/alpha, mapped back to times by bisection."""
+    _check_grid(num_steps, t_min, t_max)
+    sig = lambda t: np.asarray(sde.noise_to_signal(jnp.asarray(t, jnp.float32)), np.float64)
+    s_min, s_max = float(sig(t_min)), float(sig(t_max))
+    i = np.arange(num_steps + 1) / num_steps
+    target = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    lo, hi = np.full_like(target, t_min), np.full_like(target, t_max)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        up = sig(mid) < target
+        lo, hi = np.where(up, mid, lo), np.where(up, hi, mid)
+    t = (lo + hi) / 2
+    t[0], t[-1] = t_max, t_min
+    return jnp.asarray(t, jnp.float32)

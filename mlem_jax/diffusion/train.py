@@ -1,0 +1,311 @@
+"""Denoising score matching with optax, EMA parameters, progress bars, and resumable
+orbax checkpoints.
+
+The loss at a batch x_0: t ~ U(t_min, 1), eps ~ N(0, I), x_t = alpha(t) x_0 + std(t) eps,
+and the mean squared error between the network output at (x_t, t) and the target of its
+parameterisation (eps, the score, x_0 or v; `target_from_noise`). Optimiser: gradient
+clipping, then Adam with a linear warm-up. The EMA of the parameters is what samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlem_jax.diffusion.data import batches
+from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS, target_from_noise
+from mlem_jax.diffusion.sde import VE, VP, SubVP
+from mlem_jax.diffusion.unet import UNet, init_params
+
+
+class TrainConfig(NamedTuple):
+    steps: int = 2000
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    eval_every: int = 250
+    checkpoint_every: int = 500
+    seed: int = 0
+    parameterization: str = "eps"
+    t_min: float = 1e-3
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    key: jax.Array  # raw uint32 key data (checkpointable)
+
+
+class History(NamedTuple):
+    train: list  # (step, loss)
+    test: list  # (step, held-out loss)
+
+
+def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3):
+    """Denoising score matching loss of `model` on the batch x0 (B, H, W, C)."""
+    kt, kn = jax.random.split(key)
+    t = jax.random.uniform(kt, (x0.shape[0],), minval=t_min, maxval=1.0)
+    eps = jax.random.normal(kn, x0.shape, x0.dtype)
+    tb = t[:, None, None, None]
+    xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
+    out = model.apply({"params": params}, xt, t)
+    target = target_from_noise(sde, parameterization, x0, eps, tb)
+    return jnp.mean((out - target) ** 2)
+
+
+def make_optimizer(config: TrainConfig):
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
+         optax.constant_schedule(config.learning_rate)],
+        [max(config.warmup_steps, 1)],
+    )
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(schedule))
+
+
+def init_state(model: UNet, image_shape, config: TrainConfig) -> TrainState:
+    key = jax.random.key(config.seed)
+    k_init, k_train = jax.random.split(key)
+    params = init_params(model, k_init, image_shape)
+    opt_state = make_optimizer(config).init(params)
+    return TrainState(jnp.int32(0), params, params, opt_state, jax.random.key_data(k_train))
+
+
+def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
+    optimizer = make_optimizer(config)
+
+    @jax.jit
+    def step(state: TrainState, x0):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        loss, grads = jax.value_and_grad(dsm_loss)(
+            state.params, model, sde, x0, key, config.parameterization, config.t_min
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        return TrainState(state.step + 1, params, ema, opt_state, state.key), loss
+
+    return step
+
+
+def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches: int = 4) -> float:
+    """Held-out DSM loss with fixed noise (the same at every call)."""
+    f = jax.jit(lambda p, x, k: dsm_loss(p, model, sde, x, k, config.parameterization, config.t_min))
+    bs = min(config.batch_size, images.shape[0])
+    losses = []
+    for i in range(num_batches):
+        x = images[(i * bs) % images.shape[0]:][:bs]
+        losses.append(float(f(params, jnp.asarray(x), jax.random.key(10_000 + i))))
+    return float(np.mean(losses))
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def model_config(model: UNet) -> dict:
+    return {"nf": model.nf, "ch_mult": list(model.ch_mult), "num_res_blocks": model.num_res_blocks,
+            "attn_resolutions": list(model.attn_resolutions), "num_groups": model.groups()}
+
+
+def sde_config(sde) -> dict:
+    return {"kind": type(sde).__name__, **dataclasses.asdict(sde)}
+
+
+def sde_from_config(cfg: dict):
+    kinds = {"VP": VP, "SubVP": SubVP, "VE": VE}
+    cfg = dict(cfg)
+    return kinds[cfg.pop("kind")](**cfg)
+
+
+def _manager(directory: str, max_to_keep: int = 2):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    )
+
+
+def save_checkpoint(directory: str, state: TrainState, meta: dict) -> None:
+    """Write state and metadata for `state.step`. Orbax writes into a temporary folder
+    and renames it when complete, so an interrupted save leaves the previous one intact."""
+    import orbax.checkpoint as ocp
+
+    mngr = _manager(directory)
+    mngr.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state._asdict()), meta=ocp.args.JsonSave(meta)))
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def latest_step(directory: str) -> int | None:
+    if not os.path.isdir(directory):
+        return None
+    mngr = _manager(directory)
+    step = mngr.latest_step()
+    mngr.close()
+    return step
+
+
+def read_metadata(directory: str, step: int | None = None) -> dict:
+    import orbax.checkpoint as ocp
+
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"checkpoint: no checkpoint in {directory!r}.")
+    mngr = _manager(directory)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: {e}).") from e
+    finally:
+        mngr.close()
+    return meta
+
+
+def check_compatible(meta: dict, model: UNet, image_shape, directory: str) -> None:
+    expected = model_config(model)
+    for k, v in expected.items():
+        if meta.get("model", {}).get(k) != v:
+            raise ValueError(
+                f"checkpoint: {directory!r} was written for a model with {k}={meta.get('model', {}).get(k)!r}, "
+                f"but this model has {k}={v!r}; use the matching model or another checkpoint directory."
+            )
+    if image_shape is not None and list(meta.get("image_shape", [])) != list(image_shape):
+        raise ValueError(
+            f"checkpoint: {directory!r} was written for images of shape {meta.get('image_shape')}, "
+            f"got {list(image_shape)}."
+        )
+
+
+def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainConfig, step: int | None = None):
+    """(state, meta) of the latest (or given) step, after checking it matches `model`."""
+    import orbax.checkpoint as ocp
+
+    meta = read_metadata(directory, step)
+    check_compatible(meta, model, image_shape, directory)
+    step = latest_step(directory) if step is None else step
+    template = init_state(model, image_shape, config)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
+    mngr = _manager(directory)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: {e}).") from e
+    finally:
+        mngr.close()
+    return TrainState(**restored), meta
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train(
+    model: UNet,
+    train_images: np.ndarray,
+    config: TrainConfig = TrainConfig(),
+    sde=VP(),
+    test_images: np.ndarray | None = None,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+    desc: str | None = None,
+) -> tuple[TrainState, History]:
+    """Train `model` by denoising score matching; returns the final state and losses.
+
+    With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps
+    and at the end; `resume=True` continues from the latest one (the data order and the
+    noise are functions of the step, so a resumed run equals an uninterrupted one).
+    """
+    if config.parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
+    if config.steps < 1:
+        raise ValueError(f"steps: expected a positive number of training steps, got {config.steps}.")
+    train_images = np.asarray(train_images, np.float32)
+    image_shape = tuple(train_images.shape[1:])
+    model.check_input((1, *image_shape))
+    meta = {"model": model_config(model), "image_shape": list(image_shape), "sde": sde_config(sde),
+            "parameterization": config.parameterization, "config": config._asdict()}
+    state = None
+    if resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None:
+        state, _ = restore_checkpoint(checkpoint_dir, model, image_shape, config)
+    if state is None:
+        state = init_state(model, image_shape, config)
+    start = int(state.step)
+    step_fn = make_train_step(model, sde, config)
+    data = batches(train_images, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
+    for _ in range(start):  # the batches already consumed before an interruption
+        next(data)
+    history = History([], [])
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=desc or f"train nf={model.nf}", leave=False)
+    last = time.perf_counter()
+    try:
+        for s in range(start, config.steps):
+            state, loss = step_fn(state, jnp.asarray(next(data)))
+            loss = float(loss)
+            history.train.append((s + 1, loss))
+            if on_step is not None:
+                on_step(s + 1, loss)
+            if test_images is not None and ((s + 1) % config.eval_every == 0 or s + 1 == config.steps):
+                history.test.append((s + 1, evaluate(state.ema_params, model, sde, test_images, config)))
+            if checkpoint_dir is not None and ((s + 1) % config.checkpoint_every == 0 or s + 1 == config.steps):
+                save_checkpoint(checkpoint_dir, state, meta)
+            if bar is not None:
+                post = {"loss": f"{loss:.4f}"}
+                if history.test:
+                    post["held-out"] = f"{history.test[-1][1]:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    del last
+    return state, history
+
+
+def train_family(
+    family: Sequence[UNet],
+    train_images: np.ndarray,
+    config: TrainConfig = TrainConfig(),
+    sde=VP(),
+    test_images: np.ndarray | None = None,
+    checkpoint_root: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[tuple[TrainState, History]]:
+    """Train every level on the same data with the same recipe and seed, one after
+    another; level k checkpoints to checkpoint_root/nf{nf}."""
+    out = []
+    for i, model in enumerate(family):
+        ckpt = None if checkpoint_root is None else os.path.join(checkpoint_root, f"nf{model.nf}")
+        out.append(train(model, train_images, config, sde, test_images, ckpt, resume, progress,
+                         desc=f"level {i + 1}/{len(family)} nf={model.nf}"))
+    return out
+
+
+def load_level(directory: str, step: int | None = None):
+    """(model, ema_params, sde, parameterization, meta) from a checkpoint directory, the
+    model rebuilt from the checkpoint's metadata."""
+    meta = read_metadata(directory, step)
+    m = meta["model"]
+    model = UNet(nf=m["nf"], ch_mult=tuple(m["ch_mult"]), num_res_blocks=m["num_res_blocks"],
+                 attn_resolutions=tuple(m["attn_resolutions"]), num_groups=m["num_groups"])
+    config = TrainConfig(**{k: v for k, v in meta["config"].items() if k in TrainConfig._fields})
+    state, meta = restore_checkpoint(directory, model, meta["image_shape"], config, step)
+    return model, state.ema_params, sde_from_config(meta["sde"]), meta["parameterization"], meta

@@ -1,0 +1,201 @@
+"""A small Flax (linen) UNet whose size is one integer, the base width `nf`.
+
+UNet(nf, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), num_groups=None):
+sinusoidal time embedding -> MLP; per resolution `num_res_blocks` residual blocks
+(GroupNorm, swish, conv, + time embedding) at width nf * ch_mult[i], then a strided
+down-sampling conv; a middle block (with attention when requested); the mirror path up
+with skip connections and nearest-neighbour up-sampling; GroupNorm, swish, conv out.
+
+A level of ML-EM is `model.apply` with its own parameters; `unet_family` builds the
+levels, and `family_summary` reports parameters and FLOPs of each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def default_groups(nf: int, ch_mult: Sequence[int], max_groups: int = 8) -> int:
+    """The largest group count <= max_groups dividing every width nf * m."""
+    widths = [nf * m for m in ch_mult] + [nf]
+    g = math.gcd(*widths)
+    return max(d for d in range(1, max_groups + 1) if g % d == 0)
+
+
+def timestep_embedding(t, dim: int, scale: float = 1000.0):
+    """Sinusoidal embedding of t (shape (B,)) into (B, dim)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half) / max(half - 1, 1))
+    args = scale * t[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim - 2 * half)))
+
+
+class ResBlock(nn.Module):
+    out_ch: int
+    groups: int
+
+    @nn.compact
+    def __call__(self, x, temb):
+        h = nn.swish(nn.GroupNorm(self.groups)(x))
+        h = nn.Conv(self.out_ch, (3, 3))(h)
+        h = h + nn.Dense(self.out_ch)(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(nn.GroupNorm(self.groups)(h))
+        h = nn.Conv(self.out_ch, (3, 3), kernel_init=nn.initializers.variance_scaling(1e-2, "fan_avg", "uniform"))(h)
+        if x.shape[-1] != self.out_ch:
+            x = nn.Conv(self.out_ch, (1, 1))(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    groups: int
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        h = nn.GroupNorm(self.groups)(x).reshape(B, H * W, C)
+        h = nn.MultiHeadDotProductAttention(num_heads=1, qkv_features=C)(h)
+        return x + h.reshape(B, H, W, C)
+
+
+class UNet(nn.Module):
+    """A denoiser `apply(params, x, t) -> output`, x of shape (B, H, W, C), t of shape (B,)."""
+
+    nf: int = 16
+    ch_mult: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: Sequence[int] = ()
+    num_groups: int | None = None
+
+    def groups(self) -> int:
+        return self.num_groups if self.num_groups is not None else default_groups(self.nf, self.ch_mult)
+
+    def check_input(self, shape) -> None:
+        check_unet_config(self.nf, self.ch_mult, self.groups())
+        if len(shape) != 4:
+            raise ValueError(f"x: expected a batch of images (B, H, W, C), got shape {tuple(shape)}.")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if shape[1] % factor or shape[2] % factor:
+            raise ValueError(
+                f"x: image size {shape[1]}x{shape[2]} is not divisible by {factor}, the down-sampling "
+                f"of a UNet with ch_mult={tuple(self.ch_mult)}; pad or resize the images, or use "
+                "fewer resolutions."
+            )
+
+    @nn.compact
+    def __call__(self, x, t):
+        self.check_input(x.shape)
+        g = self.groups()
+        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+        temb = timestep_embedding(t, self.nf)
+        temb = nn.Dense(4 * self.nf)(temb)
+        temb = nn.Dense(4 * self.nf)(nn.swish(temb))
+        h = nn.Conv(self.nf, (3, 3))(x)
+        skips = [h]
+        for i, mult in enumerate(self.ch_mult):
+            for _ in range(self.num_res_blocks):
+                h = ResBlock(self.nf * mult, g)(h, temb)
+                if h.shape[1] in self.attn_resolutions:
+                    h = Attention(g)(h)
+                skips.append(h)
+            if i < len(self.ch_mult) - 1:
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
+                skips.append(h)
+        h = ResBlock(h.shape[-1], g)(h, temb)
+        if self.attn_resolutions:
+            h = Attention(g)(h)
+        h = ResBlock(h.shape[-1], g)(h, temb)
+        for i, mult in reversed(list(enumerate(self.ch_mult))):
+            for _ in range(self.num_res_blocks + 1):
+                h = ResBlock(self.nf * mult, g)(jnp.concatenate([h, skips.pop()], -1), temb)
+                if h.shape[1] in self.attn_resolutions:
+                    h = Attention(g)(h)
+            if i > 0:
+                B, H, W, C = h.shape
+                h = jax.image.resize(h, (B, 2 * H, 2 * W, C), "nearest")
+                h = nn.Conv(C, (3, 3))(h)
+        h = nn.swish(nn.GroupNorm(g)(h))
+        return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+
+
+def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
+    if int(nf) != nf or nf < 1:
+        raise ValueError(f"nf: expected a positive integer width, got {nf!r}.")
+    bad = [nf * m for m in ch_mult if (nf * m) % groups]
+    if nf % groups or bad:
+        raise ValueError(
+            f"nf: width {nf} with ch_mult={tuple(ch_mult)} gives channel counts "
+            f"{[nf * m for m in ch_mult]}, not all divisible by num_groups={groups} (GroupNorm); "
+            f"use num_groups=None to pick a valid count ({default_groups(nf, ch_mult)} here)."
+        )
+
+
+def unet_family(nfs: Sequence[int] = (8, 16, 32, 64), **kwargs) -> tuple[UNet, ...]:
+    """One UNet per width, otherwise identical: the levels of ML-EM, cheapest first."""
+    if len(nfs) == 0:
+        raise ValueError("nfs: expected at least one width.")
+    if list(nfs) != sorted(nfs):
+        raise ValueError(f"nfs: expected increasing widths (levels go from cheap to expensive), got {tuple(nfs)}.")
+    family = tuple(UNet(nf=nf, **kwargs) for nf in nfs)
+    for m in family:
+        check_unet_config(m.nf, m.ch_mult, m.groups())
+    return family
+
+
+def init_params(model: UNet, key, image_shape: Sequence[int]):
+    """Parameters of `model` for images of shape (H, W, C)."""
+    x = jnp.zeros((1, *image_shape))
+    return model.init(key, x, jnp.zeros((1,)))["params"]
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def forward_flops(model: UNet, params: Any, image_shape: Sequence[int], batch: int = 1) -> float:
+    """FLOPs of one forward pass on `batch` images, from XLA's cost analysis."""
+    x = jnp.zeros((batch, *image_shape))
+    f = lambda p, x: model.apply({"params": p}, x, jnp.zeros((batch,)))
+    analysis = jax.jit(f).lower(params, x).compile().cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def family_summary(family, params_list, image_shape) -> list[dict]:
+    """Per level: nf, parameter count and forward GFLOP per image."""
+    return [
+        {"nf": m.nf, "params": count_params(p), "gflop": forward_flops(m, p, image_shape) / 1e9}
+        for m, p in zip(family, params_list)
+    ]
+
+
+def score_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
+    """score_fn(t, y, args) for ONE image y (H, W, C): the network on y[None], turned
+    into a score. Vmapping the sampler over images batches the network calls."""
+    from mlem_jax.diffusion.parameterization import score_from_output
+
+    def score_fn(t, y, args):
+        out = model.apply({"params": params}, y[None], jnp.reshape(t, (1,)))[0]
+        return score_from_output(sde, parameterization, out, y, t)
+
+    return score_fn
+
+
+def nnx_apply(module):
+    """Adapt a `flax.nnx` module to the (apply_fn, params) form the levels use:
+    returns `apply(params, x, t)` and the module's parameter state."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(module)
+
+    def apply(params, x, t):
+        return nnx.merge(graphdef, params)(x, t)
+
+    return apply, state

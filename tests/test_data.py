@@ -1,0 +1,109 @@
+"""Datasets: embedded, procedural, local tfds builders, tfds errors, CelebA preprocessing."""
+
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+
+from mlem_jax.diffusion import data
+
+FMNIST = data.FASHION_MNIST_DEBIAN
+
+
+def test_digits_embedded_default():
+    train, test = data.digits("train"), data.digits("test")
+    assert train.shape == (1617, 16, 16, 1) and test.shape == (180, 16, 16, 1)
+    assert train.min() >= -1 and train.max() <= 1 and train.std() > 0.3
+    np.testing.assert_array_equal(data.load_dataset("digits", "test"), test)
+
+
+def test_procedural_any_shape():
+    x = data.procedural(jax.random.key(0), 5, (12, 20, 3))
+    assert x.shape == (5, 12, 20, 3) and x.min() >= -1 and x.max() <= 1
+    np.testing.assert_array_equal(x, data.procedural(jax.random.key(0), 5, (12, 20, 3)))
+
+
+def test_seeded_batches():
+    x = np.arange(10)[:, None, None, None].astype(np.float32)
+    a = data.batches(x, 4, jax.random.key(0))
+    b = data.batches(x, 4, jax.random.key(0))
+    first = [next(a) for _ in range(4)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate([next(b) for _ in range(4)]))
+    # each epoch covers distinct images; epochs are shuffled differently
+    e1 = np.concatenate(first[:2]).ravel()
+    assert len(set(e1)) == 8
+    with pytest.raises(ValueError, match="batch_size"):
+        next(data.batches(x, 11, jax.random.key(0)))
+
+
+@pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"Debian's dataset-fashion-mnist is not installed ({FMNIST})")
+def test_fashion_mnist_builder_on_a_few_hundred_records(tmp_path):
+    name = data.prepare_local("fashion_mnist", FMNIST, str(tmp_path), limit=300)
+    x = data.tfds_images(name, "train", str(tmp_path))
+    raw = data.read_idx(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))[:300]
+    assert x.shape == (300, 28, 28, 1)
+    # tfds stores the records in its own deterministic shuffled order: compare as sets
+    as_bytes = lambda a: sorted(img.tobytes() for img in a)
+    assert as_bytes(np.round((x[..., 0] + 1) / 2 * 255).astype(np.uint8)) == as_bytes(raw)
+    assert data.load_dataset("fashion_mnist", "test", str(tmp_path), image_size=16).shape == (300, 16, 16, 1)
+
+
+def test_mnist_and_cifar_builders_from_local_files(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "mnist"
+    src.mkdir()
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        data.write_idx(str(src / f"{prefix}-images-idx3-ubyte.gz"), rng.integers(0, 256, (n, 28, 28)))
+        data.write_idx(str(src / f"{prefix}-labels-idx1-ubyte.gz"), rng.integers(0, 10, n))
+    data.prepare_local("mnist", str(src), str(tmp_path / "tfds"))
+    assert data.load_dataset("mnist", "test", str(tmp_path / "tfds")).shape == (10, 28, 28, 1)
+
+    src = tmp_path / "cifar"
+    src.mkdir()
+    for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 4)]:
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}, f)
+    data.prepare_local("cifar10", str(src), str(tmp_path / "tfds"))
+    x = data.load_dataset("cifar10", "train", str(tmp_path / "tfds"))
+    assert x.shape == (15, 32, 32, 3)
+
+
+def test_dataset_errors_fail_fast(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"name: unknown dataset 'no_such_set'"):
+        data.load_dataset("no_such_set", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"data_dir: .* does not exist"):
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"data_dir: dataset 'mlem_fashion_mnist' is not prepared"):
+        data.load_dataset("fashion_mnist", data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"data_dir: dataset 'mnist' is not prepared .* never downloads"):
+        data.tfds_images("mnist", "train", str(tmp_path))
+    with pytest.raises(ValueError, match=r"data_dir: dataset 'cifar10' is read from a prepared tfds data dir"):
+        data.load_dataset("cifar10")
+    with pytest.raises(ValueError, match=r"name: expected one of"):
+        data.prepare_local("svhn", str(tmp_path), str(tmp_path))
+    assert time.perf_counter() - t0 < 30  # no download attempt, no hang
+
+
+def test_celeba_preprocessing_on_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        source = tfds.data_source("celeb_a", split="train")
+        images = np.stack([source[i]["image"] for i in range(4)])
+    assert images.shape == (4, 218, 178, 3)
+    x = data.celeba_64(images)
+    assert x.shape == (4, 64, 64, 3) and x.min() >= -1 and x.max() <= 1
+    flipped = data.celeba_64(images, key=jax.random.key(0))
+    for a, b in zip(x, flipped):
+        assert np.allclose(a, b, atol=1e-6) or np.allclose(a[:, ::-1], b, atol=1e-6)
+    # the crop is central: a marker in the centre survives, one in the corner does not
+    marker = np.zeros((1, 218, 178, 3), np.uint8)
+    marker[0, 105:113, 85:93] = 255
+    assert data.celeba_64(marker)[0, 28:36, 28:36].max() > 0.5
+    with pytest.raises(ValueError, match=r"images: expected images of at least 140x140"):
+        data.celeba_64(np.zeros((1, 100, 100, 3), np.uint8))

@@ -1,0 +1,129 @@
+"""SDEs, parameterisations and sampling with exact Gaussian scores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlem_jax import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax.diffusion import (
+    VE, VP, SubVP, PARAMETERIZATIONS, karras_grid, quadratic_grid, reverse_diffusion,
+    reverse_drift, score_from_output, target_from_noise, uniform_grid,
+)
+
+SDES = [VP(), SubVP(), VE()]
+
+
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+def test_marginals_solve_the_moment_odes(sde):
+    """For dx = f x dt + g dW from x_0 = 1: mean' = f mean, var' = 2 f var + g^2, whose
+    solutions must be alpha(t) and std(t)^2 (integrated with RK4 on a fine grid)."""
+    def rhs(t, s):
+        m, v = s
+        f, g = sde.drift_coeff(t), sde.diffusion(t)
+        return jnp.array([f * m, 2 * f * v + g**2])
+
+    n = 20_000
+    ts = np.linspace(0.0, 1.0, n + 1)
+    s = jnp.array([1.0, 0.0])
+    rk4 = jax.jit(lambda t, s, h: s + h / 6 * (rhs(t, s) + 2 * rhs(t + h / 2, s + h / 2 * rhs(t, s))
+                                              + 2 * rhs(t + h / 2, s + h / 2 * rhs(t + h / 2, s + h / 2 * rhs(t, s)))
+                                              + rhs(t + h, s + h * rhs(t + h / 2, s + h / 2 * rhs(t + h / 2, s + h / 2 * rhs(t, s))))))
+    check = {5_000, 10_000, 20_000}
+    for i in range(n):
+        s = rk4(ts[i], s, ts[1] - ts[0])
+        if i + 1 in check:
+            t = ts[i + 1]
+            np.testing.assert_allclose(s[0], sde.alpha(t), rtol=1e-3)
+            np.testing.assert_allclose(s[1], sde.std(t) ** 2, rtol=2e-3, atol=1e-5)
+
+
+def test_forward_em_reaches_the_vp_marginal():
+    sde = VP()
+    M = 20_000
+    ts = jnp.linspace(0.0, 0.5, 501)
+    x = jax.vmap(lambda k: euler_maruyama(lambda t, y, a: sde.drift_coeff(t) * y,
+                                          lambda t, y, a: sde.diffusion(t), jnp.float32(2.0), ts, k))(
+        jax.random.split(jax.random.key(0), M))
+    x = np.asarray(x, np.float64)
+    mean, var = 2.0 * float(sde.alpha(0.5)), float(sde.std(0.5)) ** 2
+    assert abs(x.mean() - mean) < 4 * x.std() / np.sqrt(M)
+    assert abs(x.var() - var) < 4 * var * np.sqrt(2 / M) + 5e-3  # + EM bias O(h)
+
+
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
+def test_parameterizations_give_the_true_conditional_score(sde, parameterization):
+    """An output equal to the DSM target turns into -eps / std, the score of x_t | x_0."""
+    k1, k2 = jax.random.split(jax.random.key(1))
+    x0, eps = jax.random.normal(k1, (5,)), jax.random.normal(k2, (5,))
+    t = 0.37
+    xt = sde.alpha(t) * x0 + sde.std(t) * eps
+    out = target_from_noise(sde, parameterization, x0, eps, t)
+    np.testing.assert_allclose(score_from_output(sde, parameterization, out, xt, t), -eps / sde.std(t), rtol=2e-4, atol=2e-4)
+
+
+def gaussian_score(sde, mu, s):
+    def score(t, y, args):
+        a = sde.alpha(t)
+        return -(y - a * mu) / (a**2 * s**2 + sde.std(t) ** 2)
+    return score
+
+
+@pytest.mark.parametrize("probability_flow", [False, True])
+def test_reverse_sampling_recovers_gaussian_data(probability_flow):
+    sde = VP()
+    mu, s = jnp.array([1.5, -0.5]), jnp.array([0.5, 1.2])
+    drift = reverse_drift(sde, gaussian_score(sde, mu, s), probability_flow=probability_flow)
+    g = None if probability_flow else reverse_diffusion(sde)
+    ts = uniform_grid(1000)
+    M = 20_000
+    keys = jax.random.split(jax.random.key(2), M)
+
+    def one(k):
+        kp, kn = jax.random.split(k)
+        return euler_maruyama(drift, g, sde.prior_sample(kp, (2,)), ts, kn)
+
+    x = np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
+    se_mean = x.std(0) / np.sqrt(M)
+    np.testing.assert_array_less(np.abs(x.mean(0) - mu), 4 * se_mean + 1e-3)
+    np.testing.assert_array_less(np.abs(x.var(0) - s**2), 4 * s**2 * np.sqrt(2 / M) + 5e-3)
+
+
+def test_mlem_on_a_gaussian_level_family_is_unbiased():
+    """Levels with s_k^2 = s^2 (1 + 2^-k): ML-EM's mean equals EM's on the finest level."""
+    sde = VP()
+    mu, s = 1.0, 0.6
+    levels = tuple(reverse_drift(sde, gaussian_score(sde, mu, s * np.sqrt(1 + 2.0**-k))) for k in (1, 2, 3))
+    ts = uniform_grid(200)
+    M = 20_000
+    keys = jax.random.split(jax.random.key(3), M)
+    lkeys = jax.random.split(jax.random.key(4), M)
+    g = reverse_diffusion(sde)
+
+    def both(k, lk):
+        y0 = sde.prior_sample(jax.random.fold_in(k, 1), ())
+        ml = multilevel_euler_maruyama(levels, jnp.array([1.0, 0.3, 0.1]), g, y0, ts, k, level_key=lk).y
+        em = euler_maruyama(levels[-1], g, y0, ts, k)
+        return ml, em
+
+    ml, em = map(lambda a: np.asarray(a, np.float64), jax.jit(jax.vmap(both))(keys, lkeys))
+    d = ml - em
+    assert abs(d.mean()) < 4 * d.std() / np.sqrt(M)
+    assert d.std() > 0
+
+
+def test_grids():
+    for grid in (uniform_grid(10), quadratic_grid(10), karras_grid(VP(), 10), karras_grid(VE(), 10)):
+        g = np.asarray(grid)
+        assert g.shape == (11,) and g[0] == pytest.approx(1.0) and g[-1] == pytest.approx(1e-3)
+        assert np.all(np.diff(g) < 0)
+    sde = VE()
+    sig = np.asarray(sde.noise_to_signal(karras_grid(sde, 8)))
+    rho = 7.0
+    expected = (sig[0] ** (1 / rho) + np.arange(9) / 8 * (sig[-1] ** (1 / rho) - sig[0] ** (1 / rho))) ** rho
+    np.testing.assert_allclose(sig, expected, rtol=1e-3)
+    with pytest.raises(ValueError, match="num_steps"):
+        uniform_grid(0)
+    with pytest.raises(ValueError, match="parameterization"):
+        score_from_output(VP(), "noise", 0.0, 0.0, 0.5)

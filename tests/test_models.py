@@ -1,0 +1,133 @@
+"""The UNet family, training, checkpoints and resuming."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlem_jax import multilevel_euler_maruyama
+from mlem_jax.diffusion import VP, reverse_diffusion, reverse_drift, uniform_grid
+from mlem_jax.diffusion.data import procedural
+from mlem_jax.diffusion.train import (
+    TrainConfig, dsm_loss, load_level, latest_step, restore_checkpoint, train, train_family,
+)
+from mlem_jax.diffusion.unet import UNet, family_summary, init_params, nnx_apply, score_model, unet_family
+
+TINY = dict(ch_mult=(1, 2), num_res_blocks=1)
+
+
+def test_family_maps_images_to_images():
+    shape = (8, 8, 3)
+    family = unet_family((4, 8), **TINY)
+    params = [init_params(m, jax.random.key(0), shape) for m in family]
+    x = jax.random.normal(jax.random.key(1), (2, *shape))
+    for m, p in zip(family, params):
+        assert m.apply({"params": p}, x, jnp.array([0.1, 0.9])).shape == x.shape
+    summary = family_summary(family, params, shape)
+    assert summary[1]["params"] > 3 * summary[0]["params"]
+    assert summary[1]["gflop"] > 3 * summary[0]["gflop"] > 0
+
+
+def test_attention_variant_builds():
+    m = UNet(nf=4, ch_mult=(1, 2), attn_resolutions=(4,))
+    p = init_params(m, jax.random.key(0), (8, 8, 1))
+    assert m.apply({"params": p}, jnp.zeros((1, 8, 8, 1)), jnp.ones(1)).shape == (1, 8, 8, 1)
+
+
+def test_bad_model_inputs():
+    with pytest.raises(ValueError, match=r"x: image size 10x10 is not divisible by 4"):
+        init_params(UNet(nf=4, ch_mult=(1, 2, 2)), jax.random.key(0), (10, 10, 1))
+    with pytest.raises(ValueError, match=r"nf: width 6 .* num_groups=4"):
+        init_params(UNet(nf=6, num_groups=4, **TINY), jax.random.key(0), (8, 8, 1))
+    with pytest.raises(ValueError, match=r"nfs: expected increasing"):
+        unet_family((16, 8))
+
+
+def test_training_lowers_the_held_out_loss(tmp_path):
+    x = procedural(jax.random.key(0), 64, (8, 8, 1))
+    test = procedural(jax.random.key(1), 32, (8, 8, 1))
+    model = UNet(nf=4, **TINY)
+    cfg = TrainConfig(steps=60, batch_size=32, learning_rate=3e-3, warmup_steps=5, eval_every=60, ema_decay=0.9)
+    p0 = init_params(model, jax.random.split(jax.random.key(cfg.seed))[0], (8, 8, 1))
+    held = lambda p: np.mean([float(dsm_loss(p, model, VP(), jnp.asarray(test), jax.random.key(i))) for i in range(4)])
+    state, history = train(model, x, cfg, test_images=test, progress=False)
+    assert held(state.params) < 0.8 * held(p0)
+    assert len(history.train) == 60 and history.test[-1][0] == 60
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path):
+    x = procedural(jax.random.key(0), 40, (8, 8, 1))
+    model = UNet(nf=4, **TINY)
+    cfg = TrainConfig(steps=6, batch_size=16, checkpoint_every=2, warmup_steps=2)
+    full, _ = train(model, x, cfg, checkpoint_dir=str(tmp_path / "a"), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step, loss):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(model, x, cfg, checkpoint_dir=str(tmp_path / "b"), progress=False, on_step=interrupt)
+    assert latest_step(str(tmp_path / "b")) == 4  # nothing lost beyond the last checkpoint
+    resumed, hist = train(model, x, cfg, checkpoint_dir=str(tmp_path / "b"), resume=True, progress=False)
+    assert [s for s, _ in hist.train] == [5, 6]
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # a round trip through load_level gives the EMA parameters and the model back
+    m, ema, sde, par, meta = load_level(str(tmp_path / "b"))
+    assert m.nf == 4 and par == "eps" and isinstance(sde, VP)
+    for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(resumed.ema_params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_errors(tmp_path):
+    x = procedural(jax.random.key(0), 16, (8, 8, 1))
+    cfg = TrainConfig(steps=1, batch_size=8)
+    train(UNet(nf=4, **TINY), x, cfg, checkpoint_dir=str(tmp_path / "c"), progress=False)
+    with pytest.raises(ValueError, match=r"checkpoint: .* written for a model with nf=4, but this model has nf=8"):
+        restore_checkpoint(str(tmp_path / "c"), UNet(nf=8, **TINY), (8, 8, 1), cfg)
+    with pytest.raises(ValueError, match=r"checkpoint: .* images of shape"):
+        restore_checkpoint(str(tmp_path / "c"), UNet(nf=4, **TINY), (16, 16, 1), cfg)
+    # corrupt the array data of the only checkpoint
+    import pathlib
+
+    for f in pathlib.Path(tmp_path / "c" / "1" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"checkpoint: step 1 .* corrupt or incomplete"):
+        restore_checkpoint(str(tmp_path / "c"), UNet(nf=4, **TINY), (8, 8, 1), cfg)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint: no checkpoint"):
+        load_level(str(tmp_path / "empty"))
+
+
+def test_trained_family_samples_with_mlem(tmp_path):
+    x = procedural(jax.random.key(0), 32, (8, 8, 1))
+    family = unet_family((4, 8), **TINY)
+    out = train_family(family, x, TrainConfig(steps=2, batch_size=16), checkpoint_root=str(tmp_path), progress=False)
+    sde = VP()
+    levels = tuple(reverse_drift(sde, score_model(m, s.ema_params, sde)) for m, (s, _) in zip(family, out))
+    ts = uniform_grid(10)
+    sample = jax.jit(jax.vmap(lambda k, lk: multilevel_euler_maruyama(
+        levels, jnp.array([1.0, 0.5]), reverse_diffusion(sde), sde.prior_sample(k, (8, 8, 1)), ts, k, level_key=lk),
+        in_axes=(0, None)))
+    sol = sample(jax.random.split(jax.random.key(1), 3), jax.random.key(2))
+    assert sol.y.shape == (3, 8, 8, 1) and np.all(np.isfinite(sol.y))
+    assert (tmp_path / "nf4").is_dir() and (tmp_path / "nf8").is_dir()
+
+
+def test_nnx_adapter():
+    from flax import nnx
+
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(3, 3, rngs=rngs)
+
+        def __call__(self, x, t):
+            return self.lin(x) * t
+
+    apply, params = nnx_apply(Tiny(nnx.Rngs(0)))
+    out = apply(params, jnp.ones((2, 3)), 2.0)
+    assert out.shape == (2, 3)
+    assert jnp.allclose(jax.jit(apply)(params, jnp.ones((2, 3)), 2.0), out)
