@@ -1,5 +1,11 @@
 """mlem-jax: the Multilevel Euler-Maruyama method (arXiv 2603.24594) in JAX."""
 
+from mlem_jax._diffrax import (
+    MultilevelDrift,
+    MultilevelEuler,
+    check_multilevel_solver,
+    multilevel_diffeqsolve,
+)
 from mlem_jax._probabilities import (
     FixedBudget,
     PiecewiseConstant,
@@ -19,6 +25,10 @@ from mlem_jax._solvers import (
 )
 
 __all__ = [
+    "MultilevelDrift",
+    "MultilevelEuler",
+    "check_multilevel_solver",
+    "multilevel_diffeqsolve",
     "FixedBudget",
     "PiecewiseConstant",
     "expected_cost",

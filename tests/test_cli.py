@@ -1,0 +1,92 @@
+"""The mlem-jax command end to end on tiny configurations, and its error paths."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mlem_jax.cli import main
+from mlem_jax.diffusion.family import load_family, shipped_family_path
+
+TINY = ["--nfs", "4", "8", "--ch-mult", "1", "2", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "--dataset", "procedural", "--steps", "2", "--checkpoint-every", "1",
+                 "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_resume_and_family_files(trained, capsys):
+    fam = load_family(str(trained / "family"))
+    assert [m.nf for m in fam.models] == [4, 8] and fam.image_shape == (16, 16, 1)
+    assert "mlem-jax train" in fam.meta["command"]
+    # resuming a finished run trains nothing more and rewrites the same family
+    before = np.load(trained / "family.npz")["level0/Conv_0/kernel"]
+    assert main(["train", "--dataset", "procedural", "--steps", "2", "--out", str(trained), "--resume", *TINY]) == 0
+    np.testing.assert_array_equal(before, np.load(trained / "family.npz")["level0/Conv_0/kernel"])
+
+
+@pytest.mark.parametrize("extra", [["--em"], ["--probs", "1", "0.5"], ["--coupling", "nested", "--ode"]])
+def test_sample_writes_png_and_npz(trained, tmp_path, extra, capsys):
+    out = tmp_path / "s.png"
+    assert main(["sample", "--family", str(trained / "family"), "--steps", "4", "--batch-size", "4",
+                 "--out", str(out), "--no-progress", *extra]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 0
+    d = np.load(tmp_path / "s.npz")
+    assert d["images"].shape == (4, 16, 16, 1)
+    text = capsys.readouterr().out
+    assert "wall time" in text and "evaluations" in text
+
+
+def test_calibrate_then_sample(trained, tmp_path, capsys):
+    cal = tmp_path / "cal.json"
+    assert main(["calibrate", "--family", str(trained / "family"), "--steps", "6", "--trajectories", "6",
+                 "--bins", "2", "--stride", "1", "--out", str(cal), "--no-progress"]) == 0
+    assert "calibration report" in capsys.readouterr().out
+    c = json.loads(cal.read_text())
+    assert c["levels"] == [4, 8] and np.asarray(c["values"]).shape == (2, 2)
+    assert main(["sample", "--family", str(trained / "family"), "--calibration", str(cal), "--steps", "6",
+                 "--batch-size", "2", "--out", str(tmp_path / "c.png"), "--no-progress"]) == 0
+
+
+def test_shipped_weights_load_and_sample_in_range(tmp_path):
+    fam = load_family(shipped_family_path())
+    assert len(fam.models) >= 3
+    size = os.path.getsize(shipped_family_path() + ".npz")
+    assert size < 6e6
+    from mlem_jax.diffusion import uniform_grid
+    from mlem_jax.diffusion.sampling import sample
+
+    res = sample(fam, [len(fam.models) - 1], uniform_grid(20), 0, 4)
+    assert res.images.shape == (4, 16, 16, 1)
+    assert np.all(np.abs(res.images) < 1.5) and res.images.std() > 0.2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--dataset", "nope", "--data-dir", "/tmp"], "unknown dataset"),
+        (["train", "--dataset", "fashion_mnist"], "data_dir"),
+        (["sample", "--family", "/nonexistent/family"], "--family"),
+        (["sample", "--probs", "1", "0.5"], "--probs: expected"),
+        (["sample", "--levels", "9"], "--levels"),
+        (["sample", "--calibration", "/nonexistent.json"], "--calibration"),
+    ],
+)
+def test_error_paths(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_argparse_rejects_non_positive_steps(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--steps", "0"])
+    assert e.value.code == 2
+    assert "expected a positive number" in capsys.readouterr().err
