@@ -12,9 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## demo: the main job on the embedded default (the toy complexity benchmark, quick mode)
+## demo: the main job: EM against ML-EM on the shipped digits family (writes demo.png)
 demo: $(STAMP)
-	$(PY) benchmarks/toy_complexity.py --quick
+	$(VENV)/bin/mlem-jax demo
 
 ## test: the test suite
 test: $(STAMP)
@@ -22,15 +22,18 @@ test: $(STAMP)
 
 ## bench-quick: every benchmark in its --quick mode (what CI runs)
 bench-quick: $(STAMP)
+	$(VENV)/bin/mlem-jax demo --steps 20 --batch-size 16 --no-progress --out benchmarks/out/demo_quick.png
 	$(PY) benchmarks/toy_complexity.py --quick
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) benchmarks/calibrated_probabilities.py --quick
+	$(PY) benchmarks/diffrax_route.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
 	$(PY) benchmarks/toy_complexity.py --out docs/figures
 	$(PY) benchmarks/overhead.py --out docs/figures
 	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
+	$(PY) benchmarks/diffrax_route.py --out docs/figures
 
 clean:
 	rm -rf $(VENV) benchmarks/out .pytest_cache
