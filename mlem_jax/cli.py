@@ -171,9 +171,10 @@ def cmd_calibrate(args):
     keys = jax.random.split(jax.random.key(args.seed), args.trajectories)
     y0 = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(keys)
     t0 = time.perf_counter()
+    if args.target_variance is not None and args.speedup is not None:
+        raise CLIError("--target-variance, --speedup: give at most one of them.")
     report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
-                                budget=None if args.speedup is None else None, stride=args.stride,
-                                target_variance=args.target_variance)
+                                stride=args.stride, target_variance=args.target_variance, speedup=args.speedup)
     print(report)
     out = args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -267,8 +268,10 @@ def build_parser():
     c.add_argument("--bins", type=_positive(int), default=10, help="time bins of the schedule")
     c.add_argument("--stride", type=_positive(int), default=2, help="evaluate levels at every n-th grid point")
     c.add_argument("--target-variance", type=_positive(float), default=None,
-                   help="injected variance per unit time (default: a budget of a quarter of EM's cost)")
-    c.set_defaults(func=cmd_calibrate, speedup=None)
+                   help="injected variance per unit time the probabilities may add")
+    c.add_argument("--speedup", type=_positive(float), default=None,
+                   help="instead: a compute budget of EM's cost divided by this factor (default 4)")
+    c.set_defaults(func=cmd_calibrate)
 
     d = sub.add_parser("demo", help="EM against ML-EM on the shipped digits family, side by side")
     d.add_argument("--family", default=None, help=argparse.SUPPRESS)

@@ -211,3 +211,18 @@ def test_bad_inputs():
         level_statistics(affine_levels(), g, jnp.ones(3), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 3))
     with pytest.raises(ValueError, match=r"costs, errors: expected two 1-D arrays"):
         fit_gamma([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_report_speedup_and_exclusive_targets():
+    from mlem_jax.calibrate import LevelCosts
+
+    M, N = 12, 8
+    ts = jnp.linspace(0.0, 1.0, N + 1)
+    keys = jax.random.split(jax.random.key(0), M)
+    levels = affine_levels((1.5, 0.75, 1.125, 1.0), (0.3, 0.3, 0.3, 0.3))
+    costs = LevelCosts(np.array([1e-4, 4e-4, 1.6e-3, 6.4e-3]), np.full(4, np.nan))
+    r = calibration_report(levels, g, jnp.ones(M), ts, keys, costs=costs, num_bins=2, speedup=2.0)
+    assert r.em_cost / r.mlem_cost == pytest.approx(2.0, rel=1e-6)
+    assert r.gamma is not None  # FLOPs unavailable: fitted against the times
+    with pytest.raises(ValueError, match=r"give at most one"):
+        calibration_report(levels, g, jnp.ones(M), ts, keys, costs=costs, speedup=2.0, budget=1.0)
