@@ -86,7 +86,7 @@ def check_cost_order(costs, name: str) -> None:
     costs = np.asarray(costs, np.float64)
     if costs.size > 1 and np.any(np.diff(costs) <= 0):
         warnings.warn(
-            f"{name}: the level costs do not increase with the level ({np.array2string(costs, precision=3)}); "
+            f"{name}: the level costs do not increase with the level ({', '.join(f'{c:.3g}' for c in costs)}); "
             "drifts must go from cheapest to most expensive, so the levels are probably in the "
             "wrong order (or too cheap to time: measure a batched evaluation).",
             stacklevel=3,

@@ -92,6 +92,11 @@ def _probs(args, levels, family):
     return jnp.asarray(geometric_probabilities(len(levels), 0.3), jnp.float32)
 
 
+def _command(args) -> str:
+    """The command line that produced an output, recorded next to it."""
+    return "mlem-jax " + " ".join(shlex.quote(a) for a in args.argv)
+
+
 def _write_samples(path, images, extra):
     from mlem_jax.diffusion.images import save_png, to_grid
 
@@ -129,13 +134,13 @@ def cmd_train(args):
     results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
                            resume=args.resume, progress=not args.no_progress)
     losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
-    command = "mlem-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "mlem-jax train"
+    command = _command(args)
     path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
                        train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
                                                  "held_out_loss": {str(k): v for k, v in losses.items()},
                                                  "train_seconds": time.perf_counter() - t0})
     for nf, loss in losses.items():
-        print(f"  nf={nf:3d}: held-out DSM loss {loss:.4f}")
+        print(f"  nf={nf:3d}: held-out DSM loss " + ("n/a (no new steps)" if loss is None else f"{loss:.4f}"))
     print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")
 
 
@@ -182,7 +187,7 @@ def cmd_calibrate(args):
     with open(out, "w") as f:
         json.dump({"levels": [family.models[k].nf for k in levels], "edges": np.asarray(probs.edges).tolist(),
                    "values": np.asarray(probs.values).tolist(), "steps": args.steps, "grid": args.grid,
-                   "command": "mlem-jax " + " ".join(shlex.quote(a) for a in sys.argv[1:])}, f, indent=1)
+                   "command": _command(args)}, f, indent=1)
     plot = report.plot(out[:-5] + ".png" if out.endswith(".json") else out + ".png")
     print(f"wrote {out} and {plot} in {time.perf_counter() - t0:.0f} s")
 
@@ -285,7 +290,9 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         args.func(args)
     except CLIError as e:
