@@ -73,6 +73,15 @@ class MultilevelDrift(diffrax.AbstractTerm):
     def contr(self, t0, t1, **kwargs):
         return t1 - t0
 
+    def is_vf_expensive(self, t0, t1, y, args):
+        # Every Runge-Kutta solver (Heun, Midpoint, Tsit5, Dopri5, ...) asks this before
+        # its stages; Euler and MultilevelEuler never do. Refuse at trace time.
+        raise ValueError(
+            "solver: a Runge-Kutta solver (such as diffrax.Heun) evaluates a MultilevelDrift at "
+            "several stages per step; each evaluation draws new coins, which silently biases "
+            "ML-EM. Use mlem_jax.MultilevelEuler() (or diffrax.Euler())."
+        )
+
     def prod(self, vf, control):
         F, _ = vf
         return jax.tree_util.tree_map(lambda v: v * jnp.asarray(control, v.dtype), F)

@@ -128,6 +128,13 @@ def test_bad_combinations():
     with pytest.raises(ValueError, match=r"stepsize_controller: PIDController adapts"):
         multilevel_diffeqsolve(terms, MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(3),
                                stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3))
+    # even a plain diffeqsolve refuses Runge-Kutta solvers, at trace time
+    for solver in (diffrax.Heun(), diffrax.Tsit5()):
+        with pytest.raises(ValueError, match=r"solver: a Runge-Kutta solver .* evaluates a MultilevelDrift at several stages"):
+            diffrax.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, jnp.ones(3))
+    with pytest.raises(RuntimeError, match=r"adaptive step sizes"):  # diffrax's own check
+        diffrax.diffeqsolve(terms, MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(3),
+                            stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3))
     with pytest.raises(TypeError, match=r"MultilevelEuler: terms must contain exactly one MultilevelDrift"):
         diffrax.diffeqsolve(diffrax.ODETerm(LEVELS[0]), MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(3))
     with pytest.raises(ValueError, match=r"probs: expected p_1 = 1"):
