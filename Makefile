@@ -27,6 +27,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
+	$(PY) benchmarks/sharding_throughput.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
@@ -34,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --out docs/figures
 	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
 	$(PY) benchmarks/diffrax_route.py --out docs/figures
+	$(PY) benchmarks/sharding_throughput.py --out docs/figures
 
 clean:
 	rm -rf $(VENV) benchmarks/out .pytest_cache

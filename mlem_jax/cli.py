@@ -145,6 +145,14 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
+    multihost = args.coordinator is not None
+    if multihost:  # before any other JAX call
+        from mlem_jax.sharding import initialize_distributed, shard_path
+
+        if args.num_processes is None or args.process_id is None:
+            raise CLIError("--coordinator: a multi-host run also needs --num-processes and --process-id.")
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        args.out = shard_path(args.out if args.out.endswith(".png") else args.out + ".png", args.process_id)[:-4] + ".png"
     from mlem_jax.diffusion.sampling import sample
 
     family = _family(args.family)
@@ -152,11 +160,15 @@ def cmd_sample(args):
     probs = None if args.em else _probs(args, levels, family)
     ts = _grid(family, args.steps, args.grid)
     res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
-                 args.coupling, args.ode, progress=not args.no_progress)
+                 args.coupling, args.ode, progress=not args.no_progress, multihost=multihost)
     method = "EM" if probs is None else f"ML-EM ({args.coupling})"
     nfs = [family.models[k].nf for k in (levels if probs is not None else levels[-1:])]
     png, npz = _write_samples(args.out, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
-    print(f"{method}: {args.batch_size} samples, {args.steps} steps, levels nf={nfs}")
+    import jax
+
+    where = f" (process {jax.process_index()} of {jax.process_count()}: {len(res.images)} of them)" if multihost else ""
+    print(f"{method}: {args.batch_size} samples{where}, {args.steps} steps, levels nf={nfs}, "
+          f"{jax.local_device_count()} local device(s)")
     print(f"  wall time {res.run_seconds:.2f} s (+ {res.compile_seconds:.1f} s compilation)")
     print("  evaluations per sample path: " + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, res.evaluations)))
     print(f"wrote {png} and {npz}")
@@ -190,6 +202,19 @@ def cmd_calibrate(args):
                    "command": _command(args)}, f, indent=1)
     plot = report.plot(out[:-5] + ".png" if out.endswith(".json") else out + ".png")
     print(f"wrote {out} and {plot} in {time.perf_counter() - t0:.0f} s")
+
+
+def cmd_merge(args):
+    from mlem_jax.diffusion.images import save_png, to_grid
+    from mlem_jax.sharding import merge_shards
+
+    out = args.out if args.out.endswith(".png") else args.out + ".png"
+    try:
+        merged = merge_shards(out[:-4] + ".npz", args.num_processes, keys=("images",))
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from e
+    save_png(out, to_grid(merged["images"]), scale=4)
+    print(f"merged {args.num_processes} shards: {merged['images'].shape[0]} samples; wrote {out} and {out[:-4]}.npz")
 
 
 def cmd_demo(args):
@@ -265,7 +290,15 @@ def build_parser():
     s.add_argument("--calibration", default=None, help="a calibration file written by mlem-jax calibrate")
     s.add_argument("--coupling", choices=["independent", "nested"], default="independent")
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
+    s.add_argument("--coordinator", default=None, help="multi-host: address host:port of process 0 (jax.distributed)")
+    s.add_argument("--num-processes", type=_positive(int), default=None, help="multi-host: number of processes")
+    s.add_argument("--process-id", type=int, default=None, help="multi-host: this process, 0-based; writes OUT.processN.npz")
     s.set_defaults(func=cmd_sample)
+
+    mg = sub.add_parser("merge", help="merge the per-process shards of a multi-host sample run")
+    mg.add_argument("--out", default="samples.png", help="the --out the processes were given")
+    mg.add_argument("--num-processes", type=_positive(int), required=True, help="number of processes")
+    mg.set_defaults(func=cmd_merge)
 
     c = sub.add_parser("calibrate", help="measure level costs and variances, write time-dependent probabilities")
     common(c, "calibration.json")

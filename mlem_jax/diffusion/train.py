@@ -222,6 +222,7 @@ def train(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     desc: str | None = None,
+    mesh=None,
 ) -> tuple[TrainState, History]:
     """Train `model` by denoising score matching; returns the final state and losses.
 
@@ -245,6 +246,18 @@ def train(
         state = init_state(model, image_shape, config)
     start = int(state.step)
     step_fn = make_train_step(model, sde, config)
+    put = lambda x: x
+    if mesh is not None:
+        from mlem_jax.sharding import batch_sharding, replicated
+
+        batch = min(config.batch_size, train_images.shape[0])
+        if batch % mesh.devices.size:
+            raise ValueError(
+                f"batch_size: {batch} does not split over the {mesh.devices.size} devices of the mesh; "
+                "use a multiple of the device count."
+            )
+        state = jax.device_put(state, replicated(mesh))
+        put = lambda x: jax.device_put(x, batch_sharding(mesh))
     data = batches(train_images, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
     for _ in range(start):  # the batches already consumed before an interruption
         next(data)
@@ -257,7 +270,7 @@ def train(
     last = time.perf_counter()
     try:
         for s in range(start, config.steps):
-            state, loss = step_fn(state, jnp.asarray(next(data)))
+            state, loss = step_fn(state, put(jnp.asarray(next(data))))
             loss = float(loss)
             history.train.append((s + 1, loss))
             if on_step is not None:
