@@ -53,9 +53,21 @@ def main(mode):
         cfg = TrainConfig(steps=4, batch_size=16, warmup_steps=2)
         m = UNet(nf=4, ch_mult=(1, 2))
         _, h1 = train(m, x, cfg, progress=False)
-        _, h4 = train(m, x, cfg, progress=False, mesh=batch_mesh())
+        ckpt = sys.argv[2]
+        s4, h4 = train(m, x, cfg, progress=False, mesh=batch_mesh(), checkpoint_dir=ckpt)
         out["loss_1"] = [l for _, l in h1.train]
         out["loss_4"] = [l for _, l in h4.train]
+        # the checkpoint written from 4 devices restores on the default device
+        from mlem_jax.diffusion.train import load_level
+
+        _, ema, _, _, _ = load_level(ckpt)
+        out["restored_equal"] = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
+                                    zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(s4.ema_params)))
+        try:
+            train(m, x, cfg._replace(batch_size=10), progress=False, mesh=batch_mesh())
+            out["indivisible_error"] = None
+        except ValueError as e:
+            out["indivisible_error"] = str(e)
     elif mode == "host":
         from mlem_jax.sharding import process_shard, shard_path
 

@@ -34,9 +34,11 @@ def test_sharded_sampling_equals_one_device_and_keeps_the_cond():
     assert r["conditional"] >= 2  # ML-EM skipping survives sharding in the compiled program
 
 
-def test_data_parallel_training_matches_one_device():
-    r = run("train")
+def test_data_parallel_training_matches_one_device(tmp_path):
+    r = run("train", str(tmp_path / "ckpt"))
     np.testing.assert_allclose(r["loss_4"], r["loss_1"], rtol=1e-5)
+    assert r["restored_equal"]  # the same checkpoints as single-device training
+    assert "batch_size: 10 does not split over the 4 devices" in r["indivisible_error"]
 
 
 def test_two_processes_on_localhost(tmp_path):
