@@ -171,9 +171,14 @@ def level_statistics(
         return sq, err, deltas, jnp.mean(deltas, axis=1), jnp.mean(jnp.stack(flat), axis=1)
 
     batch = jax.vmap(jax.vmap(per_point, in_axes=(0, 0)), in_axes=(None, 0))
-    sq, err, deltas, ymean, pmean = jax.jit(batch)(jnp.asarray(t_pts), states)
+
+    def reduced(t, y):
+        sq, err, deltas, ymean, pmean = batch(t, y)
+        return sq, err, deltas.mean(0), ymean, pmean  # corrections averaged over trajectories
+
+    sq, err, deltas, ymean, pmean = jax.jit(reduced)(jnp.asarray(t_pts), states)
     sq, err = np.asarray(sq, np.float64), np.asarray(err, np.float64)  # (M, P, K)
-    deltas = np.asarray(deltas, np.float64)  # (M, P, K, D)
+    deltas = np.asarray(deltas, np.float64)  # (P, K, D), mean over trajectories
     ymean, pmean = np.asarray(ymean, np.float64), np.asarray(pmean, np.float64)
 
     lo, hi = float(np.min(np.asarray(ts))), float(np.max(np.asarray(ts)))
@@ -193,7 +198,7 @@ def level_statistics(
         V_se[b] = z.std(0, ddof=1) / np.sqrt(z.shape[0])
         with np.errstate(invalid="ignore", divide="ignore"):
             kurt[b] = (z**2).mean(0) / z.mean(0) ** 2
-        means[b] = np.sqrt(np.mean(deltas[:, sel].mean(axis=(0, 1)) ** 2, axis=-1))
+        means[b] = np.sqrt(np.mean(deltas[sel].mean(axis=0) ** 2, axis=-1))
         errors[b] = np.sqrt(err[:, sel].reshape(-1, K).mean(0))
     weights /= weights.sum()
 
@@ -269,25 +274,9 @@ class GammaFit(NamedTuple):
 
 
 def _t_quantile(q: float, dof: int) -> float:
-    """Student t quantile (bisection on the regularised incomplete beta via math.lgamma)."""
-    from statistics import NormalDist
+    from scipy.stats import t
 
-    if dof > 200:
-        return NormalDist().inv_cdf(q)
-
-    def cdf(x):
-        # numerical integration of the t density; accurate enough for a confidence interval
-        grid = np.linspace(0.0, abs(x), 4001)
-        c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
-        dens = c * (1 + grid**2 / dof) ** (-(dof + 1) / 2)
-        area = float(np.sum((dens[1:] + dens[:-1]) * np.diff(grid)) / 2)
-        return 0.5 + math.copysign(area, x)
-
-    lo, hi = 0.0, 1000.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < q else (lo, mid)
-    return (lo + hi) / 2
+    return float(t.ppf(q, dof))
 
 
 def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confidence: float = 0.95) -> GammaFit:

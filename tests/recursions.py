@@ -10,6 +10,11 @@ same noise follow closed recursions.
 import numpy as np
 
 
+def affine_levels(a, b):
+    """Drifts f^k(t, y, args) = -a_k y + b_k."""
+    return tuple((lambda t, y, args, ak=ak, bk=bk: -ak * y + bk) for ak, bk in zip(a, b))
+
+
 def weight_covariance(p, coupling):
     """Cov(c_j, c_k) of the scaled coins c_k = B_k / p_k."""
     p = np.asarray(p, dtype=np.float64)

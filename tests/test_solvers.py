@@ -10,6 +10,7 @@ from absl.testing import parameterized
 
 from mlem_jax import euler_maruyama, multilevel_euler_maruyama
 from recursions import affine_moments
+import recursions
 
 A = (0.5, 1.5, 1.0)
 B = (0.0, 0.5, 0.3)
@@ -18,7 +19,7 @@ X0 = 1.0
 
 
 def affine_levels(a=A, b=B):
-    return tuple((lambda t, y, args, ak=ak, bk=bk: -ak * y + bk) for ak, bk in zip(a, b))
+    return recursions.affine_levels(a, b)
 
 
 def const_sigma(t, y, args):

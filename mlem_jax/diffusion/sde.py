@@ -75,22 +75,12 @@ class VP(AbstractSDE):
 
 
 @dataclasses.dataclass(frozen=True)
-class SubVP(AbstractSDE):
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-
-    def _int_beta(self, t):
-        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
-
-    def drift_coeff(self, t):
-        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+class SubVP(VP):
+    """The VP schedule and drift, with g^2 = beta (1 - exp(-2 B(t)))."""
 
     def diffusion(self, t):
         beta = self.beta_min + t * (self.beta_max - self.beta_min)
         return jnp.sqrt(beta * -jnp.expm1(-2.0 * self._int_beta(t)))
-
-    def alpha(self, t):
-        return jnp.exp(-0.5 * self._int_beta(t))
 
     def std(self, t):
         return -jnp.expm1(-self._int_beta(t))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -267,7 +266,6 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=desc or f"train nf={model.nf}", leave=False)
-    last = time.perf_counter()
     try:
         for s in range(start, config.steps):
             state, loss = step_fn(state, put(jnp.asarray(next(data))))
@@ -288,7 +286,6 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    del last
     return state, history
 
 
