@@ -48,6 +48,16 @@ def test_fashion_mnist_builder_on_a_few_hundred_records(tmp_path):
     as_bytes = lambda a: sorted(img.tobytes() for img in a)
     assert as_bytes(np.round((x[..., 0] + 1) / 2 * 255).astype(np.uint8)) == as_bytes(raw)
     assert data.load_dataset("fashion_mnist", "test", str(tmp_path), image_size=16).shape == (300, 16, 16, 1)
+    # labels travel with their images (pairs, compared as sets since the order is tfds')
+    x, y = data.load_dataset("fashion_mnist", "train", str(tmp_path), with_labels=True)
+    raw_y = data.read_idx(os.path.join(FMNIST, "train-labels-idx1-ubyte.gz"))[:300]
+    pairs = lambda imgs, labels: sorted(zip((im.tobytes() for im in imgs), labels.tolist()))
+    assert pairs(np.round((x[..., 0] + 1) / 2 * 255).astype(np.uint8), y) == pairs(raw, raw_y)
+
+
+def test_embedded_datasets_have_no_labels():
+    with pytest.raises(ValueError, match="with_labels: the embedded dataset 'digits' has no labels"):
+        data.load_dataset("digits", with_labels=True)
 
 
 def test_mnist_and_cifar_builders_from_local_files(tmp_path):

@@ -86,10 +86,15 @@ def batches(images: np.ndarray, batch_size: int, key, drop_last: bool = True) ->
         epoch += 1
 
 
-def load_dataset(name: str, split: str = "train", data_dir: str | None = None, image_size: int | None = None):
+def load_dataset(name: str, split: str = "train", data_dir: str | None = None, image_size: int | None = None,
+                 with_labels: bool = False):
     """Images in [-1, 1], (N, H, W, C), by name: an embedded one ('digits', 'procedural'),
     or a prepared tfds dataset under `data_dir` (our local builders for 'mnist',
-    'fashion_mnist' and 'cifar10', any other prepared tfds name as is)."""
+    'fashion_mnist' and 'cifar10', any other prepared tfds name as is). With
+    `with_labels=True`, returns (images, labels) (tfds datasets with a 'label' only)."""
+    if with_labels and name in EMBEDDED:
+        raise ValueError(f"with_labels: the embedded dataset {name!r} has no labels; use a tfds dataset.")
+    labels = None
     if name == "digits":
         x = digits(split)
     elif name == "procedural":
@@ -100,10 +105,11 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, i
                 f"data_dir: dataset {name!r} is read from a prepared tfds data dir; pass data_dir "
                 f"(embedded datasets need none: {EMBEDDED})."
             )
-        x = tfds_images(LOCAL_BUILDERS.get(name, name), split, data_dir)
+        out = tfds_images(LOCAL_BUILDERS.get(name, name), split, data_dir, with_labels=with_labels)
+        x, labels = out if with_labels else (out, None)
     if image_size is not None and x.shape[1] != image_size:
         x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]), "linear", antialias=True))
-    return x
+    return (x, labels) if with_labels else x
 
 
 def _tfds():
@@ -116,8 +122,9 @@ def _tfds():
     return tfds
 
 
-def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None) -> np.ndarray:
-    """Read a prepared tfds dataset's images without tensorflow and without downloads."""
+def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None, with_labels: bool = False):
+    """Read a prepared tfds dataset's images without tensorflow and without downloads
+    (and its integer 'label' feature, as a second result, with `with_labels=True`)."""
     tfds = _tfds()
     _register_local_builders()
     if not os.path.isdir(data_dir):
@@ -137,10 +144,15 @@ def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None) 
         )
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     n = len(source) if limit is None else min(limit, len(source))
-    images = np.stack([np.asarray(source[i]["image"]) for i in range(n)])
+    records = [source[i] for i in range(n)]
+    images = np.stack([np.asarray(r["image"]) for r in records])
     if images.ndim == 3:
         images = images[..., None]
-    return to_unit_range(images)
+    if not with_labels:
+        return to_unit_range(images)
+    if n and "label" not in records[0]:
+        raise ValueError(f"with_labels: dataset {name!r} has no 'label' feature (it has {sorted(records[0])}).")
+    return to_unit_range(images), np.asarray([int(r["label"]) for r in records], np.int32)
 
 
 def _local_short(name):

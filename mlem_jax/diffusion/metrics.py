@@ -1,0 +1,78 @@
+"""Distribution distances between generated and held-out images.
+
+* `kernel_distance` (KID): the unbiased estimate of the squared maximum mean discrepancy
+  with the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3 of Binkowski et al. (2018),
+  on features of a classifier (`mlem_jax.diffusion.classifier`). It is unbiased at any
+  sample size, so unlike FID it can be compared across methods at a few hundred samples.
+  Its standard error comes from the two-sample jackknife.
+* `sliced_wasserstein`: the sliced 2-Wasserstein distance in pixel space,
+  SW_2(P, Q)^2 = E_theta[W_2(theta.P, theta.Q)^2] over directions theta uniform on the
+  sphere, each one-dimensional W_2 computed exactly from quantiles.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Estimate(NamedTuple):
+    value: float
+    stderr: float
+
+
+def _as_matrix(x, name: str) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected samples stacked on a leading axis (N, ...), got shape {x.shape}.")
+    return x.reshape(x.shape[0], -1)
+
+
+def kernel_distance(features_a, features_b) -> Estimate:
+    """Unbiased MMD^2 between two samples under k(x, y) = (x.y / d + 1)^3, with the
+    two-sample jackknife standard error. features: (N, d) and (M, d), N, M >= 3."""
+    X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
+    if X.shape[1] != Y.shape[1]:
+        raise ValueError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
+    n, m, d = X.shape[0], Y.shape[0], X.shape[1]
+    if n < 3 or m < 3:
+        raise ValueError(f"features_a, features_b: need at least 3 samples each, got {n} and {m}.")
+    k = lambda A, B: (A @ B.T / d + 1.0) ** 3
+    Kxx, Kyy, Kxy = k(X, X), k(Y, Y), k(X, Y)
+    np.fill_diagonal(Kxx, 0.0)
+    np.fill_diagonal(Kyy, 0.0)
+    sxx, syy, sxy = Kxx.sum(), Kyy.sum(), Kxy.sum()
+    value = sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
+    # leave one x out, then one y out (the U-statistic's sums lose a row and a column)
+    loo_x = (sxx - 2 * Kxx.sum(1)) / ((n - 1) * (n - 2)) + syy / (m * (m - 1)) - 2 * (sxy - Kxy.sum(1)) / ((n - 1) * m)
+    loo_y = sxx / (n * (n - 1)) + (syy - 2 * Kyy.sum(1)) / ((m - 1) * (m - 2)) - 2 * (sxy - Kxy.sum(0)) / (n * (m - 1))
+    var = (n - 1) / n * np.sum((loo_x - loo_x.mean()) ** 2) + (m - 1) / m * np.sum((loo_y - loo_y.mean()) ** 2)
+    return Estimate(float(value), float(np.sqrt(var)))
+
+
+def _quantiles(sorted_values, levels):
+    n = sorted_values.shape[-1]
+    return jnp.stack([jnp.interp(levels, (jnp.arange(n) + 0.5) / n, row) for row in sorted_values])
+
+
+def sliced_wasserstein(samples_a, samples_b, key, num_projections: int = 256) -> float:
+    """Sliced 2-Wasserstein distance between two samples (N, ...) and (M, ...), over
+    `num_projections` random directions drawn from `key`. With N == M each projected
+    distance is the exact empirical W_2 (sorted values paired); otherwise the two
+    empirical quantile functions are compared on a common grid of max(N, M) levels."""
+    A = jnp.asarray(_as_matrix(samples_a, "samples_a"), jnp.float32)
+    B = jnp.asarray(_as_matrix(samples_b, "samples_b"), jnp.float32)
+    if A.shape[1] != B.shape[1]:
+        raise ValueError(f"samples_b: expected samples of {A.shape[1]} values like samples_a, got {B.shape[1]}.")
+    if num_projections < 1:
+        raise ValueError(f"num_projections: expected a positive integer, got {num_projections}.")
+    theta = jax.random.normal(key, (num_projections, A.shape[1]))
+    theta = theta / jnp.linalg.norm(theta, axis=1, keepdims=True)
+    pa, pb = jnp.sort(theta @ A.T, axis=1), jnp.sort(theta @ B.T, axis=1)
+    if pa.shape[1] != pb.shape[1]:
+        levels = (jnp.arange(max(pa.shape[1], pb.shape[1])) + 0.5) / max(pa.shape[1], pb.shape[1])
+        pa, pb = _quantiles(pa, levels), _quantiles(pb, levels)
+    return float(jnp.sqrt(jnp.mean((pa - pb) ** 2)))

@@ -1,0 +1,77 @@
+"""Distribution distances and the feature classifier."""
+
+import jax
+import numpy as np
+import pytest
+
+from mlem_jax.diffusion.classifier import train_classifier
+from mlem_jax.diffusion.metrics import kernel_distance, sliced_wasserstein
+
+
+def test_kernel_distance_is_unbiased_with_an_honest_standard_error():
+    # two distributions on five points: the exact MMD^2 is (p - q)' K (p - q)
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(5, 3))
+    p, q = np.array([0.3, 0.2, 0.2, 0.2, 0.1]), np.array([0.1, 0.2, 0.2, 0.2, 0.3])
+    exact = (p - q) @ ((pts @ pts.T / 3 + 1) ** 3) @ (p - q)
+    est = [kernel_distance(pts[rng.choice(5, 20, p=p)], pts[rng.choice(5, 30, p=q)]) for _ in range(1000)]
+    values = np.array([e.value for e in est])
+    assert abs(values.mean() - exact) < 4 * values.std(ddof=1) / np.sqrt(values.size)
+    # the jackknife standard error matches the spread across replicates (it is known to be
+    # slightly conservative); the spread's own sampling error is about 1/sqrt(2 * 1000)
+    ratio = np.sqrt(np.mean([e.stderr**2 for e in est])) / values.std(ddof=1)
+    assert 0.9 < ratio < 1.3
+
+
+def test_kernel_distance_of_one_distribution_is_zero_within_its_standard_error():
+    rng = np.random.default_rng(1)
+    e = kernel_distance(rng.normal(size=(300, 8)), rng.normal(size=(400, 8)))
+    assert abs(e.value) < 4 * e.stderr
+
+
+def test_kernel_distance_errors():
+    with pytest.raises(ValueError, match="features_b: expected 4 features"):
+        kernel_distance(np.zeros((5, 4)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        kernel_distance(np.zeros((2, 4)), np.zeros((5, 4)))
+
+
+def test_sliced_wasserstein_exact_in_one_dimension_and_zero_on_itself():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(50, 1)), rng.normal(1.0, 2.0, size=(50, 1))
+    # in one dimension every direction is +-1: W_2 pairs the sorted samples
+    expect = np.sqrt(np.mean((np.sort(a[:, 0]) - np.sort(b[:, 0])) ** 2))
+    assert np.isclose(sliced_wasserstein(a, b, jax.random.key(0), 8), expect, rtol=1e-5)
+    assert sliced_wasserstein(a, a, jax.random.key(0)) == 0.0
+
+
+def test_sliced_wasserstein_between_shifted_gaussians():
+    # SW_2^2(N(0, I), N(mu, I)) = E_theta (theta . mu)^2 = |mu|^2 / d; the empirical
+    # samples add a bias of order log(n) / n, far below the tolerance at n = 20000
+    rng = np.random.default_rng(3)
+    d, mu = 4, np.array([1.0, 0.0, 0.0, 0.0])
+    a = rng.normal(size=(20000, d))
+    b = rng.normal(size=(16000, d)) + mu  # unequal sizes: the quantile route
+    sw = sliced_wasserstein(a, b, jax.random.key(1), num_projections=2000)
+    # the projection average's Monte Carlo error: sd of (theta . mu)^2 is about 0.27 here
+    assert abs(sw**2 - 0.25) < 4 * 0.27 / np.sqrt(2000) + 0.005
+
+
+def test_sliced_wasserstein_errors():
+    with pytest.raises(ValueError, match="samples_b: expected samples of 4 values"):
+        sliced_wasserstein(np.zeros((5, 4)), np.zeros((5, 3)), jax.random.key(0))
+    with pytest.raises(ValueError, match="num_projections"):
+        sliced_wasserstein(np.zeros((5, 4)), np.zeros((5, 4)), jax.random.key(0), 0)
+
+
+def test_classifier_learns_a_separable_toy_and_gives_features():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 0.3, size=(256, 8, 8, 1)).astype(np.float32)
+    y = rng.integers(0, 2, 256)
+    x[y == 1, :4] += 1.0  # class 1: the top half is brighter (flip-invariant)
+    clf = train_classifier(x[:192], y[:192], x[192:], y[192:], jax.random.key(0), steps=60, batch_size=32,
+                           width=8, progress=False)
+    assert clf.test_accuracy > 0.95
+    assert clf.features(x[:10]).shape == (10, clf.model.feature_dim)
+    with pytest.raises(ValueError, match="images, labels"):
+        train_classifier(x, y[:5], x, y, jax.random.key(0), steps=1)
