@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick clean
+.PHONY: demo test bench bench-quick fmnist16-weights clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
+	$(PY) benchmarks/image_speedup.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
@@ -36,6 +37,15 @@ bench: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
 	$(PY) benchmarks/diffrax_route.py --out docs/figures
 	$(PY) benchmarks/sharding_throughput.py --out docs/figures
+	$(PY) benchmarks/image_speedup.py --out docs/figures/image_speedup
+
+## fmnist16-weights: retrain the committed Fashion-MNIST family (about 50 min on 2 cores)
+fmnist16-weights: $(STAMP)
+	$(PY) -c "from mlem_jax.diffusion.data import prepare_local as p; p('fashion_mnist', '/usr/share/datasets/fashion-mnist', 'data/tfds')"
+	$(VENV)/bin/mlem-jax train --dataset fashion_mnist --data-dir data/tfds --image-size 16 --nfs 4 8 16 32 --steps 2000 --batch-size 128 --seed 0 --out runs/fmnist16 --no-progress
+	mkdir -p benchmarks/weights
+	cp runs/fmnist16/family.npz benchmarks/weights/fmnist16.npz
+	cp runs/fmnist16/family.json benchmarks/weights/fmnist16.json
 
 clean:
 	rm -rf $(VENV) benchmarks/out .pytest_cache

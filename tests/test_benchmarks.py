@@ -1,0 +1,60 @@
+"""The benchmark pieces that carry logic of their own, and the CelebA script end to end
+at tiny scale on tfds mock data (the real run needs a GPU and a prepared celeb_a)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from image_experiment import cost_to_reach  # noqa: E402
+
+
+def test_cost_to_reach_interpolates_on_the_front():
+    costs, errors = [1.0, 2.0, 4.0, 3.0], [0.8, 0.4, 0.1, 0.5]  # the run at cost 3 is off the front
+    c, how = cost_to_reach(costs, errors, 0.2)
+    # log-log between (2, 0.4) and (4, 0.1): 0.2 is half way in log error
+    assert how == "interpolated" and np.isclose(c, 2 * np.sqrt(2))
+    assert cost_to_reach(costs, errors, 0.9) == (1.0, "at most")
+    assert cost_to_reach(costs, errors, 0.05) == (None, "not reached")
+    assert cost_to_reach(costs, errors, 0.4) == (2.0, "interpolated")
+
+
+def test_celeba_script_end_to_end_on_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import celeba64
+
+    out = tmp_path / "celeba"
+    with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = celeba64.main(["--data-dir", str(tmp_path / "tfds"), "--out", str(out), "--nfs", "4", "8", "16",
+                                "--ch-mult", "1", "2", "--image-size", "16", "--train-steps", "3",
+                                "--batch-size", "8", "--tiny", "--no-progress"])
+    assert (out / "family.npz").exists() and json.load(open(out / "family.json"))["dataset"] == "celeb_a"
+    for name in ("image_speedup.json", "image_speedup.md", "image_speedup_sde.png", "image_speedup_ode.png",
+                 "image_speedup_samples.png"):
+        assert (out / name).exists(), name
+    methods = {r["method"] for r in result["runs"]}
+    assert {"EM nf=16", "EM nf=4", "T-Stitch nf=8->16", "Heun nf=16", "ML-EM calibrated (nested)",
+            "ML-EM constant optimal (independent)"} <= methods
+    for r in result["runs"]:
+        assert np.isfinite(r["seconds"]) and r["flops"] > 0 and np.isfinite(r["kid"])
+        # evaluation counts follow the method: EM and Heun use one network on every step
+        if r["method"].startswith("EM nf="):
+            assert sorted(r["evaluations"])[-1] == r["steps"] and sum(r["evaluations"]) == r["steps"]
+        if r["method"].startswith("Heun"):
+            assert r["evaluations"][-1] == 2 * r["steps"]
+        if r["method"].startswith("ML-EM"):
+            assert r["evaluations"][0] == r["steps"]  # the cheapest level runs on every step
+    # every method starts from the same noise: EM on the largest network at the reference
+    # grid reproduces the reference exactly
+    assert result["reference"]["evaluations"][-1] == 32
+
+
+def test_celeba_script_explains_a_missing_dataset(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    import celeba64
+
+    with pytest.raises(SystemExit, match="--data-dir: celeb_a is not prepared"):
+        celeba64.main(["--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
