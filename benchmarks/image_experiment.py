@@ -27,6 +27,7 @@ from mlem_jax.calibrate import calibrated_probabilities, fit_gamma, level_costs,
 from mlem_jax.diffusion import reverse_diffusion, target_from_noise, uniform_grid
 from mlem_jax.diffusion.classifier import train_classifier
 from mlem_jax.diffusion.metrics import kernel_distance, sliced_wasserstein
+from mlem_jax.diffusion.unet import count_params
 
 
 @dataclasses.dataclass
@@ -329,6 +330,7 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
 
     tables = _tables(runs, cfg, em_label, nfs)
     result = dict(dataset=dataset, device=device, config=dataclasses.asdict(cfg), nfs=nfs,
+                  params=[count_params(p) for p in family.params],
                   level_seconds=sec.tolist(), probability_costs=np.asarray(prob_costs).tolist(), level_flops=flops.tolist(), losses=losses.tolist(),
                   loss_se=loss_se.tolist(), gamma_loss=gamma_loss, gamma_drift=gamma_drift,
                   drift_errors=drift_err.tolist(), variances=V.tolist(),
@@ -402,7 +404,8 @@ def format_tables(result) -> str:
                 if metric != "rms" and cost == "flops":
                     continue  # keep the report short: distribution metrics against wall time only
                 lines += [f"## {title}: {name}, speedup in {unit}", "",
-                          "| method | " + " | ".join(f"EM@{n} ({t['baseline'][n][metric]:.4g})" for n in t["targets"]) + " |",
+                          "| method | " + " | ".join(f"{'Euler' if part == 'ode' else 'EM'}@{n} ({t['baseline'][n][metric]:.4g})"
+                                                  for n in t["targets"]) + " |",
                           "|---|" + "---|" * len(t["targets"])]
                 for row in t["rows"]:
                     cells = []
