@@ -104,10 +104,12 @@ def heun(drift, y0, ts):
 
 def cost_to_reach(costs, errors, target):
     """Least cost at which a method's cost-error front reaches `target`, interpolated
-    log-log between the two front points around it. Returns (cost, how) with how in
-    {"interpolated", "at most" (already below at its cheapest run), "not reached"}."""
+    between the two front points around it (log cost against log error, or against the
+    error itself where errors can be zero or negative, as unbiased KID estimates can).
+    Returns (cost, how) with how in {"interpolated", "at most" (already below at its
+    cheapest run), "not reached"}."""
     order = np.argsort(costs)
-    c, e = np.asarray(costs)[order], np.minimum.accumulate(np.asarray(errors)[order])
+    c, e = np.asarray(costs, float)[order], np.minimum.accumulate(np.asarray(errors, float)[order])
     below = np.nonzero(e <= target)[0]
     if below.size == 0:
         return None, "not reached"
@@ -115,7 +117,8 @@ def cost_to_reach(costs, errors, target):
     if j == 0:
         return float(c[0]), "at most"
     i = int(np.nonzero(e == e[j - 1])[0][0])  # the cheapest run on the front above the target
-    x = (math.log(target) - math.log(e[i])) / (math.log(e[j]) - math.log(e[i]))
+    f = np.log if (target > 0 and e[j] > 0) else (lambda v: v)
+    x = (f(target) - f(e[i])) / (f(e[j]) - f(e[i]))
     return float(math.exp(math.log(c[i]) + x * (math.log(c[j]) - math.log(c[i])))), "interpolated"
 
 
@@ -328,6 +331,8 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
                 go(f"{lab}, {n} steps, budget {rho}", lab, ("mlem-ode-" + ("pw" if td else "const"),),
                    mlem_fn("independent", True), n, extra=p, ode=True)
 
+    with open(os.path.join(out, "image_speedup_runs.json"), "w") as f:  # kept even if the analysis fails
+        json.dump(runs, f, indent=1)
     tables = _tables(runs, cfg, em_label, nfs)
     result = dict(dataset=dataset, device=device, config=dataclasses.asdict(cfg), nfs=nfs,
                   params=[count_params(p) for p in family.params],
@@ -380,13 +385,14 @@ def _tables(runs, cfg, em_label, nfs):
                 for n in targets:
                     tgt = base[n][metric]
                     for cost in ("seconds", "flops"):
-                        c, how = cost_to_reach([r[cost] for r in rs], [r[metric] for r in rs], tgt) if tgt > 0 else (None, "not reached")
+                        c, how = cost_to_reach([r[cost] for r in rs], [r[metric] for r in rs], tgt)
                         row[f"{metric}@{n}/{cost}"] = {"cost": c, "how": how,
                                                        "speedup": (base[n][cost] / c) if c else None}
             rows.append(row)
         out["ode" if ode else "sde"] = {"targets": targets, "rows": rows,
                                         "baseline": {n: {"seconds": base[n]["seconds"], "flops": base[n]["flops"],
-                                                         "rms": base[n]["rms"], "kid": base[n]["kid"], "sw": base[n]["sw"]}
+                                                         "rms": base[n]["rms"], "kid": base[n]["kid"], "sw": base[n]["sw"],
+                                                         "kid_se": base[n]["kid_se"]}
                                                      for n in targets}}
     return out
 
@@ -396,7 +402,8 @@ def format_tables(result) -> str:
              f"Device: {result['device']}. Batch {result['config']['batch']} samples per method, one shared "
              "noise. Speedup = cost of EM with the largest network at N steps / cost of the method "
              "to reach the same error (on the method's cost-error front, interpolated log-log; "
-             "'<=' where its cheapest run already beats it, '-' where none of its runs reaches it).", ""]
+             "'≥' where its cheapest run already beats it, '-' where none of its runs reaches it; "
+             "'n/r' (not resolved) where the baseline's KID is within 2 standard errors of 0).", ""]
     for part, title in (("sde", "Reverse SDE"), ("ode", "Probability-flow ODE")):
         t = result["tables"][part]
         for metric, name in (("rms", "coupled RMS error"), ("kid", "KID"), ("sw", "sliced Wasserstein")):
@@ -411,7 +418,9 @@ def format_tables(result) -> str:
                     cells = []
                     for n in t["targets"]:
                         v = row[f"{metric}@{n}/{cost}"]
-                        if v["speedup"] is None:
+                        if metric == "kid" and t["baseline"][n]["kid"] < 2 * t["baseline"][n]["kid_se"]:
+                            cells.append("n/r")  # the target is within 2 standard errors of 0
+                        elif v["speedup"] is None:
                             cells.append("-")
                         else:
                             cells.append(("≥" if v["how"] == "at most" else "") + f"{v['speedup']:.2f}x")
@@ -421,6 +430,13 @@ def format_tables(result) -> str:
 
 
 def _plots(result, samples, out, em_label, cfg):
+    plot_curves(result, out)
+    _plot_samples(result, samples, out, em_label, cfg)
+
+
+def plot_curves(result, out):
+    """Error against cost for every method: each method's cost-error front as a line
+    (the cheapest run reaching each error), all of its runs as dots."""
     try:
         import matplotlib
 
@@ -432,26 +448,51 @@ def _plots(result, samples, out, em_label, cfg):
     for ode, name in ((False, "sde"), (True, "ode")):
         rs = [r for r in runs if r["ode"] == ode]
         methods = list(dict.fromkeys(r["method"] for r in rs))
+        colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
+        base = [r for r in rs if r["method"] == methods[0]]
         fig, axes = plt.subplots(3, 2, figsize=(13, 14))
         for i, (metric, mname) in enumerate((("rms", "coupled RMS error"), ("kid", "KID"), ("sw", "sliced Wasserstein"))):
             for j, (cost, cname) in enumerate((("seconds", "wall time (s)"), ("flops", "GFLOP per sample"))):
                 ax = axes[i, j]
-                for m in methods:
+                for m, color in zip(methods, colors):
                     pts = sorted((r[cost] / (1e9 if cost == "flops" else 1), r[metric]) for r in rs if r["method"] == m)
-                    style = dict(lw=2.5, color="k") if m.startswith(("EM nf=" + str(result["nfs"][-1]), "Euler")) else dict(lw=1)
-                    ax.plot(*zip(*pts), "o-", ms=3, label=m, **style)
+                    c, e = np.array(pts).T
+                    front = np.minimum.accumulate(e)
+                    keep = np.r_[True, front[1:] < front[:-1]]
+                    style = dict(lw=2.5, color="k", zorder=5) if m == methods[0] else dict(lw=1.2, color=color)
+                    ax.plot(c[keep], front[keep], "-", label=m, **style)
+                    ax.plot(c, e, "o", ms=3, color=style["color"], alpha=0.6)
+                    if metric == "kid" and m == methods[0]:
+                        se = np.array(sorted((r[cost] / (1e9 if cost == "flops" else 1), r["kid_se"]) for r in base))
+                        ax.fill_between(c, e - 2 * se[:, 1], e + 2 * se[:, 1], color="k", alpha=0.1)
                 ax.set_xscale("log")
-                if metric != "kid":
+                top = 4 * max(r[metric] for r in base)
+                if metric == "kid":
+                    ax.set_ylim(-0.6, max(top, 1.0))
+                else:
                     ax.set_yscale("log")
+                    ax.set_ylim(0.5 * min(r[metric] for r in rs), top)
                 ax.set_xlabel(cname)
                 ax.set_ylabel(mname)
                 ax.grid(alpha=0.3)
         axes[0, 0].legend(fontsize=7)
         fig.suptitle(f"{result['dataset']}: error against cost ({'probability-flow ODE' if ode else 'reverse SDE'}); "
-                     f"{result['device']}", fontsize=9)
+                     f"lines: each method's front, dots: its runs; shaded: baseline KID ± 2 s.e.\n{result['device']}",
+                     fontsize=9)
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"image_speedup_{name}.png"), dpi=90)
         plt.close(fig)
+
+
+def _plot_samples(result, samples, out, em_label, cfg):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    runs = result["runs"]
     # sample grids at about the cost of EM with grid_cost_steps steps
     target = next((r["seconds"] for r in runs if r["method"] == em_label and r["steps"] == cfg.grid_cost_steps), None)
     if target is None:

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from image_experiment import QUICK, Config, run_experiment  # noqa: E402
+from image_experiment import QUICK, Config, _tables, format_tables, plot_curves, run_experiment  # noqa: E402
 
 from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, load_dataset, prepare_local  # noqa: E402
 from mlem_jax.diffusion.family import load_family  # noqa: E402
@@ -41,6 +41,22 @@ def load_data(source_dir, data_dir, image_size, limit=None):
     return train, test
 
 
+def replot(out):
+    import json
+
+    with open(os.path.join(out, "image_speedup.json")) as f:
+        result = json.load(f)
+    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
+    result["tables"] = _tables(result["runs"], cfg, f"EM nf={result['nfs'][-1]}", result["nfs"])
+    with open(os.path.join(out, "image_speedup.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "image_speedup.md"), "w") as f:
+        f.write(format_tables(result))
+    plot_curves(result, out)
+    print(f"rewrote the tables and plots in {out}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny batch and grids (CI)")
@@ -49,7 +65,11 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: data/tfds, or a temporary one with --quick)")
     p.add_argument("--batch", type=int, default=None, help="samples per method (default 128, quick 8)")
     p.add_argument("--out", default="benchmarks/out/image_speedup", help="output folder")
+    p.add_argument("--replot", action="store_true",
+                   help="redo the tables and error-cost plots from OUT/image_speedup.json (no sampling)")
     args = p.parse_args(argv)
+    if args.replot:
+        return replot(args.out)
     if not os.path.isdir(args.source_dir):
         msg = (f"--source-dir: Fashion-MNIST not found in {args.source_dir!r}; install Debian's "
                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --source-dir.")
