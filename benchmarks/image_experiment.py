@@ -69,7 +69,7 @@ QUICK = Config(batch=8, em_steps=(4, 8), small_steps=(8,), stitch_levels=(1,), s
 # ---------------------------------------------------------------------------- pieces
 
 
-def heldout_losses(family, images, key, chunk: int = 500):
+def heldout_losses(family, images, key, t_min: float = 1e-3, chunk: int = 500):
     """Per-level denoising losses on held-out images, every level on the same (t, noise)
     per image; returns the means and their standard errors (N images)."""
     sde, param = family.sde, family.parameterization
@@ -78,7 +78,7 @@ def heldout_losses(family, images, key, chunk: int = 500):
     for i in range(0, len(images), chunk):
         x0 = jnp.asarray(images[i : i + chunk])
         kt, kn = jax.random.split(jax.random.fold_in(key, i))
-        t = jax.random.uniform(kt, (x0.shape[0],), minval=1e-3, maxval=1.0)
+        t = jax.random.uniform(kt, (x0.shape[0],), minval=t_min, maxval=1.0)
         eps = jax.random.normal(kn, x0.shape)
         tb = t[:, None, None, None]
         xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
@@ -152,7 +152,7 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
         log("level times do not increase with the level: probabilities use FLOP-proportional costs")
 
     # 2. gamma from the held-out losses
-    losses, loss_se = heldout_losses(family, test_x[: cfg.loss_images], jax.random.fold_in(key, 1))
+    losses, loss_se = heldout_losses(family, test_x[: cfg.loss_images], jax.random.fold_in(key, 1), cfg.t_min)
     log("held-out denoising losses: " + ", ".join(f"{l:.5f}±{s:.5f}" for l, s in zip(losses, loss_se)))
     gamma_loss = _fit(flops, losses, offset=True, power=2.0, log=log, what="losses")
 
@@ -220,7 +220,6 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
     def run(label, family_label, structure, fn, n, extra=None, evals=None, ode=False, store=True):
         ts = uniform_grid(n, cfg.t_min)
         dw = jnp.zeros((B, 1)) if ode else increments(n)
-        jkey = (structure, n)
         if structure not in jitted:
             jitted[structure] = jax.jit(jax.vmap(fn, in_axes=(0, 0, None, None, None)))
         t0 = time.perf_counter()
@@ -290,26 +289,31 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
                 ev = np.zeros(K, int)
                 ev[k], ev[-1] = m, n - m
                 go(f"{lab} ({frac:.0%} small), {n} steps", lab, ("stitch", k), stitch_fn(k), n, extra=t_switch, evals=ev)
-    h_of = lambda n: (1.0 - cfg.t_min) / n
     schedules = {}
+
+    def optimal_sweep(lab, level_stats, steps, budgets, coupling, time_dependent, ode=False):
+        """ML-EM with the probabilities `calibrated_probabilities` chooses for each grid and
+        budget (a budget per step, relative to one step of the largest network)."""
+        for n in steps:
+            for rho in budgets:
+                try:
+                    p = calibrated_probabilities(level_stats, prob_costs, (1.0 - cfg.t_min) / n,
+                                                 budget=rho * n * prob_costs[-1], num_steps=n,
+                                                 time_dependent=time_dependent, coupling=coupling)
+                except ValueError as e:
+                    log(f"  {lab}, {n} steps, budget {rho}: skipped ({e})")
+                    continue
+                schedules[f"{lab}, {n} steps, budget {rho}"] = np.asarray(p.values if time_dependent else p).tolist()
+                go(f"{lab}, {n} steps, budget {rho}", lab, ("mlem", "pw" if time_dependent else "const", coupling, ode),
+                   mlem_fn(coupling, ode), n, extra=p, ode=ode)
+
     for coupling in ("independent", "nested"):
         lab = f"ML-EM geometric r={cfg.geometric_ratio} ({coupling})"
         p = jnp.asarray(geometric_probabilities(K, cfg.geometric_ratio), jnp.float32)
         for n in cfg.geometric_steps:
-            go(f"{lab}, {n} steps", lab, ("mlem-const", coupling), mlem_fn(coupling), n, extra=p)
+            go(f"{lab}, {n} steps", lab, ("mlem", "const", coupling, False), mlem_fn(coupling), n, extra=p)
         for kind, td in (("constant optimal", False), ("calibrated", True)):
-            lab = f"ML-EM {kind} ({coupling})"
-            for n in cfg.mlem_steps:
-                for rho in cfg.mlem_budgets:
-                    try:
-                        p = calibrated_probabilities(stats, prob_costs, h_of(n), budget=rho * n * prob_costs[-1], num_steps=n,
-                                                     time_dependent=td, coupling=coupling)
-                    except ValueError as e:
-                        log(f"  {lab}, {n} steps, budget {rho}: skipped ({e})")
-                        continue
-                    schedules[f"{lab}, {n} steps, budget {rho}"] = np.asarray(p.values if td else p).tolist()
-                    go(f"{lab}, {n} steps, budget {rho}", lab, ("mlem-" + ("pw" if td else "const"), coupling),
-                       mlem_fn(coupling), n, extra=p)
+            optimal_sweep(f"ML-EM {kind} ({coupling})", stats, cfg.mlem_steps, cfg.mlem_budgets, coupling, td)
 
     log("probability-flow ODE:")
     for n in cfg.ode_steps:
@@ -319,17 +323,8 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
         go(f"Heun nf={nfs[-1]}, {n} steps", f"Heun nf={nfs[-1]}", ("heun",), heun_fn, n,
            evals=_ev(K, K - 1, 2 * n), ode=True)
     for kind, td in (("constant optimal", False), ("calibrated", True)):
-        lab = f"ML-EM ODE {kind}"
-        for n in cfg.ode_mlem_steps:
-            for rho in cfg.ode_mlem_budgets:
-                try:
-                    p = calibrated_probabilities(stats_ode, prob_costs, h_of(n), budget=rho * n * prob_costs[-1], num_steps=n,
-                                                 time_dependent=td)
-                except ValueError as e:
-                    log(f"  {lab}, {n} steps: skipped ({e})")
-                    continue
-                go(f"{lab}, {n} steps, budget {rho}", lab, ("mlem-ode-" + ("pw" if td else "const"),),
-                   mlem_fn("independent", True), n, extra=p, ode=True)
+        optimal_sweep(f"ML-EM ODE {kind}", stats_ode, cfg.ode_mlem_steps, cfg.ode_mlem_budgets, "independent", td,
+                      ode=True)
 
     with open(os.path.join(out, "image_speedup_runs.json"), "w") as f:  # kept even if the analysis fails
         json.dump(runs, f, indent=1)
@@ -434,15 +429,22 @@ def _plots(result, samples, out, em_label, cfg):
     _plot_samples(result, samples, out, em_label, cfg)
 
 
-def plot_curves(result, out):
-    """Error against cost for every method: each method's cost-error front as a line
-    (the cheapest run reaching each error), all of its runs as dots."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # the [plot] extra is not installed: tables only
+        return None
+    return plt
+
+
+def plot_curves(result, out):
+    """Error against cost for every method: each method's cost-error front as a line
+    (the cheapest run reaching each error), all of its runs as dots."""
+    plt = _pyplot()
+    if plt is None:
         return
     runs = result["runs"]
     for ode, name in ((False, "sde"), (True, "ode")):
@@ -485,12 +487,8 @@ def plot_curves(result, out):
 
 
 def _plot_samples(result, samples, out, em_label, cfg):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return
     runs = result["runs"]
     # sample grids at about the cost of EM with grid_cost_steps steps

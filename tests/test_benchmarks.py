@@ -39,17 +39,9 @@ def test_celeba_script_end_to_end_on_mock_data(tmp_path):
     assert {"EM nf=16", "EM nf=4", "T-Stitch nf=8->16", "Heun nf=16", "ML-EM calibrated (nested)",
             "ML-EM constant optimal (independent)"} <= methods
     for r in result["runs"]:
-        assert np.isfinite(r["seconds"]) and r["flops"] > 0 and np.isfinite(r["kid"])
-        # evaluation counts follow the method: EM and Heun use one network on every step
-        if r["method"].startswith("EM nf="):
-            assert sorted(r["evaluations"])[-1] == r["steps"] and sum(r["evaluations"]) == r["steps"]
-        if r["method"].startswith("Heun"):
-            assert r["evaluations"][-1] == 2 * r["steps"]
-        if r["method"].startswith("ML-EM"):
-            assert r["evaluations"][0] == r["steps"]  # the cheapest level runs on every step
-    # every method starts from the same noise: EM on the largest network at the reference
-    # grid reproduces the reference exactly
-    assert result["reference"]["evaluations"][-1] == 32
+        assert np.isfinite(r["seconds"]) and r["flops"] > 0 and np.isfinite(r["kid"]) and r["rms"] >= 0
+        if r["method"].startswith("ML-EM"):  # counted by the solver: the cheapest level runs on every step
+            assert r["evaluations"][0] == r["steps"] and max(r["evaluations"][1:]) <= r["steps"]
 
 
 def test_celeba_script_explains_a_missing_dataset(tmp_path):

@@ -4,6 +4,7 @@ diffusion models (the Inception network of FID/KID does not exist for 16x16 grey
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -38,14 +39,26 @@ class TrainedClassifier(NamedTuple):
 
     def features(self, images, batch_size: int = 512) -> np.ndarray:
         """Penultimate-layer features (N, feature_dim) of images in [-1, 1]."""
-        f = jax.jit(lambda x: self.model.apply(self.params, x, return_features=True))
-        x = np.asarray(images, np.float32)
-        return np.concatenate([np.asarray(f(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+        return _batched(_features, self, images, batch_size)
 
     def predict(self, images, batch_size: int = 512) -> np.ndarray:
-        f = jax.jit(lambda x: jnp.argmax(self.model.apply(self.params, x), -1))
-        x = np.asarray(images, np.float32)
-        return np.concatenate([np.asarray(f(x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+        return _batched(_predict, self, images, batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _features(model, params, x):
+    return model.apply(params, x, return_features=True)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(model, params, x):
+    return jnp.argmax(model.apply(params, x), -1)
+
+
+def _batched(fn, clf, images, batch_size):
+    x = np.asarray(images, np.float32)
+    return np.concatenate([np.asarray(fn(clf.model, clf.params, x[i : i + batch_size]))
+                           for i in range(0, len(x), batch_size)])
 
 
 def train_classifier(images, labels, test_images, test_labels, key, steps: int = 1500, batch_size: int = 128,
