@@ -55,6 +55,7 @@ class Config:
     loss_images: int = 4000  # held-out images for the denoising losses
     classifier_steps: int = 1500
     grid_cost_steps: int = 100  # sample grids at the cost of EM with this many steps
+    probability_costs: str = "seconds"  # the level costs the probabilities optimise: "seconds" or "flops"
     seed: int = 0
     t_min: float = 1e-3
 
@@ -63,7 +64,8 @@ QUICK = Config(batch=8, em_steps=(4, 8), small_steps=(8,), stitch_levels=(1,), s
                stitch_steps=(8,), geometric_steps=(8, 16), mlem_steps=(16,), mlem_budgets=(0.5,),
                ode_steps=(4, 8), heun_steps=(2, 4), ode_ref_steps=16, ode_mlem_steps=(16,),
                stats_trajectories=6, stats_steps=8, stats_bins=2, heldout=64, loss_images=64,
-               classifier_steps=30, grid_cost_steps=8)
+               classifier_steps=30, grid_cost_steps=8,
+               probability_costs="flops")  # tiny levels are too cheap to time apart reliably
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -145,11 +147,12 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
     sec, flops = lc.seconds, lc.flops / B
     log("level costs (batch %d): %s" % (B, ", ".join(f"nf={n}: {s * 1e3:.2f} ms, {f / 1e6:.1f} MFLOP/image"
                                                     for n, s, f in zip(nfs, sec, flops))))
-    # the probabilities are optimised for wall time; levels too cheap to time apart (tiny
-    # test models) fall back to FLOPs, scaled to the largest level's time
-    prob_costs = sec if np.all(np.diff(sec) > 0) else flops * sec[-1] / flops[-1]
-    if prob_costs is not sec:
-        log("level times do not increase with the level: probabilities use FLOP-proportional costs")
+    # the probabilities are optimised for wall time, or for FLOPs (scaled to the largest
+    # level's time) when asked or when the level times do not increase with the level
+    use_flops = cfg.probability_costs == "flops" or not np.all(np.diff(sec) > 0)
+    prob_costs = flops * sec[-1] / flops[-1] if use_flops else sec
+    if use_flops:
+        log("probabilities use FLOP-proportional level costs")
 
     # 2. gamma from the held-out losses
     losses, loss_se = heldout_losses(family, test_x[: cfg.loss_images], jax.random.fold_in(key, 1), cfg.t_min)
