@@ -6,9 +6,12 @@
                               adjoint=diffrax.ForwardMode())
     sol.solver_state   # evaluations of each level
 
-The term's vector field is the ML-EM estimator, its coins keyed by (key, t) the way
-`diffrax.UnsafeBrownianPath` keys its noise, so it also works with the stock
-`diffrax.Euler`. Solvers that evaluate the drift more than once per step (Heun,
+The term's vector field is the ML-EM estimator. Without a grid its coins are keyed by
+(key, t) the way `diffrax.UnsafeBrownianPath` keys its noise, so it also works with the
+stock `diffrax.Euler`. Given the grid (`ts=`, the times of `diffrax.StepTo(ts)` or of a
+constant step size), the coins are keyed by the step index instead: the same key then
+gives exactly the coins of `multilevel_euler_maruyama(..., level_key=key)`, and
+`coins="stratified"` (planned over the whole grid) becomes available. Solvers that evaluate the drift more than once per step (Heun,
 Milstein, SRK, ...) or adaptive step sizes would silently change the scheme: use
 `multilevel_diffeqsolve`, which refuses them, or `MultilevelEuler` directly.
 """
@@ -24,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mlem_jax._solvers import level_coins, multilevel_drift
-from mlem_jax._validate import check_coupling, check_key, is_concrete
+from mlem_jax._coins import level_coins, probabilities_on_grid, stratified_coins
+from mlem_jax._solvers import multilevel_drift
+from mlem_jax._validate import check_coins, check_coupling, check_key, check_probs, check_ts, is_concrete
 
 
 def _time_key(key, t):
@@ -38,35 +42,78 @@ class MultilevelDrift(diffrax.AbstractTerm):
     """The ML-EM drift estimator as a diffrax term (control: dt).
 
     `vf(t, y, args)` returns `(F, needed)`: the estimator
-    F = sum_k (B_k / p_k)(f^k - f^{k-1})(t, y) with coins drawn from fold_in(key, t),
-    and the int32 (K,) mask of the levels that ran. `prod` multiplies F by dt.
+    F = sum_k (B_k / p_k)(f^k - f^{k-1})(t, y) and the int32 (K,) mask of the levels that
+    ran. `prod` multiplies F by dt.
+
+    Args:
+      drifts: (f^1, ..., f^K), cheapest first.
+      probs: (K,) probabilities with p_1 = 1, or a function of t returning them.
+      key: the level key.
+      coupling: "independent" or "nested".
+      coins: "iid" or "stratified" (needs `ts`).
+      ts: the step grid the solver will use (the times of `diffrax.StepTo(ts)`, or
+        t0 + dt0 * arange(N + 1) for a constant step). With it, the coins of step n come
+        from the step index, as on the scan route; a time off this grid is an error.
     """
 
     drifts: tuple = eqx.field(static=True)
     probs: Any
     key: Any
-    coupling: str = eqx.field(static=True, default="independent")
+    coupling: str = eqx.field(static=True)
+    coins: str = eqx.field(static=True)
+    ts: Any
+    plan: Any  # (N, K) bool stratified coins, or None
 
-    def __check_init__(self):
-        if not isinstance(self.drifts, tuple) or not self.drifts or not all(callable(f) for f in self.drifts):
+    def __init__(self, drifts, probs, key, coupling="independent", *, coins="iid", ts=None):
+        if not isinstance(drifts, tuple) or not drifts or not all(callable(f) for f in drifts):
             raise TypeError("drifts: expected a non-empty tuple of drift functions f(t, y, args), cheapest first.")
-        check_coupling(self.coupling)
-        check_key(self.key, "key")
-        if not callable(self.probs):
-            shape = jnp.shape(self.probs)
-            if shape != (len(self.drifts),):
-                raise ValueError(f"probs: expected shape ({len(self.drifts)},), one per level, got {shape}.")
-            if is_concrete(self.probs):
-                p = np.asarray(self.probs)
-                if p[0] != 1 or np.any(p <= 0) or np.any(p > 1) or np.any(np.isnan(p)):
-                    raise ValueError(f"probs: expected p_1 = 1 and every p in (0, 1], got {p}.")
+        self.drifts = drifts
+        self.coupling = check_coupling(coupling)
+        self.coins = check_coins(coins)
+        check_key(key, "key")
+        self.key = key
+        if coins == "stratified" and ts is None:
+            raise ValueError(
+                "ts: coins='stratified' plans the firings over the whole grid, so the term needs the "
+                "grid: pass ts=... (the times of diffrax.StepTo(ts), or t0 + dt0 * jnp.arange(N + 1) "
+                "for diffrax.ConstantStepSize())."
+            )
+        ts = None if ts is None else check_ts(ts)
+        # without a grid, a schedule's values are checked at t = 0 only
+        probs_fn = check_probs(probs, len(drifts), self.coupling, jnp.zeros(2) if ts is None else ts)
+        self.probs = probs
+        self.ts = ts
+        if coins == "stratified":
+            p_grid = probabilities_on_grid(probs_fn, ts).astype(jnp.float32)
+            self.plan = stratified_coins(key, p_grid, self.coupling)
+        else:
+            self.plan = None
 
     def _probs(self, t):
         return jnp.asarray(self.probs(t) if callable(self.probs) else self.probs, jnp.float32)
 
+    def step_index(self, t):
+        """The index n of the grid point ts[n] that t is (an error if t is off the grid)."""
+        grid = self.ts[:-1]
+        n = jnp.argmin(jnp.abs(grid - t))
+        tol = 1e-5 * jnp.max(jnp.abs(self.ts)) + 1e-6 * jnp.min(jnp.abs(jnp.diff(self.ts)))
+        n = eqx.error_if(
+            n, jnp.abs(grid[n] - t) > tol,
+            "MultilevelDrift: the solver stepped at a time that is not on the grid ts the term was "
+            "built with; use diffrax.StepTo(ts) (or a ConstantStepSize whose steps are ts)."
+        )
+        return n
+
     def vf(self, t, y, args):
         p = self._probs(t)
-        coins = level_coins(_time_key(self.key, t), p, self.coupling)
+        if self.ts is None:
+            coins = level_coins(_time_key(self.key, t), p, self.coupling)
+        else:
+            n = self.step_index(t)
+            if self.plan is None:
+                coins = level_coins(jax.random.fold_in(self.key, n), p, self.coupling)
+            else:
+                coins = self.plan[n]
         F, needed = multilevel_drift(self.drifts, p, coins, t, y, args)
         return F, needed.astype(jnp.int32)
 
@@ -162,12 +209,37 @@ def check_multilevel_solver(solver, stepsize_controller) -> None:
         )
 
 
+def check_grid(term: MultilevelDrift, t0, t1, dt0, stepsize_controller) -> None:
+    """A term built with `ts` must be solved on exactly that grid (checked when concrete)."""
+    if term.ts is None or not is_concrete((term.ts, t0, t1, dt0)):
+        return
+    ts = np.asarray(term.ts, np.float64)
+    if isinstance(stepsize_controller, diffrax.StepTo):
+        steps = np.asarray(stepsize_controller.ts, np.float64)
+        ok = steps.shape == ts.shape and np.allclose(steps, ts, rtol=1e-6, atol=1e-9)
+        what = "diffrax.StepTo's ts"
+    else:
+        dt = None if dt0 is None else float(dt0)
+        ok = dt is not None and np.allclose(np.diff(ts), dt, rtol=1e-4, atol=1e-9)
+        what = f"a constant step dt0={dt0}"
+    ok = ok and np.isclose(float(t0), ts[0]) and np.isclose(float(t1), ts[-1])
+    if not ok:
+        raise ValueError(
+            f"ts: the MultilevelDrift was built for a grid of {ts.size - 1} steps from {ts[0]:g} to "
+            f"{ts[-1]:g}, but the solve uses {what} from t0={float(t0):g} to t1={float(t1):g}; its "
+            "coins are planned per step of that grid. Solve with stepsize_controller="
+            "diffrax.StepTo(ts) (and dt0=None), using the same ts."
+        )
+
+
 def multilevel_diffeqsolve(terms, solver, t0, t1, dt0, y0, args=None, *,
                            stepsize_controller=diffrax.ConstantStepSize(), adjoint=None, **kwargs):
     """`diffrax.diffeqsolve` after `check_multilevel_solver`; the adjoint defaults to
     `diffrax.ForwardMode()` (pure sampling, and what UnsafeBrownianPath needs)."""
-    if not any(_is_ml(x) for x in jax.tree_util.tree_leaves(terms, is_leaf=_is_ml)):
+    found = [x for x in jax.tree_util.tree_leaves(terms, is_leaf=_is_ml) if _is_ml(x)]
+    if not found:
         raise TypeError("terms: expected a MultilevelDrift (alone, or first in a diffrax.MultiTerm).")
     check_multilevel_solver(solver, stepsize_controller)
+    check_grid(found[0], t0, t1, dt0, stepsize_controller)
     return diffrax.diffeqsolve(terms, solver, t0, t1, dt0, y0, args, stepsize_controller=stepsize_controller,
                                adjoint=diffrax.ForwardMode() if adjoint is None else adjoint, **kwargs)

@@ -19,8 +19,12 @@ Couplings of the coins (same mean, different variance and cost):
 * "nested": one uniform per step, B_k = [U < p_k] with p non-increasing, so the fired
   levels form a prefix 1..m and each needed network runs once.
 
-The coins come from `level_key`, one draw per step shared by a whole vmapped batch:
-a batched `lax.cond` predicate turns into `select` and runs every level.
+Coin schemes (`_coins.py`): coins="iid" draws fresh coins at every step (the paper);
+coins="stratified" spreads the firings of each level evenly in time (systematic
+sampling), which turns ML-EM's strong order 1/2 into EM's order 1 on additive noise.
+
+The coins come from `level_key`, shared by a whole vmapped batch: a batched
+`lax.cond` predicate turns into `select` and runs every level.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import _noise, _progress, _validate
+from mlem_jax._coins import (
+    level_coins,
+    probabilities_on_grid,
+    stratified_coins,
+    stratified_fixed_firings,
+)
 from mlem_jax._probabilities import FixedBudget
 
 PyTree = Any
@@ -48,15 +58,6 @@ class MultilevelSolution(NamedTuple):
 
     y: PyTree
     evaluations: jax.Array
-
-
-def level_coins(key: jax.Array, probs: jax.Array, coupling: str = "independent") -> jax.Array:
-    """Draw the Bernoulli coins B_1..B_K (bool array (K,)) of one step."""
-    if coupling == "independent":
-        u = jax.random.uniform(key, probs.shape, probs.dtype)
-    else:
-        u = jax.random.uniform(key, (), probs.dtype)
-    return u < probs
 
 
 def multilevel_drift(
@@ -82,12 +83,20 @@ def multilevel_drift(
     return total, needed
 
 
-def _coin_source(probs, num_levels, coupling, ts, level_key):
-    """`(n, t) -> (p, coins)` for step n: Bernoulli coins from fold_in(level_key, n), or,
-    for a `FixedBudget`, a mask drawn once with exactly the requested firings."""
+def _coin_source(probs, num_levels, coupling, coins, ts, level_key):
+    """`(n, t) -> (p, B)` for step n: the probabilities and the coins of that step.
+
+    iid coins come from fold_in(level_key, n); stratified coins and a `FixedBudget` are
+    planned for the whole grid at once from level_key (an (N, K) mask, cheap next to
+    any drift), then read by step index.
+    """
+    num_steps = ts.shape[0] - 1
     if isinstance(probs, FixedBudget):
-        num_steps = ts.shape[0] - 1
         firings = _validate.check_firings(probs.firings, num_levels, num_steps, coupling)
+        p = jnp.concatenate([jnp.ones(1), jnp.asarray(firings) / num_steps]).astype(ts.dtype)
+        if coins == "stratified":
+            mask = stratified_fixed_firings(level_key, firings, num_steps, coupling)
+            return lambda n, t: (p, mask[n])
         m = jnp.asarray(firings, jnp.int32)
         if coupling == "independent":
             u = jax.random.uniform(level_key, (num_levels - 1, num_steps))
@@ -95,9 +104,12 @@ def _coin_source(probs, num_levels, coupling, ts, level_key):
             u = jnp.broadcast_to(jax.random.uniform(level_key, (num_steps,)), (num_levels - 1, num_steps))
         rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)  # rank of each step's uniform
         mask = jnp.concatenate([jnp.ones((1, num_steps), bool), rank < m[:, None]], axis=0)
-        p = jnp.concatenate([jnp.ones(1), m / num_steps]).astype(ts.dtype)
         return lambda n, t: (p, mask[:, n])
     probs_fn = _validate.check_probs(probs, num_levels, coupling, ts)
+    if coins == "stratified":
+        p_grid = probabilities_on_grid(probs_fn, ts)
+        mask = stratified_coins(level_key, p_grid, coupling)
+        return lambda n, t: (p_grid[n], mask[n])
 
     def flip(n, t):
         p = jnp.asarray(probs_fn(t))
@@ -213,6 +225,7 @@ def multilevel_euler_maruyama(
     level_key: jax.Array | None = None,
     coupling: str = "independent",
     *,
+    coins: str = "iid",
     saveat: Any = None,
     callback: Callable | None = None,
     progress: bool = False,
@@ -232,6 +245,11 @@ def multilevel_euler_maruyama(
         skipped levels stay skipped. Required when `key` is not a PRNG key.
       coupling: "independent" (one coin per level) or "nested" (one uniform per step;
         needs non-increasing probabilities).
+      coins: "iid" (fresh coins at every step, the paper's scheme: every step unbiased
+        given its state, strong order 1/2) or "stratified" (each level's firings evenly
+        spread in time with the same marginals p_k(t_n): strong order 1 and an O(h)
+        bias, see docs/method.md). With a `FixedBudget`, "stratified" spreads exactly
+        the requested firings evenly instead of at random steps.
 
     Returns:
       A `MultilevelSolution(y, evaluations)`: the final (or saved) states and the
@@ -239,6 +257,7 @@ def multilevel_euler_maruyama(
     """
     ts = _validate.check_ts(ts)
     coupling = _validate.check_coupling(coupling)
+    coins = _validate.check_coins(coins)
     y0 = jax.tree_util.tree_map(jnp.asarray, y0)
     drifts = _validate.check_drifts(drifts, ts[0], y0, args)
     _validate.check_diffusion(diffusion, ts[0], y0, args)
@@ -254,11 +273,11 @@ def multilevel_euler_maruyama(
             )
         _, level_key = _noise.split_key(key)
     _validate.check_key(level_key, "level_key")
-    coin_flips = _coin_source(probs, len(drifts), coupling, ts, level_key)
+    coin_flips = _coin_source(probs, len(drifts), coupling, coins, ts, level_key)
 
     def step_drift(n, t, y, evaluations):
-        p, coins = coin_flips(n, t)
-        F, needed = multilevel_drift(drifts, p, coins, t, y, args)
+        p, fired = coin_flips(n, t)
+        F, needed = multilevel_drift(drifts, p, fired, t, y, args)
         return F, evaluations + needed.astype(jnp.int32)
 
     evaluations0 = jnp.zeros(len(drifts), jnp.int32)

@@ -16,6 +16,7 @@ import numpy as np
 
 SMALL_PROBABILITY = 1e-6
 COUPLINGS = ("independent", "nested")
+COIN_SCHEMES = ("iid", "stratified")
 
 
 def is_concrete(x: Any) -> bool:
@@ -87,6 +88,16 @@ def check_coupling(coupling: Any) -> str:
             "one coin per level (the paper's scheme); 'nested' draws one uniform per step."
         )
     return coupling
+
+
+def check_coins(coins: Any) -> str:
+    if coins not in COIN_SCHEMES:
+        raise ValueError(
+            f"coins: expected one of {COIN_SCHEMES}, got {coins!r}. 'iid' draws fresh coins at "
+            "every step (the paper's scheme); 'stratified' spreads each level's firings evenly "
+            "in time (same marginals, strong order 1)."
+        )
+    return coins
 
 
 def check_drifts(drifts: Any, t0: Any, y0: Any, args: Any) -> tuple[Callable, ...]:

@@ -139,7 +139,7 @@ def test_bad_combinations():
                             stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3))
     with pytest.raises(TypeError, match=r"MultilevelEuler: terms must contain exactly one MultilevelDrift"):
         diffrax.diffeqsolve(diffrax.ODETerm(LEVELS[0]), MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(3))
-    with pytest.raises(ValueError, match=r"probs: expected p_1 = 1"):
+    with pytest.raises(ValueError, match=r"probs: the first \(cheapest\) level must have probability 1"):
         MultilevelDrift(LEVELS, jnp.array([0.5, 0.5, 0.5]), jax.random.key(0))
-    with pytest.raises(ValueError, match=r"probs: expected shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"probs: expected one probability per level, shape \(3,\)"):
         MultilevelDrift(LEVELS, jnp.array([1.0, 0.5]), jax.random.key(0))
