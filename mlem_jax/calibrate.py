@@ -6,7 +6,9 @@
    level k and time bin, V_k(t) = E|f^k - f^{k-1}|^2, the mean correction, its kurtosis,
    an MLMC-style consistency check, and the error of each level against the finest.
 3. `calibrated_probabilities`: the optimal allocation of `optimal_probabilities`, constant
-   or piecewise constant in time, for a target injected variance or a budget.
+   or piecewise constant in time, for a target injected variance or a budget (iid coins);
+   `stratified_probabilities`: for stratified coins, whose error the iid variance formula
+   does not describe, a one-parameter family of schedules scaled on pilot runs.
 4. `fit_gamma`: error ~ cost^(-power/gamma) (+ an optional floor), with a confidence
    interval.
 5. `calibration_report`: all of the above in the layout of the MLMC test report
@@ -31,8 +33,8 @@ from mlem_jax._probabilities import (
     injected_variance,
     optimal_probabilities,
 )
-from mlem_jax._solvers import euler_maruyama
-from mlem_jax._validate import check_drifts, check_ts
+from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax._validate import check_coupling, check_drifts, check_ts
 
 
 # ----------------------------------------------------------------------------- costs
@@ -258,6 +260,188 @@ def calibrated_probabilities(
     return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
 
 
+class StratifiedCalibration(NamedTuple):
+    """What `stratified_probabilities` measured and chose.
+
+    probs: the schedule (PiecewiseConstant, or an array (K,) when not time dependent).
+    scale: the chosen lambda of p = min(1, lambda * shape).
+    predicted_error, predicted_cost: coupled RMS error (interpolated from the pilots) and
+      expected cost per trajectory of the chosen schedule.
+    pilots: (P, 4) rows of (lambda, expected cost per trajectory, measured coupled RMS
+      error against EM on f^K, its standard error).
+    """
+
+    probs: Any
+    scale: float
+    predicted_error: float
+    predicted_cost: float
+    pilots: np.ndarray
+
+
+def stratified_shape(variances, costs, coupling: str = "independent") -> np.ndarray:
+    """The shape s_k(t) of stratified probabilities p_k(t) = min(1, lambda s_k(t)).
+
+    Stratified coins turn the corrections of level k into a Riemann sum on spacing
+    h / p_k, whose mean-square error is about c_k (h / p_k)^2 (strong order 1). Minimising
+    the cost sum_k p_k C_k at a fixed sum_k c_k (h / p_k)^2 gives p_k proportional to
+    (c_k / C_k)^(1/3); with c_k taken proportional to V_k (the size of the correction),
+    s_k = (V_k / C_k)^(1/3), normalised so that its largest value is 1. The scale lambda is
+    set by measurement (`stratified_probabilities`), which absorbs the proportionality.
+    """
+    v = np.atleast_2d(np.asarray(variances, np.float64))
+    c = correction_costs(costs, coupling)
+    shape = np.cbrt(np.maximum(v, np.finfo(np.float64).tiny) / c[None, :])
+    shape[:, 0] = np.inf  # p_1 = 1 always
+    top = shape[:, 1:].max() if shape.shape[1] > 1 else 1.0
+    return shape / top
+
+
+def _scaled(shape, scale, coupling):
+    p = np.minimum(1.0, scale * shape)
+    if coupling == "nested":
+        p = np.minimum.accumulate(p, axis=1)
+    return p
+
+
+def stratified_probabilities(
+    drifts: Sequence[Callable],
+    diffusion: Callable | None,
+    y0: Any,
+    ts,
+    keys,
+    stats: LevelStatistics,
+    costs,
+    *,
+    target_error: float | None = None,
+    budget: float | None = None,
+    coupling: str = "independent",
+    time_dependent: bool = True,
+    num_pilots: int = 6,
+    num_groups: int = 8,
+    level_key: jax.Array | None = None,
+    args=None,
+    progress: bool = False,
+) -> StratifiedCalibration:
+    """Probabilities for coins="stratified", scaled by pilot runs.
+
+    The iid formula (injected variance h sum_k V_k (1/p_k - 1)) overstates the error of
+    stratified coins, which falls like h / p instead of sqrt(h / p). So: take the shape of
+    `stratified_shape` (per time bin of `stats`, or time-averaged), run ML-EM with
+    stratified coins for `num_pilots` scales lambda (expected costs log-spaced from the
+    cheapest level alone to EM on the finest), coupled to EM on f^K on the same noise for
+    the trajectories (y0, keys), and interpolate the coupled RMS error log-log in lambda.
+    The trajectories are split into `num_groups` groups with a level key each, so that the
+    error and its standard error average over coin plans as well as over noise.
+    The chosen lambda meets `target_error` (per state component, RMS) at the least cost,
+    or is the most accurate within `budget` (expected cost per trajectory, in the units of
+    `costs`).
+    """
+    ts = check_ts(ts)
+    coupling = check_coupling(coupling)
+    if (target_error is None) == (budget is None):
+        raise ValueError("target_error, budget: give exactly one of them.")
+    if target_error is not None and not target_error > 0:
+        raise ValueError(f"target_error: expected a positive RMS error, got {target_error}.")
+    if num_pilots < 2:
+        raise ValueError(f"num_pilots: expected at least 2 pilot runs to interpolate between, got {num_pilots}.")
+    drifts = tuple(drifts)
+    costs = np.asarray(costs, np.float64)
+    if costs.shape != (len(drifts),) or np.any(~np.isfinite(costs)) or np.any(costs <= 0):
+        raise ValueError(f"costs: expected {len(drifts)} positive finite costs, one per level, got {costs}.")
+    num_steps = int(ts.shape[0] - 1)
+    if budget is not None and not budget > num_steps * costs[0]:
+        raise ValueError(
+            f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level alone "
+            f"({num_steps} steps x {costs[0]:.4g} = {num_steps * costs[0]:.4g}); raise the budget."
+        )
+    V = np.asarray(stats.variances if time_dependent else stats.time_averaged("variances")[None], np.float64)
+    w = np.asarray(stats.bin_weights) if time_dependent else np.ones(1)
+    shape = stratified_shape(V, costs, coupling)
+    Ct = correction_costs(costs, coupling)
+
+    def cost_of(scale):
+        return expected_cost(_scaled(shape, scale, coupling), Ct, num_steps, bin_weights=w)
+
+    def schedule(scale):
+        p = _scaled(shape, scale, coupling)
+        if time_dependent:
+            return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
+        return jnp.asarray(p[0], jnp.float32)
+
+    # scales whose expected costs are log-spaced between ~the base level and EM on f^K
+    finite = shape[:, 1:][np.isfinite(shape[:, 1:])]
+    lo_scale, hi_scale = 1e-6, 1.0 / max(finite.min(), 1e-12)
+    base, top = num_steps * costs[0], cost_of(hi_scale)
+    targets = np.exp(np.linspace(np.log(base + 0.03 * (top - base)), np.log(top), num_pilots + 1))[:-1]
+    scales = []
+    for c in targets:  # bisection in log(lambda): the cost is monotone in lambda
+        a, b = np.log(lo_scale), np.log(hi_scale)
+        for _ in range(60):
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if cost_of(np.exp(mid)) < c else (a, mid)
+        scales.append(float(np.exp(b)))
+
+    level_key = jax.random.key(0) if level_key is None else level_key
+    keys = jnp.asarray(keys)
+    num_traj = keys.shape[0]
+    groups = min(num_groups, num_traj)
+    used = num_traj - num_traj % groups
+    if used < 2 * groups:
+        raise ValueError(f"keys: expected at least {2 * groups} trajectories for {groups} pilot groups, got {num_traj}.")
+    per_group = lambda a: jnp.reshape(a[:used], (groups, used // groups, *a.shape[1:]))
+    y_groups = jax.tree_util.tree_map(per_group, y0)
+    key_groups = per_group(keys)
+    finest = drifts[-1]
+    em = jax.jit(jax.vmap(jax.vmap(lambda y, k: euler_maruyama(finest, diffusion, y, ts, k, args))))(
+        y_groups, key_groups)
+
+    @jax.jit
+    def pilot(probs, lk):
+        # one unbatched level key per group (lax.map keeps lax.cond skipping inside each group)
+        def group(inputs):
+            y, k, em_y, g_key = inputs
+            ml = jax.vmap(lambda yy, kk: multilevel_euler_maruyama(
+                drifts, probs, diffusion, yy, ts, kk, args, level_key=g_key, coupling=coupling,
+                coins="stratified").y)(y, k)
+            d = jnp.reshape(ml - em_y, (ml.shape[0], -1))
+            return jnp.mean(d**2)
+
+        return jax.lax.map(group, (y_groups, key_groups, em, jax.random.split(lk, groups)))
+
+    rows = []
+    for i, scale in enumerate(scales):
+        mse = np.asarray(pilot(schedule(scale), jax.random.fold_in(level_key, i)), np.float64)  # per group
+        rms = math.sqrt(mse.mean())
+        se = mse.std(ddof=1) / math.sqrt(mse.size) / (2 * rms) if rms > 0 else 0.0
+        rows.append((scale, cost_of(scale), rms, se))
+        if progress:
+            print(f"  pilot {i + 1}/{len(scales)}: lambda {scale:.4g}, cost {rows[-1][1]:.4g}, "
+                  f"coupled RMS {rms:.4g} +- {se:.2g}", flush=True)
+    pilots = np.array(rows)
+    log_l, log_e = np.log(pilots[:, 0]), np.log(np.maximum(pilots[:, 2], 1e-30))
+    order = np.argsort(log_l)
+    log_l, log_e = log_l[order], np.minimum.accumulate(log_e[order])  # error non-increasing in lambda
+    if target_error is not None:
+        if target_error >= np.exp(log_e[0]):
+            scale = float(np.exp(log_l[0]))
+        elif target_error < np.exp(log_e[-1]):
+            raise ValueError(
+                f"target_error: {target_error:.3g} is below the coupled error of every pilot (the most "
+                f"expensive reached {np.exp(log_e[-1]):.3g}); sample with EM on the finest level, or use "
+                "more steps."
+            )
+        else:
+            scale = float(np.exp(np.interp(-np.log(target_error), -log_e, log_l)))
+    else:
+        a, b = np.log(lo_scale), np.log(hi_scale)
+        for _ in range(60):
+            mid = 0.5 * (a + b)
+            a, b = (mid, b) if cost_of(np.exp(mid)) <= budget else (a, mid)
+        scale = float(np.exp(a))
+    predicted = float(np.exp(np.interp(np.log(scale), log_l, log_e)))
+    return StratifiedCalibration(schedule(scale), scale, predicted, cost_of(scale), pilots)
+
+
 # ------------------------------------------------------------------------- fit gamma
 
 
@@ -371,8 +555,11 @@ class CalibrationReport(NamedTuple):
     span: float
     em_cost: float  # expected cost per trajectory of EM on the finest level
     mlem_cost: float  # expected cost per trajectory of ML-EM with `probs`
-    injected_variance: float  # nu^2 per unit time
+    injected_variance: float  # nu^2 per unit time (what iid coins inject)
     device: str
+    coins: str = "iid"
+    predicted_error: float = math.nan  # coupled RMS error per component: sqrt(T nu^2 / D) for iid
+    pilots: np.ndarray | None = None  # stratified: the pilot runs (see StratifiedCalibration)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -397,9 +584,17 @@ def calibration_report(
     speedup: float | None = None,
     time_dependent: bool = True,
     coupling: str = "independent",
+    coins: str = "iid",
+    target_error: float | None = None,
     stride: int = 1,
+    num_pilots: int = 6,
+    progress: bool = False,
 ) -> CalibrationReport:
     """Measure costs and statistics, choose probabilities and fit gamma, in one call.
+
+    With coins="stratified" the probabilities come from `stratified_probabilities` (pilot
+    runs on the reference trajectories), for a `target_error` (coupled RMS per state
+    component), a `budget` or a `speedup`; `target_variance` is an iid-coins notion.
 
     `y0` and `keys` are the batch of reference trajectories (stacked initial states and
     one key each). Level costs are measured on a batched evaluation at (ts[0], y0) unless
@@ -425,20 +620,38 @@ def calibration_report(
     span = float(abs(ts[-1] - ts[0]))
     h = span / num_steps
     em_cost = num_steps * basis[-1]
-    if sum(x is not None for x in (target_variance, budget, speedup)) > 1:
-        raise ValueError("target_variance, budget, speedup: give at most one of them.")
-    if target_variance is None and budget is None:
+    if sum(x is not None for x in (target_variance, budget, speedup, target_error)) > 1:
+        raise ValueError("target_variance, budget, speedup, target_error: give at most one of them.")
+    if coins not in ("iid", "stratified"):
+        raise ValueError(f"coins: expected 'iid' or 'stratified', got {coins!r}.")
+    if coins == "iid" and target_error is not None:
+        raise ValueError("target_error: for iid coins give target_variance (nu^2 = T * error^2 per unit time).")
+    if coins == "stratified" and target_variance is not None:
+        raise ValueError(
+            "target_variance: the injected variance describes iid coins; for coins='stratified' give "
+            "target_error (the coupled RMS error per state component), a budget or a speedup."
+        )
+    if target_variance is None and budget is None and target_error is None:
         speedup = 4.0 if speedup is None else speedup
         if not speedup > 0:
             raise ValueError(f"speedup: expected a positive factor, got {speedup}.")
         budget = max(em_cost / speedup, num_steps * basis[0] * 1.05)
+    pilots = None
     with warnings.catch_warnings():
         if measured:  # level_costs has already warned about the order of the costs
             warnings.simplefilter("ignore", UserWarning)
-        probs = calibrated_probabilities(
-            stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
-            time_dependent=time_dependent, coupling=coupling,
-        )
+        if coins == "stratified":
+            strat = stratified_probabilities(
+                drifts, diffusion, y0, ts, keys, stats, basis, target_error=target_error,
+                budget=None if target_error is not None else budget, coupling=coupling,
+                time_dependent=time_dependent, num_pilots=num_pilots, args=args, progress=progress,
+            )
+            probs, pilots = strat.probs, strat.pilots
+        else:
+            probs = calibrated_probabilities(
+                stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
+                time_dependent=time_dependent, coupling=coupling,
+            )
     p = np.atleast_2d(np.asarray(probs.values if isinstance(probs, PiecewiseConstant) else probs, np.float64))
     w = stats.bin_weights if p.shape[0] > 1 else np.ones(1)
     V = stats.variances if p.shape[0] > 1 else stats.time_averaged("variances")[None]
@@ -455,9 +668,12 @@ def calibration_report(
         except ValueError:
             gamma = None
     d = jax.devices()[0]
+    size = sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(y0))
+    predicted = strat.predicted_error if coins == "stratified" else math.sqrt(span * nu2 / max(size, 1))
     return CalibrationReport(
         costs, basis, cost_unit, stats, probs, w @ p, gamma, num_steps, int(np.shape(keys)[0]), span,
         em_cost, mlem_cost, nu2, f"{d.platform} ({getattr(d, 'device_kind', d.platform)})",
+        coins, predicted, pilots,
     )
 
 
@@ -494,12 +710,20 @@ def format_report(r: CalibrationReport) -> str:
         lines.append("gamma: not fitted (needs at least 3 levels below the finest with decreasing errors)")
     unit = "ms" if r.cost_unit == "seconds" else "GFLOP"
     scale = 1e3 if r.cost_unit == "seconds" else 1e-9
-    lines.append(
+    cost_line = (
         f"predicted cost per trajectory ({r.cost_unit}): EM on the finest level {r.em_cost * scale:.4g} {unit}, "
-        f"ML-EM {r.mlem_cost * scale:.4g} {unit}, ratio {r.em_cost / r.mlem_cost:.2f}x, "
-        f"at an injected variance nu^2 = {r.injected_variance:.3e} per unit time "
-        f"(coupled RMS error about sqrt(T nu^2) = {math.sqrt(r.span * r.injected_variance):.3e})"
+        f"ML-EM {r.mlem_cost * scale:.4g} {unit}, ratio {r.em_cost / r.mlem_cost:.2f}x"
     )
+    if r.coins == "stratified":
+        lines.append(f"coins: stratified; probabilities p_k(t) = min(1, lambda (V_k / C_k)^(1/3)), lambda from "
+                     f"{len(r.pilots)} pilot runs coupled to EM on the finest level:")
+        for lam, c, e, se in r.pilots:
+            lines.append(f"  lambda {lam:9.4g}  cost {c * scale:10.4g} {unit}  coupled RMS {e:.4e} +- {se:.1e}")
+        lines.append(f"{cost_line}, at a coupled RMS error per component of about {r.predicted_error:.3e} "
+                     "(interpolated from the pilots)")
+    else:
+        lines.append(f"coins: iid; {cost_line}, at an injected variance nu^2 = {r.injected_variance:.3e} per unit "
+                     f"time (coupled RMS error per component about sqrt(T nu^2 / D) = {r.predicted_error:.3e})")
     return "\n".join(lines)
 
 
@@ -528,3 +752,118 @@ def plot_report(r: CalibrationReport, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------ files
+
+
+class Calibration(NamedTuple):
+    """A calibration file's content: the schedule and what it was made for.
+
+    probs: PiecewiseConstant (pass it as `probs`).
+    levels: the nf (or any identifier) of each level, cheapest first.
+    steps, grid: the sampling grid it was calibrated on (number of steps, grid kind).
+    coins, coupling: the coin scheme and coupling it assumed.
+    meta: everything else in the file (command, predictions, how it was made).
+    """
+
+    probs: PiecewiseConstant
+    levels: list
+    steps: int
+    grid: str
+    coins: str
+    coupling: str
+    meta: dict
+
+
+def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: str = "iid",
+                     coupling: str = "independent", **meta) -> str:
+    """Write a schedule (PiecewiseConstant or constant array) with the grid and coins it was
+    made for, atomically, as JSON."""
+    import json
+    import os
+
+    if isinstance(probs, PiecewiseConstant):
+        edges, values = np.asarray(probs.edges, np.float64), np.asarray(probs.values, np.float64)
+    else:
+        values = np.atleast_2d(np.asarray(probs, np.float64))
+        edges = np.array([0.0, 1.0])
+    record = {"levels": list(levels), "edges": edges.tolist(), "values": values.tolist(), "steps": int(steps),
+              "grid": grid, "coins": coins, "coupling": coupling, **meta}
+    _check_calibration_values(record, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=lambda x: np.asarray(x).tolist())
+    os.replace(tmp, path)
+    return path
+
+
+def _check_calibration_values(record: dict, path: str) -> None:
+    for field in ("levels", "edges", "values", "steps", "grid"):
+        if field not in record:
+            raise ValueError(f"calibration {path}: missing the field {field!r}; write the file with "
+                             "mlem-jax calibrate (or mlem_jax.calibrate.save_calibration).")
+    try:
+        edges = np.asarray(record["edges"], np.float64)
+        values = np.asarray(record["values"], np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"calibration {path}: edges and values must be numbers ({e}).") from e
+    K = len(record["levels"])
+    if values.ndim != 2 or values.shape[1] != K or edges.shape != (values.shape[0] + 1,):
+        raise ValueError(f"calibration {path}: expected values of shape (bins, {K}) and bins + 1 edges, got "
+                         f"values {values.shape} and {edges.shape[0]} edges.")
+    if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"calibration {path}: the bin edges must be finite and increasing, got {edges.tolist()}.")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values > 1):
+        raise ValueError(f"calibration {path}: every probability must lie in (0, 1]; got min {np.nanmin(values):.3g}, "
+                         f"max {np.nanmax(values):.3g}" + (" and NaN" if np.isnan(values).any() else "") + ".")
+    if np.any(values[:, 0] != 1):
+        raise ValueError(f"calibration {path}: the first level must have probability 1, got {values[:, 0].min():.3g}.")
+    if record.get("coupling", "independent") == "nested" and np.any(np.diff(values, axis=1) > 0):
+        raise ValueError(f"calibration {path}: the nested coupling needs non-increasing probabilities.")
+    if record.get("coins", "iid") not in ("iid", "stratified"):
+        raise ValueError(f"calibration {path}: coins must be 'iid' or 'stratified', got {record['coins']!r}.")
+    if not isinstance(record["steps"], int) or record["steps"] < 1:
+        raise ValueError(f"calibration {path}: steps must be a positive integer, got {record['steps']!r}.")
+
+
+def load_calibration(path: str) -> Calibration:
+    """Read and validate a calibration file (outside any trace, so bad values fail here)."""
+    import json
+
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"calibration {path}: file not found (write one with mlem-jax calibrate).") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"calibration {path}: not valid JSON ({e}).") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"calibration {path}: expected a JSON object.")
+    _check_calibration_values(record, path)
+    probs = PiecewiseConstant(jnp.asarray(record["edges"], jnp.float32), jnp.asarray(record["values"], jnp.float32))
+    known = ("levels", "edges", "values", "steps", "grid", "coins", "coupling")
+    return Calibration(probs, list(record["levels"]), int(record["steps"]), str(record["grid"]),
+                       record.get("coins", "iid"), record.get("coupling", "independent"),
+                       {k: v for k, v in record.items() if k not in known})
+
+
+def check_calibration_use(cal: Calibration, path: str, *, levels, steps: int, grid: str, coins: str,
+                          coupling: str) -> None:
+    """Refuse a calibration used on another grid, other levels, other coins or coupling: its
+    probabilities were chosen for those (p scales with the step size)."""
+    problems = []
+    if list(levels) != list(cal.levels):
+        problems.append(f"levels {cal.levels} (sampling {list(levels)})")
+    if steps != cal.steps or grid != cal.grid:
+        problems.append(f"a {cal.grid} grid of {cal.steps} steps (sampling {grid}, {steps} steps)")
+    if coins != cal.coins:
+        problems.append(f"coins={cal.coins!r} (sampling coins={coins!r})")
+    if coupling != cal.coupling:
+        problems.append(f"coupling={cal.coupling!r} (sampling coupling={coupling!r})")
+    if problems:
+        raise ValueError(
+            f"calibration {path}: made for " + "; ".join(problems) + ". Its probabilities are chosen for that "
+            "setting; recalibrate (mlem-jax calibrate) or sample with the setting it was made for."
+        )

@@ -69,22 +69,23 @@ def _levels(family, levels):
 def _probs(args, levels, family):
     import jax.numpy as jnp
 
-    from mlem_jax import PiecewiseConstant
-
     if args.calibration:
-        if not os.path.exists(args.calibration):
-            raise CLIError(f"--calibration: file {args.calibration!r} not found (write one with mlem-jax calibrate).")
-        with open(args.calibration) as f:
-            cal = json.load(f)
-        if cal["levels"] != [family.models[k].nf for k in levels]:
-            raise CLIError(f"--calibration: made for levels with nf={cal['levels']}, sampling levels with nf="
-                           f"{[family.models[k].nf for k in levels]}; pass the matching --levels.")
-        return PiecewiseConstant(jnp.asarray(cal["edges"], jnp.float32), jnp.asarray(cal["values"], jnp.float32))
+        from mlem_jax.calibrate import check_calibration_use, load_calibration
+
+        if args.probs is not None:
+            raise CLIError("--calibration, --probs: give one of them (the calibration file holds the probabilities).")
+        try:
+            cal = load_calibration(args.calibration)
+            check_calibration_use(cal, args.calibration, levels=[family.models[k].nf for k in levels],
+                                  steps=args.steps, grid=args.grid, coins=args.coins, coupling=args.coupling)
+        except (FileNotFoundError, ValueError) as e:
+            raise CLIError(f"--calibration: {e}") from e
+        return cal.probs
     if args.probs is not None:
         if len(args.probs) != len(levels):
             raise CLIError(f"--probs: expected {len(levels)} probabilities (one per level), got {len(args.probs)}.")
         p = np.asarray(args.probs, np.float64)
-        if p[0] != 1 or np.any(p <= 0) or np.any(p > 1):
+        if p[0] != 1 or np.any(p <= 0) or np.any(p > 1) or np.any(np.isnan(p)):
             raise CLIError(f"--probs: expected p_1 = 1 and every p in (0, 1], got {args.probs}.")
         return jnp.asarray(p, jnp.float32)
     from mlem_jax import geometric_probabilities
@@ -160,8 +161,8 @@ def cmd_sample(args):
     probs = None if args.em else _probs(args, levels, family)
     ts = _grid(family, args.steps, args.grid)
     res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
-                 args.coupling, args.ode, progress=not args.no_progress, multihost=multihost)
-    method = "EM" if probs is None else f"ML-EM ({args.coupling})"
+                 args.coupling, args.ode, progress=not args.no_progress, multihost=multihost, coins=args.coins)
+    method = "EM" if probs is None else f"ML-EM ({args.coupling}, {args.coins} coins)"
     nfs = [family.models[k].nf for k in (levels if probs is not None else levels[-1:])]
     png, npz = _write_samples(args.out, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
     import jax
@@ -176,32 +177,57 @@ def cmd_sample(args):
 
 def cmd_calibrate(args):
     import jax
-    import jax.numpy as jnp
 
-    from mlem_jax.calibrate import calibration_report
+    from mlem_jax.calibrate import calibration_report, save_calibration
     from mlem_jax.diffusion.parameterization import reverse_diffusion
 
+    _check_out(args.out)
     family = _family(args.family)
     levels = _levels(family, args.levels)
+    nfs = [family.models[k].nf for k in levels]
+    t0 = time.perf_counter()
+    if args.match_em:
+        from mlem_jax.diffusion.equal_error import search_configuration
+
+        if args.coins != "stratified" or args.levels is not None or args.grid != "uniform":
+            raise CLIError("--match-em: searches stratified coins on all levels and a uniform grid; pass "
+                           "--coins stratified and no --levels or --grid.")
+        log = (lambda s: None) if args.no_progress else (lambda s: print(s, flush=True))
+        found = search_configuration(family, args.steps, args.trajectories, args.seed, log=log)
+        path = save_calibration(
+            args.out, found.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="stratified",
+            coupling=found.config.coupling, command=_command(args),
+            made_by=f"search_configuration: the cheapest stratified configuration whose coupled error on "
+                    f"{args.trajectories} pilot samples is at most 1.05 x EM's (EM error {found.em_error:.4f})",
+            tried=found.tried)
+        print(f"chose {found.config.coupling} coupling, lambda {found.config.scale:.2f}; wrote {path} in "
+              f"{time.perf_counter() - t0:.0f} s")
+        return
     drifts = tuple(family.drifts()[k] for k in levels)
     ts = _grid(family, args.steps, args.grid)
     keys = jax.random.split(jax.random.key(args.seed), args.trajectories)
     y0 = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(keys)
-    t0 = time.perf_counter()
-    if args.target_variance is not None and args.speedup is not None:
-        raise CLIError("--target-variance, --speedup: give at most one of them.")
+    given = [n for n, v in (("--target-variance", args.target_variance), ("--speedup", args.speedup),
+                            ("--target-error", args.target_error)) if v is not None]
+    if len(given) > 1:
+        raise CLIError(f"{', '.join(given)}: give at most one of them.")
+    if args.coins == "stratified" and args.target_variance is not None:
+        raise CLIError("--target-variance: describes iid coins; with --coins stratified give --target-error or --speedup.")
+    if args.coins == "iid" and args.target_error is not None:
+        raise CLIError("--target-error: with --coins iid give --target-variance (T x error^2 x pixels) or --speedup.")
     report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
-                                stride=args.stride, target_variance=args.target_variance, speedup=args.speedup)
+                                stride=args.stride, target_variance=args.target_variance, speedup=args.speedup,
+                                coins=args.coins, coupling=args.coupling, target_error=args.target_error,
+                                progress=not args.no_progress)
     print(report)
-    out = args.out
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    probs = report.probs
-    with open(out, "w") as f:
-        json.dump({"levels": [family.models[k].nf for k in levels], "edges": np.asarray(probs.edges).tolist(),
-                   "values": np.asarray(probs.values).tolist(), "steps": args.steps, "grid": args.grid,
-                   "command": _command(args)}, f, indent=1)
-    plot = report.plot(out[:-5] + ".png" if out.endswith(".json") else out + ".png")
-    print(f"wrote {out} and {plot} in {time.perf_counter() - t0:.0f} s")
+    made_by = ("closed-form allocation for iid coins (optimal_probabilities on the measured V_k(t) and costs)"
+               if args.coins == "iid" else "stratified_probabilities: cube-root shape, lambda from pilot runs")
+    path = save_calibration(args.out, report.probs, levels=nfs, steps=args.steps, grid=args.grid, coins=args.coins,
+                            coupling=args.coupling, command=_command(args), made_by=made_by,
+                            predicted_error=report.predicted_error, predicted_speedup=report.em_cost / report.mlem_cost,
+                            cost_unit=report.cost_unit)
+    plot = report.plot(path[:-5] + ".png" if path.endswith(".json") else path + ".png")
+    print(f"wrote {path} and {plot} in {time.perf_counter() - t0:.0f} s")
 
 
 def cmd_merge(args):
@@ -218,35 +244,57 @@ def cmd_merge(args):
 
 
 def cmd_demo(args):
+    from mlem_jax.diffusion.equal_error import equal_error_comparison
     from mlem_jax.diffusion.family import shipped_family_path
     from mlem_jax.diffusion.images import save_png, side_by_side, to_grid
-    from mlem_jax.diffusion.sampling import sample
 
+    _check_out(args.out)
     family = _family(args.family)
-    K = len(family.models)
-    cal_path = (args.family or shipped_family_path()) + ".calibration.json"
-    args.calibration = cal_path if os.path.exists(cal_path) else None
-    args.probs = None
-    probs = _probs(args, list(range(K)), family)
-    ts = _grid(family, args.steps, "uniform")
     nfs = [m.nf for m in family.models]
-    print(f"mlem-jax demo: {args.batch_size} digits, {args.steps} steps, family nf={nfs} "
-          f"({'calibrated' if args.calibration else 'geometric'} probabilities)")
-    em = sample(family, [K - 1], ts, args.seed, args.batch_size, None, progress=not args.no_progress)
-    ml = sample(family, list(range(K)), ts, args.seed, args.batch_size, probs, progress=not args.no_progress)
-    rms = float(np.sqrt(np.mean((em.images - ml.images) ** 2)))
-    spread = float(np.sqrt(np.mean((em.images - em.images.mean(0)) ** 2)))
-    print(f"  EM    (nf={nfs[-1]} only): {em.run_seconds:6.2f} s  (+ {em.compile_seconds:.1f} s compilation)  "
-          f"evaluations: nf={nfs[-1]}: {args.steps}")
-    print(f"  ML-EM (all levels):  {ml.run_seconds:6.2f} s  (+ {ml.compile_seconds:.1f} s compilation)  evaluations: "
-          + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, ml.evaluations)))
-    print(f"  coupled RMS difference (same noise): {rms:.4f}  (spread of the EM samples: {spread:.4f})")
-    print(f"  speedup of ML-EM over EM: {em.run_seconds / ml.run_seconds:.2f}x")
-    grid = side_by_side(to_grid(em.images), to_grid(ml.images))
+    log = (lambda s: None) if args.no_progress else (lambda s: print(s, flush=True))
+    print(f"mlem-jax demo: {args.batch_size} digits, {args.steps} steps, family nf={nfs}; EM on nf={nfs[-1]} "
+          f"against ML-EM with stratified coins at equal coupled error (reference: EM on "
+          f"{4 * args.steps} steps, same noise)", flush=True)
+    probs, coupling, source = None, "independent", f"chosen on a pilot batch of {args.pilot_size}"
+    cal_path = (args.family or shipped_family_path()) + ".calibration.json"
+    if os.path.exists(cal_path):
+        from mlem_jax.calibrate import load_calibration
+
+        try:
+            cal = load_calibration(cal_path)
+        except ValueError as e:
+            raise CLIError(f"demo: {e}") from e
+        if cal.steps == args.steps and cal.grid == "uniform" and cal.coins == "stratified" and cal.levels == nfs:
+            probs, coupling, source = cal.probs, cal.coupling, f"shipped calibration {os.path.basename(cal_path)}"
+    r = equal_error_comparison(family, args.steps, args.batch_size, args.seed, probs=probs, coupling=coupling,
+                               pilot_size=args.pilot_size, log=log)
+    p = np.asarray(r.probs.values)
+    print(f"  ML-EM configuration: {source}" + (f" ({r.pilot_seconds:.0f} s, not counted)" if probs is None else "")
+          + f"; {r.config.coupling} coupling, time-averaged p = " + ", ".join(f"{v:.3f}" for v in p.mean(0))
+          + (f"; lambda doubled {r.stepped_up} time(s) on the main batch" if r.stepped_up else ""))
+    print(f"  EM    (nf={nfs[-1]} only): {r.em_seconds:6.2f} s   evaluations: nf={nfs[-1]}: {args.steps}   "
+          f"coupled RMS error {r.em_error.value:.4f} +- {r.em_error.stderr:.4f}")
+    print(f"  ML-EM (all levels):  {r.mlem_seconds:6.2f} s   evaluations: "
+          + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, r.evaluations))
+          + f"   coupled RMS error {r.mlem_error.value:.4f} +- {r.mlem_error.stderr:.4f}")
+    grid = side_by_side(to_grid(r.em_samples), to_grid(r.mlem_samples))
     save_png(args.out, grid, scale=4)
     np.savez_compressed(args.out[:-4] + ".npz" if args.out.endswith(".png") else args.out + ".npz",
-                        em=em.images, mlem=ml.images, evaluations=ml.evaluations)
+                        em=r.em_samples, mlem=r.mlem_samples, evaluations=r.evaluations, probs=p)
     print(f"wrote {args.out} (left: EM, right: ML-EM)")
+    print(f"equal-error speedup: {r.speedup:.2f}x (EM error {r.em_error.value:.4f}, ML-EM error {r.mlem_error.value:.4f})")
+
+
+def _check_out(path):
+    """Fail before any compute when the output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise CLIError(f"--out: {path!r} lies under {probe!r}, which is a file, not a folder.")
+    if not os.access(probe, os.W_OK):
+        raise CLIError(f"--out: cannot write under {probe!r} (permission denied); choose another --out.")
 
 
 # --------------------------------------------------------------------------- parser
@@ -289,6 +337,8 @@ def build_parser():
     s.add_argument("--probs", type=float, nargs="+", default=None, help="constant level probabilities, p_1 = 1")
     s.add_argument("--calibration", default=None, help="a calibration file written by mlem-jax calibrate")
     s.add_argument("--coupling", choices=["independent", "nested"], default="independent")
+    s.add_argument("--coins", choices=["iid", "stratified"], default="iid",
+                   help="iid: fresh coins every step (the paper); stratified: firings spread evenly in time")
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
     s.add_argument("--coordinator", default=None, help="multi-host: address host:port of process 0 (jax.distributed)")
     s.add_argument("--num-processes", type=_positive(int), default=None, help="multi-host: number of processes")
@@ -309,12 +359,21 @@ def build_parser():
                    help="injected variance per unit time the probabilities may add")
     c.add_argument("--speedup", type=_positive(float), default=None,
                    help="instead: a compute budget of EM's cost divided by this factor (default 4)")
+    c.add_argument("--target-error", type=_positive(float), default=None,
+                   help="stratified coins: the coupled RMS error per pixel to reach")
+    c.add_argument("--coins", choices=["iid", "stratified"], default="iid", help="the coin scheme to calibrate for")
+    c.add_argument("--coupling", choices=["independent", "nested"], default="independent")
+    c.add_argument("--match-em", action="store_true",
+                   help="stratified: choose the cheapest configuration matching EM's coupled error on --steps "
+                        "(pilot search on --trajectories samples)")
     c.set_defaults(func=cmd_calibrate)
 
-    d = sub.add_parser("demo", help="EM against ML-EM on the shipped digits family, side by side")
+    d = sub.add_parser("demo", help="EM against ML-EM at equal coupled error on the shipped digits family")
     d.add_argument("--family", default=None, help=argparse.SUPPRESS)
     d.add_argument("--steps", type=_positive(int), default=100, help="number of sampling steps")
     d.add_argument("--batch-size", type=_positive(int), default=64, help="number of samples")
+    d.add_argument("--pilot-size", type=_positive(int), default=32,
+                   help="samples of the pilot batch on which the ML-EM configuration is chosen")
     d.add_argument("--seed", type=int, default=0, help="sampling seed")
     d.add_argument("--out", default="demo.png", help="side-by-side PNG (left EM, right ML-EM)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")

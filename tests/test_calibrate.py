@@ -1,6 +1,8 @@
 """Calibration: level statistics against exact values, allocations, fit_gamma, the
 fixed-budget schedule, the report, and its bad inputs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,3 +237,106 @@ def test_report_speedup_and_exclusive_targets():
     assert r.gamma is not None  # FLOPs unavailable: fitted against the times
     with pytest.raises(ValueError, match=r"give at most one"):
         calibration_report(levels, g, jnp.ones(M), ts, keys, costs=costs, speedup=2.0, budget=1.0)
+
+
+# --------------------------------------------------------------- stratified coins
+
+
+def test_stratified_calibration_predicts_the_measured_error():
+    """The pilot-scaled schedule for a target error, measured again on fresh noise and fresh
+    level keys, has the predicted coupled error: within 3 combined standard errors plus 25%
+    for the log-log interpolation between pilots (a model error, not a sampling one)."""
+    from test_coins import smooth_levels
+    from mlem_jax.calibrate import level_statistics, stratified_probabilities
+
+    levels, sigma = smooth_levels(4), lambda t, y, a: 0.5
+    ts, M = jnp.linspace(0.0, 1.0, 101), 256
+    keys = jax.random.split(jax.random.key(0), M)
+    y0 = jnp.full(M, 0.5, jnp.float32)
+    stats = level_statistics(levels, sigma, y0, ts, keys, num_bins=4)
+    costs = np.array([1.0, 4.0, 16.0, 64.0])
+    cal = stratified_probabilities(levels, sigma, y0, ts, keys, stats, costs, target_error=3e-3)
+    assert cal.predicted_error == pytest.approx(3e-3, rel=1e-6)
+    assert cal.predicted_cost < 0.5 * 100 * costs[-1]  # cheaper than EM on the finest level
+    p = np.asarray(cal.probs.values)
+    assert np.all(p[:, 0] == 1) and np.all((p > 0) & (p <= 1))
+    # fresh noise, 16 level keys (the error varies with the coin plan as well as the noise)
+    M2, groups = 4096, 16
+    keys2 = jax.random.split(jax.random.key(9), M2).reshape(groups, -1)
+    em = jax.vmap(jax.vmap(lambda k: euler_maruyama(levels[-1], sigma, jnp.float32(0.5), ts, k)))(keys2)
+    ml = jax.lax.map(lambda kk: jax.vmap(lambda k: multilevel_euler_maruyama(
+        levels, cal.probs, sigma, jnp.float32(0.5), ts, k, level_key=kk[1], coins="stratified").y)(kk[0]),
+        (keys2, jax.random.split(jax.random.key(3), groups)))
+    mse = np.mean(np.asarray(ml - em, np.float64) ** 2, axis=1)
+    measured = np.sqrt(mse.mean())
+    se = mse.std(ddof=1) / np.sqrt(groups) / (2 * measured)
+    se_pred = np.interp(np.log(cal.scale), np.log(cal.pilots[:, 0]), cal.pilots[:, 3])
+    assert abs(measured - cal.predicted_error) < 3 * np.hypot(se, se_pred) + 0.25 * cal.predicted_error
+    # and iid coins at the same probabilities are far worse: stratification is what pays
+    ml_iid = jax.vmap(jax.vmap(lambda k, lk: multilevel_euler_maruyama(
+        levels, cal.probs, sigma, jnp.float32(0.5), ts, k, level_key=lk).y))(keys2, keys2)
+    assert np.sqrt(np.mean(np.asarray(ml_iid - em) ** 2)) > 3 * measured
+
+
+def test_stratified_calibration_bad_inputs():
+    from mlem_jax.calibrate import LevelStatistics, stratified_probabilities
+
+    stats = LevelStatistics(np.array([0.0, 1.0]), np.ones(1), np.ones((1, 2)), np.zeros((1, 2)), np.ones((1, 2)),
+                            np.ones((1, 2)), np.ones((1, 2)), np.ones(2))
+    levels, ts = affine_levels()[:2], jnp.linspace(0, 1, 11)
+    keys, y0 = jax.random.split(jax.random.key(0), 16), jnp.ones(16)
+    with pytest.raises(ValueError, match="target_error, budget: give exactly one"):
+        stratified_probabilities(levels, g, y0, ts, keys, stats, [1.0, 2.0])
+    with pytest.raises(ValueError, match="costs: expected 2 positive finite costs"):
+        stratified_probabilities(levels, g, y0, ts, keys, stats, [1.0, -2.0], target_error=0.1)
+    with pytest.raises(ValueError, match=r"budget: .* is not above the cost of the cheapest level alone"):
+        stratified_probabilities(levels, g, y0, ts, keys, stats, [1.0, 2.0], budget=5.0)
+    with pytest.raises(ValueError, match="num_pilots: expected at least 2"):
+        stratified_probabilities(levels, g, y0, ts, keys, stats, [1.0, 2.0], target_error=0.1, num_pilots=1)
+
+
+# ------------------------------------------------------------- calibration files
+
+
+def test_calibration_file_round_trip_and_grid_binding(tmp_path):
+    from mlem_jax.calibrate import check_calibration_use, load_calibration, save_calibration
+
+    probs = PiecewiseConstant(jnp.array([0.0, 0.5, 1.0]), jnp.array([[1.0, 0.5], [1.0, 0.25]]))
+    path = save_calibration(str(tmp_path / "c.json"), probs, levels=[4, 8], steps=50, grid="uniform",
+                            coins="stratified", command="test")
+    cal = load_calibration(path)
+    np.testing.assert_array_equal(cal.probs.values, probs.values)
+    assert (cal.steps, cal.grid, cal.coins, cal.coupling, cal.meta["command"]) == (50, "uniform", "stratified",
+                                                                                  "independent", "test")
+    check_calibration_use(cal, path, levels=[4, 8], steps=50, grid="uniform", coins="stratified",
+                          coupling="independent")
+    for kw, what in [({"steps": 20}, "a uniform grid of 50 steps"), ({"coins": "iid"}, "coins='stratified'"),
+                     ({"levels": [8, 16]}, "levels [4, 8]"), ({"coupling": "nested"}, "coupling='independent'")]:
+        use = dict(levels=[4, 8], steps=50, grid="uniform", coins="stratified", coupling="independent") | kw
+        with pytest.raises(ValueError, match=re.escape(what)):
+            check_calibration_use(cal, path, **use)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["values"][0].__setitem__(1, 1.5), r"every probability must lie in \(0, 1\]"),
+    (lambda c: c["values"][0].__setitem__(0, 0.5), "the first level must have probability 1"),
+    (lambda c: c["values"][1].__setitem__(1, float("nan")), "and NaN"),
+    (lambda c: c.__setitem__("edges", [1.0, 0.5, 0.0]), "finite and increasing"),
+    (lambda c: c.pop("edges"), "missing the field 'edges'"),
+    (lambda c: c.__setitem__("values", [[1.0, 0.5]]), r"expected values of shape \(bins, 2\)"),
+])
+def test_bad_calibration_files_are_refused_on_load(tmp_path, edit, message):
+    import json
+
+    from mlem_jax.calibrate import load_calibration
+
+    record = {"levels": [4, 8], "edges": [0.0, 0.5, 1.0], "values": [[1.0, 0.5], [1.0, 0.25]], "steps": 10,
+              "grid": "uniform"}
+    edit(record)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(record).replace("NaN", "NaN"))
+    with pytest.raises(ValueError, match=message):
+        load_calibration(str(path))
+    path.write_text('{"levels": [4, 8], "edg')
+    with pytest.raises(ValueError, match=r"calibration .*bad.json: not valid JSON"):
+        load_calibration(str(path))

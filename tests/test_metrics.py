@@ -78,3 +78,52 @@ def test_classifier_learns_a_separable_toy_and_gives_features():
     assert clf.features(x[:10]).shape == (10, clf.model.feature_dim)
     with pytest.raises(ValueError, match="images, labels"):
         train_classifier(x, y[:5], x, y, jax.random.key(0), steps=1)
+
+
+def test_frechet_gaussian_closed_form():
+    """Diagonal covariances commute: the distance is |dmu|^2 + sum (sqrt a_i - sqrt b_i)^2."""
+    from mlem_jax.diffusion.metrics import frechet_gaussian
+
+    mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = 1 + 0 + 4 + (1 - 2) ** 2 + (2 - 1) ** 2 + (3 - 1) ** 2
+    assert frechet_gaussian(mu_a, np.diag(a), mu_b, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    # rotation invariance: rotate both Gaussians by the same orthogonal matrix
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(3, 3)))
+    rotated = frechet_gaussian(q @ mu_a, q @ np.diag(a) @ q.T, q @ mu_b, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
+    assert frechet_gaussian(mu_a, np.diag(a), mu_a, np.diag(a)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frechet_distance_estimates_the_gaussian_value():
+    """Samples of two Gaussians: the estimate is within 3 bootstrap standard errors (plus its
+    O(d/N) small-sample bias) of the closed form, and the standard error is of the size of
+    the spread over independent repetitions."""
+    from mlem_jax.diffusion.metrics import frechet_distance, frechet_gaussian
+
+    rng = np.random.default_rng(1)
+    d, n = 4, 4000
+    mu_b, sd_b = np.array([0.5, 0.0, -0.5, 0.0]), np.array([1.0, 1.5, 0.5, 1.0])
+    truth = frechet_gaussian(np.zeros(d), np.eye(d), mu_b, np.diag(sd_b**2))
+    values, ses = [], []
+    for _ in range(8):
+        est = frechet_distance(rng.normal(size=(n, d)), mu_b + sd_b * rng.normal(size=(n, d)), num_bootstrap=30)
+        values.append(est.value)
+        ses.append(est.stderr)
+    bias = 2 * d / n  # the plug-in covariances add O(d / N)
+    assert abs(np.mean(values) - truth) < 3 * np.std(values, ddof=1) / np.sqrt(8) + bias
+    assert 0.5 < np.mean(ses) / np.std(values, ddof=1) < 2.0
+
+
+def test_coupled_error_known_answers():
+    from mlem_jax.diffusion.metrics import coupled_error
+
+    x = np.random.default_rng(0).normal(size=(10, 4, 4, 1))
+    assert coupled_error(x, x) == (0.0, 0.0)
+    est = coupled_error(x + 0.3, x)  # every pair differs by 0.3 everywhere
+    assert est.value == pytest.approx(0.3, rel=1e-12) and est.stderr == pytest.approx(0.0, abs=1e-12)
+    r = np.random.default_rng(1).normal(size=x.shape)
+    e = ((x - r) ** 2).reshape(10, -1).mean(1)
+    assert coupled_error(x, r).value == pytest.approx(np.sqrt(e.mean()))
+    with pytest.raises(ValueError, match="reference: expected the shape of samples"):
+        coupled_error(x, x[:5])

@@ -38,7 +38,8 @@ def _timed(fn, keys, level_key) -> tuple[Any, float, float]:
 
 
 def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling="independent",
-           probability_flow: bool = False, progress: bool = False, multihost: bool = False) -> SampleResult:
+           probability_flow: bool = False, progress: bool = False, multihost: bool = False,
+           coins: str = "iid") -> SampleResult:
     """EM on the last of `levels` when `probs` is None, else ML-EM on `levels` (indices
     into the family, cheapest first). Sample i uses key fold_in(key(seed), i) for its
     prior draw and noise, so EM and ML-EM with the same seed share noise, and the level
@@ -64,7 +65,7 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
             y = euler_maruyama(drifts[-1], g, y0, ts, key, progress=progress)
             return y, jnp.zeros(len(drifts), jnp.int32).at[-1].set(ts.shape[0] - 1)
         sol = multilevel_euler_maruyama(drifts, probs, g, y0, ts, key, level_key=lk, coupling=coupling,
-                                        progress=progress)
+                                        coins=coins, progress=progress)
         return sol.y, sol.evaluations
 
     (images, evals), t_compile, t_run = _timed(one, keys, level_key)

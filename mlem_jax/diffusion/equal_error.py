@@ -1,0 +1,178 @@
+"""EM against ML-EM at equal coupled error: the comparison behind `mlem-jax demo`.
+
+1. Reference: EM with the finest level on a grid `refine` times finer, on the same prior
+   draws and Brownian path as every method (`coupled.shared_noise`).
+2. EM with the finest level on N steps: its coupled RMS error A and its wall time.
+3. ML-EM configurations, cheapest first: stratified coins, the independent or nested
+   coupling, and probabilities p_k(t) = min(1, lambda s_k(t)) along a ladder of lambda,
+   with the shape s of `calibrate.stratified_shape` (from level statistics and costs
+   measured on this device). The configuration is chosen on a separate pilot batch (its
+   own seed and its own reference) as the cheapest whose error is at most A there, then
+   run on the main batch; a shipped calibration made by the same search can stand in for
+   the pilot. If it misses 1.1 A on the main batch, lambda is doubled (up to a few times)
+   and the result says so. At the top of the ladder every p is 1 (ML-EM is EM), so a
+   configuration is always found; the speedup is whatever was measured, even below 1.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax import PiecewiseConstant
+from mlem_jax.calibrate import level_costs, level_statistics, stratified_shape
+from mlem_jax.diffusion.coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
+from mlem_jax.diffusion.metrics import Estimate, coupled_error
+from mlem_jax.diffusion.parameterization import reverse_diffusion
+from mlem_jax.diffusion.sde import uniform_grid
+
+LADDER = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
+
+
+class Config(NamedTuple):
+    coupling: str
+    scale: float  # lambda; p = min(1, lambda * shape)
+
+
+class EqualErrorResult(NamedTuple):
+    em_error: Estimate
+    em_seconds: float
+    mlem_error: Estimate
+    mlem_seconds: float
+    config: Config
+    evaluations: np.ndarray  # (K,) per sample path
+    probs: PiecewiseConstant
+    stepped_up: int  # rungs climbed on the main batch after the pilot's choice
+    pilot_seconds: float
+    em_samples: np.ndarray
+    mlem_samples: np.ndarray
+
+    @property
+    def speedup(self) -> float:
+        return self.em_seconds / self.mlem_seconds
+
+
+def _schedule(stats_edges, shape, scale, coupling):
+    with np.errstate(invalid="ignore"):
+        p = np.where(np.isinf(scale), 1.0, np.minimum(1.0, scale * shape))
+    if coupling == "nested":
+        p = np.minimum.accumulate(p, axis=1)
+    return PiecewiseConstant(jnp.asarray(stats_edges, jnp.float32), jnp.asarray(p, jnp.float32))
+
+
+def _expected_seconds(probs, coupling, costs, num_steps):
+    """Predicted sampling time from the level costs and the expected evaluations."""
+    p = np.asarray(probs.values, np.float64)
+    needed = p if coupling == "nested" else np.minimum(1.0, p + np.append(p[:, 1:], np.zeros((p.shape[0], 1)), 1))
+    needed[:, 0] = 1.0
+    return float(num_steps * np.mean(needed @ costs))
+
+
+class Search(NamedTuple):
+    """The pilot search: the chosen configuration and its schedule, EM's pilot error, and
+    the configurations tried as (coupling, lambda, predicted seconds, coupled error)."""
+
+    config: Config
+    probs: PiecewiseConstant
+    em_error: float
+    tried: list
+    seconds: float
+
+
+def _setup(family, num_steps, refine):
+    drifts = family.drifts()
+    g = reverse_diffusion(family.sde)
+    return drifts, g, uniform_grid(num_steps), uniform_grid(refine * num_steps)
+
+
+def _reference_and_em(drifts, g, ts, ts_ref, noise):
+    ref = em_sampler(drifts[-1], g, ts_ref)(noise.y0, noise.increments)
+    dw = increments_on(noise, ts)
+    y, _, sec = timed(em_sampler(drifts[-1], g, ts), noise.y0, dw)
+    return ref, dw, y, sec
+
+
+def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, seed: int = 1, *,
+                         tolerance: float = 1.05, refine: int = 4, num_bins: int = 10,
+                         log: Callable[[str], None] = lambda s: None) -> Search:
+    """The cheapest stratified ML-EM configuration whose coupled error on a pilot batch is
+    at most `tolerance` times EM's (both against EM on a `refine` times finer grid).
+
+    Configurations: coupling in {independent, nested} x lambda in LADDER, sorted by their
+    predicted time (level costs measured on this device at the pilot batch), plus every
+    p = 1 last. The error falls with the cost, so the first one that meets the target is
+    found by bisection over that order.
+    """
+    t_start = time.perf_counter()
+    drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
+    shape_img = tuple(family.image_shape)
+    pilot = shared_noise(family.sde, jax.random.key(seed), pilot_size, shape_img, ts_ref)
+    stats = level_statistics(drifts, g, pilot.y0[: max(6, min(pilot_size, 16))], ts,
+                             jax.random.split(jax.random.key(seed + 1), max(6, min(pilot_size, 16))),
+                             num_bins=num_bins, stride=max(1, num_steps // 50))
+    costs = np.asarray(level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], pilot.y0,
+                                   repeats=5).seconds)
+    shape = stratified_shape(stats.variances, costs)
+    schedules = [(Config(c, s), _schedule(stats.bin_edges, shape, s, c)) for c in ("independent", "nested")
+                 for s in LADDER]
+    schedules.sort(key=lambda cs: _expected_seconds(cs[1], cs[0].coupling, costs, num_steps))
+    schedules.append((Config("nested", float("inf")), _schedule(stats.bin_edges, shape, float("inf"), "nested")))
+    samplers = {c: mlem_sampler(drifts, g, ts, coupling=c, coins="stratified") for c in ("independent", "nested")}
+    ref, dw, y, _ = _reference_and_em(drifts, g, ts, ts_ref, pilot)
+    target = coupled_error(y, ref).value
+    log(f"pilot ({pilot_size} samples): EM error {target:.4f}; bisecting over {len(schedules)} configurations")
+    tried = []
+    lo, hi = 0, len(schedules) - 1  # schedules[hi] meets the target (every p = 1 is EM)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        cfg, probs = schedules[mid]
+        yml, _ = samplers[cfg.coupling](pilot.y0, dw, jax.random.key(seed + 11), probs)
+        err = coupled_error(yml, ref).value
+        tried.append((cfg.coupling, cfg.scale, _expected_seconds(probs, cfg.coupling, costs, num_steps), err))
+        log(f"  {cfg.coupling:11s} lambda {cfg.scale:4.2f}: error {err:.4f} ({err / target:.2f} x EM's)")
+        lo, hi = (lo, mid) if err <= tolerance * target else (mid + 1, hi)
+    cfg, probs = schedules[lo]
+    return Search(cfg, probs, target, tried, time.perf_counter() - t_start)
+
+
+def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, seed: int = 0, *,
+                           probs: PiecewiseConstant | None = None, coupling: str = "independent",
+                           pilot_size: int = 32, refine: int = 4, max_step_ups: int = 3,
+                           log: Callable[[str], None] = lambda s: None) -> EqualErrorResult:
+    """EM on the finest level against stratified ML-EM at (about) its coupled error.
+
+    With `probs` (for example a shipped calibration made by `search_configuration`), that
+    schedule is used; otherwise it is chosen by `search_configuration` on a pilot batch
+    (seed + 1). If ML-EM misses 1.1 times EM's error on the main batch, lambda is doubled,
+    up to `max_step_ups` times, then every p is set to 1 (ML-EM is then EM, exactly); the
+    result says how many times. So the returned ML-EM error is at most 1.1 times EM's.
+    """
+    if num_steps < 2 or batch_size < 2 or pilot_size < 2:
+        raise ValueError("num_steps, batch_size, pilot_size: expected at least 2 each.")
+    drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
+    pilot_seconds = 0.0
+    if probs is None:
+        search = search_configuration(family, num_steps, pilot_size, seed + 1, refine=refine, log=log)
+        probs, coupling, pilot_seconds = search.probs, search.config.coupling, search.seconds
+    sampler = mlem_sampler(drifts, g, ts, coupling=coupling, coins="stratified")
+    noise = shared_noise(family.sde, jax.random.key(seed), batch_size, tuple(family.image_shape), ts_ref)
+    ref, dw, y_em, em_sec = _reference_and_em(drifts, g, ts, ts_ref, noise)
+    em_err = coupled_error(y_em, ref)
+    stepped = 0
+    while True:
+        (y_ml, ev), _, ml_sec = timed(sampler, noise.y0, dw, jax.random.key(seed + 12), probs)
+        ml_err = coupled_error(y_ml, ref)
+        if ml_err.value <= 1.1 * em_err.value or bool(jnp.all(probs.values == 1)):
+            break
+        stepped += 1
+        # double lambda, and after max_step_ups doublings set every p to 1 (then ML-EM is EM exactly)
+        more = 2.0 * probs.values if stepped <= max_step_ups else jnp.ones_like(probs.values)
+        log(f"  main batch: ML-EM error {ml_err.value:.4f} > 1.1 x EM's {em_err.value:.4f}; "
+            + ("doubling lambda" if stepped <= max_step_ups else "every p = 1"))
+        probs = PiecewiseConstant(probs.edges, jnp.minimum(1.0, more).at[:, 0].set(1.0))
+    return EqualErrorResult(em_err, em_sec, ml_err, ml_sec, Config(coupling, float("nan")), np.asarray(ev), probs,
+                            stepped, pilot_seconds, np.asarray(y_em), np.asarray(y_ml))
