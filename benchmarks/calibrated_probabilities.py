@@ -8,10 +8,17 @@ score of a diffusion model is hardest near the data end:
 
 `calibration` measures V_k(t) on 256 reference trajectories (10 time bins). Each method
 sweeps its knob (the injected variance for the optimal schedules, the ratio r of
-p_k = r^(k-1) for the geometric one); for every setting we measure the coupled RMS error
-against EM on f^K with the same noise, over independent level keys per path, and the
-mean counted cost. The cost each method needs to reach the same coupled error is
-interpolated in log-log, and the ratios are printed.
+p_k = r^(k-1) for the geometric one, the scale lambda of the stratified cube-root shape);
+for every setting we measure the coupled RMS error against EM on f^K with the same noise,
+over independent level keys per path, and the mean counted cost. The cost each method
+needs to reach the same coupled error is interpolated in log-log, and the ratios to the
+iid time-dependent optimum are printed, together with EM's cost on the finest level.
+
+Coins: the iid optima are run with iid coins (the paper) and with stratified coins; the
+stratified cube-root shape (`stratified_shape`, constant or per time bin, independent or
+nested coupling) with stratified coins. `stratified_probabilities` (pilot runs on the 256
+calibration trajectories) picks one point for a target error; its prediction is checked
+against the measurement.
 
     python benchmarks/calibrated_probabilities.py [--quick] [--out DIR]
 """
@@ -28,7 +35,8 @@ import numpy as np
 
 from _common import device_description, out_dir
 from mlem_jax import euler_maruyama, geometric_probabilities, multilevel_euler_maruyama
-from mlem_jax.calibrate import calibrated_probabilities, level_statistics
+from mlem_jax import PiecewiseConstant
+from mlem_jax.calibrate import calibrated_probabilities, level_statistics, stratified_probabilities, stratified_shape
 
 K, DIM, SIGMA = 4, 4, 0.5
 COSTS = 4.0 ** np.arange(1, K + 1)
@@ -49,7 +57,7 @@ def diffusion(t, y, args):
     return SIGMA
 
 
-def measure(probs_list, ts, paths, seed):
+def measure(probs_list, ts, paths, seed, coins="iid", coupling="independent"):
     """Coupled RMS error against EM(f^K) and mean counted cost, for each schedule."""
     keys = jax.random.split(jax.random.key(seed), paths)
     level_keys = jax.random.split(jax.random.key(seed + 1), paths)
@@ -57,7 +65,8 @@ def measure(probs_list, ts, paths, seed):
     em = jax.jit(jax.vmap(lambda k: euler_maruyama(LEVELS[-1], diffusion, y0, ts, k)))(keys)
     out = []
     for probs in probs_list:
-        run = jax.jit(jax.vmap(lambda k, lk: multilevel_euler_maruyama(LEVELS, probs, diffusion, y0, ts, k, level_key=lk)))
+        run = jax.jit(jax.vmap(lambda k, lk: multilevel_euler_maruyama(
+            LEVELS, probs, diffusion, y0, ts, k, level_key=lk, coins=coins, coupling=coupling)))
         sol = run(keys, level_keys)
         err = float(jnp.sqrt(jnp.mean(jnp.sum((sol.y - em) ** 2, -1))))
         cost = float(np.asarray(sol.evaluations, np.float64).mean(0) @ COSTS)
@@ -91,30 +100,68 @@ def main():
 
     nus2 = np.logspace(-4, 0, sweep)
     ratios = np.linspace(0.05, 0.6, sweep)
-    schedules = {
-        "time-dependent optimal": [calibrated_probabilities(stats, COSTS, h, v) for v in nus2],
-        "constant optimal": [calibrated_probabilities(stats, COSTS, h, v, time_dependent=False) for v in nus2],
-        "geometric": [jnp.asarray(geometric_probabilities(K, r), jnp.float32) for r in ratios],
-    }
-    results = {name: measure(ps, ts, paths, seed=0) for name, ps in schedules.items()}
+    scales = np.logspace(-1.3, 0.7, sweep)
+    iid_td = [calibrated_probabilities(stats, COSTS, h, v) for v in nus2]
+    iid_const = [calibrated_probabilities(stats, COSTS, h, v, time_dependent=False) for v in nus2]
+
+    def cube_root(coupling, time_dependent):
+        V = stats.variances if time_dependent else stats.time_averaged("variances")[None]
+        shape = stratified_shape(V, COSTS, coupling)
+        out = []
+        for lam in scales:
+            p = np.minimum(1.0, lam * shape)
+            p = np.minimum.accumulate(p, axis=1) if coupling == "nested" else p
+            out.append(PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
+                       if time_dependent else jnp.asarray(p[0], jnp.float32))
+        return out
+
+    # (label, schedules, coins, coupling)
+    methods = [
+        ("iid: time-dependent optimal", iid_td, "iid", "independent"),
+        ("iid: constant optimal", iid_const, "iid", "independent"),
+        ("iid: geometric", [jnp.asarray(geometric_probabilities(K, r), jnp.float32) for r in ratios], "iid",
+         "independent"),
+        ("stratified: iid time-dep. optimum", iid_td, "stratified", "independent"),
+        ("stratified: cube-root, time-dep.", cube_root("independent", True), "stratified", "independent"),
+        ("stratified: cube-root, constant", cube_root("independent", False), "stratified", "independent"),
+        ("stratified nested: cube-root, time-dep.", cube_root("nested", True), "stratified", "nested"),
+    ]
+    results = {label: measure(ps, ts, paths, 0, coins, coupling) for label, ps, coins, coupling in methods}
     em_cost = steps * COSTS[-1]
-    lo = max(r[:, 0].min() for r in results.values())
+    base = "iid: time-dependent optimal"
+    lo = max(min(r[:, 0].min() for r in results.values()), results[base][:, 0].min())
     hi = min(r[:, 0].max() for r in results.values())
     targets = np.exp(np.linspace(np.log(lo), np.log(hi), 5))
-    print(f"\nEM on the finest level costs {em_cost:.4g} per path ({steps} steps); coupled errors are against it")
-    print(f"{'coupled RMS error':>18} " + " ".join(f"{n:>24}" for n in results) + "   const/time-dep  geom/time-dep")
+    print(f"\nEM on the finest level costs {em_cost:.4g} per path ({steps} steps); coupled errors are against it.")
+    print("Cost to reach each coupled RMS error, as a ratio to the iid time-dependent optimum "
+          "(below 1: cheaper), and EM's cost over the best stratified method's:")
+    print(f"{'method':>40} " + " ".join(f"{t:>9.3g}" for t in targets))
     rows = []
-    for tgt in targets:
-        c = {n: cost_at(r, tgt) for n, r in results.items()}
-        td = c["time-dependent optimal"]
-        rows.append({"error": tgt, **c})
-        print(f"{tgt:18.4g} " + " ".join(f"{c[n]:24.4g}" for n in results)
-              + f"   {c['constant optimal'] / td:14.2f}  {c['geometric'] / td:13.2f}")
+    costs_at = {n: [cost_at(r, t) for t in targets] for n, r in results.items()}
+    for n in results:
+        print(f"{n:>40} " + " ".join(f"{c / b:9.3f}" if np.isfinite(c / b) else f"{'-':>9}"
+                                      for c, b in zip(costs_at[n], costs_at[base])))
+    best = [np.nanmin([costs_at[n][i] for n in results if n.startswith("stratified")]) for i in range(len(targets))]
+    print(f"{'EM / best stratified':>40} " + " ".join(f"{em_cost / b:9.2f}" for b in best))
+    print(f"{'EM / iid time-dep. optimum':>40} " + " ".join(f"{em_cost / b:9.2f}" for b in costs_at[base]))
+    for i, t in enumerate(targets):
+        rows.append({"error": t, **{n: costs_at[n][i] for n in results}})
+    # the pilot-scaled stratified calibration: its predicted error against a measurement
+    target = float(np.sqrt(targets[1] * targets[2]))
+    cal = stratified_probabilities(LEVELS, diffusion, jnp.zeros((256, DIM)), ts, cal_keys, stats, COSTS,
+                                   target_error=target / np.sqrt(DIM))  # per component
+    measured_err, measured_cost = measure([cal.probs], ts, paths, 5, "stratified")[0]
+    print(f"\nstratified_probabilities for a coupled RMS of {target:.3g} (whole state): predicted "
+          f"{cal.predicted_error * np.sqrt(DIM):.3g} at cost {cal.predicted_cost:.4g}; measured on fresh noise "
+          f"{measured_err:.3g} at cost {measured_cost:.4g} (EM / it: {em_cost / measured_cost:.2f}x)")
     folder = out_dir(args.out)
     name = "calibrated_probabilities_quick" if args.quick else "calibrated_probabilities"
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump({"device": device_description(), "steps": steps, "paths": paths,
-                   "sweeps": {n: r.tolist() for n, r in results.items()}, "at_equal_error": rows}, f, indent=1)
+                   "sweeps": {n: r.tolist() for n, r in results.items()}, "at_equal_error": rows,
+                   "stratified_calibration": {"target": target, "predicted": cal.predicted_error * np.sqrt(DIM),
+                                              "predicted_cost": cal.predicted_cost, "measured": measured_err,
+                                              "measured_cost": measured_cost}}, f, indent=1)
     try:
         import matplotlib
 

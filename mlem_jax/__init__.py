@@ -15,11 +15,11 @@ from mlem_jax._probabilities import (
     injected_variance,
     optimal_probabilities,
 )
+from mlem_jax._coins import level_coins, stratified_coins
 from mlem_jax._progress import StepInfo
 from mlem_jax._solvers import (
     MultilevelSolution,
     euler_maruyama,
-    level_coins,
     multilevel_drift,
     multilevel_euler_maruyama,
 )
@@ -40,6 +40,7 @@ __all__ = [
     "optimal_probabilities",
     "euler_maruyama",
     "level_coins",
+    "stratified_coins",
     "multilevel_drift",
     "multilevel_euler_maruyama",
 ]

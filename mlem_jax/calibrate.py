@@ -48,7 +48,8 @@ class LevelCosts(NamedTuple):
     flops: np.ndarray
 
 
-def _flops(fn, *args) -> float:
+def flops_of(fn, *args) -> float:
+    """XLA's cost-analysis FLOPs of one call fn(*args) (NaN where the backend gives none)."""
     try:
         analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
     except Exception:  # some backends do not implement cost analysis
@@ -78,7 +79,7 @@ def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) 
             jax.block_until_ready(jf(t, y, args))
             times.append(time.perf_counter() - t0)
         seconds.append(float(np.median(times)))
-        flops.append(_flops(f, t, y, args))
+        flops.append(flops_of(f, t, y, args))
     seconds, flops = np.array(seconds), np.array(flops)
     check_cost_order(seconds, "costs")
     return LevelCosts(seconds, flops)

@@ -277,6 +277,8 @@ def cmd_demo(args):
     print(f"  ML-EM (all levels):  {r.mlem_seconds:6.2f} s   evaluations: "
           + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, r.evaluations))
           + f"   coupled RMS error {r.mlem_error.value:.4f} +- {r.mlem_error.stderr:.4f}")
+    print(f"  in FLOPs (XLA cost analysis x evaluations): EM / ML-EM = {r.flop_ratio:.2f}x (wall time differs "
+          "where the small networks are overhead-bound, as on CPUs)")
     grid = side_by_side(to_grid(r.em_samples), to_grid(r.mlem_samples))
     save_png(args.out, grid, scale=4)
     np.savez_compressed(args.out[:-4] + ".npz" if args.out.endswith(".png") else args.out + ".npz",

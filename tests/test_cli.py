@@ -96,3 +96,50 @@ def test_argparse_rejects_non_positive_steps(capsys):
         main(["sample", "--steps", "0"])
     assert e.value.code == 2
     assert "expected a positive number" in capsys.readouterr().err
+
+
+def test_demo_compares_at_equal_error(trained, tmp_path, capsys):
+    """On a tiny family: the pilot search runs, and the last line reports the speedup at an
+    ML-EM error within 1.1x of EM's (guaranteed: the search ends at p = 1, which is EM)."""
+    import re
+
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--family", str(trained / "family"), "--steps", "4", "--batch-size", "8",
+                 "--pilot-size", "8", "--out", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    m = re.fullmatch(r"equal-error speedup: (\d+\.\d\d)x \(EM error (\d+\.\d{4}), ML-EM error (\d+\.\d{4})\)", lines[-1])
+    assert m, lines[-1]
+    speedup, a, b = map(float, m.groups())
+    assert speedup > 0 and b <= 1.1 * a + 1e-4
+    assert out.exists() and np.load(tmp_path / "demo.npz")["mlem"].shape == (8, 16, 16, 1)
+
+
+def test_calibrate_stratified_writes_a_file_bound_to_its_grid(trained, tmp_path, capsys):
+    cal = tmp_path / "strat.json"
+    assert main(["calibrate", "--family", str(trained / "family"), "--steps", "6", "--trajectories", "16",
+                 "--bins", "2", "--stride", "1", "--coins", "stratified", "--speedup", "1.5",
+                 "--out", str(cal), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "coins: stratified" in text and "pilot runs" in text
+    c = json.loads(cal.read_text())
+    assert c["coins"] == "stratified" and c["steps"] == 6 and "pilot" in c["made_by"]
+    fam = str(trained / "family")
+    # used as made: fine; with other coins or another grid: one line, exit 2
+    assert main(["sample", "--family", fam, "--calibration", str(cal), "--steps", "6", "--coins", "stratified",
+                 "--batch-size", "2", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
+    capsys.readouterr()
+    for extra, message in [(["--steps", "20", "--coins", "stratified"], "grid of 6 steps"),
+                           (["--steps", "6"], "coins='stratified'"),
+                           (["--steps", "6", "--coins", "stratified", "--probs", "1", "0.5"], "give one of them")]:
+        assert main(["sample", "--family", fam, "--calibration", str(cal), "--batch-size", "2",
+                     "--out", str(tmp_path / "x.png"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_out_is_checked_before_any_compute(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["demo", "--out", str(blocker / "sub" / "demo.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "which is a file, not a folder" in err[0]

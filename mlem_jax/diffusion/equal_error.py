@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import PiecewiseConstant
-from mlem_jax.calibrate import level_costs, level_statistics, stratified_shape
+from mlem_jax.calibrate import flops_of, level_costs, level_statistics, stratified_shape
 from mlem_jax.diffusion.coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
 from mlem_jax.diffusion.metrics import Estimate, coupled_error
 from mlem_jax.diffusion.parameterization import reverse_diffusion
@@ -50,10 +50,20 @@ class EqualErrorResult(NamedTuple):
     pilot_seconds: float
     em_samples: np.ndarray
     mlem_samples: np.ndarray
+    levelflops_of: np.ndarray  # (K,) XLA FLOPs of one evaluation of each level on one sample
 
     @property
     def speedup(self) -> float:
         return self.em_seconds / self.mlem_seconds
+
+    @property
+    def flop_ratio(self) -> float:
+        """EM's FLOPs over ML-EM's (evaluation counts times per-level FLOPs)."""
+        return float(self.levelflops_of[-1] * self.num_steps / (self.evaluations @ self.levelflops_of))
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.evaluations[0])
 
 
 def _schedule(stats_edges, shape, scale, coupling):
@@ -174,5 +184,6 @@ def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, s
         log(f"  main batch: ML-EM error {ml_err.value:.4f} > 1.1 x EM's {em_err.value:.4f}; "
             + ("doubling lambda" if stepped <= max_step_ups else "every p = 1"))
         probs = PiecewiseConstant(probs.edges, jnp.minimum(1.0, more).at[:, 0].set(1.0))
+    flops = np.array([flops_of(f, ts[0], noise.y0[0], None) for f in drifts])
     return EqualErrorResult(em_err, em_sec, ml_err, ml_sec, Config(coupling, float("nan")), np.asarray(ev), probs,
-                            stepped, pilot_seconds, np.asarray(y_em), np.asarray(y_ml))
+                            stepped, pilot_seconds, np.asarray(y_em), np.asarray(y_ml), flops)
