@@ -28,7 +28,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
-	$(PY) benchmarks/image_speedup.py --quick
+	$(PY) benchmarks/fmnist16.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
 	$(PY) benchmarks/diffrax_route.py --out docs/figures
 	$(PY) benchmarks/sharding_throughput.py --out docs/figures
-	$(PY) benchmarks/image_speedup.py --out docs/figures/image_speedup
+	$(PY) benchmarks/fmnist16.py --out docs/figures/fmnist16
 
 ## fmnist16-weights: retrain the committed Fashion-MNIST family (about 50 min on 2 cores)
 fmnist16-weights: $(STAMP)

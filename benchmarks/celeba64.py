@@ -64,7 +64,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first records of each split")
     p.add_argument("--skip-training", action="store_true", help="reuse OUT/family.npz")
     p.add_argument("--tiny", action="store_true", help="the experiment's --quick configuration (tests)")
-    p.add_argument("--batch", type=int, default=256, help="samples per method in the comparison")
+    p.add_argument("--samples", type=int, default=2000, help="samples per distribution run in the comparison")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -96,11 +96,11 @@ def main(argv=None):
     if args.tiny:
         from image_experiment import QUICK
 
-        cfg = dataclasses.replace(QUICK, heldout=min(QUICK.heldout, len(test_x)),
+        cfg = dataclasses.replace(QUICK, name="celeba64", heldout=min(QUICK.heldout, len(test_x)),
                                   loss_images=min(QUICK.loss_images, len(test_x)))
     else:
-        cfg = dataclasses.replace(Config(), batch=args.batch, heldout=min(5000, len(test_x)),
-                                  classifier_steps=3000)
+        cfg = dataclasses.replace(Config(), name="celeba64", samples=args.samples, coupled_samples=256, chunk=256,
+                                  heldout=min(5000, len(test_x)), classifier_steps=3000)
     result = run_experiment(family, train_x, train_y, test_x, test_y, cfg, args.out,
                             f"CelebA {args.image_size}x{args.image_size}", log=lambda s: print(s, flush=True))
     with open(os.path.join(args.out, "run.json"), "w") as f:

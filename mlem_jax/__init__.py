@@ -15,6 +15,7 @@ from mlem_jax._probabilities import (
     injected_variance,
     optimal_probabilities,
 )
+from mlem_jax._baselines import heun, switched_drift
 from mlem_jax._coins import level_coins, stratified_coins
 from mlem_jax._progress import StepInfo
 from mlem_jax._solvers import (
@@ -39,6 +40,8 @@ __all__ = [
     "injected_variance",
     "optimal_probabilities",
     "euler_maruyama",
+    "heun",
+    "switched_drift",
     "level_coins",
     "stratified_coins",
     "multilevel_drift",

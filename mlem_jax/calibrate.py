@@ -304,6 +304,39 @@ def _scaled(shape, scale, coupling):
     return p
 
 
+def _scale_for_cost(cost_of, target, low=1e-6, high=1e6) -> float:
+    """The largest lambda whose expected cost is at most `target` (bisection in log lambda;
+    the cost is non-decreasing in lambda)."""
+    a, b = np.log(low), np.log(high)
+    for _ in range(80):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if cost_of(np.exp(mid)) <= target else (a, mid)
+    return float(np.exp(a))
+
+
+def stratified_schedule(stats: LevelStatistics, costs, num_steps: int, budget: float, *,
+                        coupling: str = "independent", time_dependent: bool = True):
+    """The stratified cube-root schedule (`stratified_shape`) scaled to an expected cost of
+    `budget` per trajectory (in the units of `costs`), without pilot runs. Returns the
+    schedule (PiecewiseConstant, or an array (K,) when not time dependent) and lambda."""
+    costs = np.asarray(costs, np.float64)
+    if not budget > num_steps * costs[0]:
+        raise ValueError(
+            f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level alone "
+            f"({num_steps} steps x {costs[0]:.4g} = {num_steps * costs[0]:.4g}); raise the budget."
+        )
+    V = np.asarray(stats.variances if time_dependent else stats.time_averaged("variances")[None], np.float64)
+    w = np.asarray(stats.bin_weights) if time_dependent else np.ones(1)
+    shape = stratified_shape(V, costs, coupling)
+    Ct = correction_costs(costs, coupling)
+    scale = _scale_for_cost(lambda s: expected_cost(_scaled(shape, s, coupling), Ct, num_steps, bin_weights=w),
+                            budget)
+    p = _scaled(shape, scale, coupling)
+    if time_dependent:
+        return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32)), scale
+    return jnp.asarray(p[0], jnp.float32), scale
+
+
 def stratified_probabilities(
     drifts: Sequence[Callable],
     diffusion: Callable | None,

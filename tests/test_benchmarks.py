@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from image_experiment import cost_to_reach  # noqa: E402
+from image_analysis import cost_to_reach  # noqa: E402
 
 
 def test_cost_to_reach_interpolates_on_the_front():
@@ -32,14 +32,16 @@ def test_celeba_script_end_to_end_on_mock_data(tmp_path):
                                 "--ch-mult", "1", "2", "--image-size", "16", "--train-steps", "3",
                                 "--batch-size", "8", "--tiny", "--no-progress"])
     assert (out / "family.npz").exists() and json.load(open(out / "family.json"))["dataset"] == "celeb_a"
-    for name in ("image_speedup.json", "image_speedup.md", "image_speedup_sde.png", "image_speedup_ode.png",
-                 "image_speedup_samples.png"):
+    for name in ("celeba64.json", "celeba64.md", "celeba64_sde.png", "celeba64_ode.png", "celeba64_samples.png"):
         assert (out / name).exists(), name
     methods = {r["method"] for r in result["runs"]}
-    assert {"EM nf=16", "EM nf=4", "T-Stitch nf=8->16", "Heun nf=16", "ML-EM calibrated (nested)",
-            "ML-EM constant optimal (independent)"} <= methods
+    assert {"EM nf=16", "EM nf=4", "T-Stitch nf=8->16 (50% small)", "Heun nf=16",
+            "ML-EM stratified calibrated (independent)", "ML-EM iid constant (independent)",
+            "ML-EM ODE stratified calibrated"} <= methods
     for r in result["runs"]:
-        assert np.isfinite(r["seconds"]) and r["flops"] > 0 and np.isfinite(r["kid"]) and r["rms"] >= 0
+        assert np.isfinite(r["seconds"]) and r["flops"] > 0 and r["rms"] >= 0
+        if r["distribution"]:
+            assert np.isfinite(r["fid"]) and r["fid_se"] >= 0 and np.isfinite(r["kid"])
         if r["method"].startswith("ML-EM"):  # counted by the solver: the cheapest level runs on every step
             assert r["evaluations"][0] == r["steps"] and max(r["evaluations"][1:]) <= r["steps"]
 

@@ -2,8 +2,9 @@
 for what is measured): the committed family benchmarks/weights/fmnist16 (nf 4, 8, 16, 32),
 reproduced by the training command in its .json.
 
-    python benchmarks/image_speedup.py --out docs/figures/image_speedup   # about 30 min on 2 cores
-    python benchmarks/image_speedup.py --quick                            # CI: a few seconds of sampling
+    python benchmarks/fmnist16.py --out docs/figures/fmnist16           # the full run on 2 cores
+    python benchmarks/fmnist16.py --family runs/fmnist16x5/family --name fmnist16x5 ...  # another family
+    python benchmarks/fmnist16.py --quick                               # CI: a few seconds of sampling
 
 Fashion-MNIST is read from Debian's dataset-fashion-mnist (--source-dir) and prepared
 once into a tfds data dir (--data-dir); nothing is downloaded.
@@ -19,7 +20,9 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from image_experiment import QUICK, Config, _tables, format_tables, plot_curves, run_experiment  # noqa: E402
+from image_analysis import format_tables, tables  # noqa: E402
+from image_experiment import QUICK, Config, run_experiment  # noqa: E402
+from image_plots import plot_curves  # noqa: E402
 
 from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, load_dataset, prepare_local  # noqa: E402
 from mlem_jax.diffusion.family import load_family  # noqa: E402
@@ -41,18 +44,18 @@ def load_data(source_dir, data_dir, image_size, limit=None):
     return train, test
 
 
-def replot(out):
+def replot(out, name):
     import json
 
-    with open(os.path.join(out, "image_speedup.json")) as f:
+    with open(os.path.join(out, f"{name}.json")) as f:
         result = json.load(f)
-    cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in result["config"].items()})
-    result["tables"] = _tables(result["runs"], cfg, f"EM nf={result['nfs'][-1]}", result["nfs"])
-    with open(os.path.join(out, "image_speedup.json"), "w") as f:
+    targets = {"sde": tuple(result["config"]["targets"]), "ode": tuple(result["config"]["ode_steps"])}
+    result["tables"] = tables(result["runs"], f"EM nf={result['nfs'][-1]}", f"Euler nf={result['nfs'][-1]}", targets)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(out, "image_speedup.md"), "w") as f:
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(format_tables(result))
-    plot_curves(result, out)
+    plot_curves(result, out, name)
     print(f"rewrote the tables and plots in {out}")
     return 0
 
@@ -63,23 +66,30 @@ def main(argv=None):
     p.add_argument("--family", default=WEIGHTS, help="trained family stem (default: the committed fmnist16)")
     p.add_argument("--source-dir", default=FASHION_MNIST_DEBIAN, help="Fashion-MNIST idx files")
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: data/tfds, or a temporary one with --quick)")
-    p.add_argument("--batch", type=int, default=None, help="samples per method (default 128, quick 8)")
-    p.add_argument("--out", default="benchmarks/out/image_speedup", help="output folder")
+    p.add_argument("--samples", type=int, default=None, help="samples per distribution run (default 1000)")
+    p.add_argument("--coupled-samples", type=int, default=None, help="samples for the coupled error (default 128)")
+    p.add_argument("--name", default="fmnist16", help="output file names: NAME.json, NAME.md, NAME_sde.png, ...")
+    p.add_argument("--no-ode", action="store_true", help="skip the probability-flow ODE runs")
+    p.add_argument("--out", default="benchmarks/out/fmnist16", help="output folder")
     p.add_argument("--replot", action="store_true",
-                   help="redo the tables and error-cost plots from OUT/image_speedup.json (no sampling)")
+                   help="redo the tables and plots from OUT/NAME.json (no sampling)")
     args = p.parse_args(argv)
     if args.replot:
-        return replot(args.out)
+        return replot(args.out, args.name)
     if not os.path.isdir(args.source_dir):
         msg = (f"--source-dir: Fashion-MNIST not found in {args.source_dir!r}; install Debian's "
                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --source-dir.")
         if args.quick:  # CI without root cannot install it; the test suite skips likewise
-            print("image_speedup --quick skipped: " + msg)
+            print("fmnist16 --quick skipped: " + msg)
             return 0
         p.error(msg)
-    cfg = QUICK if args.quick else Config()
-    if args.batch:
-        cfg = dataclasses.replace(cfg, batch=args.batch)
+    cfg = dataclasses.replace(QUICK if args.quick else Config(), name=args.name)
+    if args.samples:
+        cfg = dataclasses.replace(cfg, samples=args.samples)
+    if args.coupled_samples:
+        cfg = dataclasses.replace(cfg, coupled_samples=args.coupled_samples)
+    if args.no_ode:
+        cfg = dataclasses.replace(cfg, ode_steps=(), heun_steps=(), ode_mlem_steps=())
     data_dir = args.data_dir or ("benchmarks/out/tfds_quick" if args.quick else "data/tfds")
     family = load_family(args.family)
     size = family.image_shape[0]
