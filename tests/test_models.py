@@ -131,3 +131,28 @@ def test_nnx_adapter():
     out = apply(params, jnp.ones((2, 3)), 2.0)
     assert out.shape == (2, 3)
     assert jnp.allclose(jax.jit(apply)(params, jnp.ones((2, 3)), 2.0), out)
+
+
+def test_combine_families(tmp_path):
+    """Levels of two families make one, in width order, with their sources recorded; a
+    mismatch of image shape is refused."""
+    import jax
+
+    from mlem_jax.diffusion.family import combine_families, load_family, save_family
+    from mlem_jax.diffusion.sde import VP
+    from mlem_jax.diffusion.unet import unet_family
+
+    def make(nfs, name, shape=(8, 8, 1)):
+        models = unet_family(nfs, ch_mult=(1, 2))
+        params = [m.init(jax.random.key(i), jnp.zeros((1, *shape)), jnp.ones(1))["params"] for i, m in enumerate(models)]
+        return save_family(str(tmp_path / name), models, params, VP(), "eps", shape, extra={"command": f"make {name}"})
+
+    small, big = make((4, 8), "small"), make((16,), "big")
+    path = combine_families([small, big], str(tmp_path / "all"), nfs=(4, 16))
+    fam = load_family(path)
+    assert [m.nf for m in fam.models] == [4, 16]
+    assert fam.meta["sources"]["16"]["command"] == "make big"
+    np.testing.assert_array_equal(fam.params[1]["Conv_0"]["kernel"], load_family(big).params[0]["Conv_0"]["kernel"])
+    odd = make((32,), "odd", shape=(16, 16, 1))
+    with pytest.raises(ValueError, match="image_shape"):
+        combine_families([small, odd], str(tmp_path / "bad"))

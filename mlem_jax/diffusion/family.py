@@ -80,3 +80,35 @@ def load_family(path: str) -> Family:
 def shipped_family_path() -> str:
     """The pretrained digits family that ships inside the package."""
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits16")
+
+
+def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None = None) -> str:
+    """Write one family made of the levels of several (for example a new, larger level
+    trained on its own with the same recipe), cheapest first; `nfs` selects levels by
+    width. The families must share the SDE, parameterisation and image shape. The .json
+    records where every level came from. Returns the npz path."""
+    families = [load_family(p) for p in paths]
+    first = families[0]
+    for p, f in zip(paths[1:], families[1:]):
+        for field in ("parameterization", "image_shape"):
+            if getattr(f, field) != getattr(first, field):
+                raise ValueError(f"{p}: its {field} {getattr(f, field)} differs from {paths[0]}'s {getattr(first, field)}.")
+        if f.meta["sde"] != first.meta["sde"]:
+            raise ValueError(f"{p}: its SDE {f.meta['sde']} differs from {paths[0]}'s {first.meta['sde']}.")
+    levels = [(m.nf, m, prm, p) for p, f in zip(paths, families) for m, prm in zip(f.models, f.params)]
+    if nfs is not None:
+        missing = sorted(set(nfs) - {nf for nf, *_ in levels})
+        if missing:
+            raise ValueError(f"nfs: no level with nf={missing} in {list(paths)}.")
+        levels = [next(lv for lv in levels if lv[0] == nf) for nf in nfs]
+    widths = [nf for nf, *_ in levels]
+    if widths != sorted(set(widths)):
+        raise ValueError(f"nfs: the combined levels must have distinct increasing widths, got {widths}.")
+    sources = {str(nf): {"family": p, "command": next(f.meta.get("command") for q, f in zip(paths, families) if q == p),
+                         "held_out_loss": next(f.meta.get("held_out_loss", {}).get(str(nf))
+                                               for q, f in zip(paths, families) if q == p)}
+               for nf, _, _, p in levels}
+    extra = {"sources": sources, "dataset": first.meta.get("dataset"),
+             "held_out_loss": {k: v["held_out_loss"] for k, v in sources.items()}}
+    return save_family(out, [m for _, m, _, _ in levels], [prm for _, _, prm, _ in levels], first.sde,
+                       first.parameterization, first.image_shape, extra=extra)
