@@ -22,13 +22,14 @@ test: $(STAMP)
 
 ## bench-quick: every benchmark in its --quick mode (what CI runs)
 bench-quick: $(STAMP)
-	$(VENV)/bin/mlem-jax demo --steps 20 --batch-size 16 --no-progress --out benchmarks/out/demo_quick.png
+	$(VENV)/bin/mlem-jax demo --steps 20 --batch-size 16 --pilot-size 16 --no-progress --out benchmarks/out/demo_quick.png
 	$(PY) benchmarks/toy_complexity.py --quick
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
 	$(PY) benchmarks/fmnist16.py --quick
+	$(PY) benchmarks/fid_resolution.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)

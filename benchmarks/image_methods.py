@@ -89,7 +89,8 @@ def sde_runs(cfg, nfs, stats, prob_costs, log=print) -> list[Run]:
                 ev[k], ev[-1] = m, n - m
                 runs.append(Run(f"T-Stitch nf={nfs[k]}->{nfs[-1]} ({frac:.0%} small), {n} steps",
                                 f"T-Stitch nf={nfs[k]}->{nfs[-1]} ({frac:.0%} small)", ("stitch", k), n,
-                                knobs=t_switch, evaluations=tuple(int(v) for v in ev), distribution=True))
+                                knobs=t_switch, evaluations=tuple(int(v) for v in ev),
+                                distribution=(frac == cfg.stitch_fractions[0])))
     for coupling in cfg.couplings:
         p = jnp.asarray(geometric_probabilities(K, cfg.geometric_ratio), jnp.float32)
         for coins in ("iid", "stratified"):

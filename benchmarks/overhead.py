@@ -5,7 +5,8 @@
 (b) `multilevel_euler_maruyama` with a cheap MLP (width 32) under an expensive one
     (width 2048) at p_top in {1, 0.3, 0.1, 0.03}, jit + vmap with the level key
     unbatched: measured wall time against the time predicted from the measured cost of
-    each level and the number of evaluations the solver reports.
+    each level and the number of evaluations the solver reports; and the same with
+    stratified coins, whose time over iid's is the cost of planning the coins.
 
     python benchmarks/overhead.py [--quick]
 """
@@ -97,16 +98,20 @@ def bench_mlem(batch, steps, dim, width, p_tops, repeats):
     rows = []
     for p in p_tops:
         probs = jnp.array([1.0, p])
+        row = {"p_top": p}
+        for coins in ("iid", "stratified"):
+            def sample(k, lk):
+                return multilevel_euler_maruyama((cheap, dear), probs, diffusion, jnp.zeros(dim), ts, k, level_key=lk,
+                                                 coins=coins)
 
-        def sample(k, lk):
-            return multilevel_euler_maruyama((cheap, dear), probs, diffusion, jnp.zeros(dim), ts, k, level_key=lk)
-
-        run = jax.jit(jax.vmap(sample, in_axes=(0, None)))
-        lk = jax.random.key(7)
-        t = median_time(run, keys, lk, repeats=repeats)
-        evals = np.asarray(run(keys, lk).evaluations[0])
-        predicted = t_base + evals[1] * t_dear
-        rows.append({"p_top": p, "evaluations_top": int(evals[1]), "measured_s": t, "predicted_s": predicted})
+            run = jax.jit(jax.vmap(sample, in_axes=(0, None)))
+            lk = jax.random.key(7)
+            t = median_time(run, keys, lk, repeats=repeats)
+            evals = np.asarray(run(keys, lk).evaluations[0])
+            suffix = "" if coins == "iid" else "_stratified"
+            row.update({f"evaluations_top{suffix}": int(evals[1]), f"measured_s{suffix}": t,
+                        f"predicted_s{suffix}": t_base + evals[1] * t_dear})
+        rows.append(row)
     return t_base, t_dear, rows
 
 
@@ -135,11 +140,15 @@ def main():
     print(f"  EM loop on the cheap level ({steps} steps): {1e3 * t_base:.2f} ms;  "
           f"one batched evaluation of the expensive level inside the loop: {1e3 * t_dear:.3f} ms")
     print("  predicted = cheap-level loop + (evaluations of the expensive level) x (its cost per evaluation)")
-    print(f"  {'p_top':>6} {'evals':>6} {'measured ms':>12} {'predicted ms':>13} {'meas/pred':>9} {'vs p=1':>7}")
+    print(f"  {'p_top':>6} {'evals':>6} {'measured ms':>12} {'predicted ms':>13} {'meas/pred':>9} {'vs p=1':>7}"
+          f" | stratified: {'evals':>6} {'measured ms':>12} {'meas/pred':>9} {'strat/iid time':>14}")
     t1 = rows[0]["measured_s"]
     for r in rows:
         print(f"  {r['p_top']:6.2f} {r['evaluations_top']:6d} {1e3 * r['measured_s']:12.2f} "
-              f"{1e3 * r['predicted_s']:13.2f} {r['measured_s'] / r['predicted_s']:9.2f} {r['measured_s'] / t1:7.3f}")
+              f"{1e3 * r['predicted_s']:13.2f} {r['measured_s'] / r['predicted_s']:9.2f} {r['measured_s'] / t1:7.3f}"
+              f" |             {r['evaluations_top_stratified']:6d} {1e3 * r['measured_s_stratified']:12.2f} "
+              f"{r['measured_s_stratified'] / r['predicted_s_stratified']:9.2f} "
+              f"{r['measured_s_stratified'] / r['measured_s']:14.3f}")
     results["mlem_skipping"] = {"batch": batch, "steps": steps, "width": width, "base_s": t_base,
                                 "top_eval_s": t_dear, "rows": rows}
     folder = out_dir(args.out)
