@@ -28,6 +28,8 @@ def plot_curves(result, out, name):
         return
     for part, ode in (("sde", False), ("ode", True)):
         rs = [r for r in result["runs"] if r["ode"] == ode]
+        if not rs:
+            continue
         methods = list(dict.fromkeys(r["method"] for r in rs))
         colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(methods), 2)))
         metrics = [(m, n) for m, n in (("fid", "Fréchet distance (classifier features)"), ("rms", "coupled RMS error"))
@@ -49,7 +51,8 @@ def plot_curves(result, out, name):
                     ax.errorbar(c, e, yerr=se, fmt="o", ms=3, color=style["color"], alpha=0.6)
                 ax.set(xscale="log", yscale="log", xlabel=cname, ylabel=mname)
                 ax.grid(alpha=0.3)
-        axes[0, 0].legend(fontsize=6)
+        for i in range(len(metrics)):
+            axes[i, 0].legend(fontsize=6)
         fig.suptitle(f"{result['dataset']}: quality against cost ({'probability-flow ODE' if ode else 'reverse SDE'}); "
                      f"lines: fronts, dots: runs ± 1 s.e.\n{result['device']}", fontsize=9)
         fig.tight_layout()
