@@ -30,6 +30,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/sharding_throughput.py --quick
 	$(PY) benchmarks/fmnist16.py --quick
 	$(PY) benchmarks/fid_resolution.py --quick
+	$(PY) benchmarks/family_costs.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
