@@ -142,8 +142,11 @@ def main():
         print(f"{n:>40} " + " ".join(f"{c / b:9.3f}" if np.isfinite(c / b) else f"{'-':>9}"
                                       for c, b in zip(costs_at[n], costs_at[base])))
     best = [np.nanmin([costs_at[n][i] for n in results if n.startswith("stratified")]) for i in range(len(targets))]
-    print(f"{'EM / best stratified':>40} " + " ".join(f"{em_cost / b:9.2f}" for b in best))
-    print(f"{'EM / iid time-dep. optimum':>40} " + " ".join(f"{em_cost / b:9.2f}" for b in costs_at[base]))
+    # not a speedup at equal quality: EM on f^K is the reference (coupled error 0 by definition);
+    # this is what accepting each coupled error saves against it
+    print("EM on f^K (error 0, the reference) over ML-EM at that coupled error -- not an equal-quality ratio:")
+    print(f"{'EM cost / best stratified cost':>40} " + " ".join(f"{em_cost / b:9.2f}" for b in best))
+    print(f"{'EM cost / iid time-dep. optimum cost':>40} " + " ".join(f"{em_cost / b:9.2f}" for b in costs_at[base]))
     for i, t in enumerate(targets):
         rows.append({"error": t, **{n: costs_at[n][i] for n in results}})
     # the pilot-scaled stratified calibration: its predicted error against a measurement
@@ -153,7 +156,7 @@ def main():
     measured_err, measured_cost = measure([cal.probs], ts, paths, 5, "stratified")[0]
     print(f"\nstratified_probabilities for a coupled RMS of {target:.3g} (whole state): predicted "
           f"{cal.predicted_error * np.sqrt(DIM):.3g} at cost {cal.predicted_cost:.4g}; measured on fresh noise "
-          f"{measured_err:.3g} at cost {measured_cost:.4g} (EM / it: {em_cost / measured_cost:.2f}x)")
+          f"{measured_err:.3g} at cost {measured_cost:.4g} (EM on f^K, error 0, costs {em_cost / measured_cost:.2f}x more)")
     folder = out_dir(args.out)
     name = "calibrated_probabilities_quick" if args.quick else "calibrated_probabilities"
     with open(os.path.join(folder, name + ".json"), "w") as f:

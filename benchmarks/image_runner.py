@@ -56,7 +56,7 @@ class Runner:
         key = (run.kind, run.ode, run.steps, chunk, knob_shapes)
         if key not in self.compiled:
             fn = jax.jit(jax.vmap(self.make(run.kind, run.ode), in_axes=(0, 0, None, None, None)))
-            y0, dw = self.noise(0, chunk, run.steps, run.ode)
+            y0, dw = jax.eval_shape(lambda: self.noise(0, chunk, run.steps, run.ode))  # shapes only
             self.compiled[key] = fn.lower(y0, dw, ts, run.knobs, self.level_key).compile()
         fn = self.compiled[key]
         out, seconds, evaluations = [], 0.0, None

@@ -142,6 +142,8 @@ def main():
     print("  predicted = cheap-level loop + (evaluations of the expensive level) x (its cost per evaluation)")
     print(f"  {'p_top':>6} {'evals':>6} {'measured ms':>12} {'predicted ms':>13} {'meas/pred':>9} {'vs p=1':>7}"
           f" | stratified: {'evals':>6} {'measured ms':>12} {'meas/pred':>9} {'strat/iid time':>14}")
+    print("  (iid and stratified at the same probabilities, not at equal error: the column shows the cost of "
+          "planning the coins; compare meas/pred, since the evaluation counts differ)")
     t1 = rows[0]["measured_s"]
     for r in rows:
         print(f"  {r['p_top']:6.2f} {r['evaluations_top']:6d} {1e3 * r['measured_s']:12.2f} "

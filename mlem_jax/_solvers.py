@@ -37,6 +37,7 @@ import numpy as np
 
 from mlem_jax import _noise, _progress, _validate
 from mlem_jax._coins import (
+    Coins,
     level_coins,
     probabilities_on_grid,
     stratified_coins,
@@ -225,7 +226,7 @@ def multilevel_euler_maruyama(
     level_key: jax.Array | None = None,
     coupling: str = "independent",
     *,
-    coins: str = "iid",
+    coins: Coins = "iid",
     saveat: Any = None,
     callback: Callable | None = None,
     progress: bool = False,

@@ -314,27 +314,44 @@ def _scale_for_cost(cost_of, target, low=1e-6, high=1e6) -> float:
     return float(np.exp(a))
 
 
+def _check_budget(budget, num_steps, costs) -> None:
+    if not budget > num_steps * costs[0]:
+        raise ValueError(
+            f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level alone "
+            f"({num_steps} steps x {costs[0]:.4g} = {num_steps * costs[0]:.4g}); raise the budget."
+        )
+
+
+def _stratified_family(stats: LevelStatistics, costs, num_steps: int, coupling: str, time_dependent: bool):
+    """The one-parameter family p = min(1, lambda s) of the cube-root shape: returns
+    (cost_of(lambda), schedule(lambda), shape)."""
+    V = np.asarray(stats.variances if time_dependent else stats.time_averaged("variances")[None], np.float64)
+    w = np.asarray(stats.bin_weights) if time_dependent else np.ones(1)
+    shape = stratified_shape(V, costs, coupling)
+    Ct = correction_costs(costs, coupling)
+
+    def cost_of(scale):
+        return expected_cost(_scaled(shape, scale, coupling), Ct, num_steps, bin_weights=w)
+
+    def schedule(scale):
+        p = _scaled(shape, scale, coupling)
+        if time_dependent:
+            return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
+        return jnp.asarray(p[0], jnp.float32)
+
+    return cost_of, schedule, shape
+
+
 def stratified_schedule(stats: LevelStatistics, costs, num_steps: int, budget: float, *,
                         coupling: str = "independent", time_dependent: bool = True):
     """The stratified cube-root schedule (`stratified_shape`) scaled to an expected cost of
     `budget` per trajectory (in the units of `costs`), without pilot runs. Returns the
     schedule (PiecewiseConstant, or an array (K,) when not time dependent) and lambda."""
     costs = np.asarray(costs, np.float64)
-    if not budget > num_steps * costs[0]:
-        raise ValueError(
-            f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level alone "
-            f"({num_steps} steps x {costs[0]:.4g} = {num_steps * costs[0]:.4g}); raise the budget."
-        )
-    V = np.asarray(stats.variances if time_dependent else stats.time_averaged("variances")[None], np.float64)
-    w = np.asarray(stats.bin_weights) if time_dependent else np.ones(1)
-    shape = stratified_shape(V, costs, coupling)
-    Ct = correction_costs(costs, coupling)
-    scale = _scale_for_cost(lambda s: expected_cost(_scaled(shape, s, coupling), Ct, num_steps, bin_weights=w),
-                            budget)
-    p = _scaled(shape, scale, coupling)
-    if time_dependent:
-        return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32)), scale
-    return jnp.asarray(p[0], jnp.float32), scale
+    _check_budget(budget, num_steps, costs)
+    cost_of, schedule, _ = _stratified_family(stats, costs, num_steps, coupling, time_dependent)
+    scale = _scale_for_cost(cost_of, budget)
+    return schedule(scale), scale
 
 
 def stratified_probabilities(
@@ -383,37 +400,16 @@ def stratified_probabilities(
     if costs.shape != (len(drifts),) or np.any(~np.isfinite(costs)) or np.any(costs <= 0):
         raise ValueError(f"costs: expected {len(drifts)} positive finite costs, one per level, got {costs}.")
     num_steps = int(ts.shape[0] - 1)
-    if budget is not None and not budget > num_steps * costs[0]:
-        raise ValueError(
-            f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level alone "
-            f"({num_steps} steps x {costs[0]:.4g} = {num_steps * costs[0]:.4g}); raise the budget."
-        )
-    V = np.asarray(stats.variances if time_dependent else stats.time_averaged("variances")[None], np.float64)
-    w = np.asarray(stats.bin_weights) if time_dependent else np.ones(1)
-    shape = stratified_shape(V, costs, coupling)
-    Ct = correction_costs(costs, coupling)
-
-    def cost_of(scale):
-        return expected_cost(_scaled(shape, scale, coupling), Ct, num_steps, bin_weights=w)
-
-    def schedule(scale):
-        p = _scaled(shape, scale, coupling)
-        if time_dependent:
-            return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
-        return jnp.asarray(p[0], jnp.float32)
+    if budget is not None:
+        _check_budget(budget, num_steps, costs)
+    cost_of, schedule, shape = _stratified_family(stats, costs, num_steps, coupling, time_dependent)
 
     # scales whose expected costs are log-spaced between ~the base level and EM on f^K
     finite = shape[:, 1:][np.isfinite(shape[:, 1:])]
-    lo_scale, hi_scale = 1e-6, 1.0 / max(finite.min(), 1e-12)
+    hi_scale = 1.0 / max(finite.min(), 1e-12)  # every p = 1 from here on
     base, top = num_steps * costs[0], cost_of(hi_scale)
     targets = np.exp(np.linspace(np.log(base + 0.03 * (top - base)), np.log(top), num_pilots + 1))[:-1]
-    scales = []
-    for c in targets:  # bisection in log(lambda): the cost is monotone in lambda
-        a, b = np.log(lo_scale), np.log(hi_scale)
-        for _ in range(60):
-            mid = 0.5 * (a + b)
-            a, b = (mid, b) if cost_of(np.exp(mid)) < c else (a, mid)
-        scales.append(float(np.exp(b)))
+    scales = [_scale_for_cost(cost_of, c, high=hi_scale) for c in targets]
 
     level_key = jax.random.key(0) if level_key is None else level_key
     keys = jnp.asarray(keys)
@@ -467,11 +463,7 @@ def stratified_probabilities(
         else:
             scale = float(np.exp(np.interp(-np.log(target_error), -log_e, log_l)))
     else:
-        a, b = np.log(lo_scale), np.log(hi_scale)
-        for _ in range(60):
-            mid = 0.5 * (a + b)
-            a, b = (mid, b) if cost_of(np.exp(mid)) <= budget else (a, mid)
-        scale = float(np.exp(a))
+        scale = _scale_for_cost(cost_of, budget, high=hi_scale)
     predicted = float(np.exp(np.interp(np.log(scale), log_l, log_e)))
     return StratifiedCalibration(schedule(scale), scale, predicted, cost_of(scale), pilots)
 

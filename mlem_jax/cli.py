@@ -187,7 +187,7 @@ def cmd_calibrate(args):
     nfs = [family.models[k].nf for k in levels]
     t0 = time.perf_counter()
     if args.match_em:
-        from mlem_jax.diffusion.equal_error import search_configuration
+        from mlem_jax.equal_error import search_configuration
 
         if args.coins != "stratified" or args.levels is not None or args.grid != "uniform":
             raise CLIError("--match-em: searches stratified coins on all levels and a uniform grid; pass "
@@ -244,7 +244,7 @@ def cmd_merge(args):
 
 
 def cmd_demo(args):
-    from mlem_jax.diffusion.equal_error import equal_error_comparison
+    from mlem_jax.equal_error import equal_error_comparison
     from mlem_jax.diffusion.family import shipped_family_path
     from mlem_jax.diffusion.images import save_png, side_by_side, to_grid
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import PiecewiseConstant
-from mlem_jax.calibrate import flops_of, level_costs, level_statistics, stratified_shape
+from mlem_jax.calibrate import _stratified_family, flops_of, level_costs, level_statistics
 from mlem_jax.diffusion.coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
 from mlem_jax.diffusion.metrics import Estimate, coupled_error
 from mlem_jax.diffusion.parameterization import reverse_diffusion
@@ -50,7 +50,7 @@ class EqualErrorResult(NamedTuple):
     pilot_seconds: float
     em_samples: np.ndarray
     mlem_samples: np.ndarray
-    levelflops_of: np.ndarray  # (K,) XLA FLOPs of one evaluation of each level on one sample
+    level_flops: np.ndarray  # (K,) XLA FLOPs of one evaluation of each level on one sample
 
     @property
     def speedup(self) -> float:
@@ -59,27 +59,11 @@ class EqualErrorResult(NamedTuple):
     @property
     def flop_ratio(self) -> float:
         """EM's FLOPs over ML-EM's (evaluation counts times per-level FLOPs)."""
-        return float(self.levelflops_of[-1] * self.num_steps / (self.evaluations @ self.levelflops_of))
+        return float(self.level_flops[-1] * self.num_steps / (self.evaluations @ self.level_flops))
 
     @property
     def num_steps(self) -> int:
         return int(self.evaluations[0])
-
-
-def _schedule(stats_edges, shape, scale, coupling):
-    with np.errstate(invalid="ignore"):
-        p = np.where(np.isinf(scale), 1.0, np.minimum(1.0, scale * shape))
-    if coupling == "nested":
-        p = np.minimum.accumulate(p, axis=1)
-    return PiecewiseConstant(jnp.asarray(stats_edges, jnp.float32), jnp.asarray(p, jnp.float32))
-
-
-def _expected_seconds(probs, coupling, costs, num_steps):
-    """Predicted sampling time from the level costs and the expected evaluations."""
-    p = np.asarray(probs.values, np.float64)
-    needed = p if coupling == "nested" else np.minimum(1.0, p + np.append(p[:, 1:], np.zeros((p.shape[0], 1)), 1))
-    needed[:, 0] = 1.0
-    return float(num_steps * np.mean(needed @ costs))
 
 
 class Search(NamedTuple):
@@ -126,11 +110,11 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
                              num_bins=num_bins, stride=max(1, num_steps // 50))
     costs = np.asarray(level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], pilot.y0,
                                    repeats=5).seconds)
-    shape = stratified_shape(stats.variances, costs)
-    schedules = [(Config(c, s), _schedule(stats.bin_edges, shape, s, c)) for c in ("independent", "nested")
-                 for s in LADDER]
-    schedules.sort(key=lambda cs: _expected_seconds(cs[1], cs[0].coupling, costs, num_steps))
-    schedules.append((Config("nested", float("inf")), _schedule(stats.bin_edges, shape, float("inf"), "nested")))
+    # per coupling, the cube-root family p = min(1, lambda s) and its predicted time per sample
+    families = {c: _stratified_family(stats, costs, num_steps, c, True) for c in ("independent", "nested")}
+    predicted = {(c, s): families[c][0](s) for c in families for s in LADDER}
+    schedules = [(Config(c, s), families[c][1](s)) for c, s in sorted(predicted, key=predicted.get)]
+    schedules.append((Config("nested", float("inf")), families["nested"][1](float("inf"))))  # every p = 1
     samplers = {c: mlem_sampler(drifts, g, ts, coupling=c, coins="stratified") for c in ("independent", "nested")}
     ref, dw, y, _ = _reference_and_em(drifts, g, ts, ts_ref, pilot)
     target = coupled_error(y, ref).value
@@ -142,7 +126,7 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
         cfg, probs = schedules[mid]
         yml, _ = samplers[cfg.coupling](pilot.y0, dw, jax.random.key(seed + 11), probs)
         err = coupled_error(yml, ref).value
-        tried.append((cfg.coupling, cfg.scale, _expected_seconds(probs, cfg.coupling, costs, num_steps), err))
+        tried.append((cfg.coupling, cfg.scale, families[cfg.coupling][0](cfg.scale), err))
         log(f"  {cfg.coupling:11s} lambda {cfg.scale:4.2f}: error {err:.4f} ({err / target:.2f} x EM's)")
         lo, hi = (lo, mid) if err <= tolerance * target else (mid + 1, hi)
     cfg, probs = schedules[lo]
