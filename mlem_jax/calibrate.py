@@ -33,6 +33,14 @@ from mlem_jax._probabilities import (
     injected_variance,
     optimal_probabilities,
 )
+from mlem_jax._flops import flops_of
+from mlem_jax._learning import (  # noqa: F401  (re-exported: the paper's learned probabilities)
+    LearnedProbabilities,
+    LearningHistory,
+    coupled_error_gradient,
+    learn_probabilities,
+    scaled_to_budget,
+)
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 from mlem_jax._validate import check_coupling, check_drifts, check_ts
 
@@ -46,17 +54,6 @@ class LevelCosts(NamedTuple):
 
     seconds: np.ndarray
     flops: np.ndarray
-
-
-def flops_of(fn, *args) -> float:
-    """XLA's cost-analysis FLOPs of one call fn(*args) (NaN where the backend gives none)."""
-    try:
-        analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    except Exception:  # some backends do not implement cost analysis
-        return math.nan
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", math.nan))
 
 
 def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) -> LevelCosts:

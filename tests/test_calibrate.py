@@ -204,6 +204,16 @@ def test_level_costs_measures_time_and_flops():
     assert np.all(c.seconds > 0)
 
 
+def test_flops_of_counts_matrix_products_and_convolutions_exactly():
+    """2 m n k for a product, 2 x outputs x taps for a VALID convolution: the count of the
+    lowered program, which a GPU's compiled program (cuDNN custom calls) would not give."""
+    from mlem_jax.calibrate import flops_of
+
+    assert flops_of(lambda a, b: a @ b, jnp.zeros((16, 32)), jnp.zeros((32, 8))) == 2 * 16 * 32 * 8
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert flops_of(conv, jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))) == 2 * (2 * 6 * 6 * 4) * (3 * 3 * 3)
+
+
 def test_bad_inputs():
     stats_like = level_statistics(affine_levels(), g, jnp.ones(12), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 12), num_bins=2)
     with pytest.raises(ValueError, match=r"costs: expected one cost per level \(4 levels"):

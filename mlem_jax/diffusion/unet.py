@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._flops import flops_of
+
 
 def default_groups(nf: int, ch_mult: Sequence[int], max_groups: int = 8) -> int:
     """The largest group count <= max_groups dividing every width nf * m."""
@@ -159,13 +161,10 @@ def count_params(params: Any) -> int:
 
 
 def forward_flops(model: UNet, params: Any, image_shape: Sequence[int], batch: int = 1) -> float:
-    """FLOPs of one forward pass on `batch` images, from XLA's cost analysis."""
+    """FLOPs of one forward pass on `batch` images, from XLA's cost analysis (`flops_of`)."""
     x = jnp.zeros((batch, *image_shape))
     f = lambda p, x: model.apply({"params": p}, x, jnp.zeros((batch,)))
-    analysis = jax.jit(f).lower(params, x).compile().cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+    return flops_of(f, params, x)
 
 
 def family_summary(family, params_list, image_shape) -> list[dict]:
