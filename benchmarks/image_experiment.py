@@ -42,6 +42,7 @@ class Config:
     samples: int = 1000  # samples of each distribution run (FID / KID)
     coupled_samples: int = 128  # samples for the coupled error (and the reference)
     chunk: int = 512  # samples per compiled call
+    equal_batch: bool = True  # time every run at batch `chunk`, also those of fewer samples
     em_steps: tuple = (25, 50, 100, 200)  # EM with the largest network: the baseline
     targets: tuple = (25, 50, 100)  # the baseline qualities each method is asked to reach
     ref_factor: int = 4  # reference grid = ref_factor x the finest EM grid

@@ -47,10 +47,13 @@ class Runner:
         return y0, dw.reshape(size, n, self.n_ref // n, *self.shape).sum(2)
 
     # ---------------------------------------------------------------------- run
-    def sample(self, run, size: int):
+    def sample(self, run, size: int, equal_batch: bool | None = None):
         """Samples of `run` for the first `size` samples of the shared noise, the wall
         time of sampling them (compilation excluded) and the evaluations per path."""
-        chunk = min(self.cfg.chunk, size)
+        # every run is timed at the same batch (a GPU's cost per sample falls steeply with the
+        # batch); a run of fewer samples computes one whole chunk and keeps its first `size`
+        equal_batch = self.cfg.equal_batch if equal_batch is None else equal_batch
+        chunk = self.cfg.chunk if equal_batch else min(self.cfg.chunk, size)
         ts = uniform_grid(run.steps, self.cfg.t_min)
         knob_shapes = str(jax.tree_util.tree_map(jnp.shape, run.knobs))
         key = (run.kind, run.ode, run.steps, chunk, knob_shapes)
@@ -79,7 +82,7 @@ class Runner:
             run = (Run("reference", "reference", ("heun",), self.cfg.ode_ref_steps, ode=True, evaluations=(0,) * K)
                    if ode else Run("reference", "reference", ("em", K - 1), self.n_ref, evaluations=(0,) * K))
             t0 = time.perf_counter()
-            self.references[ode] = self.sample(run, self.cfg.coupled_samples)[0]
+            self.references[ode] = self.sample(run, self.cfg.coupled_samples, equal_batch=False)[0]  # not timed
             self.log(f"reference ({'Heun, ODE' if ode else 'EM, SDE'}, {run.steps} steps, "
                      f"{self.cfg.coupled_samples} samples): {time.perf_counter() - t0:.0f} s")
         return self.references[ode]

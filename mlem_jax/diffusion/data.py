@@ -253,6 +253,29 @@ def _register_local_builders():
     _REGISTERED = True
 
 
+_READERS = {"mnist": _mnist_like, "fashion_mnist": _mnist_like, "cifar10": _cifar10}
+
+
+def read_local(name: str, source_dir: str, split: str = "train", image_size: int | None = None,
+               with_labels: bool = False):
+    """'mnist', 'fashion_mnist' or 'cifar10' straight from their raw files in `source_dir`
+    (no tensorflow-datasets): images in [-1, 1], (N, H, W, C), in the files' order, resized
+    as `load_dataset` resizes them; with `with_labels=True`, (images, labels). For machines
+    where tfds is not installed (a GPU image, say); `load_dataset` reads the same records
+    from a prepared tfds dir, in tfds's order."""
+    if name not in _READERS:
+        raise ValueError(f"name: {name!r} has no raw reader; expected one of {sorted(_READERS)}.")
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}.")
+    if not os.path.isdir(source_dir):
+        raise FileNotFoundError(f"source_dir: {source_dir!r} does not exist.")
+    x, y = _READERS[name](source_dir, split)
+    x = to_unit_range(np.asarray(x))
+    if image_size is not None and x.shape[1] != image_size:
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]), "linear", antialias=True))
+    return (x, np.asarray(y, np.int32)) if with_labels else x
+
+
 def prepare_local(name: str, source_dir: str, data_dir: str, limit: int | None = None) -> str:
     """Prepare 'mnist', 'fashion_mnist' or 'cifar10' from local files into array_record
     under data_dir (no tensorflow, no network). `limit` keeps the first records of each
