@@ -207,6 +207,8 @@ def cmd_calibrate(args):
     ts = _grid(family, args.steps, args.grid)
     keys = jax.random.split(jax.random.key(args.seed), args.trajectories)
     y0 = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(keys)
+    if args.learn:
+        return _learn(args, family, drifts, ts, y0, nfs, t0)
     given = [n for n, v in (("--target-variance", args.target_variance), ("--speedup", args.speedup),
                             ("--target-error", args.target_error)) if v is not None]
     if len(given) > 1:
@@ -228,6 +230,71 @@ def cmd_calibrate(args):
                             cost_unit=report.cost_unit)
     plot = report.plot(path[:-5] + ".png" if path.endswith(".json") else path + ".png")
     print(f"wrote {path} and {plot} in {time.perf_counter() - t0:.0f} s")
+
+
+def _learn(args, family, drifts, ts, y0, nfs, t0):
+    """calibrate --learn: the paper's SGD on p_k(t) at a FLOP budget of EM's cost / --speedup."""
+    import jax
+    import numpy as np
+
+    from mlem_jax.calibrate import learn_probabilities, level_costs, save_calibration
+    from mlem_jax.diffusion.parameterization import reverse_diffusion
+
+    if args.coins != "iid":
+        raise CLIError("--learn: learning needs the law of each step's coins (the score-function gradient), which "
+                       "iid coins have; for stratified coins drop --learn: --coins stratified takes the closed-form "
+                       "cube-root shape scaled on pilot runs.")
+    if args.target_variance is not None or args.target_error is not None:
+        raise CLIError("--learn: holds a compute budget; give --speedup (EM's cost / budget), not a target.")
+    if args.trajectories < 2:
+        raise CLIError("--trajectories: --learn needs at least 2 trajectories (two groups of one).")
+    speedup = 4.0 if args.speedup is None else args.speedup
+    flops = level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], y0, repeats=1).flops
+    costs = np.asarray(flops, np.float64) / y0.shape[0]
+    budget = args.steps * costs[-1] / speedup
+    group = max(1, args.trajectories // 4)
+    try:
+        res = learn_probabilities(drifts, reverse_diffusion(family.sde), y0, ts, jax.random.key(args.seed + 1),
+                                  costs=costs, budget=budget, num_bins=args.bins, coupling=args.coupling,
+                                  steps=args.learn_steps, group_size=group, num_groups=max(2, args.trajectories // group),
+                                  progress=not args.no_progress)
+    except ValueError as e:
+        raise CLIError(f"--learn: {e}") from e
+    h = res.history
+    tail = max(1, len(h.coupled_mse) // 5)
+    rms = float(np.sqrt(np.mean(h.coupled_mse[-tail:])))
+    print(f"learned p_k(t) in {res.seconds:.0f} s ({args.learn_steps} SGD steps): coupled RMS per pixel over the "
+          f"last {tail} steps {rms:.4f}, expected cost {h.expected_cost[-1]:.4g} FLOP per sample "
+          f"(EM {args.steps * costs[-1]:.4g}, {speedup:g}x less)")
+    path = save_calibration(
+        args.out, res.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="iid", coupling=args.coupling,
+        command=_command(args), cost_unit="flops", predicted_speedup=speedup, predicted_error=rms,
+        made_by=(f"learn_probabilities: {args.learn_steps} SGD steps (Adam 0.05) on the coupled MSE against EM at a "
+                 f"FLOP budget of EM / {speedup:g}, score-function gradients; {args.trajectories} pooled starts"),
+        learning={"seconds": res.seconds, "coupled_mse": h.coupled_mse.tolist(), "expected_cost": h.expected_cost.tolist()})
+    plot = _plot_learning(res, nfs, path[:-5] + ".png" if path.endswith(".json") else path + ".png")
+    print(f"wrote {path} and {plot} in {time.perf_counter() - t0:.0f} s")
+
+
+def _plot_learning(res, nfs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    edges, values = np.asarray(res.probs.edges), np.asarray(res.probs.values)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in range(1, values.shape[1]):
+        a.stairs(values[:, k], edges, label=f"nf={nfs[k]}")
+    a.set(yscale="log", xlabel="t", ylabel="p_k(t)", title="learned probabilities")
+    a.legend(fontsize=8)
+    b.plot(np.sqrt(res.history.coupled_mse), lw=0.8)
+    b.set(yscale="log", xlabel="SGD step", ylabel="coupled RMS per pixel", title="training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def cmd_merge(args):
@@ -368,6 +435,10 @@ def build_parser():
     c.add_argument("--match-em", action="store_true",
                    help="stratified: choose the cheapest configuration matching EM's coupled error on --steps "
                         "(pilot search on --trajectories samples)")
+    c.add_argument("--learn", action="store_true",
+                   help="iid coins: learn p_k(t) by SGD with score-function gradients (the paper's method) at a "
+                        "FLOP budget of EM's cost / --speedup")
+    c.add_argument("--learn-steps", type=_positive(int), default=100, help="with --learn: SGD steps")
     c.set_defaults(func=cmd_calibrate)
 
     d = sub.add_parser("demo", help="EM against ML-EM at equal coupled error on the shipped digits family")

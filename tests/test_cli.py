@@ -143,3 +143,23 @@ def test_out_is_checked_before_any_compute(tmp_path, capsys):
     assert main(["demo", "--out", str(blocker / "sub" / "demo.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "which is a file, not a folder" in err[0]
+
+
+def test_calibrate_learn_writes_a_file_that_says_how_it_was_made(trained, tmp_path, capsys):
+    cal = tmp_path / "learned.json"
+    fam = str(trained / "family")
+    assert main(["calibrate", "--family", fam, "--learn", "--learn-steps", "3", "--steps", "6", "--trajectories", "4",
+                 "--bins", "2", "--speedup", "1.5", "--out", str(cal), "--no-progress"]) == 0
+    assert "learned p_k(t)" in capsys.readouterr().out
+    c = json.loads(cal.read_text())
+    assert c["coins"] == "iid" and c["steps"] == 6 and "learn_probabilities" in c["made_by"]
+    assert len(c["learning"]["coupled_mse"]) == 3 and os.path.exists(tmp_path / "learned.png")
+    assert main(["sample", "--family", fam, "--calibration", str(cal), "--steps", "6", "--batch-size", "2",
+                 "--out", str(tmp_path / "l.png"), "--no-progress"]) == 0
+    capsys.readouterr()
+    for extra, message in [(["--coins", "stratified"], "--learn: learning needs the law"),
+                           (["--target-variance", "0.1"], "--learn: holds a compute budget")]:
+        assert main(["calibrate", "--family", fam, "--learn", "--steps", "6", "--out", str(tmp_path / "y.json"),
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -1,0 +1,364 @@
+"""Learned level probabilities p_k(t) (the paper's method): stochastic gradient descent on
+
+    J(p) = E |X^ML_N(p) - X^EM_N|^2 / d  +  lambda * E cost(p),
+
+the coupled mean-square error of ML-EM (iid coins) against EM with the finest drift f^K
+on the same Brownian path, plus a weighted expected cost
+E cost = sum_n sum_k p_k(t_n) C~_k (C~ from `correction_costs`).
+
+The schedule is piecewise constant in time: one logit per time bin and level, with
+p_1 = 1. Independent coins use p = p_min + (1 - p_min) sigmoid(theta); nested coins use a
+running product of such factors, so that p is non-increasing in k by construction.
+
+The error term depends on p in two ways: through the 1/p weights of the corrections
+(differentiable: the pathwise gradient, coins held fixed) and through the law of the
+coins (not differentiable pathwise: the score-function, or REINFORCE, term). With the
+coins B of one trajectory group and their log-probability
+
+    independent: log P(B) = sum_n sum_{k>=2} B_nk log p_k(t_n) + (1 - B_nk) log(1 - p_k(t_n)),
+    nested:      log P(B) = sum_n log(p_{m_n}(t_n) - p_{m_n + 1}(t_n)),  m_n = levels fired,
+
+the gradient of E[D^2] is E[ d D^2 / dp |_B + (D^2 - b) d log P(B) / dp ], whose
+independent-coin score is sum_n (B_nk - p_k) / (p_k (1 - p_k)) dp_k. The baseline b is the
+mean error of the other trajectory groups of the same step (leave-one-out), independent
+of the group's coins, so the estimator stays unbiased while its variance falls.
+
+The trajectories of a group share their coins (one level key, unbatched under vmap), so
+`lax.cond` still skips the levels that did not fire while the gradient is computed; the
+groups run one after the other (`lax.map`).
+
+With a `budget` the expected cost is held exactly at every step instead of being
+weighted: the logits give the shape r_k(t) of the schedule and p = min(1, s r) with the
+scale s solved from E cost(p) = budget (bisection for the set of clamped entries, then
+s in closed form on the free ones, so that the gradient follows the constraint: the
+optimum found is the constrained one, with no multiplier to tune).
+Stratified coins have no tractable law per step, so they are not learned: their
+probabilities come from the closed-form cube-root shape (`stratified_probabilities`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax import _validate
+from mlem_jax._coins import level_coins
+from mlem_jax._probabilities import PiecewiseConstant, correction_costs
+from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
+
+
+class LearningHistory(NamedTuple):
+    """Per optimisation step (NumPy arrays): the surrogate objective, the mean coupled
+    squared error of the step's trajectories, the expected cost per trajectory of the
+    schedule, and the schedule's values (steps, B, K)."""
+
+    objective: np.ndarray
+    coupled_mse: np.ndarray
+    expected_cost: np.ndarray
+    probs: np.ndarray
+
+
+class LearnedProbabilities(NamedTuple):
+    """`probs`: the learned `PiecewiseConstant` schedule (p_1 = 1), the average of the
+    iterates over the last `average` fraction of the steps; `history`: the training
+    curves; `seconds`: wall time of the learning, compilation and EM reference included."""
+
+    probs: PiecewiseConstant
+    history: LearningHistory
+    seconds: float
+
+
+def time_bins(ts, num_bins: int) -> jax.Array:
+    """Edges of `num_bins` equal time bins spanning the grid (increasing)."""
+    ts = np.asarray(ts, np.float64)
+    return jnp.asarray(np.linspace(ts.min(), ts.max(), num_bins + 1), jnp.result_type(float))
+
+
+def probabilities_from_logits(logits, coupling: str = "independent", min_probability: float = 1e-3):
+    """(B, K-1) logits -> (B, K) probabilities with p_1 = 1 (see the module docstring)."""
+    q = min_probability + (1.0 - min_probability) * jax.nn.sigmoid(logits)
+    if coupling == "nested":
+        q = jnp.cumprod(q, axis=-1)
+    return jnp.concatenate([jnp.ones_like(q[..., :1]), q], axis=-1)
+
+
+def scaled_to_budget(shape, counts, corr, budget):
+    """p = min(1, s * shape) for levels 2..K with the scale s that makes the expected cost
+    sum_b counts_b sum_k p_bk corr_k equal `budget` (p_1 = 1 included in the cost). The
+    clamped set comes from a bisection on log s; s is then the closed form on the free
+    entries, so it is differentiable in `shape`. shape: (B, K) with shape[:, 0] ignored."""
+    r = shape[:, 1:]
+    w = counts[:, None] * corr[None, 1:]  # cost of p = 1 at (bin, level)
+    room = budget - jnp.sum(counts) * corr[0]
+
+    def cost(log_s):
+        return jnp.sum(jnp.minimum(1.0, jnp.exp(log_s) * r) * w)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        high = cost(mid) > room
+        return jnp.where(high, lo, mid), jnp.where(high, mid, hi)
+
+    r_sg = jax.lax.stop_gradient(r)
+    lo = -jnp.log(jnp.max(r_sg)) - 60.0
+    hi = -jnp.log(jnp.min(r_sg))  # every entry clamped at 1 from here on
+    lo, hi = jax.lax.fori_loop(0, 80, bisect, (lo, hi))
+    free = jnp.exp(0.5 * (lo + hi)) * r_sg < 1.0
+    s = (room - jnp.sum(jnp.where(free, 0.0, w))) / jnp.sum(jnp.where(free, r * w, 0.0))
+    p = jnp.where(free, s * r, 1.0)
+    return jnp.concatenate([jnp.ones_like(shape[:, :1]), p], axis=1)
+
+
+def logits_from_probabilities(values, coupling: str = "independent", min_probability: float = 1e-3):
+    """The inverse of `probabilities_from_logits` (values clipped into its range)."""
+    p = np.asarray(values, np.float64)[..., 1:]
+    if coupling == "nested":
+        p = p / np.concatenate([np.ones_like(p[..., :1]), p[..., :-1]], axis=-1)
+    q = np.clip((p - min_probability) / (1.0 - min_probability), 1e-6, 1 - 1e-6)
+    return jnp.asarray(np.log(q) - np.log1p(-q), jnp.result_type(float))
+
+
+def coin_log_probability(coins, probs, coupling: str = "independent"):
+    """log P(B) of iid coins `coins` (N, K) under `probs` (N, K) (p_1 = 1 is not random)."""
+    p = probs[:, 1:]
+    if coupling == "independent":
+        b = coins[:, 1:]
+        return jnp.sum(jnp.where(b, jnp.log(p), jnp.log(jnp.maximum(1.0 - p, 1e-12))))
+    fired = jnp.sum(coins, axis=1)  # nested: levels 1..m fired, m = fired
+    padded = jnp.concatenate([probs, jnp.zeros_like(probs[:, :1])], axis=1)
+    rows = jnp.arange(probs.shape[0])
+    return jnp.sum(jnp.log(jnp.maximum(padded[rows, fired - 1] - padded[rows, fired], 1e-30)))
+
+
+def _group_coins(level_key, p_grid, coupling):
+    """The coins `multilevel_euler_maruyama` draws from `level_key` (iid): fold_in per step."""
+    return jax.vmap(lambda n, p: level_coins(jax.random.fold_in(level_key, n), p, coupling))(
+        jnp.arange(p_grid.shape[0]), p_grid)
+
+
+def _surrogate(values, edges, drifts, diffusion, ts, args, coupling, y0s, path_keys, em_finals, level_keys):
+    """Mean over groups of D^2_g + stop_gradient(D^2_g - b_g) log P(B_g), whose gradient is
+    the estimator of d E[D^2] / d values; also returns the groups' D^2 (mean over paths and
+    coordinates). y0s, path_keys, em_finals: (G, M, ...); level_keys: (G,)."""
+    schedule = PiecewiseConstant(edges, values)
+    p_grid = jax.vmap(schedule)(ts[:-1])
+
+    def group(inputs):
+        y0, keys, em, level_key = inputs
+        sample = lambda y, k: multilevel_euler_maruyama(drifts, schedule, diffusion, y, ts, k, args,
+                                                        level_key=level_key, coupling=coupling).y
+        final = jax.vmap(sample)(y0, keys)
+        sq = jax.tree_util.tree_map(lambda a, b: jnp.sum((a - b) ** 2), final, em)
+        size = sum(x.size for x in jax.tree_util.tree_leaves(em))
+        mse = sum(jax.tree_util.tree_leaves(sq)) / size
+        coins = _group_coins(level_key, jax.lax.stop_gradient(p_grid), coupling)
+        return mse, coin_log_probability(coins, p_grid, coupling)
+
+    mse, logp = jax.lax.map(group, (y0s, path_keys, em_finals, level_keys))
+    G = mse.shape[0]
+    baseline = (jnp.sum(mse) - mse) / (G - 1)
+    surrogate = jnp.mean(mse + jax.lax.stop_gradient(mse - baseline) * logp)
+    return surrogate, mse
+
+
+def _check_inputs(drifts, y0s, ts, costs, num_bins, coupling, group_size, num_groups):
+    ts = _validate.check_ts(ts)
+    coupling = _validate.check_coupling(coupling)
+    if len(drifts) < 2:
+        raise ValueError(f"drifts: learning probabilities needs at least 2 levels, got {len(drifts)}.")
+    leaves = jax.tree_util.tree_leaves(y0s)
+    if not leaves or any(jnp.ndim(x) < 1 for x in leaves):
+        raise ValueError("y0s: expected a batch of initial states with a leading axis (one per path).")
+    pool = int(jnp.shape(leaves[0])[0])
+    if pool < 1:
+        raise ValueError("y0s: expected at least one initial state.")
+    c = np.asarray(costs, np.float64)
+    if c.shape != (len(drifts),) or np.any(~np.isfinite(c)) or np.any(c <= 0):
+        raise ValueError(f"costs: expected one finite positive cost per level ({len(drifts)}), got {costs!r}.")
+    if not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+        raise ValueError(f"num_bins: expected a positive integer, got {num_bins!r}.")
+    if num_bins > ts.shape[0] - 1:
+        raise ValueError(f"num_bins: {num_bins} bins for {ts.shape[0] - 1} steps would leave bins without steps; "
+                         f"use at most {ts.shape[0] - 1}.")
+    if not isinstance(num_groups, (int, np.integer)) or num_groups < 2:
+        raise ValueError(f"num_groups: expected an integer >= 2 (the baseline of a group is the mean of the "
+                         f"others), got {num_groups!r}.")
+    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size: expected a positive integer, got {group_size!r}.")
+    return ts, coupling, pool, c
+
+
+def _em_finals(drift, diffusion, y0s, ts, path_keys, args, chunk=256):
+    """EM with the finest drift from every pooled start, on each path's own noise."""
+    fn = jax.jit(jax.vmap(lambda y, k: euler_maruyama(drift, diffusion, y, ts, k, args)))
+    n = path_keys.shape[0]
+    outs = [fn(jax.tree_util.tree_map(lambda x: x[i : i + chunk], y0s), path_keys[i : i + chunk])
+            for i in range(0, n, chunk)]
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
+def coupled_error_gradient(drifts: Sequence[Callable], diffusion, y0s, ts, key, probs: PiecewiseConstant, *,
+                           coupling: str = "independent", group_size: int = 8, num_groups: int = 4, args: Any = None):
+    """One unbiased estimate of E[D^2] and of its gradient with respect to `probs.values`
+    (the score-function estimator of the module docstring), from `num_groups` groups of
+    `group_size` trajectories drawn from `y0s` with their own noise and coins.
+
+    Returns (mse per group (G,), gradient (B, K)); the gradient of the p_1 column is 0.
+    """
+    ts, coupling, pool, _ = _check_inputs(drifts, y0s, ts, np.ones(len(drifts)), probs.values.shape[0], coupling,
+                                          group_size, num_groups)
+    k_paths, k_levels, k_pick = jax.random.split(key, 3)
+    idx = jax.random.choice(k_pick, pool, (num_groups, group_size), replace=pool < num_groups * group_size)
+    path_keys = jax.random.split(k_paths, num_groups * group_size).reshape(num_groups, group_size)
+    y0 = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[idx], y0s)
+    em = jax.vmap(jax.vmap(lambda y, k: euler_maruyama(drifts[-1], diffusion, y, ts, k, args)))(y0, path_keys)
+    level_keys = jax.random.split(k_levels, num_groups)
+    grad, mse = jax.grad(_surrogate, has_aux=True)(
+        jnp.asarray(probs.values), probs.edges, tuple(drifts), diffusion, ts, args, coupling, y0, path_keys, em,
+        level_keys)
+    return mse, grad.at[:, 0].set(0.0)
+
+
+def learn_probabilities(
+    drifts: Sequence[Callable],
+    diffusion: Callable | None,
+    y0s,
+    ts,
+    key,
+    *,
+    costs,
+    budget: float | None = None,
+    cost_weight: float | None = None,
+    num_bins: int = 10,
+    coupling: str = "independent",
+    steps: int = 300,
+    group_size: int = 8,
+    num_groups: int = 4,
+    optimizer=None,
+    init=None,
+    min_probability: float = 1e-3,
+    average: float = 0.5,
+    args: Any = None,
+    progress: bool = True,
+) -> LearnedProbabilities:
+    """Learn a piecewise-constant schedule p_k(t) by SGD (the paper's method; see the
+    module docstring for the objective and the gradient estimator).
+
+    Args:
+      drifts: f^1..f^K, cheapest first; diffusion: g(t, y, args) (None for an ODE).
+      y0s: a pool of initial states with a leading axis; path i gets its own Brownian
+        path from `key`, and its EM reference with f^K is computed once.
+      ts: the time grid the schedule is learned for (and should be used on).
+      costs: (K,) cost of one evaluation of each level (seconds or FLOPs).
+      budget: expected cost per trajectory, held exactly at every step, or
+      cost_weight: a fixed weight lambda of the expected cost. Give exactly one.
+      num_bins: time bins of the schedule; coupling: "independent" or "nested".
+      steps: optimisation steps, each on `num_groups` groups of `group_size` paths.
+      optimizer: an optax optimizer on the logits (default optax.adam(0.05)).
+      init: initial schedule ((K,) or (num_bins, K) values, or a PiecewiseConstant);
+        default p_k = 0.3^(k-1).
+      average: fraction of the last steps whose schedules are averaged into the result.
+
+    Returns:
+      `LearnedProbabilities(probs, history, seconds)`.
+    """
+    import time
+
+    import optax
+
+    start = time.perf_counter()
+    drifts = tuple(drifts)
+    ts, coupling, pool, level_cost = _check_inputs(drifts, y0s, ts, costs, num_bins, coupling, group_size,
+                                                   num_groups)
+    if (budget is None) == (cost_weight is None):
+        raise ValueError("budget, cost_weight: give exactly one (a cost per trajectory to hold, or a fixed "
+                         "weight lambda of the expected cost in the objective).")
+    num_steps = ts.shape[0] - 1
+    corr = correction_costs(level_cost, coupling)
+    if budget is not None:
+        floor = num_steps * corr[0]
+        if not (np.isfinite(budget) and budget > floor):
+            raise ValueError(f"budget: {budget!r} per trajectory is not above the cost of the cheapest level alone "
+                             f"({num_steps} steps x {corr[0]:.4g} = {floor:.4g}); raise the budget or use fewer steps.")
+        full = num_steps * corr.sum()
+        if budget >= full:
+            raise ValueError(f"budget: {budget:.4g} per trajectory pays for every level at every step "
+                             f"({full:.4g}); there is nothing to learn: use p = 1 (or EM with the finest level).")
+    elif not (np.isfinite(cost_weight) and cost_weight > 0):
+        raise ValueError(f"cost_weight: expected a finite positive weight, got {cost_weight!r}.")
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: expected a positive number of optimisation steps, got {steps!r}.")
+    if not 0 < min_probability < 1:
+        raise ValueError(f"min_probability: expected a value in (0, 1), got {min_probability!r}.")
+    if not 0 < average <= 1:
+        raise ValueError(f"average: expected a fraction in (0, 1], got {average!r}.")
+    K = len(drifts)
+    edges = time_bins(ts, num_bins)
+    if init is None:
+        init = 0.3 ** np.arange(K)
+    init_values = np.asarray(init.values if isinstance(init, PiecewiseConstant) else init, np.float64)
+    init_values = np.broadcast_to(init_values, (num_bins, K))
+    logits = logits_from_probabilities(init_values, coupling, min_probability)
+    optimizer = optax.adam(0.05) if optimizer is None else optimizer
+    opt_state = optimizer.init(logits)
+
+    k_paths, k_levels, k_pick = jax.random.split(key, 3)
+    path_keys = jax.random.split(k_paths, pool)
+    em_finals = _em_finals(drifts[-1], diffusion, y0s, ts, path_keys, args)
+    corr_j = jnp.asarray(corr, ts.dtype)
+    step_bins = np.clip(np.searchsorted(np.asarray(edges), np.asarray(ts[:-1]), side="right") - 1, 0, num_bins - 1)
+    counts = jnp.asarray(np.bincount(step_bins, minlength=num_bins), ts.dtype)
+    if budget is None:
+        p_of = lambda th: probabilities_from_logits(th, coupling, min_probability)
+    else:
+        p_of = lambda th: scaled_to_budget(probabilities_from_logits(th, coupling, min_probability), counts, corr_j,
+                                           budget)
+
+    def cost_of(values):
+        return jnp.sum(counts[:, None] * values * corr_j)
+
+    def loss(theta, weight, it):
+        values = p_of(theta)
+        idx = jax.random.choice(jax.random.fold_in(k_pick, it), pool, (num_groups, group_size),
+                                replace=pool < num_groups * group_size)
+        take = lambda x: x[idx]
+        level_keys = jax.random.split(jax.random.fold_in(k_levels, it), num_groups)
+        surrogate, mse = _surrogate(values, edges, drifts, diffusion, ts, args, coupling,
+                                    jax.tree_util.tree_map(take, y0s), path_keys[idx],
+                                    jax.tree_util.tree_map(take, em_finals), level_keys)
+        cost = cost_of(values)
+        return surrogate + weight * cost, (jnp.mean(mse), cost, values)
+
+    @jax.jit
+    def update(theta, opt_state, weight, it):
+        (objective, (mse, cost, values)), grad = jax.value_and_grad(loss, has_aux=True)(theta, weight, it)
+        updates, opt_state = optimizer.update(grad, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state, objective, mse, cost, values
+
+    weight = 0.0 if cost_weight is None else float(cost_weight)  # a budget is held by the scale instead
+    history = {k: [] for k in LearningHistory._fields}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="learning p_k(t)", leave=False)
+    for it in range(steps):
+        logits, opt_state, objective, mse, cost, values = update(logits, opt_state, jnp.float32(weight), it)
+        for name, v in zip(LearningHistory._fields, (objective, mse, cost, values)):
+            history[name].append(np.asarray(v))
+        if not np.isfinite(float(objective)):
+            raise FloatingPointError(f"learn_probabilities: the objective became {float(objective)} at step {it}; "
+                                     "lower the learning rate or raise min_probability.")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(mse=f"{float(mse):.3g}", cost=f"{float(cost):.3g}")
+    if bar is not None:
+        bar.close()
+    hist = LearningHistory(*(np.asarray(history[k]) for k in LearningHistory._fields))
+    tail = hist.probs[-max(1, int(round(average * steps))):]
+    learned = PiecewiseConstant(edges, jnp.asarray(tail.mean(0), ts.dtype))
+    return LearnedProbabilities(learned, hist, time.perf_counter() - start)
