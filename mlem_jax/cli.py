@@ -123,6 +123,8 @@ def cmd_train(args):
         test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise CLIError(f"--dataset: {e}") from e
+    if len(set(args.nfs)) != len(args.nfs):
+        raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
     try:
         family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult))
     except ValueError as e:
@@ -132,17 +134,70 @@ def cmd_train(args):
     print(f"training {len(family)} levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
           f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each")
     t0 = time.perf_counter()
-    results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
-                           resume=args.resume, progress=not args.no_progress)
-    losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
-    command = _command(args)
-    path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
-                       train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
-                                                 "held_out_loss": {str(k): v for k, v in losses.items()},
-                                                 "train_seconds": time.perf_counter() - t0})
+    with _exclusive(args.out):
+        try:
+            results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
+                                   resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+        except FileExistsError as e:
+            raise CLIError(f"--out: {e}") from e
+        except ValueError as e:  # a resume with another recipe, a batch larger than the data, ...
+            name, _, text = str(e).partition(": ")
+            raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
+        losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
+        command = _command(args)
+        path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
+                           train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
+                                                     "held_out_loss": {str(k): v for k, v in losses.items()},
+                                                     "train_seconds": sum(h.seconds for _, h in results)})
     for nf, loss in losses.items():
         print(f"  nf={nf:3d}: held-out DSM loss " + ("n/a (no new steps)" if loss is None else f"{loss:.4f}"))
     print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")
+
+
+class _exclusive:
+    """Hold OUT/.lock (O_EXCL, with the owner's pid) while training into OUT, so that two
+    trainers cannot write the same checkpoints; a lock left by a dead process is taken over."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, ".lock")
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    with open(self.path) as f:
+                        pid = int(f.read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise CLIError(f"--out: another trainer (pid {pid}) is writing {os.path.dirname(self.path)}; wait "
+                                   f"for it or use another --out (remove {self.path} if that process is gone).")
+                os.remove(self.path)  # stale: its owner died
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise CLIError(f"--out: could not take the lock {self.path}.")
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_sample(args):
@@ -387,6 +442,8 @@ def build_parser():
     t.add_argument("--eval-every", type=_positive(int), default=250, help="steps between held-out losses")
     t.add_argument("--out", default="runs/family", help="output folder: checkpoints/ and family.npz/.json")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again from step 0, deleting the checkpoints already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 

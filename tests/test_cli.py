@@ -163,3 +163,20 @@ def test_calibrate_learn_writes_a_file_that_says_how_it_was_made(trained, tmp_pa
                      *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_train_refuses_silent_restarts_duplicate_levels_and_a_held_lock(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "procedural", "--steps", "1", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    capsys.readouterr()
+    for extra, message in [([], "already holds checkpoints"), (["--resume", "--seed", "3"], "--resume: "),
+                           (["--nfs", "4", "4"], "--nfs: every level needs its own width")]:
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    (out / ".lock").write_text(str(os.getppid()))  # a live process holds the run
+    assert main(argv + ["--resume"]) == 2
+    assert "another trainer (pid" in capsys.readouterr().err
+    (out / ".lock").write_text("999999999")  # a dead one: taken over
+    assert main(argv + ["--overwrite"]) == 0 and not (out / ".lock").exists()

@@ -156,3 +156,41 @@ def test_combine_families(tmp_path):
     odd = make((32,), "odd", shape=(16, 16, 1))
     with pytest.raises(ValueError, match="image_shape"):
         combine_families([small, odd], str(tmp_path / "bad"))
+
+
+def test_restarts_are_never_silent(tmp_path):
+    """A directory with checkpoints is not restarted without resume or overwrite; a resume
+    with another recipe is refused; a corrupt newest checkpoint falls back to the previous
+    one; a finished level still reports its held-out loss; seconds accumulate."""
+    import pathlib
+
+    from mlem_jax.diffusion.train import all_steps
+
+    x = procedural(jax.random.key(0), 40, (8, 8, 1))
+    model = UNet(nf=4, **TINY)
+    cfg = TrainConfig(steps=4, batch_size=16, checkpoint_every=2, warmup_steps=2)
+    d = str(tmp_path / "run")
+    _, first = train(model, x, cfg, checkpoint_dir=d, progress=False)
+    assert all_steps(d) == [2, 4] and first.seconds > 0
+    with pytest.raises(FileExistsError, match=r"already holds checkpoints \(steps \[2, 4\]\); pass resume=True"):
+        train(model, x, cfg, checkpoint_dir=d, progress=False)
+    with pytest.raises(ValueError, match=r"resume: .* trained with seed=0 \(now 1\)"):
+        train(model, x, cfg._replace(seed=1), checkpoint_dir=d, resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"resume: .* batch_size=16 \(now 8\), learning_rate"):
+        train(model, x, cfg._replace(batch_size=8, learning_rate=1e-3), checkpoint_dir=d, resume=True, progress=False)
+    # nothing left to train: the held-out loss is still reported, and the time of the first session counted
+    _, again = train(model, x, cfg, test_images=x[:16], checkpoint_dir=d, resume=True, progress=False)
+    assert again.train == [] and again.test[0][0] == 4 and np.isfinite(again.test[0][1])
+    assert again.seconds >= first.seconds
+    # corrupt the newest checkpoint: a longer resumed run restarts from step 2 with a warning
+    for f in pathlib.Path(d, "4", "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable checkpoint.*resuming from step 2"):
+        _, h = train(model, x, cfg, checkpoint_dir=d, resume=True, progress=False)
+    assert [s for s, _ in h.train] == [3, 4]
+    # overwrite starts again from step 0
+    _, fresh = train(model, x, cfg, checkpoint_dir=d, overwrite=True, progress=False)
+    assert [s for s, _ in fresh.train] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"batch_size: 64 is larger than the 40 training images"):
+        train(model, x, cfg._replace(batch_size=64), progress=False)

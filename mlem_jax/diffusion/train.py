@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -50,6 +51,13 @@ class TrainState(NamedTuple):
 class History(NamedTuple):
     train: list  # (step, loss)
     test: list  # (step, held-out loss)
+    seconds: float = 0.0  # training wall time of this level, earlier sessions of a resumed run included
+
+
+# the fields of TrainConfig a resumed run must share with the run it continues (steps,
+# eval_every and checkpoint_every may change: training longer is the point of resuming)
+RESUME_FIELDS = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "ema_decay", "seed",
+                 "parameterization", "t_min")
 
 
 def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3):
@@ -188,6 +196,49 @@ def check_compatible(meta: dict, model: UNet, image_shape, directory: str) -> No
         )
 
 
+def all_steps(directory: str) -> list[int]:
+    """The steps of the checkpoints in `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    mngr = _manager(directory)
+    steps = sorted(int(s) for s in mngr.all_steps())
+    mngr.close()
+    return steps
+
+
+def check_resume(meta: dict, config: TrainConfig, directory: str) -> None:
+    """Refuse to resume a run with another recipe (seed, batch size, learning rate, ...)."""
+    saved = meta.get("config", {})
+    diff = [f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in RESUME_FIELDS
+            if k in saved and saved[k] != getattr(config, k)]
+    if diff:
+        raise ValueError(f"resume: {directory!r} was trained with " + ", ".join(diff) + "; resume with the same "
+                         "recipe, or start a new run in another directory (or overwrite this one).")
+
+
+def restore_latest_intact(directory: str, model: UNet, image_shape, config: TrainConfig):
+    """(state, meta) of the newest checkpoint that restores; a corrupt newer one (a kill
+    during a save that orbax did not finish renaming, a damaged disk) is skipped with a
+    warning. Fails only when none restores."""
+    import warnings
+
+    steps = all_steps(directory)
+    errors = []
+    for step in reversed(steps):
+        try:
+            state, meta = restore_checkpoint(directory, model, image_shape, config, step)
+        except ValueError as e:
+            if "corrupt or incomplete" not in str(e):
+                raise
+            errors.append(str(e))
+            continue
+        if errors:
+            warnings.warn(f"checkpoint: skipped {len(errors)} unreadable checkpoint(s) in {directory!r}; resuming "
+                          f"from step {step}. First error: {errors[0]}", stacklevel=2)
+        return state, meta
+    raise ValueError(f"checkpoint: no checkpoint in {directory!r} can be restored: " + " | ".join(errors))
+
+
 def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainConfig, step: int | None = None):
     """(state, meta) of the latest (or given) step, after checking it matches `model`."""
     import orbax.checkpoint as ocp
@@ -222,13 +273,18 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     desc: str | None = None,
     mesh=None,
+    overwrite: bool = False,
 ) -> tuple[TrainState, History]:
     """Train `model` by denoising score matching; returns the final state and losses.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps
-    and at the end; `resume=True` continues from the latest one (the data order and the
-    noise are functions of the step, so a resumed run equals an uninterrupted one).
+    and at the end; `resume=True` continues from the newest checkpoint that restores (the
+    data order and the noise are functions of the step, so a resumed run equals an
+    uninterrupted one) and refuses another recipe. A directory that already holds
+    checkpoints is never restarted silently: pass `resume=True` or `overwrite=True`.
     """
+    import shutil
+
     if config.parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
     if config.steps < 1:
@@ -238,12 +294,30 @@ def train(
     model.check_input((1, *image_shape))
     meta = {"model": model_config(model), "image_shape": list(image_shape), "sde": sde_config(sde),
             "parameterization": config.parameterization, "config": config._asdict()}
-    state = None
-    if resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None:
-        state, _ = restore_checkpoint(checkpoint_dir, model, image_shape, config)
+    if config.batch_size > train_images.shape[0]:
+        raise ValueError(f"batch_size: {config.batch_size} is larger than the {train_images.shape[0]} training "
+                         "images; use at most that many.")
+    if resume and overwrite:
+        raise ValueError("resume, overwrite: give at most one (continue the run, or start it again).")
+    t_start = time.perf_counter()
+    state, earlier_seconds = None, 0.0
+    existing = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
+    if existing and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
+                "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
+                "another directory.")
+        shutil.rmtree(checkpoint_dir)
+    if resume and existing:
+        state, saved = restore_latest_intact(checkpoint_dir, model, image_shape, config)
+        check_resume(saved, config, checkpoint_dir)
+        earlier_seconds = float(saved.get("train_seconds", 0.0))
     if state is None:
         state = init_state(model, image_shape, config)
     start = int(state.step)
+    if start > config.steps:
+        raise ValueError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} asked for.")
     step_fn = make_train_step(model, sde, config)
     put = lambda x: x
     if mesh is not None:
@@ -276,7 +350,8 @@ def train(
             if test_images is not None and ((s + 1) % config.eval_every == 0 or s + 1 == config.steps):
                 history.test.append((s + 1, evaluate(state.ema_params, model, sde, test_images, config)))
             if checkpoint_dir is not None and ((s + 1) % config.checkpoint_every == 0 or s + 1 == config.steps):
-                save_checkpoint(checkpoint_dir, state, meta)
+                save_checkpoint(checkpoint_dir, state,
+                                {**meta, "train_seconds": earlier_seconds + time.perf_counter() - t_start})
             if bar is not None:
                 post = {"loss": f"{loss:.4f}"}
                 if history.test:
@@ -286,7 +361,9 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    return state, history
+    if start == config.steps and test_images is not None:  # nothing left to train: report the held-out loss anyway
+        history.test.append((start, evaluate(state.ema_params, model, sde, test_images, config)))
+    return state, history._replace(seconds=earlier_seconds + time.perf_counter() - t_start)
 
 
 def train_family(
@@ -298,6 +375,7 @@ def train_family(
     checkpoint_root: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[tuple[TrainState, History]]:
     """Train every level on the same data with the same recipe and seed, one after
     another; level k checkpoints to checkpoint_root/nf{nf}."""
@@ -305,7 +383,7 @@ def train_family(
     for i, model in enumerate(family):
         ckpt = None if checkpoint_root is None else os.path.join(checkpoint_root, f"nf{model.nf}")
         out.append(train(model, train_images, config, sde, test_images, ckpt, resume, progress,
-                         desc=f"level {i + 1}/{len(family)} nf={model.nf}"))
+                         desc=f"level {i + 1}/{len(family)} nf={model.nf}", overwrite=overwrite))
     return out
 
 
