@@ -18,6 +18,7 @@ from mlem_jax._probabilities import (
 from mlem_jax._baselines import heun, switched_drift
 from mlem_jax._coins import level_coins, stratified_coins
 from mlem_jax._progress import StepInfo
+from mlem_jax._validate import BatchedLevelKeyWarning
 from mlem_jax._solvers import (
     MultilevelSolution,
     euler_maruyama,
@@ -35,6 +36,7 @@ __all__ = [
     "expected_cost",
     "MultilevelSolution",
     "StepInfo",
+    "BatchedLevelKeyWarning",
     "correction_costs",
     "geometric_probabilities",
     "injected_variance",

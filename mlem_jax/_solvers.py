@@ -274,6 +274,7 @@ def multilevel_euler_maruyama(
             )
         _, level_key = _noise.split_key(key)
     _validate.check_key(level_key, "level_key")
+    _validate.warn_if_batched(level_key)
     coin_flips = _coin_source(probs, len(drifts), coupling, coins, ts, level_key)
 
     def step_drift(n, t, y, evaluations):

@@ -278,3 +278,31 @@ def check_firings(firings: Any, num_levels: int, num_steps: int, coupling: str) 
     if coupling == "nested" and any(b > a for a, b in zip(m, m[1:])):
         raise ValueError(f"probs: the nested coupling needs non-increasing firings, got {m}.")
     return m
+
+
+class BatchedLevelKeyWarning(UserWarning):
+    """The level key of ML-EM is batched under vmap, so no level is skipped. Filter this
+    category where per-sample coins are wanted (averaging an error over coin plans)."""
+
+
+def warn_if_batched(level_key) -> None:
+    """Warn when the level key is batched by an enclosing `jax.vmap` (seen directly; a vmap
+    around a jitted function hides it): each sample then draws its own coins, `lax.cond`
+    becomes `select`, and every level runs at every step."""
+    import warnings
+
+    try:  # a private module: if it moves, the warning is lost, never the sampling
+        from jax._src.interpreters import batching
+
+        dim = getattr(level_key, "batch_dim", None) if isinstance(level_key, batching.BatchTracer) else None
+        not_mapped = getattr(batching, "NotMapped", ())
+        batched = dim is not None and not (isinstance(not_mapped, type) and isinstance(dim, not_mapped))
+    except Exception:  # pragma: no cover
+        return
+    if batched:
+        warnings.warn(
+            "level_key: the level key is batched (one per sample of a vmapped batch, as the default "
+            "level_key=None derives it from each sample's key), so under vmap every level runs at every step "
+            "and ML-EM saves nothing; `evaluations` then counts the levels each sample needed, not what ran. "
+            "Pass one level key for the whole batch, unbatched: jax.vmap(lambda k: multilevel_euler_maruyama("
+            "..., k, level_key=level_key))(keys).", BatchedLevelKeyWarning, stacklevel=3)

@@ -89,3 +89,23 @@ def test_brownian_path_of_wrong_shape():
     path = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(2,), key=KEY)
     with pytest.raises(ValueError, match=r"key: the Brownian path's increments must be shaped like y0"):
         euler_maruyama(F, G, Y0, TS, path)
+
+
+def test_a_batched_level_key_warns_and_an_unbatched_one_does_not():
+    """The default level_key=None under vmap derives one level key per sample: every level
+    then runs at every step. The jaxpr shows it (select instead of cond), and we warn."""
+    import warnings
+
+    from mlem_jax import BatchedLevelKeyWarning, multilevel_euler_maruyama
+
+    levels = (lambda t, y, a: -y, lambda t, y, a: -1.1 * y)
+    ts = jnp.linspace(0.0, 1.0, 5)
+    keys = jax.random.split(jax.random.key(0), 3)
+    run = lambda k, **kw: multilevel_euler_maruyama(levels, jnp.array([1.0, 0.5]), lambda t, y, a: 0.1,
+                                                    jnp.ones(2), ts, k, **kw).y
+    with pytest.warns(BatchedLevelKeyWarning, match=r"level_key: the level key is batched .* level_key=level_key"):
+        batched = jax.make_jaxpr(jax.vmap(run))(keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchedLevelKeyWarning)
+        shared = jax.make_jaxpr(jax.vmap(lambda k: run(k, level_key=jax.random.key(1))))(keys)
+    assert "cond" in str(shared) and "cond" not in str(batched)
