@@ -18,7 +18,10 @@ Coins: the iid optima are run with iid coins (the paper) and with stratified coi
 stratified cube-root shape (`stratified_shape`, constant or per time bin, independent or
 nested coupling) with stratified coins. `stratified_probabilities` (pilot runs on the 256
 calibration trajectories) picks one point for a target error; its prediction is checked
-against the measurement.
+against the measurement. The paper's learned schedules (`learn_probabilities`, iid coins,
+10 bins, 1500 SGD steps on 16 groups of 2 paths, held at budgets spanning the sweep;
+300 steps on 4 groups of 8 left it 1.2-1.4x costlier than the closed form, from SGD noise) are measured the same way, and the wall time
+of learning is printed next to that of the calibration.
 
     python benchmarks/calibrated_probabilities.py [--quick] [--out DIR]
 """
@@ -28,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +40,17 @@ import numpy as np
 
 from _common import device_description, out_dir
 from mlem_jax import euler_maruyama, geometric_probabilities, multilevel_euler_maruyama
-from mlem_jax import PiecewiseConstant
-from mlem_jax.calibrate import calibrated_probabilities, level_statistics, stratified_probabilities, stratified_shape
+from mlem_jax import BatchedLevelKeyWarning, PiecewiseConstant
+from mlem_jax.calibrate import (
+    calibrated_probabilities,
+    learn_probabilities,
+    level_statistics,
+    stratified_probabilities,
+    stratified_shape,
+)
+
+# one level key per path on purpose: the errors average over coin plans (no skipping needed)
+warnings.filterwarnings("ignore", category=BatchedLevelKeyWarning)
 
 K, DIM, SIGMA = 4, 4, 0.5
 COSTS = 4.0 ** np.arange(1, K + 1)
@@ -84,17 +98,56 @@ def cost_at(errors_costs, target):
     return float(np.exp(np.interp(np.log(target), e, c)))
 
 
+def plot_learned(stats, steps, budgets, learned_values, path):
+    """Learned p_k(t) (solid) against the closed-form iid optimum at the same budget (dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.asarray(stats.bin_edges)
+    picks = sorted({0, len(budgets) // 2, len(budgets) - 1})
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.6), sharey=True)
+    for ax, i in zip(np.atleast_1d(axes), picks):
+        closed = np.asarray(calibrated_probabilities(stats, COSTS, 1.0 / steps, budget=budgets[i], num_steps=steps).values)
+        for k in range(1, K):
+            line = ax.stairs(np.asarray(learned_values[i])[:, k], edges, label=f"level {k + 1} learned")
+            ax.stairs(closed[:, k], edges, ls="--", color=line.get_edgecolor(), label=f"level {k + 1} closed form")
+        ax.set(yscale="log", xlabel="t", title=f"budget {budgets[i]:.0f} per path")
+    np.atleast_1d(axes)[0].set_ylabel("p_k(t)")
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    fig.suptitle("Learned (SGD, score-function gradients) against closed-form probabilities")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--replot-learned", action="store_true",
+                    help="redraw OUT/calibrated_probabilities_learned.png from OUT/calibrated_probabilities.json")
     args = ap.parse_args()
     steps, paths, sweep = (50, 300, 6) if args.quick else (200, 2000, 10)
+    if args.replot_learned:
+        with open(os.path.join(args.out, "calibrated_probabilities.json")) as f:
+            saved = json.load(f)
+        ts = jnp.linspace(0.0, 1.0, saved["steps"] + 1)
+        stats = level_statistics(LEVELS, diffusion, jnp.zeros((256, DIM)), ts,
+                                 jax.random.split(jax.random.key(99), 256), num_bins=10)
+        print("wrote " + plot_learned(stats, saved["steps"], saved["learned"]["budgets"], saved["learned"]["values"],
+                                      os.path.join(args.out, "calibrated_probabilities_learned.png")))
+        return
     print(f"device: {device_description()}")
     ts = jnp.linspace(0.0, 1.0, steps + 1)
     h = 1.0 / steps
     cal_keys = jax.random.split(jax.random.key(99), 256)
-    stats = level_statistics(LEVELS, diffusion, jnp.zeros((256, DIM)), ts, cal_keys, num_bins=10)
+    t0 = time.perf_counter()
+    stats = jax.block_until_ready(level_statistics(LEVELS, diffusion, jnp.zeros((256, DIM)), ts, cal_keys,
+                                                   num_bins=10))
+    calibration_seconds = time.perf_counter() - t0
     print("V_k(t) by time bin (rows: bins from t=0 to t=1):")
     print(np.array2string(stats.variances[:, 1:], precision=3))
 
@@ -127,6 +180,19 @@ def main():
         ("stratified nested: cube-root, time-dep.", cube_root("nested", True), "stratified", "nested"),
     ]
     results = {label: measure(ps, ts, paths, 0, coins, coupling) for label, ps, coins, coupling in methods}
+    # the paper's learned schedules (SGD, score-function gradients) at budgets spanning the iid optimum's sweep
+    span = results["iid: time-dependent optimal"][:, 1]
+    budgets = np.geomspace(span.min() * 1.2, span.max() / 1.2, 2 if args.quick else 5)
+    learned, learn_seconds = [], []
+    for b in budgets:
+        r = learn_probabilities(LEVELS, diffusion, jnp.zeros((256, DIM)), ts, jax.random.key(7), costs=COSTS,
+                                budget=float(b), num_bins=10, steps=60 if args.quick else 1500, num_groups=16,
+                                group_size=2, progress=False)
+        learned.append(r.probs)
+        learn_seconds.append(r.seconds)
+    results["iid: learned (SGD)"] = measure(learned, ts, paths, 0, "iid", "independent")
+    print(f"calibration (V_k(t) on 256 trajectories): {calibration_seconds:.1f} s; learning: "
+          f"{np.mean(learn_seconds):.1f} s per budget ({np.sum(learn_seconds):.0f} s for {len(budgets)})")
     em_cost = steps * COSTS[-1]
     base = "iid: time-dependent optimal"
     lo = max(min(r[:, 0].min() for r in results.values()), results[base][:, 0].min())
@@ -162,6 +228,9 @@ def main():
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump({"device": device_description(), "steps": steps, "paths": paths,
                    "sweeps": {n: r.tolist() for n, r in results.items()}, "at_equal_error": rows,
+                   "calibration_seconds": calibration_seconds, "learn_seconds": learn_seconds,
+                   "learned": {"budgets": budgets.tolist(), "edges": np.asarray(learned[0].edges).tolist(),
+                               "values": [np.asarray(p.values).tolist() for p in learned]},
                    "stratified_calibration": {"target": target, "predicted": cal.predicted_error * np.sqrt(DIM),
                                               "predicted_cost": cal.predicted_cost, "measured": measured_err,
                                               "measured_cost": measured_cost}}, f, indent=1)
@@ -184,6 +253,8 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(folder, name + ".png"), dpi=120)
     print(f"wrote {os.path.join(folder, name + '.png')}")
+    print("wrote " + plot_learned(stats, steps, budgets, [np.asarray(p.values) for p in learned],
+                                  os.path.join(folder, name + "_learned.png")))
 
 
 if __name__ == "__main__":

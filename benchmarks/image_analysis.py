@@ -97,4 +97,10 @@ def format_tables(result) -> str:
         lines += [f"- {r['a']} - {r['b']}: {r['difference']:.4g} ± {r['se']:.2g} ({r['z']:.1f} standard errors)"
                   for r in res]
         lines.append("")
+    if result.get("learn_seconds"):
+        lines += ["## Cost of the schedules", "",
+                  f"Calibration (level statistics on {result['config']['stats_trajectories']} trajectories): "
+                  f"{result['stats_seconds']:.0f} s; learning by SGD ({result['config']['learn_sgd_steps']} steps): "
+                  f"{np.mean(result['learn_seconds']):.0f} s per schedule, {np.sum(result['learn_seconds']):.0f} s "
+                  f"for {len(result['learn_seconds'])}.", ""]
     return "\n".join(lines)

@@ -26,10 +26,10 @@ import numpy as np
 
 from _common import device_description, out_dir
 from image_analysis import format_tables, tables
-from image_methods import ode_runs, sampler_factory, sde_runs
+from image_methods import learned_runs, ode_runs, sampler_factory, sde_runs
 from image_plots import plot_curves, plot_samples
 from image_runner import Runner
-from mlem_jax.calibrate import fit_gamma, level_costs, level_statistics
+from mlem_jax.calibrate import fit_gamma, learn_probabilities, level_costs, level_statistics
 from mlem_jax.diffusion import reverse_diffusion, target_from_noise, uniform_grid
 from mlem_jax.diffusion.classifier import train_classifier
 from mlem_jax.diffusion.metrics import paired_frechet
@@ -61,6 +61,9 @@ class Config:
     ode_mlem_steps: tuple = (50, 100)
     ode_mlem_budgets: tuple = (0.3, 0.6)
     stats_trajectories: int = 32
+    learn_grids: tuple = ()  # grids (of mlem_steps) on which to also learn p_k(t) by SGD at each budget
+    learn_sgd_steps: int = 300  # SGD steps of each learned schedule
+    learn_groups: tuple = (16, 2)  # (groups, paths per group) of each SGD step
     stats_steps: int = 100
     stats_bins: int = 10
     heldout: int = 5000  # held-out images for the distribution distances
@@ -76,7 +79,8 @@ class Config:
 QUICK = Config(samples=16, coupled_samples=8, chunk=16, em_steps=(4, 8), targets=(4, 8), small_steps=(8,),
                stitch_fractions=(0.5,), stitch_steps=(8,), couplings=("independent",), geometric_steps=(8,),
                mlem_steps=(8, 16), mlem_budgets=(0.5,), ode_steps=(4, 8), heun_steps=(2, 4), ode_ref_steps=16,
-               ode_mlem_steps=(16,), ode_mlem_budgets=(0.5,), stats_trajectories=6, stats_steps=8, stats_bins=2,
+               ode_mlem_steps=(16,), ode_mlem_budgets=(0.5,), stats_trajectories=6, learn_grids=(8,), learn_sgd_steps=3,
+               learn_groups=(2, 2), stats_steps=8, stats_bins=2,
                heldout=64, loss_images=64, classifier_steps=30, grid_cost_steps=8, bootstrap=10,
                probability_costs="flops")  # tiny levels are too cheap to time apart reliably
 
@@ -156,13 +160,33 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
     y0s = jax.vmap(lambda k: family.sde.prior_sample(k, shape))(sk)
     ts_stats = uniform_grid(cfg.stats_steps, cfg.t_min)
     stride = 2 if cfg.stats_steps >= 20 else 1
-    stats = level_statistics(drifts, g, y0s, ts_stats, sk, num_bins=cfg.stats_bins, stride=stride)
+    t0 = time.perf_counter()
+    stats = jax.block_until_ready(level_statistics(drifts, g, y0s, ts_stats, sk, num_bins=cfg.stats_bins,
+                                                   stride=stride))
+    stats_seconds = time.perf_counter() - t0
     stats_ode = level_statistics(drifts_ode, None, y0s, ts_stats, sk, num_bins=cfg.stats_bins, stride=stride)
     drift_err = stats.time_averaged("errors")
     log("RMS distance of each level's drift to the finest: " + ", ".join(f"{e:.4f}" for e in drift_err))
     gamma_drift = _fit(flops[:-1], drift_err[:-1], offset=False, power=1.0, log=log, what="drift distances")
     V = stats.time_averaged("variances")
     log("correction variances V_k (time-averaged): " + ", ".join(f"{v:.4g}" for v in V))
+
+    # 3b. the paper's learned schedules (opt-in: SGD through every level is costly on a CPU)
+    learned, learn_seconds = {}, []
+    for n in cfg.learn_grids:
+        for rho in cfg.mlem_budgets:
+            budget = rho * n * prob_costs[-1]
+            try:
+                res = learn_probabilities(drifts, g, y0s, uniform_grid(n, cfg.t_min), jax.random.fold_in(key, 7 + n),
+                                          costs=prob_costs, budget=budget, num_bins=cfg.stats_bins,
+                                          steps=cfg.learn_sgd_steps, num_groups=cfg.learn_groups[0],
+                                          group_size=cfg.learn_groups[1], progress=False)
+            except ValueError as e:
+                log(f"  learned schedule, {n} steps, budget {rho}: skipped ({e})")
+                continue
+            learned[(n, rho)] = res.probs
+            learn_seconds.append(res.seconds)
+            log(f"learned p_k(t) for {n} steps, budget {rho}: {res.seconds:.0f} s ({cfg.learn_sgd_steps} SGD steps)")
 
     # 4. features for the distribution distances
     clf = train_classifier(train_x, train_y, test_x[:2000], test_y[:2000], jax.random.fold_in(key, 3),
@@ -174,7 +198,7 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
     cfg_runs = dataclasses.replace(cfg, stitch_levels=tuple(k % K for k in cfg.stitch_levels))
     runner = Runner(family, sampler_factory(family), cfg, flops, key, log)
     records, features, samples = [], {}, {}
-    for part, runs in (("reverse SDE", sde_runs(cfg_runs, nfs, stats, prob_costs, log)),
+    for part, runs in (("reverse SDE", sde_runs(cfg_runs, nfs, stats, prob_costs, log) + learned_runs(cfg, learned)),
                        ("probability-flow ODE", ode_runs(cfg_runs, nfs, stats_ode, prob_costs, log))):
         log(f"{part}: {len(runs)} runs")
         for run in runs:
@@ -210,6 +234,7 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
                   drift_errors=drift_err.tolist(), variances=V.tolist(),
                   variances_by_time=np.asarray(stats.variances).tolist(), bin_edges=np.asarray(stats.bin_edges).tolist(),
                   classifier_accuracy=clf.test_accuracy, resolution=resolution, runs=records,
+                  stats_seconds=stats_seconds, learn_seconds=learn_seconds,
                   tables=tables(records, em_method, f"Euler nf={nfs[-1]}",
                                 {"sde": cfg.targets, "ode": cfg.ode_steps}),
                   total_seconds=time.perf_counter() - t_start)

@@ -69,6 +69,14 @@ def _counts(K, level, n):
     return tuple(int(v) for v in e)
 
 
+def learned_runs(cfg, learned: dict) -> list[Run]:
+    """ML-EM (iid coins, independent coupling) with the schedules of `learn_probabilities`,
+    `learned[(steps, budget)]`, next to the closed-form calibrated ones of the same budgets."""
+    label = "ML-EM iid learned (independent)"
+    return [Run(f"{label}, {n} steps, budget {rho}", label, ("mlem", "independent", "iid"), n, knobs=p,
+                distribution=True) for (n, rho), p in learned.items()]
+
+
 def sde_runs(cfg, nfs, stats, prob_costs, log=print) -> list[Run]:
     """EM per level, the T-Stitch switch, ML-EM (iid and stratified coins, several
     schedules) on the reverse SDE. Runs marked `distribution` are also sampled at the full
