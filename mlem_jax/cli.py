@@ -38,6 +38,19 @@ def _positive(kind):
     return parse
 
 
+SEED_LIMIT = 2**30  # seeds are offset (seed + 1, seed + 1_000_003) and must stay in int32 for jax.random.key
+
+
+def _seed(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**30), got {s}")
+    return v
+
+
 def _family(path):
     from mlem_jax.diffusion.family import load_family, shipped_family_path
 
@@ -437,7 +450,7 @@ def build_parser():
     t.add_argument("--steps", type=_positive(int), default=2000, help="training steps per level")
     t.add_argument("--batch-size", type=_positive(int), default=128, help="training batch size")
     t.add_argument("--learning-rate", type=_positive(float), default=2e-3, help="Adam learning rate after warm-up")
-    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise")
+    t.add_argument("--seed", type=_seed, default=0, help="seed of initialisation, data order and noise")
     t.add_argument("--checkpoint-every", type=_positive(int), default=500, help="steps between checkpoints")
     t.add_argument("--eval-every", type=_positive(int), default=250, help="steps between held-out losses")
     t.add_argument("--out", default="runs/family", help="output folder: checkpoints/ and family.npz/.json")
@@ -452,7 +465,7 @@ def build_parser():
         s.add_argument("--levels", type=_positive(int), nargs="+", default=None, help="level numbers to use, 1 = cheapest (default: all)")
         s.add_argument("--steps", type=_positive(int), default=100, help="number of sampling steps")
         s.add_argument("--grid", choices=["uniform", "quadratic", "karras"], default="uniform", help="time grid")
-        s.add_argument("--seed", type=int, default=0, help="sampling seed")
+        s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
         s.add_argument("--out", default=out_default, help="output file")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -504,7 +517,7 @@ def build_parser():
     d.add_argument("--batch-size", type=_positive(int), default=64, help="number of samples")
     d.add_argument("--pilot-size", type=_positive(int), default=32,
                    help="samples of the pilot batch on which the ML-EM configuration is chosen")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.add_argument("--seed", type=_seed, default=0, help="sampling seed")
     d.add_argument("--out", default="demo.png", help="side-by-side PNG (left EM, right ML-EM)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
@@ -520,9 +533,17 @@ def main(argv=None) -> int:
     except CLIError as e:
         print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
         print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # XLA's out-of-memory error: one line and what to do
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        size = getattr(args, "batch_size", None)
+        hint = f" at --batch-size {size}; use a smaller one" if size else "; use a smaller batch or model"
+        print(f"mlem-jax {args.command}: error: out of device memory{hint} (XLA: "
+              f"{str(e).splitlines()[0][:200]})", file=sys.stderr)
+        return 1
     return 0
 
 

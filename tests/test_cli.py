@@ -180,3 +180,24 @@ def test_train_refuses_silent_restarts_duplicate_levels_and_a_held_lock(tmp_path
     assert "another trainer (pid" in capsys.readouterr().err
     (out / ".lock").write_text("999999999")  # a dead one: taken over
     assert main(argv + ["--overwrite"]) == 0 and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "-1"])
+def test_argparse_rejects_seeds_out_of_range(seed, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--seed", seed])
+    assert e.value.code == 2
+    assert "expected a seed in [0, 2**30)" in capsys.readouterr().err
+
+
+def test_non_finite_samples_are_an_error_not_a_png(tmp_path):
+    """A family that produces NaN (here: weights damaged after loading) fails with one
+    line and writes nothing."""
+    import jax
+
+    from mlem_jax.diffusion.sampling import sample
+
+    fam = load_family(shipped_family_path())
+    broken = fam._replace(params=(jax.tree_util.tree_map(lambda v: v * np.nan, fam.params[0]),) + fam.params[1:])
+    with pytest.raises(FloatingPointError, match=r"sample: 4 of 4 samples are not finite .* nothing was written"):
+        sample(broken, [0, 1], np.linspace(1.0, 1e-3, 5), 0, 4, probs=np.array([1.0, 0.5]))

@@ -194,3 +194,42 @@ def test_restarts_are_never_silent(tmp_path):
     assert [s for s, _ in fresh.train] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"batch_size: 64 is larger than the 40 training images"):
         train(model, x, cfg._replace(batch_size=64), progress=False)
+
+
+def test_load_family_refuses_files_that_do_not_belong_together(tmp_path):
+    """Every mismatch between the .json and the .npz, and every damaged value, is one
+    ValueError naming the file, never a wrong sample."""
+    import json as _json
+
+    from mlem_jax.diffusion.family import load_family, save_family
+
+    family = unet_family((4, 8), **TINY)
+    params = [init_params(m, jax.random.key(i), (8, 8, 1)) for i, m in enumerate(family)]
+    stem = str(tmp_path / "fam")
+    save_family(stem, family, params, VP(), "eps", (8, 8, 1))
+    assert [m.nf for m in load_family(stem).models] == [4, 8]
+    good = _json.loads(open(stem + ".json").read())
+
+    def with_json(change, text=None):
+        meta = _json.loads(_json.dumps(good))
+        change(meta)
+        with open(stem + ".json", "w") as f:
+            f.write(text if text is not None else _json.dumps(meta))
+        with pytest.raises(ValueError) as info:
+            load_family(stem)
+        with open(stem + ".json", "w") as f:
+            f.write(_json.dumps(good))
+        return str(info.value)
+
+    assert "not valid JSON" in with_json(lambda m: None, text=_json.dumps(good)[:50])
+    assert "holds 2 levels" in with_json(lambda m: m["levels"].append(m["levels"][-1]))
+    assert "but fam.json's model needs" in with_json(lambda m: m["levels"][1].update(nf=16)).replace(stem[:-3], "")
+    assert "trained on images of shape [8, 8, 1]" in with_json(lambda m: m.update(image_shape=[16, 16, 1]))
+    assert "was trained with the SDE" in with_json(lambda m: m["sde"].update(beta_max=10.0))
+    assert "beta_max=-1.0" in with_json(lambda m: m["sde"].update(beta_max=-1.0))
+    assert "lacks ['sde']" in with_json(lambda m: m.pop("sde"))
+    # NaN weights
+    bad = [jax.tree_util.tree_map(lambda v: v * jnp.nan, params[0]), params[1]]
+    save_family(stem, family, bad, VP(), "eps", (8, 8, 1))
+    with pytest.raises(ValueError, match=r"level 0 \(nf=4\) of .*fam.npz has non-finite weights"):
+        load_family(stem)

@@ -43,6 +43,9 @@ def save_family(path: str, models: Sequence[UNet], params: Sequence[Any], sde, p
     for k, p in enumerate(params):
         for name, v in traverse_util.flatten_dict(jax.device_get(p), sep="/").items():
             arrays[f"level{k}/{name}"] = np.asarray(v, dtype)
+    # what the weights cannot tell: the images they were trained on and the SDE (checked at load)
+    arrays["meta/image_shape"] = np.asarray(image_shape, np.int32)
+    arrays["meta/sde"] = np.frombuffer(json.dumps(sde_config(sde), sort_keys=True).encode(), np.uint8)
     meta = {"levels": [model_config(m) for m in models], "sde": sde_config(sde),
             "parameterization": parameterization, "image_shape": list(image_shape), **(extra or {})}
     tmp = base + ".tmp.npz"
@@ -54,27 +57,92 @@ def save_family(path: str, models: Sequence[UNet], params: Sequence[Any], sde, p
     return base + ".npz"
 
 
+def _check_sde(cfg: dict, where: str) -> None:
+    kind = cfg.get("kind")
+    if kind in ("VP", "SubVP"):
+        lo, hi = cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi):
+            raise ValueError(f"family: {where} has a {kind} SDE with beta_min={lo}, beta_max={hi}; expected "
+                             "0 <= beta_min < beta_max.")
+    elif kind == "VE":
+        lo, hi = cfg.get("sigma_min", 0.01), cfg.get("sigma_max", 50.0)
+        if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+            raise ValueError(f"family: {where} has a VE SDE with sigma_min={lo}, sigma_max={hi}; expected "
+                             "0 < sigma_min < sigma_max.")
+    else:
+        raise ValueError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP' or 'VE'.")
+
+
 def load_family(path: str) -> Family:
+    """Read a family written by `save_family` (path to the .npz or its stem), checking that
+    the .json and the .npz agree (levels, every parameter's shape), that the weights are
+    finite and the SDE valid: a mismatch is an error naming the file, never a wrong sample."""
+    from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS
+    from mlem_jax.diffusion.unet import init_params
+
     base = path[:-4] if path.endswith(".npz") else path
     if not os.path.exists(base + ".npz") or not os.path.exists(base + ".json"):
         raise FileNotFoundError(f"family: expected {base}.npz and {base}.json (written by save_family / mlem-jax train).")
-    with open(base + ".json") as f:
-        meta = json.load(f)
+    try:
+        with open(base + ".json") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"family: {base}.json is not valid JSON ({e}); it may be truncated.") from e
+    missing = [k for k in ("levels", "sde", "parameterization", "image_shape") if k not in meta]
+    if missing:
+        raise ValueError(f"family: {base}.json lacks {missing}; write families with save_family / mlem-jax train.")
+    if meta["parameterization"] not in PARAMETERIZATIONS:
+        raise ValueError(f"family: {base}.json has parameterization {meta['parameterization']!r}; expected one of "
+                         f"{PARAMETERIZATIONS}.")
+    shape = meta["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise ValueError(f"family: {base}.json has image_shape {shape!r}; expected [height, width, channels].")
+    _check_sde(meta["sde"], base + ".json")
     try:
         arrays = np.load(base + ".npz")
-        models, params = [], []
-        for k, cfg in enumerate(meta["levels"]):
-            models.append(UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
-                               attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"]))
-            prefix = f"level{k}/"
-            flat = {name[len(prefix):]: jnp.asarray(arrays[name], jnp.float32) for name in arrays.files if name.startswith(prefix)}
-            if not flat:
-                raise KeyError(f"no parameters for level {k}")
-            params.append(traverse_util.unflatten_dict(flat, sep="/"))
+        names = arrays.files
     except Exception as e:
-        raise ValueError(f"family: {base}.npz is corrupt or does not match {base}.json ({type(e).__name__}: {e}).") from e
+        raise ValueError(f"family: {base}.npz is not a readable npz file ({type(e).__name__}: {e}).") from e
+    if "meta/image_shape" in names and list(arrays["meta/image_shape"]) != list(shape):
+        raise ValueError(f"family: {base}.npz was trained on images of shape {arrays['meta/image_shape'].tolist()}, but "
+                         f"{base}.json says {shape}; the two files do not belong together.")
+    if "meta/sde" in names and json.loads(arrays["meta/sde"].tobytes().decode()) != dict(meta["sde"]):
+        raise ValueError(f"family: {base}.npz was trained with the SDE {arrays['meta/sde'].tobytes().decode()}, but "
+                         f"{base}.json says {meta['sde']}; the two files do not belong together.")
+    stored = sorted({n.split("/", 1)[0] for n in names if n.startswith("level")})
+    expected = [f"level{k}" for k in range(len(meta["levels"]))]
+    if sorted(stored) != sorted(expected):
+        raise ValueError(f"family: {base}.npz holds {len(stored)} levels ({stored}) but {base}.json describes "
+                         f"{len(expected)}; the two files do not belong together.")
+    models, params = [], []
+    for k, cfg in enumerate(meta["levels"]):
+        try:
+            model = UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+                         attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"])
+            model.check_input((1, *shape))
+            template = traverse_util.flatten_dict(
+                jax.eval_shape(lambda: init_params(model, jax.random.key(0), shape)), sep="/")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"family: level {k} of {base}.json is not a valid UNet description ({e}).") from e
+        prefix = f"level{k}/"
+        flat = {name[len(prefix):]: arrays[name] for name in names if name.startswith(prefix)}
+        if set(flat) != set(template):
+            extra, lacking = sorted(set(flat) - set(template)), sorted(set(template) - set(flat))
+            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz does not match {base}.json: "
+                             f"{len(lacking)} parameters missing ({lacking[:2]}), {len(extra)} unexpected "
+                             f"({extra[:2]}).")
+        for name, spec in template.items():
+            if tuple(flat[name].shape) != tuple(spec.shape):
+                raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of shape "
+                                 f"{tuple(flat[name].shape)}, but {base}.json's model needs {tuple(spec.shape)}; "
+                                 "the two files do not belong together.")
+            if not np.all(np.isfinite(flat[name])):
+                raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has non-finite weights in "
+                                 f"{name}; the training diverged or the file is damaged.")
+        models.append(model)
+        params.append(traverse_util.unflatten_dict({n: jnp.asarray(v, jnp.float32) for n, v in flat.items()}, sep="/"))
     return Family(tuple(models), tuple(params), sde_from_config(meta["sde"]), meta["parameterization"],
-                  tuple(meta["image_shape"]), meta)
+                  tuple(shape), meta)
 
 
 def shipped_family_path() -> str:

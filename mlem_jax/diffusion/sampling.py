@@ -69,4 +69,11 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
         return sol.y, sol.evaluations
 
     (images, evals), t_compile, t_run = _timed(one, keys, level_key)
-    return SampleResult(np.asarray(images), np.asarray(evals[0]), t_compile, t_run)
+    images = np.asarray(images)
+    bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
+    if bad.any():
+        raise FloatingPointError(
+            f"sample: {int(bad.sum())} of {images.shape[0]} samples are not finite (NaN or inf), first at index "
+            f"{int(np.argmax(bad))}; nothing was written. A family with damaged weights is refused by load_family, "
+            "so look at the grid (too few steps for these probabilities?) or the level probabilities.")
+    return SampleResult(images, np.asarray(evals[0]), t_compile, t_run)
