@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick fmnist16-weights fmnist16-nf64-weights fmnist16x5 clean
+.PHONY: demo test lint bench bench-quick fmnist16-weights fmnist16-nf64-weights fmnist16x5 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 ## test: the test suite
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+## lint: ruff (configuration in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check mlem_jax benchmarks tests
 
 ## bench-quick: every benchmark in its --quick mode (what CI runs)
 bench-quick: $(STAMP)

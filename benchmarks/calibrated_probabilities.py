@@ -20,8 +20,9 @@ nested coupling) with stratified coins. `stratified_probabilities` (pilot runs o
 calibration trajectories) picks one point for a target error; its prediction is checked
 against the measurement. The paper's learned schedules (`learn_probabilities`, iid coins,
 10 bins, 1500 SGD steps on 16 groups of 2 paths, held at budgets spanning the sweep;
-300 steps on 4 groups of 8 left it 1.2-1.4x costlier than the closed form, from SGD noise) are measured the same way, and the wall time
-of learning is printed next to that of the calibration.
+300 steps on 4 groups of 8 left them 1.2-1.4x costlier than the closed form, from SGD
+noise) are measured the same way, and the wall time of learning is printed next to that
+of the calibration.
 
     python benchmarks/calibrated_probabilities.py [--quick] [--out DIR]
 """
@@ -38,9 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import device_description, out_dir
-from mlem_jax import euler_maruyama, geometric_probabilities, multilevel_euler_maruyama
-from mlem_jax import BatchedLevelKeyWarning, PiecewiseConstant
+from mlem_jax import (
+    BatchedLevelKeyWarning,
+    PiecewiseConstant,
+    euler_maruyama,
+    geometric_probabilities,
+    multilevel_euler_maruyama,
+    planned_evaluations,
+)
 from mlem_jax.calibrate import (
     calibrated_probabilities,
     learn_probabilities,
@@ -48,6 +54,8 @@ from mlem_jax.calibrate import (
     stratified_probabilities,
     stratified_shape,
 )
+
+from _common import device_description, out_dir
 
 # one level key per path on purpose: the errors average over coin plans (no skipping needed)
 warnings.filterwarnings("ignore", category=BatchedLevelKeyWarning)
@@ -83,7 +91,9 @@ def measure(probs_list, ts, paths, seed, coins="iid", coupling="independent"):
             LEVELS, probs, diffusion, y0, ts, k, level_key=lk, coins=coins, coupling=coupling)))
         sol = run(keys, level_keys)
         err = float(jnp.sqrt(jnp.mean(jnp.sum((sol.y - em) ** 2, -1))))
-        cost = float(np.asarray(sol.evaluations, np.float64).mean(0) @ COSTS)
+        # per-path level keys run every level under vmap; count what a shared key would run
+        planned = jax.vmap(lambda lk: planned_evaluations(probs, ts, lk, K, coupling=coupling, coins=coins))(level_keys)
+        cost = float(np.asarray(planned, np.float64).mean(0) @ COSTS)
         out.append((err, cost))
     return np.array(out)
 
@@ -109,7 +119,8 @@ def plot_learned(stats, steps, budgets, learned_values, path):
     picks = sorted({0, len(budgets) // 2, len(budgets) - 1})
     fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.6), sharey=True)
     for ax, i in zip(np.atleast_1d(axes), picks):
-        closed = np.asarray(calibrated_probabilities(stats, COSTS, 1.0 / steps, budget=budgets[i], num_steps=steps).values)
+        closed = np.asarray(calibrated_probabilities(stats, COSTS, 1.0 / steps, budget=budgets[i],
+                                                     num_steps=steps).values)
         for k in range(1, K):
             line = ax.stairs(np.asarray(learned_values[i])[:, k], edges, label=f"level {k + 1} learned")
             ax.stairs(closed[:, k], edges, ls="--", color=line.get_edgecolor(), label=f"level {k + 1} closed form")
@@ -222,7 +233,8 @@ def main():
     measured_err, measured_cost = measure([cal.probs], ts, paths, 5, "stratified")[0]
     print(f"\nstratified_probabilities for a coupled RMS of {target:.3g} (whole state): predicted "
           f"{cal.predicted_error * np.sqrt(DIM):.3g} at cost {cal.predicted_cost:.4g}; measured on fresh noise "
-          f"{measured_err:.3g} at cost {measured_cost:.4g} (EM on f^K, error 0, costs {em_cost / measured_cost:.2f}x more)")
+          f"{measured_err:.3g} at cost {measured_cost:.4g} (EM on f^K, error 0, costs "
+          f"{em_cost / measured_cost:.2f}x more)")
     folder = out_dir(args.out)
     name = "calibrated_probabilities_quick" if args.quick else "calibrated_probabilities"
     with open(os.path.join(folder, name + ".json"), "w") as f:

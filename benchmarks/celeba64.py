@@ -84,11 +84,11 @@ def main(argv=None):
         config = TrainConfig(steps=args.train_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                              checkpoint_every=max(1, min(5000, args.train_steps)),
                              eval_every=max(1, min(1000, args.train_steps)))
-        t1 = time.perf_counter()
         results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
                                resume=True, progress=not args.no_progress)
         save_family(stem, family, [s.ema_params for s, _ in results], VP(), "eps", train_x.shape[1:],
-                    extra={"command": "python benchmarks/celeba64.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    extra={"command": "python benchmarks/celeba64.py "
+                           + " ".join(argv if argv is not None else sys.argv[1:]),
                            "dataset": "celeb_a", "train_seconds": sum(h.seconds for _, h in results),
                            "held_out_loss": {str(m.nf): (h.test[-1][1] if h.test else None)
                                              for m, (_, h) in zip(family, results)}})

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from _common import device_description, median_time, out_dir
 from mlem_jax import MultilevelDrift, MultilevelEuler, multilevel_euler_maruyama
+
+from _common import device_description, median_time, out_dir
 
 
 def routes(levels, probs, sigma, shape, batch, steps):
@@ -37,7 +38,8 @@ def routes(levels, probs, sigma, shape, batch, steps):
     def diffrax_one(k, lk):
         bm = diffrax.UnsafeBrownianPath(shape=shape, key=k)
         terms = diffrax.MultiTerm(MultilevelDrift(levels, probs, lk),
-                                  diffrax.ControlTerm(lambda t, y, a: lx.DiagonalLinearOperator(jnp.full(shape, sigma)), bm))
+                                  diffrax.ControlTerm(
+                                      lambda t, y, a: lx.DiagonalLinearOperator(jnp.full(shape, sigma)), bm))
         return diffrax.diffeqsolve(terms, MultilevelEuler(), 0.0, 1.0, 1.0 / steps, y0, max_steps=steps + 1,
                                    saveat=diffrax.SaveAt(t1=True), adjoint=diffrax.ForwardMode()).ys[0]
 

@@ -11,11 +11,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from _common import device_description
 from mlem_jax.calibrate import level_costs
 from mlem_jax.diffusion.family import load_family, shipped_family_path
+
+from _common import device_description
 
 
 def main(argv=None):

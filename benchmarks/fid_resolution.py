@@ -22,16 +22,17 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import device_description  # noqa: E402
 from fmnist16 import WEIGHTS, load_data  # noqa: E402
-from image_experiment import Config  # noqa: E402
-from image_methods import Run, sampler_factory  # noqa: E402
-from image_runner import Runner  # noqa: E402
 
 from mlem_jax.diffusion.classifier import train_classifier  # noqa: E402
 from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN  # noqa: E402
 from mlem_jax.diffusion.family import load_family  # noqa: E402
 from mlem_jax.diffusion.metrics import paired_frechet  # noqa: E402
+
+from _common import device_description  # noqa: E402
+from image_experiment import Config  # noqa: E402
+from image_methods import Run, sampler_factory  # noqa: E402
+from image_runner import Runner  # noqa: E402
 
 
 def main(argv=None):

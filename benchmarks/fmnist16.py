@@ -21,12 +21,12 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, load_dataset, prepare_local, read_local  # noqa: E402
+from mlem_jax.diffusion.family import load_family  # noqa: E402
+
 from image_analysis import format_tables, tables  # noqa: E402
 from image_experiment import QUICK, Config, run_experiment  # noqa: E402
 from image_plots import plot_curves  # noqa: E402
-
-from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, load_dataset, prepare_local, read_local  # noqa: E402
-from mlem_jax.diffusion.family import load_family  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights", "fmnist16")
@@ -112,7 +112,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny batch and grids (CI)")
     p.add_argument("--family", default=WEIGHTS, help="trained family stem (default: the committed fmnist16)")
     p.add_argument("--source-dir", default=FASHION_MNIST_DEBIAN, help="Fashion-MNIST idx files")
-    p.add_argument("--data-dir", default=None, help="tfds data dir (default: data/tfds, or a temporary one with --quick)")
+    p.add_argument("--data-dir", default=None,
+                   help="tfds data dir (default: data/tfds, or a temporary one with --quick)")
     p.add_argument("--raw-data", action="store_true",
                    help="read the idx files of --source-dir directly (no tensorflow-datasets, e.g. on a GPU image)")
     p.add_argument("--set", nargs="+", default=(), metavar="FIELD=VALUE",
@@ -149,7 +150,8 @@ def main(argv=None):
     data_dir = args.data_dir or ("benchmarks/out/tfds_quick" if args.quick else "data/tfds")
     family = load_family(args.family)
     size = family.image_shape[0]
-    (train_x, train_y), (test_x, test_y) = load_data(args.source_dir, data_dir, size, limit=2000 if args.quick else None,
+    (train_x, train_y), (test_x, test_y) = load_data(args.source_dir, data_dir, size,
+                                                     limit=2000 if args.quick else None,
                                                       raw=args.raw_data)
     if args.quick:
         rng = np.random.default_rng(0)

@@ -75,7 +75,8 @@ def format_tables(result) -> str:
             if not any(t["baseline"][n].get(metric) is not None for n in t["targets"]):
                 continue
             for cost, unit in (("flops", "FLOPs"), ("seconds", "wall time")):
-                head = " | ".join(f"{base}@{n} ({t['baseline'][n][metric]:.4g} ± {t['baseline'][n][metric + '_se']:.2g})"
+                base_of = t["baseline"]
+                head = " | ".join(f"{base}@{n} ({base_of[n][metric]:.4g} ± {base_of[n][metric + '_se']:.2g})"
                                   for n in t["targets"])
                 lines += [f"## {title}: {name}, speedup in {unit}", "", f"| method | {head} |",
                           "|---|" + "---|" * len(t["targets"])]

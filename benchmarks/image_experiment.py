@@ -24,16 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import device_description, out_dir
-from image_analysis import format_tables, tables
-from image_methods import learned_runs, ode_runs, sampler_factory, sde_runs
-from image_plots import plot_curves, plot_samples
-from image_runner import Runner
 from mlem_jax.calibrate import fit_gamma, learn_probabilities, level_costs, level_statistics
 from mlem_jax.diffusion import reverse_diffusion, target_from_noise, uniform_grid
 from mlem_jax.diffusion.classifier import train_classifier
 from mlem_jax.diffusion.metrics import paired_frechet
 from mlem_jax.diffusion.unet import count_params
+
+from _common import device_description, out_dir
+from image_analysis import format_tables, tables
+from image_methods import learned_runs, ode_runs, sampler_factory, sde_runs
+from image_plots import plot_curves, plot_samples
+from image_runner import Runner
 
 
 @dataclasses.dataclass
@@ -232,7 +233,8 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
                   top_over_base={"seconds": float(sec[-1] / sec[0]), "flops": float(flops[-1] / flops[0])},
                   losses=losses.tolist(), loss_se=loss_se.tolist(), gamma_loss=gamma_loss, gamma_drift=gamma_drift,
                   drift_errors=drift_err.tolist(), variances=V.tolist(),
-                  variances_by_time=np.asarray(stats.variances).tolist(), bin_edges=np.asarray(stats.bin_edges).tolist(),
+                  variances_by_time=np.asarray(stats.variances).tolist(),
+                  bin_edges=np.asarray(stats.bin_edges).tolist(),
                   classifier_accuracy=clf.test_accuracy, resolution=resolution, runs=records,
                   stats_seconds=stats_seconds, learn_seconds=learn_seconds,
                   tables=tables(records, em_method, f"Euler nf={nfs[-1]}",

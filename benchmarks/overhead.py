@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from _common import device_description, median_time, out_dir
 from mlem_jax import euler_maruyama, multilevel_euler_maruyama
+
+from _common import device_description, median_time, out_dir
 
 
 def drift(t, y, args):
@@ -129,7 +130,8 @@ def main():
     print(f"\n(a) EM, batch {batch}, {steps} steps, dim {dim}")
     print(f"  mlem_jax.euler_maruyama (lax.scan):     {1e3 * t_ours:9.2f} ms")
     print(f"  diffrax.diffeqsolve Euler (Unsafe BM):  {1e3 * t_theirs:9.2f} ms")
-    print(f"  ratio diffrax / ours: {t_theirs / t_ours:.2f}  ({'ours not slower' if t_ours <= t_theirs else 'OURS SLOWER'})")
+    verdict = "ours not slower" if t_ours <= t_theirs else "OURS SLOWER"
+    print(f"  ratio diffrax / ours: {t_theirs / t_ours:.2f}  ({verdict})")
     results["em_vs_diffrax"] = {"batch": batch, "steps": steps, "ours_s": t_ours, "diffrax_s": t_theirs,
                                 "ratio": t_theirs / t_ours}
 

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 CHILD = r'''
 import json, sys, time
@@ -38,7 +37,9 @@ keys = jax.random.split(jax.random.key(0), batch)
 jax.block_until_ready(sample(keys, jax.random.key(1)))
 times = []
 for _ in range(3):
-    t0 = time.perf_counter(); jax.block_until_ready(sample(keys, jax.random.key(1))); times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    jax.block_until_ready(sample(keys, jax.random.key(1)))
+    times.append(time.perf_counter() - t0)
 times.sort()
 d = jax.devices()[0]
 print("RESULT " + json.dumps({"devices": jax.device_count(), "seconds": times[1], "platform": d.platform,
@@ -58,11 +59,12 @@ def main():
         env = dict(os.environ)
         if env.get("JAX_PLATFORMS", "cpu") == "cpu":
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(steps)], capture_output=True, text=True, env=env)
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(steps)], capture_output=True, text=True,
+                              env=env)
         if proc.returncode != 0:
             print(proc.stderr[-2000:])
             sys.exit(1)
-        r = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][7:])
+        r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
         rows.append(r)
     base = rows[0]["seconds"]
     print(f"device: {rows[0]['platform']} ({rows[0]['kind']}), {os.cpu_count()} CPU cores; ML-EM on the shipped "
@@ -71,7 +73,8 @@ def main():
     for r in rows:
         print(f"{r['devices']:8d} {r['seconds']:9.3f} {batch / r['seconds']:10.1f} {base / r['seconds']:12.2f}")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sharding_throughput_quick.json" if args.quick else "sharding_throughput.json"), "w") as f:
+    with open(os.path.join(args.out, "sharding_throughput_quick.json" if args.quick else "sharding_throughput.json"),
+              "w") as f:
         json.dump({"batch": batch, "steps": steps, "rows": rows}, f, indent=1)
 
 

@@ -32,8 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax import (
+    BatchedLevelKeyWarning,
+    correction_costs,
+    euler_maruyama,
+    multilevel_euler_maruyama,
+    optimal_probabilities,
+    planned_evaluations,
+)
+
 from _common import device_description, out_dir
-from mlem_jax import BatchedLevelKeyWarning, correction_costs, euler_maruyama, multilevel_euler_maruyama, optimal_probabilities
 
 A, SIGMA, X0 = 1.0, 0.5, 1.0
 
@@ -97,7 +105,8 @@ def mlem_errors(dw, exact, L, n, probs, level_costs):
 
     def one(p, d, lk):
         sol = multilevel_euler_maruyama(drifts, p, diffusion, jnp.float32(X0), ts, d, level_key=lk)
-        return sol.y, sol.evaluations
+        # per-path level keys run every level under vmap; count what a shared key would run
+        return sol.y, planned_evaluations(p, ts, lk, L)
 
     run = jax.jit(jax.vmap(jax.vmap(one, in_axes=(None, 0, 0)), in_axes=(0, None, None)))
     x, evals = run(jnp.asarray(probs, jnp.float32), inc, level_keys)

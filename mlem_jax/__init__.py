@@ -1,5 +1,7 @@
 """mlem-jax: the Multilevel Euler-Maruyama method (arXiv 2603.24594) in JAX."""
 
+from mlem_jax._baselines import heun, switched_drift
+from mlem_jax._coins import level_coins, stratified_coins
 from mlem_jax._diffrax import (
     MultilevelDrift,
     MultilevelEuler,
@@ -15,16 +17,15 @@ from mlem_jax._probabilities import (
     injected_variance,
     optimal_probabilities,
 )
-from mlem_jax._baselines import heun, switched_drift
-from mlem_jax._coins import level_coins, stratified_coins
 from mlem_jax._progress import StepInfo
-from mlem_jax._validate import BatchedLevelKeyWarning
 from mlem_jax._solvers import (
     MultilevelSolution,
     euler_maruyama,
     multilevel_drift,
     multilevel_euler_maruyama,
+    planned_evaluations,
 )
+from mlem_jax._validate import BatchedLevelKeyWarning
 
 __all__ = [
     "MultilevelDrift",
@@ -48,6 +49,7 @@ __all__ = [
     "stratified_coins",
     "multilevel_drift",
     "multilevel_euler_maruyama",
+    "planned_evaluations",
 ]
 
 __version__ = "0.1.0"

@@ -48,15 +48,18 @@ import jax.numpy as jnp
 import numpy as np
 
 Coins = Literal["iid", "stratified"]
+Coupling = Literal["independent", "nested"]
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def level_coins(key: jax.Array, probs: jax.Array, coupling: str = "independent") -> jax.Array:
+def level_coins(key: jax.Array, probs: jax.Array, coupling: Coupling = "independent") -> jax.Array:
     """Draw the iid Bernoulli coins B_1..B_K (bool array (K,)) of one step."""
     if coupling == "independent":
         u = jax.random.uniform(key, probs.shape, probs.dtype)
-    else:
+    elif coupling == "nested":
         u = jax.random.uniform(key, (), probs.dtype)
+    else:
+        raise ValueError(f"coupling: expected 'independent' or 'nested', got {coupling!r}.")
     return u < probs
 
 
@@ -81,7 +84,7 @@ def _lattice_order(num_steps: int) -> np.ndarray:
     return ((np.arange(num_steps, dtype=np.int64) * j) % num_steps).astype(np.int32)
 
 
-def stratified_coins(level_key: jax.Array, probs: jax.Array, coupling: str = "independent") -> jax.Array:
+def stratified_coins(level_key: jax.Array, probs: jax.Array, coupling: Coupling = "independent") -> jax.Array:
     """The stratified coins of a whole grid: bool (N, K) from probabilities (N, K).
 
     probs[n] is p(t_n) for step n. See the module docstring for the construction.
@@ -106,7 +109,7 @@ def stratified_coins(level_key: jax.Array, probs: jax.Array, coupling: str = "in
     return u[:, None] < probs
 
 
-def stratified_fixed_firings(level_key: jax.Array, firings, num_steps: int, coupling: str) -> jax.Array:
+def stratified_fixed_firings(level_key: jax.Array, firings, num_steps: int, coupling: Coupling) -> jax.Array:
     """Stratified coins with exactly firings[k] firings of each level k >= 2: bool (N, K).
 
     In integers, so the counts are exact: level k fires at step n when

@@ -11,9 +11,9 @@ The term's vector field is the ML-EM estimator. Without a grid its coins are key
 stock `diffrax.Euler`. Given the grid (`ts=`, the times of `diffrax.StepTo(ts)` or of a
 constant step size), the coins are keyed by the step index instead: the same key then
 gives exactly the coins of `multilevel_euler_maruyama(..., level_key=key)`, and
-`coins="stratified"` (planned over the whole grid) becomes available. Solvers that evaluate the drift more than once per step (Heun,
-Milstein, SRK, ...) or adaptive step sizes would silently change the scheme: use
-`multilevel_diffeqsolve`, which refuses them, or `MultilevelEuler` directly.
+`coins="stratified"` (planned over the whole grid) becomes available. Solvers that
+evaluate the drift more than once per step (Heun, Milstein, SRK, ...) or adaptive step
+sizes would silently change the scheme: use `multilevel_diffeqsolve`, which refuses them, or `MultilevelEuler` directly.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from mlem_jax._coins import level_coins, probabilities_on_grid, stratified_coins
+from mlem_jax._coins import Coins, Coupling, level_coins, probabilities_on_grid, stratified_coins
 from mlem_jax._solvers import multilevel_drift
 from mlem_jax._validate import check_coins, check_coupling, check_key, check_probs, check_ts, is_concrete
 
@@ -64,7 +64,7 @@ class MultilevelDrift(diffrax.AbstractTerm):
     ts: Any
     plan: Any  # (N, K) bool stratified coins, or None
 
-    def __init__(self, drifts, probs, key, coupling="independent", *, coins="iid", ts=None):
+    def __init__(self, drifts, probs, key, *, coupling: Coupling = "independent", coins: Coins = "iid", ts=None):
         if not isinstance(drifts, tuple) or not drifts or not all(callable(f) for f in drifts):
             raise TypeError("drifts: expected a non-empty tuple of drift functions f(t, y, args), cheapest first.")
         self.drifts = drifts

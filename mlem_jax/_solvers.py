@@ -38,6 +38,7 @@ import numpy as np
 from mlem_jax import _noise, _progress, _validate
 from mlem_jax._coins import (
     Coins,
+    Coupling,
     level_coins,
     probabilities_on_grid,
     stratified_coins,
@@ -117,6 +118,24 @@ def _coin_source(probs, num_levels, coupling, coins, ts, level_key):
         return p, level_coins(jax.random.fold_in(level_key, n), p, coupling)
 
     return flip
+
+
+def planned_evaluations(probs, ts, level_key, num_levels: int, *, coupling: Coupling = "independent",
+                        coins: Coins = "iid") -> jax.Array:
+    """The evaluations (K,) of each level that `multilevel_euler_maruyama` with this
+    `level_key` runs on `ts` (with the level key shared by the batch), from the coins alone,
+    without evaluating any drift. Vmap it over level keys to average the cost over coin
+    plans where the samples themselves were drawn with per-sample level keys."""
+    ts = _validate.check_ts(ts)
+    coupling = _validate.check_coupling(coupling)
+    coins = _validate.check_coins(coins)
+    coin_flips = _coin_source(probs, num_levels, coupling, coins, ts, level_key)
+
+    def count(n):
+        _, fired = coin_flips(n, ts[n])
+        return (fired | jnp.append(fired[1:], False)).at[0].set(True).astype(jnp.int32)
+
+    return jnp.sum(jax.vmap(count)(jnp.arange(ts.shape[0] - 1)), axis=0)
 
 
 def _em_update(y, F, h, diffusion, t, args, dw):
@@ -223,9 +242,9 @@ def multilevel_euler_maruyama(
     ts: jax.Array,
     key: Any,
     args: Any = None,
-    level_key: jax.Array | None = None,
-    coupling: str = "independent",
     *,
+    level_key: jax.Array | None = None,
+    coupling: Coupling = "independent",
     coins: Coins = "iid",
     saveat: Any = None,
     callback: Callable | None = None,
@@ -274,13 +293,14 @@ def multilevel_euler_maruyama(
             )
         _, level_key = _noise.split_key(key)
     _validate.check_key(level_key, "level_key")
-    _validate.warn_if_batched(level_key)
+    every_level_runs = _validate.warn_if_batched(level_key)  # batched cond: select runs every branch
     coin_flips = _coin_source(probs, len(drifts), coupling, coins, ts, level_key)
 
     def step_drift(n, t, y, evaluations):
         p, fired = coin_flips(n, t)
         F, needed = multilevel_drift(drifts, p, fired, t, y, args)
-        return F, evaluations + needed.astype(jnp.int32)
+        ran = jnp.ones_like(needed) if every_level_runs else needed
+        return F, evaluations + ran.astype(jnp.int32)
 
     evaluations0 = jnp.zeros(len(drifts), jnp.int32)
     y, evaluations = _integrate(

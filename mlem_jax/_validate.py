@@ -285,10 +285,10 @@ class BatchedLevelKeyWarning(UserWarning):
     category where per-sample coins are wanted (averaging an error over coin plans)."""
 
 
-def warn_if_batched(level_key) -> None:
+def warn_if_batched(level_key) -> bool:
     """Warn when the level key is batched by an enclosing `jax.vmap` (seen directly; a vmap
     around a jitted function hides it): each sample then draws its own coins, `lax.cond`
-    becomes `select`, and every level runs at every step."""
+    becomes `select`, and every level runs at every step. Returns whether it is."""
     import warnings
 
     try:  # a private module: if it moves, the warning is lost, never the sampling
@@ -298,11 +298,12 @@ def warn_if_batched(level_key) -> None:
         not_mapped = getattr(batching, "NotMapped", ())
         batched = dim is not None and not (isinstance(not_mapped, type) and isinstance(dim, not_mapped))
     except Exception:  # pragma: no cover
-        return
+        return False
     if batched:
         warnings.warn(
             "level_key: the level key is batched (one per sample of a vmapped batch, as the default "
             "level_key=None derives it from each sample's key), so under vmap every level runs at every step "
-            "and ML-EM saves nothing; `evaluations` then counts the levels each sample needed, not what ran. "
+            "and ML-EM saves nothing (`evaluations` reports that). "
             "Pass one level key for the whole batch, unbatched: jax.vmap(lambda k: multilevel_euler_maruyama("
             "..., k, level_key=level_key))(keys).", BatchedLevelKeyWarning, stacklevel=3)
+    return batched

@@ -26,13 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax._probabilities import (
-    PiecewiseConstant,
-    correction_costs,
-    expected_cost,
-    injected_variance,
-    optimal_probabilities,
-)
 from mlem_jax._flops import flops_of
 from mlem_jax._learning import (  # noqa: F401  (re-exported: the paper's learned probabilities)
     LearnedProbabilities,
@@ -41,9 +34,15 @@ from mlem_jax._learning import (  # noqa: F401  (re-exported: the paper's learne
     learn_probabilities,
     scaled_to_budget,
 )
+from mlem_jax._probabilities import (
+    PiecewiseConstant,
+    correction_costs,
+    expected_cost,
+    injected_variance,
+    optimal_probabilities,
+)
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 from mlem_jax._validate import check_coupling, check_drifts, check_ts
-
 
 # ----------------------------------------------------------------------------- costs
 
@@ -414,7 +413,8 @@ def stratified_probabilities(
     groups = min(num_groups, num_traj)
     used = num_traj - num_traj % groups
     if used < 2 * groups:
-        raise ValueError(f"keys: expected at least {2 * groups} trajectories for {groups} pilot groups, got {num_traj}.")
+        raise ValueError(f"keys: expected at least {2 * groups} trajectories for {groups} pilot groups, got "
+                         f"{num_traj}.")
     per_group = lambda a: jnp.reshape(a[:used], (groups, used // groups, *a.shape[1:]))
     y_groups = jax.tree_util.tree_map(per_group, y0)
     key_groups = per_group(keys)
@@ -502,7 +502,8 @@ def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confid
         raise ValueError(f"costs, errors: expected two 1-D arrays of the same length, got {c.shape} and {e.shape}.")
     need = 4 if offset else 3
     if c.size < need:
-        raise ValueError(f"costs: fitting gamma{' with an offset' if offset else ''} needs at least {need} points, got {c.size}.")
+        raise ValueError(f"costs: fitting gamma{' with an offset' if offset else ''} needs at least {need} points, "
+                         f"got {c.size}.")
     if np.any(~np.isfinite(c)) or np.any(c <= 0) or np.any(~np.isfinite(e)) or np.any(e <= 0):
         raise ValueError("costs, errors: expected finite positive values.")
 
@@ -728,7 +729,8 @@ def format_report(r: CalibrationReport) -> str:
     lines.append("RMS error of each level against the finest: " + ", ".join(f"{e:.3e}" for e in err))
     if r.gamma is not None:
         g = r.gamma
-        lines.append(f"gamma (error ~ cost^(-1/gamma), levels 1..K-1): {g.gamma:.2f}, 95% CI [{g.low:.2f}, {g.high:.2f}]")
+        lines.append(f"gamma (error ~ cost^(-1/gamma), levels 1..K-1): {g.gamma:.2f}, 95% CI [{g.low:.2f}, "
+                     f"{g.high:.2f}]")
     else:
         lines.append("gamma: not fitted (needs at least 3 levels below the finest with decreasing errors)")
     unit = "ms" if r.cost_unit == "seconds" else "GFLOP"

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -221,7 +220,8 @@ def cmd_sample(args):
         if args.num_processes is None or args.process_id is None:
             raise CLIError("--coordinator: a multi-host run also needs --num-processes and --process-id.")
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        args.out = shard_path(args.out if args.out.endswith(".png") else args.out + ".png", args.process_id)[:-4] + ".png"
+        args.out = shard_path(args.out if args.out.endswith(".png") else args.out + ".png",
+                              args.process_id)[:-4] + ".png"
     from mlem_jax.diffusion.sampling import sample
 
     family = _family(args.family)
@@ -282,7 +282,8 @@ def cmd_calibrate(args):
     if len(given) > 1:
         raise CLIError(f"{', '.join(given)}: give at most one of them.")
     if args.coins == "stratified" and args.target_variance is not None:
-        raise CLIError("--target-variance: describes iid coins; with --coins stratified give --target-error or --speedup.")
+        raise CLIError("--target-variance: describes iid coins; with --coins stratified give --target-error or "
+                       "--speedup.")
     if args.coins == "iid" and args.target_error is not None:
         raise CLIError("--target-error: with --coins iid give --target-variance (T x error^2 x pixels) or --speedup.")
     report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
@@ -324,7 +325,8 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
     try:
         res = learn_probabilities(drifts, reverse_diffusion(family.sde), y0, ts, jax.random.key(args.seed + 1),
                                   costs=costs, budget=budget, num_bins=args.bins, coupling=args.coupling,
-                                  steps=args.learn_steps, group_size=group, num_groups=max(2, args.trajectories // group),
+                                  steps=args.learn_steps, group_size=group,
+                                  num_groups=max(2, args.trajectories // group),
                                   progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(f"--learn: {e}") from e
@@ -339,7 +341,8 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
         command=_command(args), cost_unit="flops", predicted_speedup=speedup, predicted_error=rms,
         made_by=(f"learn_probabilities: {args.learn_steps} SGD steps (Adam 0.05) on the coupled MSE against EM at a "
                  f"FLOP budget of EM / {speedup:g}, score-function gradients; {args.trajectories} pooled starts"),
-        learning={"seconds": res.seconds, "coupled_mse": h.coupled_mse.tolist(), "expected_cost": h.expected_cost.tolist()})
+        learning={"seconds": res.seconds, "coupled_mse": h.coupled_mse.tolist(),
+                  "expected_cost": h.expected_cost.tolist()})
     plot = _plot_learning(res, nfs, path[:-5] + ".png" if path.endswith(".json") else path + ".png")
     print(f"wrote {path} and {plot} in {time.perf_counter() - t0:.0f} s")
 
@@ -379,9 +382,9 @@ def cmd_merge(args):
 
 
 def cmd_demo(args):
-    from mlem_jax.equal_error import equal_error_comparison
     from mlem_jax.diffusion.family import shipped_family_path
     from mlem_jax.diffusion.images import save_png, side_by_side, to_grid
+    from mlem_jax.equal_error import equal_error_comparison
 
     _check_out(args.out)
     family = _family(args.family)
@@ -419,7 +422,8 @@ def cmd_demo(args):
     np.savez_compressed(args.out[:-4] + ".npz" if args.out.endswith(".png") else args.out + ".npz",
                         em=r.em_samples, mlem=r.mlem_samples, evaluations=r.evaluations, probs=p)
     print(f"wrote {args.out} (left: EM, right: ML-EM)")
-    print(f"equal-error speedup: {r.speedup:.2f}x (EM error {r.em_error.value:.4f}, ML-EM error {r.mlem_error.value:.4f})")
+    print(f"equal-error speedup: {r.speedup:.2f}x (EM error {r.em_error.value:.4f}, ML-EM error "
+          f"{r.mlem_error.value:.4f})")
 
 
 def _check_out(path):
@@ -438,15 +442,20 @@ def _check_out(path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="mlem-jax", description="Sample diffusion models with the Multilevel Euler-Maruyama method.")
+    p = argparse.ArgumentParser(prog="mlem-jax",
+                                description="Sample diffusion models with the Multilevel Euler-Maruyama method.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a UNet family by denoising score matching")
-    t.add_argument("--dataset", default="digits", help="digits (embedded, default), procedural, or a tfds dataset prepared in --data-dir (mnist, fashion_mnist, cifar10, ...)")
+    t.add_argument("--dataset", default="digits",
+                   help="digits (embedded, default), procedural, or a tfds dataset prepared in --data-dir "
+                        "(mnist, fashion_mnist, cifar10, ...)")
     t.add_argument("--data-dir", default=None, help="tfds data dir holding the prepared dataset (never downloads)")
     t.add_argument("--image-size", type=_positive(int), default=None, help="resize images to this size")
-    t.add_argument("--nfs", type=_positive(int), nargs="+", default=[4, 8, 16, 32], help="base widths of the levels, increasing")
-    t.add_argument("--ch-mult", type=_positive(int), nargs="+", default=[1, 2, 2], help="channel multipliers per resolution")
+    t.add_argument("--nfs", type=_positive(int), nargs="+", default=[4, 8, 16, 32],
+                   help="base widths of the levels, increasing")
+    t.add_argument("--ch-mult", type=_positive(int), nargs="+", default=[1, 2, 2],
+                   help="channel multipliers per resolution")
     t.add_argument("--steps", type=_positive(int), default=2000, help="training steps per level")
     t.add_argument("--batch-size", type=_positive(int), default=128, help="training batch size")
     t.add_argument("--learning-rate", type=_positive(float), default=2e-3, help="Adam learning rate after warm-up")
@@ -461,8 +470,10 @@ def build_parser():
     t.set_defaults(func=cmd_train)
 
     def common(s, out_default):
-        s.add_argument("--family", default=None, help="trained family (path to family.npz, or its stem); default: the shipped digits family")
-        s.add_argument("--levels", type=_positive(int), nargs="+", default=None, help="level numbers to use, 1 = cheapest (default: all)")
+        s.add_argument("--family", default=None,
+                       help="trained family (path to family.npz, or its stem); default: the shipped digits family")
+        s.add_argument("--levels", type=_positive(int), nargs="+", default=None,
+                       help="level numbers to use, 1 = cheapest (default: all)")
         s.add_argument("--steps", type=_positive(int), default=100, help="number of sampling steps")
         s.add_argument("--grid", choices=["uniform", "quadratic", "karras"], default="uniform", help="time grid")
         s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
@@ -481,7 +492,8 @@ def build_parser():
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
     s.add_argument("--coordinator", default=None, help="multi-host: address host:port of process 0 (jax.distributed)")
     s.add_argument("--num-processes", type=_positive(int), default=None, help="multi-host: number of processes")
-    s.add_argument("--process-id", type=int, default=None, help="multi-host: this process, 0-based; writes OUT.processN.npz")
+    s.add_argument("--process-id", type=int, default=None,
+                   help="multi-host: this process, 0-based; writes OUT.processN.npz")
     s.set_defaults(func=cmd_sample)
 
     mg = sub.add_parser("merge", help="merge the per-process shards of a multi-host sample run")

@@ -55,8 +55,8 @@ def main(mode):
         _, h1 = train(m, x, cfg, progress=False)
         ckpt = sys.argv[2]
         s4, h4 = train(m, x, cfg, progress=False, mesh=batch_mesh(), checkpoint_dir=ckpt)
-        out["loss_1"] = [l for _, l in h1.train]
-        out["loss_4"] = [l for _, l in h4.train]
+        out["loss_1"] = [loss for _, loss in h1.train]
+        out["loss_4"] = [loss for _, loss in h4.train]
         # the checkpoint written from 4 devices restores on the default device
         from mlem_jax.diffusion.train import load_level
 

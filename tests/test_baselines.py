@@ -1,6 +1,5 @@
 """Heun's order and the T-Stitch switch."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

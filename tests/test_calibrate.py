@@ -8,8 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlem_jax import FixedBudget, PiecewiseConstant, euler_maruyama, multilevel_euler_maruyama
-from mlem_jax import correction_costs, expected_cost, injected_variance, optimal_probabilities
+from mlem_jax import (
+    FixedBudget,
+    PiecewiseConstant,
+    correction_costs,
+    euler_maruyama,
+    expected_cost,
+    injected_variance,
+    multilevel_euler_maruyama,
+    optimal_probabilities,
+)
 from mlem_jax.calibrate import (
     calibrated_probabilities,
     calibration_report,
@@ -17,8 +25,9 @@ from mlem_jax.calibrate import (
     level_costs,
     level_statistics,
 )
-from recursions import em_moment_path
+
 import recursions
+from recursions import em_moment_path
 
 A = (0.5, 1.5, 1.2, 1.0)
 B = (0.0, 0.5, 0.4, 0.3)
@@ -149,12 +158,14 @@ def test_fixed_budget_is_unbiased(coupling):
             affine_levels(a, b), FixedBudget((3, 2)), g, jnp.float32(1.0), ts, k, level_key=lk, coupling=coupling
         ).y
 
-    x = np.asarray(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), M), jax.random.split(jax.random.key(2), M)))
+    keys, level_keys = jax.random.split(jax.random.key(1), M), jax.random.split(jax.random.key(2), M)
+    x = np.asarray(jax.jit(jax.vmap(one))(keys, level_keys))
     m, _ = em_moment_path(a[-1], b[-1], np.asarray(ts, np.float64), 1.0, SIGMA)
     se = x.std() / np.sqrt(M)
     assert abs(x.mean() - m[-1]) < 4 * se, (x.mean(), m[-1], se)
     # and the randomness is real: the spread exceeds plain EM's
-    em = np.asarray(jax.vmap(lambda k: euler_maruyama(affine_levels(a, b)[-1], g, 1.0, ts, k))(jax.random.split(jax.random.key(1), M)))
+    em_one = lambda k: euler_maruyama(affine_levels(a, b)[-1], g, 1.0, ts, k)
+    em = np.asarray(jax.vmap(em_one)(jax.random.split(jax.random.key(1), M)))
     assert x.std() > 1.1 * em.std()
 
 
@@ -215,7 +226,8 @@ def test_flops_of_counts_matrix_products_and_convolutions_exactly():
 
 
 def test_bad_inputs():
-    stats_like = level_statistics(affine_levels(), g, jnp.ones(12), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 12), num_bins=2)
+    stats_like = level_statistics(affine_levels(), g, jnp.ones(12), jnp.linspace(0, 1, 5),
+                                  jax.random.split(jax.random.key(0), 12), num_bins=2)
     with pytest.raises(ValueError, match=r"costs: expected one cost per level \(4 levels"):
         calibrated_probabilities(stats_like, [1.0, 2.0, 3.0], 0.1, 1e-3)
     with pytest.raises(ValueError, match=r"variances: expected finite positive"):
@@ -227,7 +239,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match=r"probs: FixedBudget gives the firings of levels 2..K"):
         multilevel_euler_maruyama(affine_levels(), FixedBudget((3,)), g, 1.0, jnp.linspace(0, 1, 5), jax.random.key(0))
     with pytest.raises(ValueError, match=r"probs: FixedBudget firings must lie in \[1, 4\]"):
-        multilevel_euler_maruyama(affine_levels()[:2], FixedBudget((5,)), g, 1.0, jnp.linspace(0, 1, 5), jax.random.key(0))
+        multilevel_euler_maruyama(affine_levels()[:2], FixedBudget((5,)), g, 1.0, jnp.linspace(0, 1, 5),
+                                  jax.random.key(0))
     with pytest.raises(ValueError, match=r"keys: expected at least 6"):
         level_statistics(affine_levels(), g, jnp.ones(3), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 3))
     with pytest.raises(ValueError, match=r"costs, errors: expected two 1-D arrays"):
@@ -257,6 +270,7 @@ def test_stratified_calibration_predicts_the_measured_error():
     level keys, has the predicted coupled error: within 3 combined standard errors plus 25%
     for the log-log interpolation between pilots (a model error, not a sampling one)."""
     from test_coins import smooth_levels
+
     from mlem_jax.calibrate import level_statistics, stratified_probabilities
 
     levels, sigma = smooth_levels(4), lambda t, y, a: 0.5

@@ -61,9 +61,8 @@ def test_shipped_weights_load_and_sample_in_range(tmp_path):
     size = os.path.getsize(shipped_family_path() + ".npz")
     assert size < 6e6
     from mlem_jax.diffusion import uniform_grid
-    from mlem_jax.diffusion.sampling import sample
-
     from mlem_jax.diffusion.data import digits
+    from mlem_jax.diffusion.sampling import sample
 
     res = sample(fam, [len(fam.models) - 1], uniform_grid(50), 0, 16)
     x, data = res.images, digits("test")
@@ -107,7 +106,8 @@ def test_demo_compares_at_equal_error(trained, tmp_path, capsys):
     assert main(["demo", "--family", str(trained / "family"), "--steps", "4", "--batch-size", "8",
                  "--pilot-size", "8", "--out", str(out), "--no-progress"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    m = re.fullmatch(r"equal-error speedup: (\d+\.\d\d)x \(EM error (\d+\.\d{4}), ML-EM error (\d+\.\d{4})\)", lines[-1])
+    m = re.fullmatch(r"equal-error speedup: (\d+\.\d\d)x \(EM error (\d+\.\d{4}), ML-EM error (\d+\.\d{4})\)",
+                     lines[-1])
     assert m, lines[-1]
     speedup, a, b = map(float, m.groups())
     assert speedup > 0 and b <= 1.1 * a + 1e-4

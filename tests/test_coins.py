@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.stats import norm
+from test_solvers import _count_primitive
 
 from mlem_jax import (
     FixedBudget,
@@ -18,7 +19,6 @@ from mlem_jax import (
     multilevel_euler_maruyama,
 )
 from mlem_jax._coins import lattice_generator, stratified_coins, stratified_fixed_firings
-from test_solvers import _count_primitive
 
 SCHEDULE = PiecewiseConstant(jnp.array([0.0, 0.3, 0.7, 1.0]),
                              jnp.array([[1.0, 0.8, 0.3], [1.0, 0.45, 0.2], [1.0, 0.1, 0.05]]))
@@ -223,7 +223,7 @@ def test_diffrax_route_gives_the_scan_routes_coins(coins, coupling):
     lk = jax.random.key(4)
     scan = multilevel_euler_maruyama(levels, SCHEDULE, None, jnp.float32(0.5), ts, None, level_key=lk,
                                      coupling=coupling, coins=coins)
-    term = MultilevelDrift(levels, SCHEDULE, lk, coupling, coins=coins, ts=ts)
+    term = MultilevelDrift(levels, SCHEDULE, lk, coupling=coupling, coins=coins, ts=ts)
     sol = multilevel_diffeqsolve(term, MultilevelEuler(), ts[0], ts[-1], None, jnp.float32(0.5),
                                  stepsize_controller=diffrax.StepTo(ts),
                                  saveat=diffrax.SaveAt(t1=True, solver_state=True))
@@ -260,3 +260,21 @@ def test_diffrax_stratified_errors():
     with pytest.raises(Exception, match=r"not on the grid ts"):
         diffrax.diffeqsolve(term, MultilevelEuler(), 0.0, 1.0, 0.07, jnp.float32(0.5),
                             adjoint=diffrax.ForwardMode())
+
+
+@pytest.mark.parametrize("coins", ["iid", "stratified"])
+@pytest.mark.parametrize("coupling", ["independent", "nested"])
+def test_planned_evaluations_are_the_evaluations_that_run(coins, coupling):
+    """planned_evaluations replays the coins alone: the same counts as the sampler with the
+    same (shared) level key, for iid, stratified and FixedBudget schedules."""
+    from mlem_jax import FixedBudget, planned_evaluations
+
+    levels = tuple((lambda t, y, a, c=c: -c * y) for c in (1.0, 1.1, 1.2))
+    ts = jnp.linspace(0.0, 1.0, 41)
+    for probs in (jnp.array([1.0, 0.4, 0.1]), FixedBudget((9, 3))):
+        for seed in range(3):
+            lk = jax.random.key(seed)
+            sol = multilevel_euler_maruyama(levels, probs, lambda t, y, a: 0.2, jnp.ones(2), ts, jax.random.key(9),
+                                            level_key=lk, coupling=coupling, coins=coins)
+            planned = planned_evaluations(probs, ts, lk, 3, coupling=coupling, coins=coins)
+            np.testing.assert_array_equal(np.asarray(planned), np.asarray(sol.evaluations))

@@ -74,7 +74,8 @@ def test_mnist_and_cifar_builders_from_local_files(tmp_path):
     src.mkdir()
     for name, n in [(f"data_batch_{i}", 3) for i in range(1, 6)] + [("test_batch", 4)]:
         with open(src / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))}, f)
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10,
+                                                                                                                n))}, f)
     data.prepare_local("cifar10", str(src), str(tmp_path / "tfds"))
     x = data.load_dataset("cifar10", "train", str(tmp_path / "tfds"))
     assert x.shape == (15, 32, 32, 3)

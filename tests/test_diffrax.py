@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlem_jax import MultilevelDrift, MultilevelEuler, multilevel_diffeqsolve, multilevel_euler_maruyama
+
 from recursions import affine_moments
 
 A, B, SIGMA = (0.5, 1.5, 1.0), (0.0, 0.5, 0.3), 0.3
@@ -61,7 +62,7 @@ def test_same_law_as_the_scan_route(coupling, time_dependent):
     def one(key):
         kb, kc = jax.random.split(key)
         bm = diffrax.UnsafeBrownianPath(shape=(), key=kb)
-        terms = diffrax.MultiTerm(MultilevelDrift(LEVELS, probs, kc, coupling),
+        terms = diffrax.MultiTerm(MultilevelDrift(LEVELS, probs, kc, coupling=coupling),
                                   diffrax.ControlTerm(lambda t, y, a: SIGMA, bm))
         ref_terms = diffrax.MultiTerm(diffrax.ODETerm(LEVELS[-1]), diffrax.ControlTerm(lambda t, y, a: SIGMA, bm))
         kw = dict(saveat=diffrax.SaveAt(t1=True), adjoint=diffrax.ForwardMode())
@@ -94,8 +95,8 @@ def test_vmap_keeps_the_cond_and_counts_evaluations():
     counts = np.asarray(sol.solver_state)
     assert np.all(counts == counts[0]) and counts[0, 0] == 10 and counts[0, 2] < 10
     # the counts are those of the coins drawn at the step times
-    from mlem_jax._diffrax import _time_key
     from mlem_jax import level_coins
+    from mlem_jax._diffrax import _time_key
 
     coins = np.array([np.asarray(level_coins(_time_key(jax.random.key(1), t), probs)) for t in grid[:-1]])
     needed = coins | np.concatenate([coins[:, 1:], np.zeros((10, 1), bool)], 1)
@@ -124,7 +125,8 @@ def test_bad_combinations():
     bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(3,), key=jax.random.key(0))
     terms = diffrax.MultiTerm(MultilevelDrift(LEVELS, jnp.array([1.0, 0.5, 0.5]), jax.random.key(1)),
                               diffrax.ControlTerm(g, bm))
-    for solver in (diffrax.Heun(), diffrax.ItoMilstein(), diffrax.SRA1() if hasattr(diffrax, "SRA1") else diffrax.Heun()):
+    for solver in (diffrax.Heun(), diffrax.ItoMilstein(), diffrax.SRA1() if hasattr(diffrax,
+                                                                                    "SRA1") else diffrax.Heun()):
         with pytest.raises(ValueError, match=r"solver: .* evaluates the drift more than once"):
             multilevel_diffeqsolve(terms, solver, 0.0, 1.0, 0.1, jnp.ones(3))
     with pytest.raises(ValueError, match=r"stepsize_controller: PIDController adapts"):
@@ -132,7 +134,8 @@ def test_bad_combinations():
                                stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3))
     # even a plain diffeqsolve refuses Runge-Kutta solvers, at trace time
     for solver in (diffrax.Heun(), diffrax.Tsit5()):
-        with pytest.raises(ValueError, match=r"solver: a Runge-Kutta solver .* evaluates a MultilevelDrift at several stages"):
+        with pytest.raises(ValueError,
+                           match=r"solver: a Runge-Kutta solver .* evaluates a MultilevelDrift at several stages"):
             diffrax.diffeqsolve(terms, solver, 0.0, 1.0, 0.1, jnp.ones(3))
     with pytest.raises(RuntimeError, match=r"adaptive step sizes"):  # diffrax's own check
         diffrax.diffeqsolve(terms, MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(3),

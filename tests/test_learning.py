@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from recursions import affine_levels, affine_moments
 
 from mlem_jax import PiecewiseConstant, correction_costs, optimal_probabilities
 from mlem_jax.calibrate import coupled_error_gradient, learn_probabilities, scaled_to_budget
+
+from recursions import affine_levels, affine_moments
 
 A, B, SIGMA, X0 = np.array([1.0, 1.4, 1.6]), np.array([0.5, 0.9, 1.2]), 0.5, 1.0
 TS = jnp.linspace(0.0, 1.0, 9)
@@ -113,7 +114,8 @@ def test_nested_learning_is_monotone_holds_the_budget_and_improves():
     assert np.all(np.diff(values, axis=1) <= 1e-7)
     assert N * np.sum(values.mean(0) * C) == pytest.approx(budget, rel=1e-5)
     edges = np.asarray(r.probs.edges)
-    exact = lambda v: affine_moments(A, B, lambda t: np.asarray(PiecewiseConstant(jnp.asarray(edges), jnp.asarray(v))(t)),
+    exact = lambda v: affine_moments(A, B, lambda t: np.asarray(PiecewiseConstant(jnp.asarray(edges),
+                                                                                  jnp.asarray(v))(t)),
                                      np.asarray(TS_N), X0, SIGMA, "nested")[2]
     start_on_budget = np.asarray(scaled_to_budget(jnp.asarray(np.stack([start, start])), jnp.full(2, N / 2),
                                                   jnp.asarray(C), budget))

@@ -9,7 +9,13 @@ from mlem_jax import multilevel_euler_maruyama
 from mlem_jax.diffusion import VP, reverse_diffusion, reverse_drift, uniform_grid
 from mlem_jax.diffusion.data import procedural
 from mlem_jax.diffusion.train import (
-    TrainConfig, dsm_loss, load_level, latest_step, restore_checkpoint, train, train_family,
+    TrainConfig,
+    dsm_loss,
+    latest_step,
+    load_level,
+    restore_checkpoint,
+    train,
+    train_family,
 )
 from mlem_jax.diffusion.unet import UNet, family_summary, init_params, nnx_apply, score_model, unet_family
 
@@ -144,7 +150,8 @@ def test_combine_families(tmp_path):
 
     def make(nfs, name, shape=(8, 8, 1)):
         models = unet_family(nfs, ch_mult=(1, 2))
-        params = [m.init(jax.random.key(i), jnp.zeros((1, *shape)), jnp.ones(1))["params"] for i, m in enumerate(models)]
+        params = [m.init(jax.random.key(i), jnp.zeros((1, *shape)), jnp.ones(1))["params"] for i,
+                  m in enumerate(models)]
         return save_family(str(tmp_path / name), models, params, VP(), "eps", shape, extra={"command": f"make {name}"})
 
     small, big = make((4, 8), "small"), make((16,), "big")

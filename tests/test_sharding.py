@@ -20,7 +20,7 @@ def run(*args, devices=4, timeout=600):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, WORKER, *args], capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
 
 
@@ -54,7 +54,7 @@ def test_two_processes_on_localhost(tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    results = [json.loads([l for l in o.splitlines() if l.startswith("RESULT ")][-1][7:]) for o, _ in outs]
+    results = [json.loads([ln for ln in o.splitlines() if ln.startswith("RESULT ")][-1][7:]) for o, _ in outs]
     assert sorted(r["process"] for r in results) == [0, 1] and all(r["count"] == 2 for r in results)
     merged = merge_shards(path, 2)
     assert merged["y"].shape == (10, 4)

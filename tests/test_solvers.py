@@ -9,8 +9,9 @@ import pytest
 from absl.testing import parameterized
 
 from mlem_jax import euler_maruyama, multilevel_euler_maruyama
-from recursions import affine_moments
+
 import recursions
+from recursions import affine_moments
 
 A = (0.5, 1.5, 1.0)
 B = (0.0, 0.5, 0.3)

@@ -109,3 +109,12 @@ def test_a_batched_level_key_warns_and_an_unbatched_one_does_not():
         warnings.simplefilter("error", BatchedLevelKeyWarning)
         shared = jax.make_jaxpr(jax.vmap(lambda k: run(k, level_key=jax.random.key(1))))(keys)
     assert "cond" in str(shared) and "cond" not in str(batched)
+    # evaluations say what ran: every level at every step when batched, fewer when shared
+    with pytest.warns(BatchedLevelKeyWarning):
+        ev_batched = jax.vmap(lambda k: multilevel_euler_maruyama(levels, jnp.array([1.0, 0.5]), lambda t, y, a: 0.1,
+                                                                  jnp.ones(2), ts, k).evaluations)(keys)
+    assert np.all(np.asarray(ev_batched) == 4)
+    ev_shared = jax.vmap(lambda k: multilevel_euler_maruyama(levels, jnp.array([1.0, 0.01]), lambda t, y, a: 0.1,
+                                                             jnp.ones(2), ts, k, level_key=jax.random.key(1))
+                         .evaluations)(keys)
+    assert np.all(np.asarray(ev_shared)[:, 0] == 4) and np.all(np.asarray(ev_shared)[:, 1] < 4)

@@ -108,7 +108,8 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, i
         out = tfds_images(LOCAL_BUILDERS.get(name, name), split, data_dir, with_labels=with_labels)
         x, labels = out if with_labels else (out, None)
     if image_size is not None and x.shape[1] != image_size:
-        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]), "linear", antialias=True))
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]), "linear",
+                                        antialias=True))
     return (x, labels) if with_labels else x
 
 
@@ -137,7 +138,8 @@ def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None, 
                          "or any tfds dataset prepared in data_dir.") from e
     if not builder.is_prepared():
         hint = (f"mlem_jax.diffusion.data.prepare_local({_local_short(name)!r}, source_dir, {data_dir!r})"
-                if name in LOCAL_BUILDERS.values() else f"tfds build {name} --data_dir {data_dir} (needs tensorflow and a network)")
+                if name in LOCAL_BUILDERS.values()
+                else f"tfds build {name} --data_dir {data_dir} (needs tensorflow and a network)")
         raise FileNotFoundError(
             f"data_dir: dataset {name!r} is not prepared in {data_dir!r}; mlem-jax never downloads. "
             f"Prepare it with {hint}."
@@ -272,7 +274,8 @@ def read_local(name: str, source_dir: str, split: str = "train", image_size: int
     x, y = _READERS[name](source_dir, split)
     x = to_unit_range(np.asarray(x))
     if image_size is not None and x.shape[1] != image_size:
-        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]), "linear", antialias=True))
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]), "linear",
+                                        antialias=True))
     return (x, np.asarray(y, np.int32)) if with_labels else x
 
 

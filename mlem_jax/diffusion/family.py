@@ -82,7 +82,8 @@ def load_family(path: str) -> Family:
 
     base = path[:-4] if path.endswith(".npz") else path
     if not os.path.exists(base + ".npz") or not os.path.exists(base + ".json"):
-        raise FileNotFoundError(f"family: expected {base}.npz and {base}.json (written by save_family / mlem-jax train).")
+        raise FileNotFoundError(f"family: expected {base}.npz and {base}.json "
+                                "(written by save_family / mlem-jax train).")
     try:
         with open(base + ".json") as f:
             meta = json.load(f)
@@ -104,7 +105,8 @@ def load_family(path: str) -> Family:
     except Exception as e:
         raise ValueError(f"family: {base}.npz is not a readable npz file ({type(e).__name__}: {e}).") from e
     if "meta/image_shape" in names and list(arrays["meta/image_shape"]) != list(shape):
-        raise ValueError(f"family: {base}.npz was trained on images of shape {arrays['meta/image_shape'].tolist()}, but "
+        trained = arrays["meta/image_shape"].tolist()
+        raise ValueError(f"family: {base}.npz was trained on images of shape {trained}, but "
                          f"{base}.json says {shape}; the two files do not belong together.")
     if "meta/sde" in names and json.loads(arrays["meta/sde"].tobytes().decode()) != dict(meta["sde"]):
         raise ValueError(f"family: {base}.npz was trained with the SDE {arrays['meta/sde'].tobytes().decode()}, but "
@@ -160,7 +162,8 @@ def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None =
     for p, f in zip(paths[1:], families[1:]):
         for field in ("parameterization", "image_shape"):
             if getattr(f, field) != getattr(first, field):
-                raise ValueError(f"{p}: its {field} {getattr(f, field)} differs from {paths[0]}'s {getattr(first, field)}.")
+                mine, theirs = getattr(f, field), getattr(first, field)
+                raise ValueError(f"{p}: its {field} {mine} differs from {paths[0]}'s {theirs}.")
         if f.meta["sde"] != first.meta["sde"]:
             raise ValueError(f"{p}: its SDE {f.meta['sde']} differs from {paths[0]}'s {first.meta['sde']}.")
     levels = [(m.nf, m, prm, p) for p, f in zip(paths, families) for m, prm in zip(f.models, f.params)]

@@ -10,7 +10,6 @@ clipping, then Adam with a linear warm-up. The EMA of the parameters is what sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -175,7 +174,8 @@ def read_metadata(directory: str, step: int | None = None) -> dict:
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
-        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: {e}).") from e
+        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
+                         f"{e}).") from e
     finally:
         mngr.close()
     return meta
@@ -252,7 +252,8 @@ def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainCo
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:
-        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: {e}).") from e
+        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
+                         f"{e}).") from e
     finally:
         mngr.close()
     return TrainState(**restored), meta
