@@ -43,7 +43,7 @@ def heun(
             "a consistent scheme for Ito SDEs. Use euler_maruyama for an SDE."
         )
     ts = _validate.check_ts(ts)
-    y0 = jax.tree_util.tree_map(jnp.asarray, y0)
+    y0 = _validate.check_y0(y0)
     _validate.check_drift(drift, ts[0], y0, args, name="drift")
 
     def step_drift(n, t, y, aux):

@@ -220,7 +220,7 @@ def euler_maruyama(
       The final state, or the saved states.
     """
     ts = _validate.check_ts(ts)
-    y0 = jax.tree_util.tree_map(jnp.asarray, y0)
+    y0 = _validate.check_y0(y0)
     _validate.check_drift(drift, ts[0], y0, args, name="drift")
     _validate.check_diffusion(diffusion, ts[0], y0, args)
     noise = None if (diffusion is None and key is None) else _noise.brownian_source(key, y0, ts)
@@ -278,7 +278,7 @@ def multilevel_euler_maruyama(
     ts = _validate.check_ts(ts)
     coupling = _validate.check_coupling(coupling)
     coins = _validate.check_coins(coins)
-    y0 = jax.tree_util.tree_map(jnp.asarray, y0)
+    y0 = _validate.check_y0(y0)
     drifts = _validate.check_drifts(drifts, ts[0], y0, args)
     _validate.check_diffusion(diffusion, ts[0], y0, args)
     noise = None if diffusion is None else _noise.brownian_source(key, y0, ts)

@@ -81,6 +81,16 @@ def check_key(key: Any, name: str) -> None:
         )
 
 
+def check_y0(y0: Any) -> Any:
+    """y0 as arrays, every leaf floating point (an integer state cannot take a step)."""
+    y0 = jax.tree_util.tree_map(jnp.asarray, y0)
+    for leaf in jax.tree_util.tree_leaves(y0):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"y0: expected floating-point states, got dtype {leaf.dtype}; pass "
+                            f"jnp.asarray(y0, jnp.float32) (an integer state cannot take an Euler step).")
+    return y0
+
+
 def check_coupling(coupling: Any) -> str:
     if coupling not in COUPLINGS:
         raise ValueError(
@@ -263,9 +273,13 @@ def check_saveat(saveat: Any, num_times: int) -> np.ndarray | None:
 def check_firings(firings: Any, num_levels: int, num_steps: int, coupling: str) -> tuple[int, ...]:
     """A `FixedBudget` gives the firings of levels 2..K, each in [1, num_steps]."""
     try:
-        m = tuple(int(x) for x in firings)
-    except TypeError as e:
+        values = [float(x) for x in firings]
+    except (TypeError, ValueError) as e:
         raise TypeError(f"probs: FixedBudget.firings must be a sequence of integers, got {firings!r}.") from e
+    if any(v != int(v) for v in values):
+        raise ValueError(f"probs: FixedBudget.firings must be whole numbers of firings, got {tuple(firings)}; round "
+                         "them yourself (the weights num_steps / firings depend on the exact count).")
+    m = tuple(int(v) for v in values)
     if len(m) != num_levels - 1:
         raise ValueError(
             f"probs: FixedBudget gives the firings of levels 2..K, expected {num_levels - 1} values "

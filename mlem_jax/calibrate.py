@@ -183,6 +183,11 @@ def level_statistics(
     lo, hi = float(np.min(np.asarray(ts))), float(np.max(np.asarray(ts)))
     edges = np.linspace(lo, hi, num_bins + 1)
     which = np.clip(np.searchsorted(edges, t_pts, side="right") - 1, 0, num_bins - 1)
+    empty = sorted(set(range(num_bins)) - set(which.tolist()))
+    if empty:
+        raise ValueError(f"num_bins: {len(empty)} of the {num_bins} time bins hold none of the {len(t_pts)} points "
+                         f"where the levels are evaluated ({len(ts) - 1} steps, stride {stride}); use at most "
+                         f"{len(t_pts)} bins, more steps or a smaller stride.")
     K = len(drifts)
     V = np.full((num_bins, K), np.nan)
     V_se, means, kurt, errors = V.copy(), V.copy(), V.copy(), V.copy()

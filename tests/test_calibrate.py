@@ -225,6 +225,14 @@ def test_flops_of_counts_matrix_products_and_convolutions_exactly():
     assert flops_of(conv, jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))) == 2 * (2 * 6 * 6 * 4) * (3 * 3 * 3)
 
 
+def test_empty_time_bins_are_named_as_such():
+    """10 bins on a 10-step grid evaluated at every other step leave bins empty: say so
+    (not "zero variance")."""
+    with pytest.raises(ValueError, match=r"num_bins: 5 of the 10 time bins hold none of the 5 points .* stride 2"):
+        level_statistics(affine_levels(), g, jnp.ones(8), jnp.linspace(0, 1, 11), jax.random.split(jax.random.key(0), 8),
+                         num_bins=10, stride=2)
+
+
 def test_bad_inputs():
     stats_like = level_statistics(affine_levels(), g, jnp.ones(12), jnp.linspace(0, 1, 5),
                                   jax.random.split(jax.random.key(0), 12), num_bins=2)

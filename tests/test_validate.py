@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlem_jax import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax import FixedBudget, euler_maruyama, multilevel_euler_maruyama
 
 TS = jnp.linspace(0.0, 1.0, 5)
 Y0 = jnp.ones(3)
@@ -53,6 +53,9 @@ def mlem(**kw):
         (dict(key=jnp.zeros((4, 3))), r"level_key: required when key is"),
         (dict(saveat="everything"), r"saveat: expected None, 'all'"),
         (dict(saveat=[0, 9]), r"saveat: indices must lie"),
+        (dict(y0=jnp.ones(3, jnp.int32)), r"y0: expected floating-point states, got dtype int32"),
+        (dict(probs=FixedBudget((2.7,))), r"probs: FixedBudget.firings must be whole numbers"),
+        (dict(probs=FixedBudget(("two",))), r"probs: FixedBudget.firings must be a sequence of integers"),
     ],
 )
 def test_bad_multilevel_inputs(kw, match):
