@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from mlem_jax import _validate
 from mlem_jax._solvers import Drift, PyTree, _integrate
