@@ -229,8 +229,8 @@ def test_empty_time_bins_are_named_as_such():
     """10 bins on a 10-step grid evaluated at every other step leave bins empty: say so
     (not "zero variance")."""
     with pytest.raises(ValueError, match=r"num_bins: 5 of the 10 time bins hold none of the 5 points .* stride 2"):
-        level_statistics(affine_levels(), g, jnp.ones(8), jnp.linspace(0, 1, 11), jax.random.split(jax.random.key(0), 8),
-                         num_bins=10, stride=2)
+        level_statistics(affine_levels(), g, jnp.ones(8), jnp.linspace(0, 1, 11),
+                         jax.random.split(jax.random.key(0), 8), num_bins=10, stride=2)
 
 
 def test_bad_inputs():
