@@ -29,7 +29,16 @@ from jax import lax
 
 from mlem_jax._coins import Coins, Coupling, level_coins, probabilities_on_grid, stratified_coins
 from mlem_jax._solvers import multilevel_drift
-from mlem_jax._validate import check_coins, check_coupling, check_key, check_probs, check_ts, is_concrete
+from mlem_jax._validate import (
+    check_coins,
+    check_coupling,
+    check_drifts,
+    check_key,
+    check_probs,
+    check_ts,
+    check_y0,
+    is_concrete,
+)
 
 
 def _time_key(key, t):
@@ -241,5 +250,7 @@ def multilevel_diffeqsolve(terms, solver, t0, t1, dt0, y0, args=None, *,
         raise TypeError("terms: expected a MultilevelDrift (alone, or first in a diffrax.MultiTerm).")
     check_multilevel_solver(solver, stepsize_controller)
     check_grid(found[0], t0, t1, dt0, stepsize_controller)
+    y0 = check_y0(y0)
+    check_drifts(found[0].drifts, jnp.asarray(t0), y0, args)  # the scan route's message, not a cond error
     return diffrax.diffeqsolve(terms, solver, t0, t1, dt0, y0, args, stepsize_controller=stepsize_controller,
                                adjoint=diffrax.ForwardMode() if adjoint is None else adjoint, **kwargs)

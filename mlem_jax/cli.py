@@ -135,6 +135,7 @@ def cmd_train(args):
         test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise CLIError(f"--dataset: {e}") from e
+    _check_out(os.path.join(args.out, "family.json"))
     if len(set(args.nfs)) != len(args.nfs):
         raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
     try:
@@ -213,6 +214,7 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_sample(args):
+    _check_out(args.out)
     multihost = args.coordinator is not None
     if multihost:  # before any other JAX call
         from mlem_jax.sharding import initialize_distributed, shard_path

@@ -146,3 +146,19 @@ def test_bad_combinations():
         MultilevelDrift(LEVELS, jnp.array([0.5, 0.5, 0.5]), jax.random.key(0))
     with pytest.raises(ValueError, match=r"probs: expected one probability per level, shape \(3,\)"):
         MultilevelDrift(LEVELS, jnp.array([1.0, 0.5]), jax.random.key(0))
+
+
+def test_a_drift_of_the_wrong_shape_is_named_on_the_diffrax_route():
+    term = MultilevelDrift((lambda t, y, a: -y, lambda t, y, a: -y[:1]), jnp.array([1.0, 0.5]), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"drifts\[1\]: its output must match y0"):
+        multilevel_diffeqsolve(term, MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(2))
+    with pytest.raises(TypeError, match=r"y0: expected floating-point states"):
+        multilevel_diffeqsolve(term, MultilevelEuler(), 0.0, 1.0, 0.1, jnp.ones(2, jnp.int32))
+
+
+def test_the_term_checks_probabilities_like_the_scan_route():
+    same = (lambda t, y, a: -y,) * 3
+    with pytest.raises(ValueError, match=r"probs: the nested coupling needs non-increasing"):
+        MultilevelDrift(same, jnp.array([1.0, 0.2, 0.5]), jax.random.key(0), coupling="nested")
+    with pytest.raises(ValueError, match=r"probs\(t\): every probability must lie in \(0, 1\]"):
+        MultilevelDrift(same[:2], lambda t: jnp.array([1.0, 2.0]), jax.random.key(0))
