@@ -121,3 +121,26 @@ def test_a_batched_level_key_warns_and_an_unbatched_one_does_not():
                                                              jnp.ones(2), ts, k, level_key=jax.random.key(1))
                          .evaluations)(keys)
     assert np.all(np.asarray(ev_shared)[:, 0] == 4) and np.all(np.asarray(ev_shared)[:, 1] < 4)
+
+
+def test_check_finite_raises_when_a_path_goes_non_finite():
+    """Opt-in: a drift that turns NaN after t = 0.5 raises inside jit(vmap); finite paths
+    pass unchanged, and without the flag the NaN is returned as is."""
+    from mlem_jax import multilevel_euler_maruyama
+
+    levels = (lambda t, y, a: -y, lambda t, y, a: jnp.where(t > 0.5, jnp.nan, -1.1 * y))
+    ts = jnp.linspace(0.0, 1.0, 11)
+    keys = jax.random.split(jax.random.key(0), 3)
+
+    def run(levels, check):
+        return jax.jit(jax.vmap(lambda k: multilevel_euler_maruyama(
+            levels, jnp.array([1.0, 1.0]), lambda t, y, a: 0.1, jnp.ones(2), ts, k, level_key=jax.random.key(1),
+            check_finite=check).y))(keys)
+
+    with pytest.raises(Exception, match=r"ML-EM: the trajectory went non-finite"):
+        jax.block_until_ready(run(levels, True))
+    assert np.isnan(np.asarray(run(levels, False))).all()
+    fine = (levels[0], lambda t, y, a: -1.1 * y)
+    np.testing.assert_array_equal(np.asarray(run(fine, True)), np.asarray(run(fine, False)))
+    with pytest.raises(Exception, match=r"EM: the trajectory went non-finite"):
+        jax.block_until_ready(euler_maruyama(levels[1], None, jnp.ones(2), ts, None, check_finite=True))
