@@ -37,6 +37,7 @@ def _positive(kind):
     return parse
 
 
+DATA_SCALE = 2.0  # images live in [-1, 1]
 SEED_LIMIT = 2**30  # seeds are offset (seed + 1, seed + 1_000_003) and must stay in int32 for jax.random.key
 
 
@@ -288,11 +289,23 @@ def cmd_calibrate(args):
                        "--speedup.")
     if args.coins == "iid" and args.target_error is not None:
         raise CLIError("--target-error: with --coins iid give --target-variance (T x error^2 x pixels) or --speedup.")
+    from mlem_jax.calibrate import level_costs
+
+    # level costs at the sampling batch: at the few trajectories of the statistics they are mostly overhead
+    batch = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(
+        jax.random.split(jax.random.key(args.seed + 7), args.cost_batch))
+    costs = level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], batch)
     report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
                                 stride=args.stride, target_variance=args.target_variance, speedup=args.speedup,
                                 coins=args.coins, coupling=args.coupling, target_error=args.target_error,
-                                progress=not args.no_progress)
+                                costs=costs, progress=not args.no_progress)
     print(report)
+    if report.predicted_error is not None and report.predicted_error > DATA_SCALE / 2:
+        raise CLIError(f"--speedup: the chosen probabilities predict a coupled RMS error of "
+                       f"{report.predicted_error:.3g} per pixel, beyond half the data's range [-1, 1]: the samples "
+                       "would be noise; nothing was written. Ask for less (a smaller --speedup or a --target-*), or "
+                       "use stratified coins: --coins stratified --match-em finds the cheapest configuration with "
+                       "EM's error (the shipped calibration was made so).")
     made_by = ("closed-form allocation for iid coins (optimal_probabilities on the measured V_k(t) and costs)"
                if args.coins == "iid" else "stratified_probabilities: cube-root shape, lambda from pilot runs")
     path = save_calibration(args.out, report.probs, levels=nfs, steps=args.steps, grid=args.grid, coins=args.coins,
@@ -508,6 +521,8 @@ def build_parser():
     c.add_argument("--trajectories", type=_positive(int), default=32, help="reference trajectories")
     c.add_argument("--bins", type=_positive(int), default=10, help="time bins of the schedule")
     c.add_argument("--stride", type=_positive(int), default=2, help="evaluate levels at every n-th grid point")
+    c.add_argument("--cost-batch", type=_positive(int), default=64,
+                   help="batch at which the level costs are timed (the sampling batch; default 64)")
     c.add_argument("--target-variance", type=_positive(float), default=None,
                    help="injected variance per unit time the probabilities may add")
     c.add_argument("--speedup", type=_positive(float), default=None,

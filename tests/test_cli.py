@@ -223,3 +223,13 @@ def test_out_under_a_file_fails_before_any_compute(command, tmp_path, capsys):
     blocker.write_text("x")
     assert main([*command, "--out", str(blocker / "sub" / "out.png")]) == 2
     assert "which is a file, not a folder" in capsys.readouterr().err
+
+
+def test_calibrate_refuses_probabilities_that_predict_noise(tmp_path, capsys):
+    """iid coins on the shipped family at 8x: the predicted coupled RMS (about 4 per pixel)
+    is far beyond the data's range; one line, exit 2, no file."""
+    out = tmp_path / "noise.json"
+    assert main(["calibrate", "--steps", "20", "--trajectories", "8", "--bins", "2", "--speedup", "8",
+                 "--cost-batch", "8", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "beyond half the data's range" in err[0] and not out.exists()
