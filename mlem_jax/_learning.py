@@ -53,12 +53,14 @@ from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 class LearningHistory(NamedTuple):
     """Per optimisation step (NumPy arrays): the surrogate objective, the mean coupled
     squared error of the step's trajectories, the expected cost per trajectory of the
-    schedule, and the schedule's values (steps, B, K)."""
+    schedule, the schedule's values (steps, B, K), and the wall time of the step (the
+    first includes compilation)."""
 
     objective: np.ndarray
     coupled_mse: np.ndarray
     expected_cost: np.ndarray
     probs: np.ndarray
+    seconds: np.ndarray
 
 
 class LearnedProbabilities(NamedTuple):
@@ -351,8 +353,10 @@ def learn_probabilities(
 
         bar = tqdm(total=steps, desc="learning p_k(t)", leave=False)
     for it in range(steps):
+        t_step = time.perf_counter()
         logits, opt_state, objective, mse, cost, values = update(logits, opt_state, jnp.float32(weight), it)
-        for name, v in zip(LearningHistory._fields, (objective, mse, cost, values)):
+        jax.block_until_ready(values)
+        for name, v in zip(LearningHistory._fields, (objective, mse, cost, values, time.perf_counter() - t_step)):
             history[name].append(np.asarray(v))
         if not np.isfinite(float(objective)):
             raise FloatingPointError(f"learn_probabilities: the objective became {float(objective)} at step {it}; "

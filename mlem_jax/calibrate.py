@@ -119,7 +119,9 @@ class LevelStatistics(NamedTuple):
     check: np.ndarray
 
     def time_averaged(self, field: str) -> np.ndarray:
-        return np.asarray(self.bin_weights) @ np.asarray(getattr(self, field))
+        """The step-weighted mean over the bins (bins without points have weight 0)."""
+        w, v = np.asarray(self.bin_weights), np.asarray(getattr(self, field))
+        return w[w > 0] @ v[w > 0]
 
 
 def level_statistics(
@@ -183,11 +185,6 @@ def level_statistics(
     lo, hi = float(np.min(np.asarray(ts))), float(np.max(np.asarray(ts)))
     edges = np.linspace(lo, hi, num_bins + 1)
     which = np.clip(np.searchsorted(edges, t_pts, side="right") - 1, 0, num_bins - 1)
-    empty = sorted(set(range(num_bins)) - set(which.tolist()))
-    if empty:
-        raise ValueError(f"num_bins: {len(empty)} of the {num_bins} time bins hold none of the {len(t_pts)} points "
-                         f"where the levels are evaluated ({len(ts) - 1} steps, stride {stride}); use at most "
-                         f"{len(t_pts)} bins, more steps or a smaller stride.")
     K = len(drifts)
     V = np.full((num_bins, K), np.nan)
     V_se, means, kurt, errors = V.copy(), V.copy(), V.copy(), V.copy()
@@ -221,6 +218,16 @@ def level_statistics(
 # -------------------------------------------------------------------- probabilities
 
 
+def check_bins(stats: LevelStatistics) -> None:
+    """A time-dependent schedule needs statistics in every bin: name empty bins (too many
+    bins for the grid and stride) instead of failing later on their NaN variances."""
+    empty = int(np.sum(np.asarray(stats.bin_weights) == 0))
+    if empty:
+        raise ValueError(f"num_bins: {empty} of the {len(stats.bin_weights)} time bins hold no point where the "
+                         "levels were evaluated (too many bins for the grid and stride); use fewer bins, more "
+                         "steps or a smaller stride, or a constant schedule (time_dependent=False).")
+
+
 def calibrated_probabilities(
     stats: LevelStatistics,
     costs,
@@ -239,6 +246,8 @@ def calibrated_probabilities(
     `multilevel_euler_maruyama`. Give a `target_variance` (injected variance per unit
     time) or a `budget` (expected cost per trajectory, with `num_steps`).
     """
+    if time_dependent:
+        check_bins(stats)
     V = np.asarray(stats.variances, np.float64)
     costs = np.asarray(costs, np.float64)
     if costs.shape != (V.shape[1],):
@@ -326,6 +335,8 @@ def _check_budget(budget, num_steps, costs) -> None:
 def _stratified_family(stats: LevelStatistics, costs, num_steps: int, coupling: str, time_dependent: bool):
     """The one-parameter family p = min(1, lambda s) of the cube-root shape: returns
     (cost_of(lambda), schedule(lambda), shape)."""
+    if time_dependent:
+        check_bins(stats)
     V = np.asarray(stats.variances if time_dependent else stats.time_averaged("variances")[None], np.float64)
     w = np.asarray(stats.bin_weights) if time_dependent else np.ones(1)
     shape = stratified_shape(V, costs, coupling)

@@ -105,9 +105,11 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
     drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
     shape_img = tuple(family.image_shape)
     pilot = shared_noise(family.sde, jax.random.key(seed), pilot_size, shape_img, ts_ref)
+    stride = max(1, num_steps // 50)
+    points = -(-num_steps // stride)  # grid points where the levels are evaluated
     stats = level_statistics(drifts, g, pilot.y0[: max(6, min(pilot_size, 16))], ts,
                              jax.random.split(jax.random.key(seed + 1), max(6, min(pilot_size, 16))),
-                             num_bins=num_bins, stride=max(1, num_steps // 50))
+                             num_bins=min(num_bins, max(1, points // 2)), stride=stride)  # no empty bins
     costs = np.asarray(level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], pilot.y0,
                                    repeats=5).seconds)
     # per coupling, the cube-root family p = min(1, lambda s) and its predicted time per sample

@@ -24,6 +24,7 @@ from mlem_jax.calibrate import (
     fit_gamma,
     level_costs,
     level_statistics,
+    stratified_schedule,
 )
 
 import recursions
@@ -226,11 +227,16 @@ def test_flops_of_counts_matrix_products_and_convolutions_exactly():
 
 
 def test_empty_time_bins_are_named_as_such():
-    """10 bins on a 10-step grid evaluated at every other step leave bins empty: say so
-    (not "zero variance")."""
-    with pytest.raises(ValueError, match=r"num_bins: 5 of the 10 time bins hold none of the 5 points .* stride 2"):
-        level_statistics(affine_levels(), g, jnp.ones(8), jnp.linspace(0, 1, 11),
-                         jax.random.split(jax.random.key(0), 8), num_bins=10, stride=2)
+    """10 bins on a 10-step grid evaluated at every other step leave bins empty: a
+    time-dependent schedule says so (not "zero variance"); a constant one still works."""
+    stats = level_statistics(affine_levels(), g, jnp.ones(8), jnp.linspace(0, 1, 11),
+                             jax.random.split(jax.random.key(0), 8), num_bins=10, stride=2)
+    with pytest.raises(ValueError, match=r"num_bins: 5 of the 10 time bins hold no point"):
+        calibrated_probabilities(stats, [1.0, 2.0, 4.0, 8.0], 0.1, budget=100.0, num_steps=10)
+    with pytest.raises(ValueError, match=r"num_bins: 5 of the 10 time bins hold no point"):
+        stratified_schedule(stats, [1.0, 2.0, 4.0, 8.0], 10, 100.0)
+    p = calibrated_probabilities(stats, [1.0, 2.0, 4.0, 8.0], 0.1, budget=100.0, num_steps=10, time_dependent=False)
+    assert np.asarray(p).shape == (4,)
 
 
 def test_bad_inputs():
