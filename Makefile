@@ -35,6 +35,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/fmnist16.py --quick
 	$(PY) benchmarks/fid_resolution.py --quick
 	$(PY) benchmarks/family_costs.py --quick
+	$(PY) benchmarks/learn_cost.py --quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)

@@ -2,7 +2,7 @@
 closed-form calibration's level statistics on the same trajectories.
 
     python benchmarks/learn_cost.py                  # Fashion-MNIST nf 4..32, 100 steps, 4 x 4 paths
-    python benchmarks/learn_cost.py --quick          # the shipped digits family, 10 steps (CI)
+    python benchmarks/learn_cost.py --quick          # two levels of the shipped digits family, 10 steps (CI)
 
 Two runs of 2 and 6 SGD steps: their difference / 4 is the time of one SGD step
 (compilation excluded), reported with the peak resident memory.
@@ -36,11 +36,13 @@ def main(argv=None):
     family = load_family(shipped_family_path() if args.quick else os.path.join(HERE, "weights", "fmnist16"))
     steps, groups, paths = (10, 2, 3) if args.quick else (100, 4, 4)
     drifts, g = family.drifts(), reverse_diffusion(family.sde)
+    if args.quick:
+        drifts = drifts[:2]  # two levels: the code path, at half the compilation
     keys = jax.random.split(jax.random.key(0), groups * paths)
     y0 = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(keys)
     ts = uniform_grid(steps, 1e-3)
     costs = 4.0 ** np.arange(len(drifts))  # FLOP-like level costs; only the budget's scale depends on them
-    print(f"device: {device_description()}; family nf={[m.nf for m in family.models]}, {steps} steps, "
+    print(f"device: {device_description()}; levels nf={[m.nf for m in family.models][:len(drifts)]}, {steps} steps, "
           f"{groups} groups of {paths} paths")
     t0 = time.perf_counter()
     jax.block_until_ready(level_statistics(drifts, g, y0, ts, keys, num_bins=min(10, steps // 2)))
