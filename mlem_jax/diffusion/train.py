@@ -156,12 +156,9 @@ def save_checkpoint(directory: str, state: TrainState, meta: dict) -> None:
 
 
 def latest_step(directory: str) -> int | None:
-    if not os.path.isdir(directory):
-        return None
-    mngr = _manager(directory)
-    step = mngr.latest_step()
-    mngr.close()
-    return step
+    """The newest checkpoint's step, or None."""
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
 
 
 def read_metadata(directory: str, step: int | None = None) -> dict:
