@@ -93,6 +93,15 @@ def brownian_source(key: Any, y0: Any, ts: jax.Array) -> BrownianSource:
                 )
 
             return BrownianSource(increment, None)
+        if jax.tree_util.tree_structure(key) == treedef and all(
+            hasattr(a, "dtype") and tuple(a.shape) == (ts.shape[0] - 1, *jnp.shape(y))
+            for a, y in zip(inc_leaves, leaves)
+        ):  # shaped like increments, but not floating point
+            dtypes = sorted({str(a.dtype) for a in inc_leaves})
+            raise TypeError(
+                f"key: precomputed Brownian increments must be floating point, got dtype "
+                f"{', '.join(dtypes)}; pass increments.astype(y0.dtype) (they are N(0, dt) draws)."
+            )
 
     got = f"{key.dtype}{list(key.shape)}" if hasattr(key, "shape") else type(key).__name__
     raise TypeError(

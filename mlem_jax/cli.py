@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -121,10 +122,44 @@ def _write_samples(path, images, extra):
     return png, npz
 
 
+def _join_run(args) -> bool:
+    """Join a multi-process run when --coordinator is given (before any other JAX call);
+    returns whether this is one."""
+    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    if all(v is None for v in given.values()):
+        return False
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise CLIError(f"{', '.join(missing)}: a multi-process run needs --coordinator, --num-processes and "
+                       "--process-id on every process.")
+    from mlem_jax.sharding import initialize_distributed
+
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        name, _, text = str(e).partition(": ")
+        raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
+    except RuntimeError as e:
+        raise CLIError(f"--{e}") from e
+    return True
+
+
+def _multiprocess_flags(s):
+    s.add_argument("--coordinator", default=None,
+                   help="multi-process: host:port of process 0 (jax.distributed); one SPMD program over the "
+                        "devices of every process")
+    s.add_argument("--num-processes", type=_positive(int), default=None, help="multi-process: number of processes")
+    s.add_argument("--process-id", type=int, default=None, help="multi-process: this process, 0-based")
+
+
 # ------------------------------------------------------------------------ commands
 
 
 def cmd_train(args):
+    multiprocess = _join_run(args)
+    import jax
+
     from mlem_jax.diffusion.data import load_dataset
     from mlem_jax.diffusion.family import save_family
     from mlem_jax.diffusion.sde import VP
@@ -145,19 +180,34 @@ def cmd_train(args):
         raise CLIError(f"--nfs: {e}") from e
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
-    print(f"training {len(family)} levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
-          f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each")
+    if args.parallel_levels and multiprocess:
+        raise CLIError("--parallel-levels: trains levels side by side on one process's devices; a multi-process "
+                       "run trains them one after another over every device.")
+    mesh = None
+    if multiprocess or jax.device_count() > 1:
+        from mlem_jax.sharding import batch_mesh
+
+        mesh = None if args.parallel_levels else batch_mesh()
+    primary = jax.process_index() == 0
+    say = print if primary else (lambda *a, **k: None)
+    where = (f"process {jax.process_index()} of {jax.process_count()}, " if multiprocess else "") + \
+        f"{jax.device_count()} device(s)" + (", levels side by side" if args.parallel_levels else "")
+    say(f"training {len(family)} levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
+        f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each; {where}")
     t0 = time.perf_counter()
-    with _exclusive(args.out):
+    with _exclusive(args.out) if primary else contextlib.nullcontext():
         try:
             results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
-                                   resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+                                   resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
+                                   mesh=mesh, parallel=args.parallel_levels)
         except FileExistsError as e:
             raise CLIError(f"--out: {e}") from e
         except ValueError as e:  # a resume with another recipe, a batch larger than the data, ...
             name, _, text = str(e).partition(": ")
             raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
         losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
+        if not primary:  # process 0 writes the family
+            return
         command = _command(args)
         path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
                            train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
@@ -216,15 +266,7 @@ def _alive(pid: int) -> bool:
 
 def cmd_sample(args):
     _check_out(args.out)
-    multihost = args.coordinator is not None
-    if multihost:  # before any other JAX call
-        from mlem_jax.sharding import initialize_distributed, shard_path
-
-        if args.num_processes is None or args.process_id is None:
-            raise CLIError("--coordinator: a multi-host run also needs --num-processes and --process-id.")
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        args.out = shard_path(args.out if args.out.endswith(".png") else args.out + ".png",
-                              args.process_id)[:-4] + ".png"
+    multiprocess = _join_run(args)  # before any other JAX call
     from mlem_jax.diffusion.sampling import sample
 
     family = _family(args.family)
@@ -232,15 +274,17 @@ def cmd_sample(args):
     probs = None if args.em else _probs(args, levels, family)
     ts = _grid(family, args.steps, args.grid)
     res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
-                 args.coupling, args.ode, progress=not args.no_progress, multihost=multihost, coins=args.coins)
+                 args.coupling, args.ode, progress=not args.no_progress, coins=args.coins)
     method = "EM" if probs is None else f"ML-EM ({args.coupling}, {args.coins} coins)"
     nfs = [family.models[k].nf for k in (levels if probs is not None else levels[-1:])]
-    png, npz = _write_samples(args.out, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
     import jax
 
-    where = f" (process {jax.process_index()} of {jax.process_count()}: {len(res.images)} of them)" if multihost else ""
-    print(f"{method}: {args.batch_size} samples{where}, {args.steps} steps, levels nf={nfs}, "
-          f"{jax.local_device_count()} local device(s)")
+    if jax.process_index() != 0:  # every process holds the whole batch; process 0 writes it
+        return
+    png, npz = _write_samples(args.out, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
+    where = f", {jax.process_count()} processes" if multiprocess else ""
+    print(f"{method}: {args.batch_size} samples, {args.steps} steps, levels nf={nfs}, {jax.device_count()} "
+          f"device(s){where}")
     print(f"  wall time {res.run_seconds:.2f} s (+ {res.compile_seconds:.1f} s compilation)")
     print("  evaluations per sample path: " + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, res.evaluations)))
     print(f"wrote {png} and {npz}")
@@ -257,9 +301,19 @@ def cmd_calibrate(args):
     levels = _levels(family, args.levels)
     nfs = [family.models[k].nf for k in levels]
     t0 = time.perf_counter()
+    targets = (args.target_variance, args.speedup, args.target_error)
+    if args.coins is None:  # the default: iid with a target or --learn, else EM's error with stratified coins
+        if args.learn or args.target_variance is not None or args.speedup is not None:
+            args.coins = "iid"
+        else:
+            args.coins = "stratified"
+            args.match_em = args.match_em or (args.target_error is None and args.levels is None
+                                              and args.grid == "uniform")
     if args.match_em:
         from mlem_jax.equal_error import search_configuration
 
+        if any(v is not None for v in targets):
+            raise CLIError("--match-em: the target is EM's own coupled error; drop --target-*/--speedup.")
         if args.coins != "stratified" or args.levels is not None or args.grid != "uniform":
             raise CLIError("--match-em: searches stratified coins on all levels and a uniform grid; pass "
                            "--coins stratified and no --levels or --grid.")
@@ -383,19 +437,6 @@ def _plot_learning(res, nfs, path):
     return path
 
 
-def cmd_merge(args):
-    from mlem_jax.diffusion.images import save_png, to_grid
-    from mlem_jax.sharding import merge_shards
-
-    out = args.out if args.out.endswith(".png") else args.out + ".png"
-    try:
-        merged = merge_shards(out[:-4] + ".npz", args.num_processes, keys=("images",))
-    except FileNotFoundError as e:
-        raise CLIError(str(e)) from e
-    save_png(out, to_grid(merged["images"]), scale=4)
-    print(f"merged {args.num_processes} shards: {merged['images'].shape[0]} samples; wrote {out} and {out[:-4]}.npz")
-
-
 def cmd_demo(args):
     from mlem_jax.diffusion.family import shipped_family_path
     from mlem_jax.diffusion.images import save_png, side_by_side, to_grid
@@ -482,6 +523,9 @@ def build_parser():
     t.add_argument("--overwrite", action="store_true",
                    help="start again from step 0, deleting the checkpoints already in --out")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--parallel-levels", action="store_true",
+                   help="train the levels side by side, one group of local devices each (one process)")
+    _multiprocess_flags(t)
     t.set_defaults(func=cmd_train)
 
     def common(s, out_default):
@@ -505,16 +549,8 @@ def build_parser():
     s.add_argument("--coins", choices=["iid", "stratified"], default="iid",
                    help="iid: fresh coins every step (the paper); stratified: firings spread evenly in time")
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
-    s.add_argument("--coordinator", default=None, help="multi-host: address host:port of process 0 (jax.distributed)")
-    s.add_argument("--num-processes", type=_positive(int), default=None, help="multi-host: number of processes")
-    s.add_argument("--process-id", type=int, default=None,
-                   help="multi-host: this process, 0-based; writes OUT.processN.npz")
+    _multiprocess_flags(s)
     s.set_defaults(func=cmd_sample)
-
-    mg = sub.add_parser("merge", help="merge the per-process shards of a multi-host sample run")
-    mg.add_argument("--out", default="samples.png", help="the --out the processes were given")
-    mg.add_argument("--num-processes", type=_positive(int), required=True, help="number of processes")
-    mg.set_defaults(func=cmd_merge)
 
     c = sub.add_parser("calibrate", help="measure level costs and variances, write time-dependent probabilities")
     common(c, "calibration.json")
@@ -526,10 +562,12 @@ def build_parser():
     c.add_argument("--target-variance", type=_positive(float), default=None,
                    help="injected variance per unit time the probabilities may add")
     c.add_argument("--speedup", type=_positive(float), default=None,
-                   help="instead: a compute budget of EM's cost divided by this factor (default 4)")
+                   help="instead: a compute budget of EM's cost divided by this factor (iid coins: default 4)")
     c.add_argument("--target-error", type=_positive(float), default=None,
                    help="stratified coins: the coupled RMS error per pixel to reach")
-    c.add_argument("--coins", choices=["iid", "stratified"], default="iid", help="the coin scheme to calibrate for")
+    c.add_argument("--coins", choices=["iid", "stratified"], default=None,
+                   help="the coin scheme to calibrate for (default: stratified, searched to match EM's coupled "
+                        "error as --match-em does; iid with --speedup, --target-variance or --learn)")
     c.add_argument("--coupling", choices=["independent", "nested"], default="independent")
     c.add_argument("--match-em", action="store_true",
                    help="stratified: choose the cheapest configuration matching EM's coupled error on --steps "

@@ -1,19 +1,25 @@
-"""Sampling and training across devices (and hosts) with JAX's own sharding.
+"""Sampling and training across devices and processes as one SPMD program.
 
-* `batch_mesh()`: a 1-D mesh over the local devices, axis "batch".
+JAX's multi-controller model: every process runs the same program over one global mesh
+(`batch_mesh()`, all devices of all processes), and arrays are global: each process holds
+only the shards on its own devices.
+
+* `initialize_distributed(coordinator, num_processes, process_id)`: join a multi-process
+  run (CPU collectives through gloo), with errors that say which flag is wrong.
+* `batch_mesh()`: a 1-D mesh, axis "batch", over every device of every process.
+* `to_global(tree, sharding)` / `to_host(tree)`: host values that are the same on every
+  process become global arrays (each process places only its own shards); global arrays
+  come back as numpy on every process.
 * `sharded_sampler(sample_one, mesh)`: jit(vmap(sample_one)) with the per-sample keys
   split over the mesh and the level key replicated, so every device skips the same
-  levels and each sample's noise comes from its own key: the result for a seed equals
-  the one-device result. A batch that does not divide over the devices is padded with
-  extra keys and trimmed.
-* `process_shard(keys)`: the slice of a global batch that this process samples in a
-  multi-host run (after `initialize_distributed`), and `merge_shards` to put the
-  per-process outputs back together.
+  levels and each sample's noise comes from its own key: the samples of a seed do not
+  depend on the number of devices or processes. A batch that does not divide over the
+  devices is padded with extra keys and trimmed.
 """
 
 from __future__ import annotations
 
-import os
+import time
 from typing import Callable
 
 import jax
@@ -24,16 +30,50 @@ from jax.sharding import PartitionSpec as P
 
 
 def batch_mesh(devices=None) -> Mesh:
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh with axis "batch" over `devices` (default: `jax.devices()`, every device
+    of every process, ordered by process)."""
+    devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.array(devices), ("batch",))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Split the leading (batch) axis over the mesh."""
     return NamedSharding(mesh, P("batch"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The whole array on every device of the mesh."""
     return NamedSharding(mesh, P())
+
+
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether the mesh holds devices of other processes than this one."""
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def to_global(tree, sharding: NamedSharding):
+    """Host values (numpy or jax arrays, the same on every process) as global arrays laid
+    out by `sharding`; each process places only the shards of its own devices, so a batch
+    split over the mesh is fed by each process for its own rows only."""
+
+    def one(a):
+        if isinstance(a, jax.Array) and a.sharding == sharding:
+            return a
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def to_host(tree):
+    """Global arrays as numpy arrays holding the whole value on every process (an
+    all-gather across processes when the arrays span several)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if all(not isinstance(a, jax.Array) or a.is_fully_addressable or a.is_fully_replicated for a in leaves):
+        return jax.tree_util.tree_map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def pad_keys(keys, multiple: int):
@@ -47,61 +87,118 @@ def pad_keys(keys, multiple: int):
     return jnp.concatenate([keys, more]), n
 
 
+def _typed_key(key, name):
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    if key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:  # raw threefry keys
+        return jax.random.wrap_key_data(key)
+    raise TypeError(f"{name}: expected PRNG keys (jax.random.key / jax.random.split), got "
+                    f"{key.dtype}{list(key.shape)}.")
+
+
 def sharded_sampler(sample_one: Callable, mesh: Mesh | None = None) -> Callable:
-    """`sample_one(key, level_key) -> pytree` becomes `sample(keys, level_key)`, the batch
-    split over `mesh` (default: all local devices) and the level key replicated."""
+    """`sample_one(key, level_key) -> pytree` becomes `sample(keys, level_key)`: one jitted
+    program over `mesh` (default `batch_mesh()`, every device of every process) with the
+    keys split over the devices and the level key replicated.
+
+    In a multi-process run every process calls `sample` with the same keys (the same
+    seed); each feeds only its own devices, and every process gets the whole batch back
+    (gathered, as numpy). `sample.timed(keys, level_key)` returns (out, compile seconds,
+    run seconds) with compilation timed apart; `sample.lower(keys, level_key)` lowers it.
+    """
     mesh = batch_mesh() if mesh is None else mesh
     size = mesh.devices.size
-    fn = jax.jit(
-        jax.vmap(sample_one, in_axes=(0, None)),
-        in_shardings=(batch_sharding(mesh), replicated(mesh)),
-        out_shardings=batch_sharding(mesh),
-    )
+    multiprocess = spans_processes(mesh)
+    batch, rep = batch_sharding(mesh), replicated(mesh)
+    programs = {}
 
-    def sample(keys, level_key):
+    def program(impl):
+        if impl not in programs:
+            def run(key_data, level_key_data):
+                keys = jax.random.wrap_key_data(key_data, impl=impl)
+                level_key = jax.random.wrap_key_data(level_key_data, impl=impl)
+                return jax.vmap(sample_one, in_axes=(0, None))(keys, level_key)
+
+            programs[impl] = jax.jit(run, in_shardings=(batch, rep), out_shardings=batch)
+        return programs[impl]
+
+    def inputs(keys, level_key):
+        keys, level_key = _typed_key(keys, "keys"), _typed_key(level_key, "level_key")
         padded, n = pad_keys(keys, size)
-        out = fn(padded, level_key)
+        impl = str(jax.random.key_impl(padded))
+        data = (jax.random.key_data(padded), jax.random.key_data(level_key))
+        if multiprocess:
+            data = (to_global(data[0], batch), to_global(data[1], rep))
+        return program(impl), data, n
+
+    def finish(out, n):
+        if multiprocess:
+            out = to_host(out)
         return jax.tree_util.tree_map(lambda a: a[:n], out)
 
-    sample.jitted = fn
-    sample.mesh = mesh
+    def sample(keys, level_key):
+        fn, data, n = inputs(keys, level_key)
+        return finish(fn(*data), n)
+
+    def timed(keys, level_key):
+        fn, data, n = inputs(keys, level_key)
+        t0 = time.perf_counter()
+        compiled = fn.lower(*data).compile()
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*data))
+        t2 = time.perf_counter()
+        return finish(out, n), t1 - t0, t2 - t1
+
+    def lower(keys, level_key):
+        fn, data, _ = inputs(keys, level_key)
+        return fn.lower(*data)
+
+    sample.timed, sample.lower, sample.mesh = timed, lower, mesh
     return sample
 
 
 # ------------------------------------------------------------------------ multi-host
 
 
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:
-    """`jax.distributed.initialize` for a multi-process run (one call per process)."""
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id}.")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+def _wait_for(coordinator: str, timeout_s: float, process_id: int, num_processes: int) -> None:
+    import socket
+
+    host, _, port = coordinator.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"coordinator: process {process_id} of {num_processes} could not join the run at {coordinator!r} "
+                    f"within {timeout_s} s (nothing answers there: {e}). Start process 0 with the same --coordinator "
+                    "and --num-processes, on the coordinator's host, and check that the port is reachable.") from e
+            time.sleep(0.5)
 
 
-def process_shard(keys, process_id: int | None = None, num_processes: int | None = None):
-    """The contiguous slice of a global batch of keys that this process samples, and its
-    offset: process p of n takes samples [p * ceil(B/n), (p + 1) * ceil(B/n))."""
-    p = jax.process_index() if process_id is None else process_id
-    n = jax.process_count() if num_processes is None else num_processes
-    per = -(-keys.shape[0] // n)
-    return keys[p * per: (p + 1) * per], p * per
-
-
-def shard_path(path: str, process_id: int) -> str:
-    base, ext = os.path.splitext(path)
-    return f"{base}.process{process_id}{ext or '.npz'}"
-
-
-def merge_shards(path: str, num_processes: int, keys=None) -> dict:
-    """Concatenate the per-process `.npz` shards written as shard_path(path, p), in
-    process order (only the arrays named in `keys`, default all), write them to `path`,
-    and return them."""
-    parts = []
-    for p in range(num_processes):
-        f = shard_path(path, p)
-        if not os.path.exists(f):
-            raise FileNotFoundError(f"merge: shard {f!r} of process {p} is missing.")
-        parts.append(dict(np.load(f)))
-    merged = {k: np.concatenate([d[k] for d in parts]) for k in (parts[0] if keys is None else keys)}
-    np.savez_compressed(path, **merged)
-    return merged
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int, *, timeout_s: int = 120) -> None:
+    """Join a multi-process run: `jax.distributed.initialize`, one call per process, before
+    any other JAX call. On CPU the collectives go through gloo. Every process must give
+    the same `coordinator` ("host:port" of process 0) and `num_processes`; a process that
+    cannot join within `timeout_s` seconds fails instead of hanging."""
+    if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
+            or not coordinator.rpartition(":")[2].isdigit():
+        raise ValueError(f"coordinator: expected 'host:port' (the address of process 0), got {coordinator!r}.")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes: expected a positive integer, got {num_processes!r}.")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id!r}.")
+    if process_id != 0:  # the runtime aborts the process when the coordinator never answers: look first
+        _wait_for(coordinator, timeout_s, process_id, num_processes)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=int(timeout_s))
+    except Exception as e:  # noqa: BLE001 - the runtime's errors are long and name no flag
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(
+            f"coordinator: process {process_id} of {num_processes} could not join the run at {coordinator!r} within "
+            f"{timeout_s} s ({first[:200]}). Start every process with the same --coordinator and --num-processes, "
+            "process 0 on the coordinator's host, and check that the port is reachable.") from e

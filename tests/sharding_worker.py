@@ -1,4 +1,11 @@
-"""Run in a subprocess with 4 fake CPU devices (XLA_FLAGS) by tests/test_sharding.py."""
+"""Run in a subprocess by tests/test_sharding.py: the device count (XLA_FLAGS) and the
+process group are fixed when JAX starts.
+
+    python sharding_worker.py sample | train CKPT            one process
+    python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
+    python sharding_worker.py restore CKPT                   one process, another topology
+    python sharding_worker.py join PORT PID NPROC            initialize only (error checks)
+"""
 
 import json
 import sys
@@ -9,6 +16,8 @@ import numpy as np
 
 from mlem_jax import multilevel_euler_maruyama
 from mlem_jax.sharding import batch_mesh, sharded_sampler
+
+KEYS, LEVEL_KEY = 10, 1  # 10 samples: not a multiple of 4, so padded and trimmed
 
 
 def levels():
@@ -23,61 +32,74 @@ def sample_one(key, level_key):
     return sol.y, sol.evaluations
 
 
+def tiny_training():
+    from mlem_jax.diffusion.data import procedural
+    from mlem_jax.diffusion.train import TrainConfig
+    from mlem_jax.diffusion.unet import UNet
+
+    return UNet(nf=4, ch_mult=(1, 2)), procedural(jax.random.key(0), 64, (8, 8, 1)), \
+        TrainConfig(steps=4, batch_size=16, warmup_steps=2)
+
+
+def leaves(tree):
+    return [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves(tree)]
+
+
 def main(mode):
-    if mode == "host":  # before anything touches the XLA backend
+    if mode in ("spmd", "join"):  # before anything touches the XLA backend
         from mlem_jax.sharding import initialize_distributed
 
-        initialize_distributed(f"localhost:{sys.argv[2]}", 2, int(sys.argv[3]))
-    out = {"devices": jax.device_count()}
+        timeout = 5 if mode == "join" else 120
+        initialize_distributed(f"localhost:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]), timeout_s=timeout)
+    out = {"devices": jax.device_count(), "processes": jax.process_count(), "process": jax.process_index()}
+    keys, lk = jax.random.split(jax.random.key(0), KEYS), jax.random.key(LEVEL_KEY)
     if mode == "sample":
-        keys = jax.random.split(jax.random.key(0), 10)  # not a multiple of 4: padded and trimmed
-        lk = jax.random.key(1)
         sharded = sharded_sampler(sample_one, batch_mesh())
         y, ev = sharded(keys, lk)
-        one = batch_mesh(jax.devices()[:1])
-        y1, ev1 = sharded_sampler(sample_one, one)(keys, lk)
-        out["equal"] = bool(np.array_equal(np.asarray(y), np.asarray(y1)))
-        out["max_diff"] = float(np.max(np.abs(np.asarray(y) - np.asarray(y1))))
-        out["evals_equal"] = bool(np.array_equal(np.asarray(ev), np.asarray(ev1)))
-        padded = jax.random.split(jax.random.key(0), 12)
-        hlo = sharded.jitted.lower(padded, lk).compile().as_text()
-        out["conditional"] = hlo.count("conditional")
-        out["shape"] = list(np.asarray(y).shape)
-        out["sharding_devices"] = len(sharded.jitted.lower(padded, lk).compile().output_shardings[0].device_set)
+        y1, ev1 = sharded_sampler(sample_one, batch_mesh(jax.devices()[:1]))(keys, lk)
+        out.update(y=np.asarray(y).tolist(), y1=np.asarray(y1).tolist(), evals=np.asarray(ev).tolist(),
+                   evals1=np.asarray(ev1).tolist())
+        compiled = sharded.lower(keys, lk).compile()
+        out["conditional"] = compiled.as_text().count("conditional")
+        out["sharding_devices"] = len(compiled.output_shardings[0].device_set)
     elif mode == "train":
-        from mlem_jax.diffusion.data import procedural
-        from mlem_jax.diffusion.train import TrainConfig, train
-        from mlem_jax.diffusion.unet import UNet
+        from mlem_jax.diffusion.train import load_level, train
 
-        x = procedural(jax.random.key(0), 64, (8, 8, 1))
-        cfg = TrainConfig(steps=4, batch_size=16, warmup_steps=2)
-        m = UNet(nf=4, ch_mult=(1, 2))
+        m, x, cfg = tiny_training()
         _, h1 = train(m, x, cfg, progress=False)
         ckpt = sys.argv[2]
         s4, h4 = train(m, x, cfg, progress=False, mesh=batch_mesh(), checkpoint_dir=ckpt)
         out["loss_1"] = [loss for _, loss in h1.train]
         out["loss_4"] = [loss for _, loss in h4.train]
-        # the checkpoint written from 4 devices restores on the default device
-        from mlem_jax.diffusion.train import load_level
-
-        _, ema, _, _, _ = load_level(ckpt)
-        out["restored_equal"] = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in
-                                    zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(s4.ema_params)))
+        _, ema, _, _, _ = load_level(ckpt)  # written from 4 devices, restored on the default one
+        out["restored_equal"] = leaves(ema) == leaves(s4.ema_params)
         try:
             train(m, x, cfg._replace(batch_size=10), progress=False, mesh=batch_mesh())
             out["indivisible_error"] = None
         except ValueError as e:
             out["indivisible_error"] = str(e)
-    elif mode == "host":
-        from mlem_jax.sharding import process_shard, shard_path
+    elif mode == "spmd":
+        from mlem_jax.diffusion.train import train
 
-        pid, path = int(sys.argv[3]), sys.argv[4]
-        keys = jax.random.split(jax.random.key(0), 10)
-        mine, offset = process_shard(keys)
-        y, ev = sharded_sampler(sample_one, batch_mesh(jax.local_devices()))(mine, jax.random.key(1))
-        np.savez(shard_path(path, pid), y=np.asarray(y), offset=np.full(len(mine), offset))
-        out.update(process=jax.process_index(), count=jax.process_count(), local=len(mine))
-    print("RESULT " + json.dumps(out))
+        y, ev = sharded_sampler(sample_one)(keys, lk)  # one program over every device of every process
+        out.update(y=np.asarray(y).tolist(), evals=np.asarray(ev).tolist())
+        m, x, cfg = tiny_training()
+        state, h = train(m, x, cfg, progress=False, mesh=batch_mesh(), checkpoint_dir=sys.argv[5])
+        out["loss"] = [loss for _, loss in h.train]
+        out["ema"] = leaves(state.ema_params)
+        try:
+            train(m, x, cfg._replace(batch_size=6), progress=False, mesh=batch_mesh())
+            out["indivisible_error"] = None
+        except ValueError as e:
+            out["indivisible_error"] = str(e)
+    elif mode == "restore":
+        from mlem_jax.diffusion.train import restore_checkpoint
+
+        m, x, cfg = tiny_training()
+        state, _ = restore_checkpoint(sys.argv[2], m, x.shape[1:], cfg, mesh=batch_mesh())
+        out["ema"] = leaves(state.ema_params)
+        out["replicated_on"] = len(jax.tree_util.tree_leaves(state.ema_params)[0].sharding.device_set)
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

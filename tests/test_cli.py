@@ -47,12 +47,27 @@ def test_sample_writes_png_and_npz(trained, tmp_path, extra, capsys):
 def test_calibrate_then_sample(trained, tmp_path, capsys):
     cal = tmp_path / "cal.json"
     assert main(["calibrate", "--family", str(trained / "family"), "--steps", "6", "--trajectories", "6",
-                 "--bins", "2", "--stride", "1", "--out", str(cal), "--no-progress"]) == 0
+                 "--bins", "2", "--stride", "1", "--coins", "iid", "--out", str(cal), "--no-progress"]) == 0
     assert "calibration report" in capsys.readouterr().out
     c = json.loads(cal.read_text())
     assert c["levels"] == [4, 8] and np.asarray(c["values"]).shape == (2, 2)
     assert main(["sample", "--family", str(trained / "family"), "--calibration", str(cal), "--steps", "6",
                  "--batch-size", "2", "--out", str(tmp_path / "c.png"), "--no-progress"]) == 0
+
+
+def test_calibrate_default_matches_em_with_stratified_coins(trained, tmp_path, capsys):
+    """No target given: the file is the cheapest stratified configuration with EM's coupled
+    error (the recipe of the shipped calibration), not iid coins at a fixed speedup."""
+    cal = tmp_path / "default.json"
+    fam = str(trained / "family")
+    assert main(["calibrate", "--family", fam, "--steps", "6", "--trajectories", "6", "--out", str(cal),
+                 "--no-progress"]) == 0
+    c = json.loads(cal.read_text())
+    assert c["coins"] == "stratified" and c["steps"] == 6 and "search_configuration" in c["made_by"]
+    capsys.readouterr()
+    assert main(["calibrate", "--family", fam, "--steps", "6", "--match-em", "--coins", "stratified", "--speedup", "2",
+                 "--out", str(tmp_path / "x.json")]) == 2
+    assert "--match-em: the target is EM's own" in capsys.readouterr().err
 
 
 def test_shipped_weights_load_and_sample_in_range(tmp_path):

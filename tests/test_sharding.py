@@ -1,6 +1,9 @@
-"""Sampling and training over 4 (fake CPU) devices, and 2 processes on localhost.
+"""Sampling and training over several (fake CPU) devices and several processes as one
+SPMD program (jax.distributed on localhost, gloo collectives).
 
-Each check runs in a subprocess, because the device count is fixed when JAX starts."""
+Each check runs in subprocesses, because the device count and the process group are fixed
+when JAX starts; every subprocess has a timeout, so a hung collective fails the test
+instead of hanging CI."""
 
 import json
 import os
@@ -8,91 +11,164 @@ import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "sharding_worker.py")
+TIMEOUT = 240
 
 
-def run(*args, devices=4, timeout=600):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, WORKER, *args], capture_output=True, text=True, env=env, timeout=timeout)
+def env(devices):
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+def result(stdout):
+    return json.loads([ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def run(*args, devices=4):
+    proc = subprocess.run([sys.executable, WORKER, *args], capture_output=True, text=True, env=env(devices),
+                          timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return result(proc.stdout)
 
 
-def test_sharded_sampling_equals_one_device_and_keeps_the_cond():
-    r = run("sample")
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return str(s.getsockname()[1])
+
+
+def run_processes(argv_of, n=2, devices=2):
+    """Start n processes (argv_of(pid) each), wait for all; (returncodes, stdouts, stderrs).
+    Output goes to files, not pipes: a process blocked on a full pipe would stall the
+    collectives (and the shutdown barrier) of the others."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        files = [(open(os.path.join(d, f"{p}.out"), "w+"), open(os.path.join(d, f"{p}.err"), "w+")) for p in range(n)]
+        procs = [subprocess.Popen(argv_of(p), stdout=o, stderr=e, text=True, env=env(devices))
+                 for p, (o, e) in enumerate(files)]
+        try:
+            for p in procs:
+                p.wait(timeout=TIMEOUT)
+        finally:
+            for p in procs:
+                p.kill()
+        texts = []
+        for o, e in files:
+            o.seek(0), e.seek(0)
+            texts.append((o.read(), e.read()))
+            o.close(), e.close()
+    return [p.returncode for p in procs], [o for o, _ in texts], [e for _, e in texts]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process with 4 devices: sampling, and data-parallel training with a checkpoint."""
+    ckpt = tmp_path_factory.mktemp("one") / "ckpt"
+    return run("sample", devices=4), run("train", str(ckpt), devices=4)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """Two processes with 2 devices each, one global mesh of 4."""
+    ckpt = str(tmp_path_factory.mktemp("two") / "ckpt")
+    port = free_port()
+    codes, outs, errs = run_processes(lambda p: [sys.executable, WORKER, "spmd", port, str(p), "2", ckpt])
+    for c, e in zip(codes, errs):
+        assert c == 0, e[-3000:]
+    return [result(o) for o in outs], ckpt
+
+
+def test_sharded_sampling_equals_one_device_and_keeps_the_cond(single):
+    r, _ = single
     assert r["devices"] == 4 and r["sharding_devices"] == 4
-    assert r["shape"] == [10, 4]  # 10 samples over 4 devices: padded to 12, trimmed
+    assert np.asarray(r["y"]).shape == (10, 4)  # 10 samples over 4 devices: padded to 12, trimmed
     # the same samples as on one device; the per-device matmuls may round differently
-    assert r["equal"] or r["max_diff"] < 1e-5, r
-    assert r["evals_equal"]  # replicated level key: the same levels run everywhere
+    np.testing.assert_allclose(r["y"], r["y1"], rtol=0, atol=1e-5)
+    assert r["evals"] == r["evals1"]  # replicated level key: the same levels run everywhere
     assert r["conditional"] >= 2  # ML-EM skipping survives sharding in the compiled program
 
 
-def test_data_parallel_training_matches_one_device(tmp_path):
-    r = run("train", str(tmp_path / "ckpt"))
+def test_data_parallel_training_matches_one_device(single):
+    _, r = single
     np.testing.assert_allclose(r["loss_4"], r["loss_1"], rtol=1e-5)
-    assert r["restored_equal"]  # the same checkpoints as single-device training
+    assert r["restored_equal"]  # the checkpoint written from 4 devices restores on one
     assert "batch_size: 10 does not split over the 4 devices" in r["indivisible_error"]
 
 
-def test_two_processes_on_localhost(tmp_path):
-    from mlem_jax.sharding import merge_shards
-
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
-    path = str(tmp_path / "samples.npz")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, WORKER, "host", port, str(p), path], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    results = [json.loads([ln for ln in o.splitlines() if ln.startswith("RESULT ")][-1][7:]) for o, _ in outs]
-    assert sorted(r["process"] for r in results) == [0, 1] and all(r["count"] == 2 for r in results)
-    merged = merge_shards(path, 2)
-    assert merged["y"].shape == (10, 4)
-    np.testing.assert_array_equal(merged["offset"], [0] * 5 + [5] * 5)
-    # the same samples as one process computing the whole batch
-    sys.path.insert(0, HERE)
-    from sharding_worker import sample_one
-
-    y, _ = jax.jit(jax.vmap(sample_one, in_axes=(0, None)))(jax.random.split(jax.random.key(0), 10), jax.random.key(1))
-    np.testing.assert_allclose(merged["y"], np.asarray(y), atol=1e-5)
+def test_two_processes_sample_the_same_as_one_process(single, two_processes):
+    """1 process x 4 devices and 2 processes x 2 devices: the same program over a mesh of
+    4, so the same samples bit for bit, and every process holds the whole batch."""
+    (r0, r1), _ = two_processes
+    one, _ = single
+    assert {r0["process"], r1["process"]} == {0, 1} and r0["processes"] == 2 and r0["devices"] == 4
+    assert r0["y"] == r1["y"] == one["y"]
+    assert r0["evals"] == one["evals"]
 
 
-def test_merge_reports_a_missing_shard(tmp_path):
-    from mlem_jax.sharding import merge_shards
+def test_two_process_training_matches_one_process(single, two_processes):
+    (r0, r1), _ = two_processes
+    _, one = single
+    np.testing.assert_allclose(r0["loss"], one["loss_1"], rtol=1e-5)
+    assert r0["loss"] == r1["loss"] and r0["ema"] == r1["ema"]  # one replicated state
+    assert "batch_size: 6 does not split over the 4 devices" in r0["indivisible_error"]
 
-    with pytest.raises(FileNotFoundError, match=r"merge: shard .* of process 1 is missing"):
-        np.savez(str(tmp_path / "s.process0.npz"), y=np.zeros(2))
-        merge_shards(str(tmp_path / "s.npz"), 2)
+
+def test_two_process_checkpoint_restores_on_other_topologies(two_processes):
+    """Written once by 2 processes x 2 devices; restored on 1 process x 3 devices
+    (replicated) and on this process's single device."""
+    (r0, _), ckpt = two_processes
+    r = run("restore", ckpt, devices=3)
+    assert r["replicated_on"] == 3 and r["ema"] == r0["ema"]
+    from mlem_jax.diffusion.train import load_level
+
+    _, ema, _, _, _ = load_level(ckpt)
+    import jax
+
+    assert [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves(ema)] == r0["ema"]
 
 
-def test_cli_multihost_sample_and_merge(tmp_path):
-    """Two `mlem-jax sample` processes on localhost, then `mlem-jax merge`: the same
-    images as one process sampling the whole batch."""
+def test_a_process_without_its_coordinator_fails_in_time():
+    """Process 1 of 2 with nobody at the coordinator's address: a one-line error naming
+    --coordinator after the join timeout, not a hang."""
+    proc = subprocess.run([sys.executable, WORKER, "join", free_port(), "1", "2"], capture_output=True, text=True,
+                          env=env(1), timeout=TIMEOUT)
+    assert proc.returncode != 0
+    assert "coordinator: process 1 of 2 could not join the run" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id: expected 0 <= process_id < num_processes = 2, got 2."),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator: expected 'host:port'"),
+    (["--coordinator", "localhost:1234", "--num-processes", "2"], "--process-id: a multi-process run needs"),
+])
+def test_bad_multiprocess_flags_get_one_line(argv, message, capsys):
     from mlem_jax.cli import main
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
+    for command in ("sample", "train"):
+        assert main([command, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_cli_two_process_sample_writes_once_and_equals_one_process(tmp_path):
+    """Two `mlem-jax sample` processes on localhost (one device each): process 0 writes
+    the images, the same as one process sampling the whole batch."""
+    from mlem_jax.cli import main
+
     out = str(tmp_path / "multi.png")
     common = ["--steps", "5", "--batch-size", "6", "--levels", "1", "2", "--no-progress"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [subprocess.Popen([sys.executable, "-m", "mlem_jax.cli", "sample", *common, "--out", out,
-                               "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(p)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for p in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    assert main(["merge", "--out", out, "--num-processes", "2"]) == 0
+    port = free_port()
+    codes, outs, errs = run_processes(lambda p: [
+        sys.executable, "-m", "mlem_jax.cli", "sample", *common, "--out", out, "--coordinator", f"localhost:{port}",
+        "--num-processes", "2", "--process-id", str(p)], devices=1)
+    assert codes == [0, 0], errs[0][-2000:] + errs[1][-2000:]
+    assert "wrote" in outs[0] and "wrote" not in outs[1]  # process 0 writes; the others stay quiet
     single = str(tmp_path / "single.png")
     assert main(["sample", *common, "--out", single]) == 0
     # the same samples; convolutions over batches of 3 and of 6 round differently

@@ -51,6 +51,7 @@ def mlem(**kw):
         (dict(key=jnp.ones((3, 3))), r"key: precomputed Brownian increments must have shape"),
         (dict(level_key=jax.random.split(KEY, 2)), r"level_key: expected a single PRNG key"),
         (dict(key=jnp.zeros((4, 3))), r"level_key: required when key is"),
+        (dict(key=jnp.zeros((4, 3), jnp.int32), level_key=KEY), r"key: precomputed Brownian increments must be floati"),
         (dict(saveat="everything"), r"saveat: expected None, 'all'"),
         (dict(saveat=[0, 9]), r"saveat: indices must lie"),
         (dict(y0=jnp.ones(3, jnp.int32)), r"y0: expected floating-point states, got dtype int32"),

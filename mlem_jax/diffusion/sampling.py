@@ -1,10 +1,10 @@
 """Batched sampling of a trained family with EM or ML-EM: the jit(vmap(...)) pattern
-with per-sample keys and an unbatched level key, timed with compilation separated."""
+with per-sample keys and an unbatched level key, over every device of every process,
+timed with compilation separated."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,41 +21,21 @@ class SampleResult(NamedTuple):
     run_seconds: float
 
 
-def _timed(fn, keys, level_key) -> tuple[Any, float, float]:
-    """Run vmap(fn) with the batch split over the local devices (level key replicated),
-    compilation timed apart from execution."""
-    from mlem_jax.sharding import batch_mesh, batch_sharding, pad_keys, replicated
-
-    mesh = batch_mesh()
-    padded, n = pad_keys(keys, mesh.devices.size)
-    jitted = jax.jit(jax.vmap(fn, in_axes=(0, None)), in_shardings=(batch_sharding(mesh), replicated(mesh)),
-                     out_shardings=batch_sharding(mesh))
-    t0 = time.perf_counter()
-    compiled = jitted.lower(padded, level_key).compile()
-    t1 = time.perf_counter()
-    out = jax.block_until_ready(compiled(padded, level_key))
-    return jax.tree_util.tree_map(lambda a: a[:n], out), t1 - t0, time.perf_counter() - t1
-
-
 def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling="independent",
-           probability_flow: bool = False, progress: bool = False, multihost: bool = False,
-           coins: str = "iid") -> SampleResult:
+           probability_flow: bool = False, progress: bool = False, coins: str = "iid") -> SampleResult:
     """EM on the last of `levels` when `probs` is None, else ML-EM on `levels` (indices
     into the family, cheapest first). Sample i uses key fold_in(key(seed), i) for its
     prior draw and noise, so EM and ML-EM with the same seed share noise, and the level
-    coins come from one unbatched key. The batch is split over the local devices; with
-    `multihost=True` this process samples only its shard of the batch (see
-    `mlem_jax.sharding.process_shard`)."""
+    coins come from one unbatched key. One program over every device of every process
+    (`mlem_jax.sharding.sharded_sampler`): in a multi-process run each process samples
+    the rows of its own devices and every process gets the whole batch back, the same
+    samples as on one device."""
     drifts_all = family.drifts(probability_flow)
     drifts = tuple(drifts_all[i] for i in levels)
     sde = family.sde
     g = None if probability_flow else reverse_diffusion(sde)
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_size))
-    if multihost:
-        from mlem_jax.sharding import process_shard
-
-        keys, _ = process_shard(keys)
     level_key = jax.random.fold_in(jax.random.key(seed + 1_000_003), 0)
     shape = tuple(family.image_shape)
 
@@ -68,7 +48,9 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
                                         coins=coins, progress=progress)
         return sol.y, sol.evaluations
 
-    (images, evals), t_compile, t_run = _timed(one, keys, level_key)
+    from mlem_jax.sharding import sharded_sampler
+
+    (images, evals), t_compile, t_run = sharded_sampler(one).timed(keys, level_key)
     images = np.asarray(images)
     bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
     if bad.any():

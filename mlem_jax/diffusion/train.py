@@ -213,7 +213,7 @@ def check_resume(meta: dict, config: TrainConfig, directory: str) -> None:
                          "recipe, or start a new run in another directory (or overwrite this one).")
 
 
-def restore_latest_intact(directory: str, model: UNet, image_shape, config: TrainConfig):
+def restore_latest_intact(directory: str, model: UNet, image_shape, config: TrainConfig, mesh=None):
     """(state, meta) of the newest checkpoint that restores; a corrupt newer one (a kill
     during a save that orbax did not finish renaming, a damaged disk) is skipped with a
     warning. Fails only when none restores."""
@@ -223,7 +223,7 @@ def restore_latest_intact(directory: str, model: UNet, image_shape, config: Trai
     errors = []
     for step in reversed(steps):
         try:
-            state, meta = restore_checkpoint(directory, model, image_shape, config, step)
+            state, meta = restore_checkpoint(directory, model, image_shape, config, step, mesh=mesh)
         except ValueError as e:
             if "corrupt or incomplete" not in str(e):
                 raise
@@ -236,8 +236,13 @@ def restore_latest_intact(directory: str, model: UNet, image_shape, config: Trai
     raise ValueError(f"checkpoint: no checkpoint in {directory!r} can be restored: " + " | ".join(errors))
 
 
-def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainConfig, step: int | None = None):
-    """(state, meta) of the latest (or given) step, after checking it matches `model`."""
+def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainConfig, step: int | None = None,
+                       mesh=None):
+    """(state, meta) of the latest (or given) step, after checking it matches `model`.
+
+    With `mesh`, the state comes back replicated over it as global arrays (every process
+    of a multi-process run calls this); the checkpoint may have been written by another
+    number of processes or devices."""
     import orbax.checkpoint as ocp
 
     meta = read_metadata(directory, step)
@@ -245,6 +250,11 @@ def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainCo
     step = latest_step(directory) if step is None else step
     template = init_state(model, image_shape, config)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
+    if mesh is not None:
+        from mlem_jax.sharding import replicated
+
+        abstract = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), abstract)
     mngr = _manager(directory)
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
@@ -274,6 +284,12 @@ def train(
     overwrite: bool = False,
 ) -> tuple[TrainState, History]:
     """Train `model` by denoising score matching; returns the final state and losses.
+
+    With `mesh` (for example `mlem_jax.sharding.batch_mesh()`), data parallel: the state is
+    replicated and every batch split over the mesh's devices, which may belong to several
+    processes (after `initialize_distributed`): every process runs this same call, feeds
+    only its own devices' rows of the batch, and XLA's collectives average the gradients.
+    Only process 0 shows progress; checkpoints are written once, through orbax.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps
     and at the end; `resume=True` continues from the newest checkpoint that restores (the
@@ -306,9 +322,14 @@ def train(
                 f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
                 "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
                 "another directory.")
-        shutil.rmtree(checkpoint_dir)
+        if jax.process_index() == 0:
+            shutil.rmtree(checkpoint_dir)
+        if jax.process_count() > 1:  # the others wait until process 0 has removed it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mlem_jax overwrite " + os.path.abspath(checkpoint_dir))
     if resume and existing:
-        state, saved = restore_latest_intact(checkpoint_dir, model, image_shape, config)
+        state, saved = restore_latest_intact(checkpoint_dir, model, image_shape, config, mesh=mesh)
         check_resume(saved, config, checkpoint_dir)
         earlier_seconds = float(saved.get("train_seconds", 0.0))
     if state is None:
@@ -319,7 +340,7 @@ def train(
     step_fn = make_train_step(model, sde, config)
     put = lambda x: x
     if mesh is not None:
-        from mlem_jax.sharding import batch_sharding, replicated
+        from mlem_jax.sharding import batch_sharding, replicated, to_global
 
         batch = min(config.batch_size, train_images.shape[0])
         if batch % mesh.devices.size:
@@ -327,20 +348,20 @@ def train(
                 f"batch_size: {batch} does not split over the {mesh.devices.size} devices of the mesh; "
                 "use a multiple of the device count."
             )
-        state = jax.device_put(state, replicated(mesh))
-        put = lambda x: jax.device_put(x, batch_sharding(mesh))
+        state = to_global(state, replicated(mesh))
+        put = lambda x: to_global(x, batch_sharding(mesh))
     data = batches(train_images, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
     for _ in range(start):  # the batches already consumed before an interruption
         next(data)
     history = History([], [])
     bar = None
-    if progress:
+    if progress and jax.process_index() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=desc or f"train nf={model.nf}", leave=False)
     try:
         for s in range(start, config.steps):
-            state, loss = step_fn(state, put(jnp.asarray(next(data))))
+            state, loss = step_fn(state, put(next(data)))
             loss = float(loss)
             history.train.append((s + 1, loss))
             if on_step is not None:
@@ -374,15 +395,44 @@ def train_family(
     resume: bool = False,
     progress: bool = True,
     overwrite: bool = False,
+    mesh=None,
+    parallel: bool = False,
 ) -> list[tuple[TrainState, History]]:
-    """Train every level on the same data with the same recipe and seed, one after
-    another; level k checkpoints to checkpoint_root/nf{nf}."""
-    out = []
-    for i, model in enumerate(family):
+    """Train every level on the same data with the same recipe and seed; level k
+    checkpoints to checkpoint_root/nf{nf}.
+
+    By default the levels train one after another, each data parallel over `mesh` when it
+    is given. With `parallel=True` (one process) they train at the same time: the local
+    devices are split into min(K, devices) groups, level k trains on group k mod groups
+    (data parallel within it), each group in its own thread. Every level's result is the
+    same as when trained alone on its group.
+    """
+    def one(i, model, level_mesh):
         ckpt = None if checkpoint_root is None else os.path.join(checkpoint_root, f"nf{model.nf}")
-        out.append(train(model, train_images, config, sde, test_images, ckpt, resume, progress,
-                         desc=f"level {i + 1}/{len(family)} nf={model.nf}", overwrite=overwrite))
-    return out
+        return train(model, train_images, config, sde, test_images, ckpt, resume, progress,
+                     desc=f"level {i + 1}/{len(family)} nf={model.nf}", overwrite=overwrite, mesh=level_mesh)
+
+    if not parallel:
+        return [one(i, m, mesh) for i, m in enumerate(family)]
+    if mesh is not None or jax.process_count() > 1:
+        raise ValueError("parallel: trains the levels on groups of this process's devices; give no mesh, and run "
+                         "one process (a multi-process run trains the levels one after another over the global mesh).")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlem_jax.sharding import batch_mesh
+
+    devices = np.array(jax.local_devices())
+    groups = [batch_mesh(g) for g in np.array_split(devices, min(len(family), len(devices)))]
+    results: list = [None] * len(family)
+
+    def run_group(g):
+        for i in range(g, len(family), len(groups)):
+            results[i] = one(i, family[i], groups[g])
+
+    with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+        for f in [pool.submit(run_group, g) for g in range(len(groups))]:
+            f.result()
+    return results
 
 
 def load_level(directory: str, step: int | None = None):
