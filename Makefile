@@ -32,6 +32,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
+	$(PY) benchmarks/parallel_levels.py --quick
 	$(PY) benchmarks/fmnist16.py --quick
 	$(PY) benchmarks/fid_resolution.py --quick
 	$(PY) benchmarks/family_costs.py --quick

@@ -1,12 +1,14 @@
-"""Sampling throughput (samples per second) against the number of devices, in one run.
+"""Sampling throughput (samples per second) against the layout of the run, in one run:
+P processes x D devices each, one SPMD program over the P*D devices (jax.distributed on
+localhost for P > 1, gloo collectives on CPU).
 
-Each device count runs in its own subprocess (the count is fixed when JAX starts); on a
-CPU-only machine the devices are XLA's fake host devices
+Each layout runs in its own subprocesses (the device count and the process group are fixed
+when JAX starts); on a CPU-only machine the devices are XLA's fake host devices
 (--xla_force_host_platform_device_count), which share the same cores: this measures the
-overhead of sharding, not a speedup. On a multi-GPU machine the same script measures
-real scaling.
+overhead of sharding and of the process group, not a speedup. On GPU hosts the same script
+measures real scaling.
 
-    python benchmarks/sharding_throughput.py [--quick] [--devices 1 2 4]
+    python benchmarks/sharding_throughput.py [--quick] [--layouts 1x1 1x2 1x4 2x2]
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import sys
 
 CHILD = r'''
 import json, sys, time
+batch, steps, nproc, pid, port = map(int, sys.argv[1:6])
+if nproc > 1:
+    from mlem_jax.sharding import initialize_distributed
+    initialize_distributed(f"localhost:{port}", nproc, pid)
 import jax, jax.numpy as jnp
 from mlem_jax import multilevel_euler_maruyama
 from mlem_jax.diffusion import uniform_grid, reverse_diffusion
 from mlem_jax.diffusion.family import load_family, shipped_family_path
 from mlem_jax.sharding import batch_mesh, sharded_sampler
-batch, steps = int(sys.argv[1]), int(sys.argv[2])
 fam = load_family(shipped_family_path())
 drifts, sde = fam.drifts(), fam.sde
 ts = uniform_grid(steps)
@@ -42,36 +47,63 @@ for _ in range(3):
     times.append(time.perf_counter() - t0)
 times.sort()
 d = jax.devices()[0]
-print("RESULT " + json.dumps({"devices": jax.device_count(), "seconds": times[1], "platform": d.platform,
-                               "kind": getattr(d, "device_kind", d.platform)}))
+print("RESULT " + json.dumps({"devices": jax.device_count(), "processes": jax.process_count(), "seconds": times[1],
+                               "platform": d.platform, "kind": getattr(d, "device_kind", d.platform)}), flush=True)
 '''
+
+
+def layout(text):
+    p, _, d = text.partition("x")
+    if not (p.isdigit() and d.isdigit() and int(p) > 0 and int(d) > 0):
+        raise argparse.ArgumentTypeError(f"expected PROCESSESxDEVICES such as 2x2, got {text!r}")
+    return int(p), int(d)
+
+
+def run_layout(processes, devices, batch, steps):
+    """Time one layout: `processes` children with `devices` devices each; process 0's result."""
+    import socket
+    import tempfile
+
+    env = dict(os.environ)
+    if env.get("JAX_PLATFORMS", "cpu") == "cpu":
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:  # files, not pipes: a full pipe would stall the collectives
+        logs = [open(os.path.join(tmp, f"{p}.log"), "w+") for p in range(processes)]
+        procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(batch), str(steps), str(processes), str(p),
+                                   str(port)], stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+                 for p, f in enumerate(logs)]
+        codes = [p.wait(timeout=900) for p in procs]
+        texts = []
+        for f in logs:
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+    if any(codes):
+        print(texts[codes.index(next(c for c in codes if c))][-2000:])
+        sys.exit(1)
+    return json.loads([ln for ln in texts[0].splitlines() if ln.startswith("RESULT ")][-1][7:])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--quick", action="store_true", help="small batch, layouts 1x1 1x2 2x1 (CI)")
+    ap.add_argument("--layouts", type=layout, nargs="+", default=None,
+                    help="PROCESSESxDEVICES per run (default 1x1 1x2 1x4 2x2)")
     ap.add_argument("--out", default="benchmarks/out")
     args = ap.parse_args()
     batch, steps = (16, 10) if args.quick else (64, 50)
-    rows = []
-    for n in args.devices:
-        env = dict(os.environ)
-        if env.get("JAX_PLATFORMS", "cpu") == "cpu":
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(batch), str(steps)], capture_output=True, text=True,
-                              env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-2000:])
-            sys.exit(1)
-        r = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][7:])
-        rows.append(r)
+    layouts = args.layouts or ([(1, 1), (1, 2), (2, 1)] if args.quick else [(1, 1), (1, 2), (1, 4), (2, 2)])
+    rows = [run_layout(p, d, batch, steps) for p, d in layouts]
     base = rows[0]["seconds"]
     print(f"device: {rows[0]['platform']} ({rows[0]['kind']}), {os.cpu_count()} CPU cores; ML-EM on the shipped "
           f"digits family, batch {batch}, {steps} steps")
-    print(f"{'devices':>8} {'seconds':>9} {'samples/s':>10} {'vs 1 device':>12}")
+    print(f"{'processes':>9} {'devices':>8} {'seconds':>9} {'samples/s':>10} {'vs first':>9}")
     for r in rows:
-        print(f"{r['devices']:8d} {r['seconds']:9.3f} {batch / r['seconds']:10.1f} {base / r['seconds']:12.2f}")
+        print(f"{r['processes']:9d} {r['devices']:8d} {r['seconds']:9.3f} {batch / r['seconds']:10.1f} "
+              f"{base / r['seconds']:9.2f}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sharding_throughput_quick.json" if args.quick else "sharding_throughput.json"),
               "w") as f:

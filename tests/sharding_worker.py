@@ -5,6 +5,7 @@ process group are fixed when JAX starts.
     python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
     python sharding_worker.py restore CKPT                   one process, another topology
     python sharding_worker.py join PORT PID NPROC            initialize only (error checks)
+    python sharding_worker.py levels                         levels side by side
 """
 
 import json
@@ -99,6 +100,18 @@ def main(mode):
         state, _ = restore_checkpoint(sys.argv[2], m, x.shape[1:], cfg, mesh=batch_mesh())
         out["ema"] = leaves(state.ema_params)
         out["replicated_on"] = len(jax.tree_util.tree_leaves(state.ema_params)[0].sharding.device_set)
+    elif mode == "levels":
+        from mlem_jax.diffusion.train import train_family
+        from mlem_jax.diffusion.unet import UNet
+
+        _, x, cfg = tiny_training()
+        family = [UNet(nf=4, ch_mult=(1, 2)), UNet(nf=8, ch_mult=(1, 2))]
+        one_by_one = train_family(family, x, cfg, progress=False)
+        side_by_side = train_family(family, x, cfg, progress=False, parallel=True)
+        out["loss_sequential"] = [[loss for _, loss in h.train] for _, h in one_by_one]
+        out["loss_parallel"] = [[loss for _, loss in h.train] for _, h in side_by_side]
+        out["parallel_devices"] = [sorted(d.id for d in jax.tree_util.tree_leaves(s.params)[0].sharding.device_set)
+                                   for s, _ in side_by_side]
     print("RESULT " + json.dumps(out), flush=True)
 
 

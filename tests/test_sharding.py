@@ -131,6 +131,14 @@ def test_two_process_checkpoint_restores_on_other_topologies(two_processes):
     assert [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves(ema)] == r0["ema"]
 
 
+def test_levels_side_by_side_equal_levels_one_by_one():
+    """Two levels on 2 devices, one each, each the same as trained alone."""
+    r = run("levels", devices=2)
+    assert r["parallel_devices"] == [[0], [1]]
+    for par, seq in zip(r["loss_parallel"], r["loss_sequential"]):
+        np.testing.assert_allclose(par, seq, rtol=1e-6)
+
+
 def test_a_process_without_its_coordinator_fails_in_time():
     """Process 1 of 2 with nobody at the coordinator's address: a one-line error naming
     --coordinator after the join timeout, not a hang."""
