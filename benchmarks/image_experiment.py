@@ -55,14 +55,15 @@ class Config:
     geometric_ratio: float = 0.3  # p_k = ratio^(k-1)
     geometric_steps: tuple = (50, 100, 200)
     mlem_steps: tuple = (50, 100, 200)
-    mlem_budgets: tuple = (0.25, 0.5)  # expected cost per step / cost of one largest-network step
+    mlem_cost_ratios: tuple = (0.25, 0.5)  # expected cost per step / cost of one largest-network step
+    # (the budget= of the probabilities is then ratio x steps x that cost, per trajectory)
     ode_steps: tuple = (25, 50, 100)  # Euler on the probability-flow ODE
     heun_steps: tuple = (13, 25, 50)  # Heun: two evaluations per step
     ode_ref_steps: int = 400  # Heun reference for the ODE
     ode_mlem_steps: tuple = (50, 100)
-    ode_mlem_budgets: tuple = (0.3, 0.6)
+    ode_mlem_cost_ratios: tuple = (0.3, 0.6)
     stats_trajectories: int = 32
-    learn_grids: tuple = ()  # grids (of mlem_steps) on which to also learn p_k(t) by SGD at each budget
+    learn_grids: tuple = ()  # grids (of mlem_steps) on which to also learn p_k(t) by SGD at each cost ratio
     learn_sgd_steps: int = 300  # SGD steps of each learned schedule
     learn_groups: tuple = (16, 2)  # (groups, paths per group) of each SGD step
     stats_steps: int = 100
@@ -79,8 +80,8 @@ class Config:
 
 QUICK = Config(samples=16, coupled_samples=8, chunk=16, em_steps=(4, 8), targets=(4, 8), small_steps=(8,),
                stitch_fractions=(0.5,), stitch_steps=(8,), couplings=("independent",), geometric_steps=(8,),
-               mlem_steps=(8, 16), mlem_budgets=(0.5,), ode_steps=(4, 8), heun_steps=(2, 4), ode_ref_steps=16,
-               ode_mlem_steps=(16,), ode_mlem_budgets=(0.5,), stats_trajectories=6,
+               mlem_steps=(8, 16), mlem_cost_ratios=(0.5,), ode_steps=(4, 8), heun_steps=(2, 4), ode_ref_steps=16,
+               ode_mlem_steps=(16,), ode_mlem_cost_ratios=(0.5,), stats_trajectories=6,
                learn_groups=(2, 2), stats_steps=8, stats_bins=2,
                heldout=64, loss_images=64, classifier_steps=30, grid_cost_steps=8, bootstrap=10,
                probability_costs="flops")  # tiny levels are too cheap to time apart reliably
@@ -175,7 +176,7 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
     # 3b. the paper's learned schedules (opt-in: SGD through every level is costly on a CPU)
     learned, learn_seconds = {}, []
     for n in cfg.learn_grids:
-        for rho in cfg.mlem_budgets:
+        for rho in cfg.mlem_cost_ratios:
             budget = rho * n * prob_costs[-1]
             try:
                 res = learn_probabilities(drifts, g, y0s, uniform_grid(n, cfg.t_min), jax.random.fold_in(key, 7 + n),
@@ -183,11 +184,12 @@ def run_experiment(family, train_x, train_y, test_x, test_y, cfg: Config, out: s
                                           steps=cfg.learn_sgd_steps, num_groups=cfg.learn_groups[0],
                                           group_size=cfg.learn_groups[1], progress=False)
             except ValueError as e:
-                log(f"  learned schedule, {n} steps, budget {rho}: skipped ({e})")
+                log(f"  learned schedule, {n} steps, cost ratio {rho}: skipped ({e})")
                 continue
             learned[(n, rho)] = res.probs
             learn_seconds.append(res.seconds)
-            log(f"learned p_k(t) for {n} steps, budget {rho}: {res.seconds:.0f} s ({cfg.learn_sgd_steps} SGD steps)")
+            log(f"learned p_k(t) for {n} steps, cost ratio {rho}: {res.seconds:.0f} s "
+                f"({cfg.learn_sgd_steps} SGD steps)")
 
     # 4. features for the distribution distances
     clf = train_classifier(train_x, train_y, test_x[:2000], test_y[:2000], jax.random.fold_in(key, 3),

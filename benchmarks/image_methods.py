@@ -71,9 +71,9 @@ def _counts(K, level, n):
 
 def learned_runs(cfg, learned: dict) -> list[Run]:
     """ML-EM (iid coins, independent coupling) with the schedules of `learn_probabilities`,
-    `learned[(steps, budget)]`, next to the closed-form calibrated ones of the same budgets."""
+    `learned[(steps, cost_ratio)]`, next to the closed-form calibrated ones of the same cost ratios."""
     label = "ML-EM iid learned (independent)"
-    return [Run(f"{label}, {n} steps, budget {rho}", label, ("mlem", "independent", "iid"), n, knobs=p,
+    return [Run(f"{label}, {n} steps, cost ratio {rho}", label, ("mlem", "independent", "iid"), n, knobs=p,
                 distribution=True) for (n, rho), p in learned.items()]
 
 
@@ -106,21 +106,21 @@ def sde_runs(cfg, nfs, stats, prob_costs, log=print) -> list[Run]:
             runs += [Run(f"{lab}, {n} steps", lab, ("mlem", coupling, coins), n, knobs=p)
                      for n in cfg.geometric_steps]
         for time_dependent, name in ((False, "constant"), (True, "calibrated")):
-            runs += _budget_sweep(f"ML-EM iid {name} ({coupling})", cfg, stats, prob_costs, coupling, "iid",
+            runs += _cost_ratio_sweep(f"ML-EM iid {name} ({coupling})", cfg, stats, prob_costs, coupling, "iid",
                                   time_dependent, log)
-            runs += _budget_sweep(f"ML-EM stratified {name} ({coupling})", cfg, stats, prob_costs, coupling,
+            runs += _cost_ratio_sweep(f"ML-EM stratified {name} ({coupling})", cfg, stats, prob_costs, coupling,
                                   "stratified", time_dependent, log)
     return runs
 
 
-def _budget_sweep(label, cfg, stats, prob_costs, coupling, coins, time_dependent, log, ode=False) -> list[Run]:
-    """ML-EM at each grid and budget (expected cost per step / one step of the finest
+def _cost_ratio_sweep(label, cfg, stats, prob_costs, coupling, coins, time_dependent, log, ode=False) -> list[Run]:
+    """ML-EM at each grid and cost ratio (expected cost per step / one step of the finest
     level): the iid optimum of `calibrated_probabilities`, or the stratified cube-root
     schedule of `stratified_schedule`."""
     out = []
-    steps, budgets = (cfg.ode_mlem_steps, cfg.ode_mlem_budgets) if ode else (cfg.mlem_steps, cfg.mlem_budgets)
+    steps, ratios = (cfg.ode_mlem_steps, cfg.ode_mlem_cost_ratios) if ode else (cfg.mlem_steps, cfg.mlem_cost_ratios)
     for n in steps:
-        for rho in budgets:
+        for rho in ratios:
             budget = rho * n * prob_costs[-1]
             try:
                 if coins == "iid":
@@ -130,9 +130,10 @@ def _budget_sweep(label, cfg, stats, prob_costs, coupling, coins, time_dependent
                     p, _ = stratified_schedule(stats, prob_costs, n, budget, coupling=coupling,
                                                time_dependent=time_dependent)
             except ValueError as e:
-                log(f"  {label}, {n} steps, budget {rho}: skipped ({e})")
+                log(f"  {label}, {n} steps, cost ratio {rho}: skipped ({e})")
                 continue
-            out.append(Run(f"{label}, {n} steps, budget {rho}", label, ("mlem", coupling, coins), n, ode=ode, knobs=p,
+            out.append(Run(f"{label}, {n} steps, cost ratio {rho}", label, ("mlem", coupling, coins), n, ode=ode,
+                           knobs=p,
                            distribution=(not ode and time_dependent and coins == "stratified"
                                          and coupling == cfg.couplings[0])))
     return out
@@ -146,6 +147,6 @@ def ode_runs(cfg, nfs, stats_ode, prob_costs, log=print) -> list[Run]:
     runs += [Run(f"Heun {top}, {n} steps", f"Heun {top}", ("heun",), n, ode=True,
                  evaluations=_counts(K, K - 1, 2 * n)) for n in cfg.heun_steps]
     for coins in ("iid", "stratified"):
-        runs += _budget_sweep(f"ML-EM ODE {coins} calibrated", cfg, stats_ode, prob_costs, "independent", coins,
+        runs += _cost_ratio_sweep(f"ML-EM ODE {coins} calibrated", cfg, stats_ode, prob_costs, "independent", coins,
                               True, log, ode=True)
     return runs

@@ -9,7 +9,7 @@ from mlem_jax._diffrax import (
     multilevel_diffeqsolve,
 )
 from mlem_jax._probabilities import (
-    FixedBudget,
+    FixedFirings,
     PiecewiseConstant,
     correction_costs,
     expected_cost,
@@ -32,7 +32,7 @@ __all__ = [
     "MultilevelEuler",
     "check_multilevel_solver",
     "multilevel_diffeqsolve",
-    "FixedBudget",
+    "FixedFirings",
     "PiecewiseConstant",
     "expected_cost",
     "MultilevelSolution",
@@ -53,3 +53,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "FixedBudget":  # renamed: "budget" means the expected cost per trajectory everywhere else
+        import warnings
+
+        warnings.warn("mlem_jax.FixedBudget is now mlem_jax.FixedFirings (it fixes firing counts, not a cost "
+                      "budget); the old name will be removed.", DeprecationWarning, stacklevel=2)
+        return FixedFirings
+    raise AttributeError(f"module 'mlem_jax' has no attribute {name!r}")

@@ -166,7 +166,7 @@ class PiecewiseConstant(NamedTuple):
         return self.values[jnp.clip(b, 0, self.values.shape[0] - 1)]
 
 
-class FixedBudget(NamedTuple):
+class FixedFirings(NamedTuple):
     """Fire level k (k >= 2) at exactly firings[k-2] steps per trajectory, chosen uniformly
     at random from level_key, and weight it by num_steps / firings so that every step's
     drift is unbiased on average: E[B_{n,k} / p_k] = 1 with p_k = firings / num_steps.

@@ -44,7 +44,7 @@ from mlem_jax._coins import (
     stratified_coins,
     stratified_fixed_firings,
 )
-from mlem_jax._probabilities import FixedBudget
+from mlem_jax._probabilities import FixedFirings
 
 PyTree = Any
 Drift = Callable[[jax.Array, PyTree, Any], PyTree]
@@ -88,12 +88,12 @@ def multilevel_drift(
 def _coin_source(probs, num_levels, coupling, coins, ts, level_key):
     """`(n, t) -> (p, B)` for step n: the probabilities and the coins of that step.
 
-    iid coins come from fold_in(level_key, n); stratified coins and a `FixedBudget` are
+    iid coins come from fold_in(level_key, n); stratified coins and a `FixedFirings` are
     planned for the whole grid at once from level_key (an (N, K) mask, cheap next to
     any drift), then read by step index.
     """
     num_steps = ts.shape[0] - 1
-    if isinstance(probs, FixedBudget):
+    if isinstance(probs, FixedFirings):
         firings = _validate.check_firings(probs.firings, num_levels, num_steps, coupling)
         p = jnp.concatenate([jnp.ones(1), jnp.asarray(firings) / num_steps]).astype(ts.dtype)
         if coins == "stratified":
@@ -271,7 +271,7 @@ def multilevel_euler_maruyama(
       drifts: (f^1, ..., f^K) from cheapest to most expensive, each f(t, y, args).
       probs: length-K array of level probabilities with p_1 = 1, a function of t
         returning one (a time-dependent schedule such as `PiecewiseConstant`), or a
-        `FixedBudget` (an exact number of firings per level and trajectory).
+        `FixedFirings` (an exact number of firings per level and trajectory).
       diffusion, y0, ts, args, saveat, callback, progress, check_finite: as in
         `euler_maruyama`.
       key: a PRNG key, a diffrax Brownian path, or precomputed increments. With a key,
@@ -284,7 +284,7 @@ def multilevel_euler_maruyama(
       coins: "iid" (fresh coins at every step, the paper's scheme: every step unbiased
         given its state, strong order 1/2) or "stratified" (each level's firings evenly
         spread in time with the same marginals p_k(t_n): strong order 1 and an O(h)
-        bias, see docs/method.md). With a `FixedBudget`, "stratified" spreads exactly
+        bias, see docs/method.md). With a `FixedFirings`, "stratified" spreads exactly
         the requested firings evenly instead of at random steps.
 
     Returns:

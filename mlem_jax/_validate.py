@@ -271,23 +271,23 @@ def check_saveat(saveat: Any, num_times: int) -> np.ndarray | None:
 
 
 def check_firings(firings: Any, num_levels: int, num_steps: int, coupling: str) -> tuple[int, ...]:
-    """A `FixedBudget` gives the firings of levels 2..K, each in [1, num_steps]."""
+    """A `FixedFirings` gives the firings of levels 2..K, each in [1, num_steps]."""
     try:
         values = [float(x) for x in firings]
     except (TypeError, ValueError) as e:
-        raise TypeError(f"probs: FixedBudget.firings must be a sequence of integers, got {firings!r}.") from e
+        raise TypeError(f"probs: FixedFirings.firings must be a sequence of integers, got {firings!r}.") from e
     if any(v != int(v) for v in values):
-        raise ValueError(f"probs: FixedBudget.firings must be whole numbers of firings, got {tuple(firings)}; round "
+        raise ValueError(f"probs: FixedFirings.firings must be whole numbers of firings, got {tuple(firings)}; round "
                          "them yourself (the weights num_steps / firings depend on the exact count).")
     m = tuple(int(v) for v in values)
     if len(m) != num_levels - 1:
         raise ValueError(
-            f"probs: FixedBudget gives the firings of levels 2..K, expected {num_levels - 1} values "
+            f"probs: FixedFirings gives the firings of levels 2..K, expected {num_levels - 1} values "
             f"for {num_levels} drifts, got {len(m)}."
         )
     if any(not 1 <= x <= num_steps for x in m):
         raise ValueError(
-            f"probs: FixedBudget firings must lie in [1, {num_steps}] (the number of steps), got {m}."
+            f"probs: FixedFirings firings must lie in [1, {num_steps}] (the number of steps), got {m}."
         )
     if coupling == "nested" and any(b > a for a, b in zip(m, m[1:])):
         raise ValueError(f"probs: the nested coupling needs non-increasing firings, got {m}.")

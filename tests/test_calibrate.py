@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlem_jax import (
-    FixedBudget,
+    FixedFirings,
     PiecewiseConstant,
     correction_costs,
     euler_maruyama,
@@ -139,10 +139,10 @@ def test_fixed_budget_fires_exact_counts():
     levels = affine_levels()
     for seed in range(3):
         sol = multilevel_euler_maruyama(
-            levels, FixedBudget((20, 7, 3)), g, 1.0, ts, jax.random.key(seed), coupling="nested"
+            levels, FixedFirings((20, 7, 3)), g, 1.0, ts, jax.random.key(seed), coupling="nested"
         )
         np.testing.assert_array_equal(sol.evaluations, [N, 20, 7, 3])
-        sol = multilevel_euler_maruyama(levels[:2], FixedBudget((9,)), g, 1.0, ts, jax.random.key(seed))
+        sol = multilevel_euler_maruyama(levels[:2], FixedFirings((9,)), g, 1.0, ts, jax.random.key(seed))
         np.testing.assert_array_equal(sol.evaluations, [N, 9])
 
 
@@ -156,7 +156,7 @@ def test_fixed_budget_is_unbiased(coupling):
 
     def one(k, lk):
         return multilevel_euler_maruyama(
-            affine_levels(a, b), FixedBudget((3, 2)), g, jnp.float32(1.0), ts, k, level_key=lk, coupling=coupling
+            affine_levels(a, b), FixedFirings((3, 2)), g, jnp.float32(1.0), ts, k, level_key=lk, coupling=coupling
         ).y
 
     keys, level_keys = jax.random.split(jax.random.key(1), M), jax.random.split(jax.random.key(2), M)
@@ -250,10 +250,10 @@ def test_bad_inputs():
         optimal_probabilities([1.0, 0.0], [1.0, 2.0], 0.1, 1e-3)
     with pytest.warns(UserWarning, match=r"costs: the level costs do not increase"):
         calibrated_probabilities(stats_like, [4.0, 3.0, 2.0, 1.0], 0.1, 1e-3)
-    with pytest.raises(ValueError, match=r"probs: FixedBudget gives the firings of levels 2..K"):
-        multilevel_euler_maruyama(affine_levels(), FixedBudget((3,)), g, 1.0, jnp.linspace(0, 1, 5), jax.random.key(0))
-    with pytest.raises(ValueError, match=r"probs: FixedBudget firings must lie in \[1, 4\]"):
-        multilevel_euler_maruyama(affine_levels()[:2], FixedBudget((5,)), g, 1.0, jnp.linspace(0, 1, 5),
+    with pytest.raises(ValueError, match=r"probs: FixedFirings gives the firings of levels 2..K"):
+        multilevel_euler_maruyama(affine_levels(), FixedFirings((3,)), g, 1.0, jnp.linspace(0, 1, 5), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"probs: FixedFirings firings must lie in \[1, 4\]"):
+        multilevel_euler_maruyama(affine_levels()[:2], FixedFirings((5,)), g, 1.0, jnp.linspace(0, 1, 5),
                                   jax.random.key(0))
     with pytest.raises(ValueError, match=r"keys: expected at least 6"):
         level_statistics(affine_levels(), g, jnp.ones(3), jnp.linspace(0, 1, 5), jax.random.split(jax.random.key(0), 3))

@@ -10,7 +10,7 @@ from scipy.stats import norm
 from test_solvers import _count_primitive
 
 from mlem_jax import (
-    FixedBudget,
+    FixedFirings,
     MultilevelDrift,
     MultilevelEuler,
     PiecewiseConstant,
@@ -95,7 +95,7 @@ def test_fixed_budget_through_the_solver():
     ts = jnp.linspace(0.0, 1.0, 51)
     levels = tuple((lambda t, y, a, k=k: -y * (1 + 0.1 * k)) for k in range(4))
     for coupling in ("independent", "nested"):
-        sol = multilevel_euler_maruyama(levels, FixedBudget((20, 7, 3)), lambda t, y, a: 0.3, 1.0, ts,
+        sol = multilevel_euler_maruyama(levels, FixedFirings((20, 7, 3)), lambda t, y, a: 0.3, 1.0, ts,
                                         jax.random.key(1), coupling=coupling, coins="stratified")
         ev = np.asarray(sol.evaluations)
         if coupling == "nested":  # prefix: level k runs exactly when coin k fires
@@ -266,12 +266,12 @@ def test_diffrax_stratified_errors():
 @pytest.mark.parametrize("coupling", ["independent", "nested"])
 def test_planned_evaluations_are_the_evaluations_that_run(coins, coupling):
     """planned_evaluations replays the coins alone: the same counts as the sampler with the
-    same (shared) level key, for iid, stratified and FixedBudget schedules."""
-    from mlem_jax import FixedBudget, planned_evaluations
+    same (shared) level key, for iid, stratified and FixedFirings schedules."""
+    from mlem_jax import FixedFirings, planned_evaluations
 
     levels = tuple((lambda t, y, a, c=c: -c * y) for c in (1.0, 1.1, 1.2))
     ts = jnp.linspace(0.0, 1.0, 41)
-    for probs in (jnp.array([1.0, 0.4, 0.1]), FixedBudget((9, 3))):
+    for probs in (jnp.array([1.0, 0.4, 0.1]), FixedFirings((9, 3))):
         for seed in range(3):
             lk = jax.random.key(seed)
             sol = multilevel_euler_maruyama(levels, probs, lambda t, y, a: 0.2, jnp.ones(2), ts, jax.random.key(9),

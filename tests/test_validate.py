@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlem_jax import FixedBudget, euler_maruyama, multilevel_euler_maruyama
+from mlem_jax import FixedFirings, euler_maruyama, multilevel_euler_maruyama
 
 TS = jnp.linspace(0.0, 1.0, 5)
 Y0 = jnp.ones(3)
@@ -55,8 +55,8 @@ def mlem(**kw):
         (dict(saveat="everything"), r"saveat: expected None, 'all'"),
         (dict(saveat=[0, 9]), r"saveat: indices must lie"),
         (dict(y0=jnp.ones(3, jnp.int32)), r"y0: expected floating-point states, got dtype int32"),
-        (dict(probs=FixedBudget((2.7,))), r"probs: FixedBudget.firings must be whole numbers"),
-        (dict(probs=FixedBudget(("two",))), r"probs: FixedBudget.firings must be a sequence of integers"),
+        (dict(probs=FixedFirings((2.7,))), r"probs: FixedFirings.firings must be whole numbers"),
+        (dict(probs=FixedFirings(("two",))), r"probs: FixedFirings.firings must be a sequence of integers"),
     ],
 )
 def test_bad_multilevel_inputs(kw, match):
@@ -145,3 +145,10 @@ def test_check_finite_raises_when_a_path_goes_non_finite():
     np.testing.assert_array_equal(np.asarray(run(fine, True)), np.asarray(run(fine, False)))
     with pytest.raises(Exception, match=r"EM: the trajectory went non-finite"):
         jax.block_until_ready(euler_maruyama(levels[1], None, jnp.ones(2), ts, None, check_finite=True))
+
+
+def test_the_old_name_of_fixed_firings_still_works_with_a_warning():
+    import mlem_jax
+
+    with pytest.warns(DeprecationWarning, match="FixedFirings"):
+        assert mlem_jax.FixedBudget is mlem_jax.FixedFirings
