@@ -82,6 +82,8 @@ def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) 
 
 
 def check_cost_order(costs, name: str) -> None:
+    """Warn when the level costs do not increase with the level (drifts out of order, or too
+    cheap to time)."""
     costs = np.asarray(costs, np.float64)
     if costs.size > 1 and np.any(np.diff(costs) <= 0):
         warnings.warn(
@@ -718,6 +720,8 @@ def calibration_report(
 
 
 def format_report(r: CalibrationReport) -> str:
+    """The calibration report as text: per-level statistics with standard errors, the
+    probabilities, the predicted cost and error."""
     st = r.stats
     V = st.time_averaged("variances")
     se = np.sqrt(np.asarray(st.bin_weights) ** 2 @ np.asarray(st.variance_se) ** 2)

@@ -34,11 +34,17 @@ LADDER = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
 
 
 class Config(NamedTuple):
+    """One stratified ML-EM configuration: the coupling and the scale lambda of p = min(1,
+    lambda x shape)."""
+
     coupling: str
     scale: float  # lambda; p = min(1, lambda * shape)
 
 
 class EqualErrorResult(NamedTuple):
+    """EM and ML-EM at (about) equal coupled error: their errors, wall times, the
+    configuration and evaluations."""
+
     em_error: Estimate
     em_seconds: float
     mlem_error: Estimate

@@ -16,6 +16,9 @@ from tqdm.auto import tqdm
 
 
 class Classifier(nn.Module):
+    """A small convolutional classifier whose penultimate layer gives the features of the
+    distribution distances."""
+
     num_classes: int
     width: int = 32
     feature_dim: int = 128
@@ -32,6 +35,9 @@ class Classifier(nn.Module):
 
 
 class TrainedClassifier(NamedTuple):
+    """A trained `Classifier`, its parameters and held-out accuracy; `features` embeds
+    images."""
+
     model: Classifier
     params: Any
     test_accuracy: float

@@ -31,6 +31,7 @@ FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 
 
 def to_unit_range(images: np.ndarray, max_value: float = 255.0) -> np.ndarray:
+    """Map integer pixels in [0, max_value] to float32 in [-1, 1]."""
     return (np.asarray(images, np.float32) / max_value) * 2.0 - 1.0
 
 
@@ -177,6 +178,8 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
+    """Write a uint8 array in the idx format of MNIST-style files (gzip when the path ends in
+    .gz)."""
     array = np.asarray(array, np.uint8)
     header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
     opener = gzip.open if path.endswith(".gz") else open

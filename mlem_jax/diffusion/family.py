@@ -19,6 +19,9 @@ from mlem_jax.diffusion.unet import UNet, score_model
 
 
 class Family(NamedTuple):
+    """A trained family: the UNet and parameters of each level (cheapest first), its SDE,
+    parameterisation, image shape and metadata; `drifts()` gives the ML-EM levels."""
+
     models: tuple  # UNet per level, cheapest first
     params: tuple  # parameters per level
     sde: Any

@@ -23,6 +23,8 @@ def to_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
 
 
 def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
+    """Write an image grid (uint8, H x W x C) as a PNG, each pixel repeated `scale` times;
+    returns the path."""
     from PIL import Image
 
     g = grid[..., 0] if grid.shape[-1] == 1 else grid
@@ -35,6 +37,7 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 6) -> np.ndarray:
+    """Two image grids next to each other with a white gap, padded to the same height."""
     h = max(left.shape[0], right.shape[0])
     pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
     sep = np.full((h, gap, left.shape[-1]), 255, np.uint8)

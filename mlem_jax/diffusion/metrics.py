@@ -27,6 +27,8 @@ import numpy as np
 
 
 class Estimate(NamedTuple):
+    """A Monte Carlo estimate and its standard error."""
+
     value: float
     stderr: float
 

@@ -15,6 +15,8 @@ from mlem_jax.diffusion.parameterization import reverse_diffusion
 
 
 class SampleResult(NamedTuple):
+    """Samples, the evaluations of each level per sample path, and compile and run seconds."""
+
     images: np.ndarray  # (B, H, W, C)
     evaluations: np.ndarray  # (K,) evaluations of each level per sample path
     compile_seconds: float

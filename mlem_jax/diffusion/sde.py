@@ -52,6 +52,9 @@ class AbstractSDE(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class VP(AbstractSDE):
+    """Variance-preserving SDE: dx = -beta(t) x / 2 dt + sqrt(beta(t)) dW, beta linear from
+    beta_min to beta_max."""
+
     beta_min: float = 0.1
     beta_max: float = 20.0
 
@@ -91,6 +94,9 @@ class SubVP(VP):
 
 @dataclasses.dataclass(frozen=True)
 class VE(AbstractSDE):
+    """Variance-exploding SDE: dx = sqrt(d sigma(t)^2 / dt) dW, sigma geometric from
+    sigma_min to sigma_max."""
+
     sigma_min: float = 0.01
     sigma_max: float = 50.0
 

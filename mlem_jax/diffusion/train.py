@@ -26,6 +26,9 @@ from mlem_jax.diffusion.unet import UNet, init_params
 
 
 class TrainConfig(NamedTuple):
+    """The training recipe of a level: steps, batch, learning rate and warm-up, clipping,
+    EMA, seed, cadence."""
+
     steps: int = 2000
     batch_size: int = 128
     learning_rate: float = 2e-3
@@ -40,6 +43,9 @@ class TrainConfig(NamedTuple):
 
 
 class TrainState(NamedTuple):
+    """Step, parameters, EMA parameters, optimiser state and the raw training key (a pytree,
+    checkpointed as is)."""
+
     step: jax.Array
     params: Any
     ema_params: Any
@@ -48,6 +54,8 @@ class TrainState(NamedTuple):
 
 
 class History(NamedTuple):
+    """Training losses (step, loss), held-out losses (step, loss) and wall time of a level."""
+
     train: list  # (step, loss)
     test: list  # (step, held-out loss)
     seconds: float = 0.0  # training wall time of this level, earlier sessions of a resumed run included
@@ -72,6 +80,8 @@ def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t
 
 
 def make_optimizer(config: TrainConfig):
+    """Gradient clipping by global norm, then Adam with a linear warm-up to the learning
+    rate."""
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
          optax.constant_schedule(config.learning_rate)],
@@ -81,6 +91,8 @@ def make_optimizer(config: TrainConfig):
 
 
 def init_state(model: UNet, image_shape, config: TrainConfig) -> TrainState:
+    """The state at step 0: parameters from the seed, the optimiser state, and the training
+    key."""
     key = jax.random.key(config.seed)
     k_init, k_train = jax.random.split(key)
     params = init_params(model, k_init, image_shape)
@@ -89,6 +101,7 @@ def init_state(model: UNet, image_shape, config: TrainConfig) -> TrainState:
 
 
 def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
+    """A jitted `step(state, x0) -> (state, loss)`: one DSM gradient step and the EMA update."""
     optimizer = make_optimizer(config)
 
     @jax.jit
@@ -121,15 +134,19 @@ def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches:
 
 
 def model_config(model: UNet) -> dict:
+    """The constructor arguments of a UNet as a JSON-able dict (stored in checkpoints and
+    families)."""
     return {"nf": model.nf, "ch_mult": list(model.ch_mult), "num_res_blocks": model.num_res_blocks,
             "attn_resolutions": list(model.attn_resolutions), "num_groups": model.groups()}
 
 
 def sde_config(sde) -> dict:
+    """An SDE as a JSON-able dict: its class name and fields."""
     return {"kind": type(sde).__name__, **dataclasses.asdict(sde)}
 
 
 def sde_from_config(cfg: dict):
+    """The SDE that `sde_config` describes."""
     kinds = {"VP": VP, "SubVP": SubVP, "VE": VE}
     cfg = dict(cfg)
     return kinds[cfg.pop("kind")](**cfg)
@@ -162,6 +179,8 @@ def latest_step(directory: str) -> int | None:
 
 
 def read_metadata(directory: str, step: int | None = None) -> dict:
+    """The JSON metadata of the latest (or given) checkpoint; names the step when it is
+    corrupt."""
     import orbax.checkpoint as ocp
 
     step = latest_step(directory) if step is None else step
@@ -179,6 +198,7 @@ def read_metadata(directory: str, step: int | None = None) -> dict:
 
 
 def check_compatible(meta: dict, model: UNet, image_shape, directory: str) -> None:
+    """Refuse a checkpoint written for another model configuration or image shape."""
     expected = model_config(model)
     for k, v in expected.items():
         if meta.get("model", {}).get(k) != v:

@@ -40,6 +40,9 @@ def timestep_embedding(t, dim: int, scale: float = 1000.0):
 
 
 class ResBlock(nn.Module):
+    """Residual block: GroupNorm, SiLU, 3x3 convolution, twice, with the time embedding added
+    in between."""
+
     out_ch: int
     groups: int
 
@@ -56,6 +59,8 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
+    """Single-head self-attention over the spatial positions, with a residual connection."""
+
     groups: int
 
     @nn.compact
@@ -127,6 +132,7 @@ class UNet(nn.Module):
 
 
 def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
+    """Refuse widths that are not positive integers or not divisible by the GroupNorm groups."""
     if int(nf) != nf or nf < 1:
         raise ValueError(f"nf: expected a positive integer width, got {nf!r}.")
     bad = [nf * m for m in ch_mult if (nf * m) % groups]
@@ -157,6 +163,7 @@ def init_params(model: UNet, key, image_shape: Sequence[int]):
 
 
 def count_params(params: Any) -> int:
+    """The number of scalar parameters in a pytree."""
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
