@@ -3,6 +3,12 @@ training with optax, checkpoints with orbax, and datasets.
 
 Sampling a diffusion model is the core solver called with `reverse_drift(...)` levels;
 nothing here imports the calibration or diffrax layers.
+
+Public surface: `__all__`. The SDEs and parameterisations are imported eagerly (they need
+only jax); the names of the Flax, optax and orbax modules (the UNet, training, families,
+data, metrics) are re-exported lazily, on first access, so that `import mlem_jax.diffusion`
+stays light. The modules themselves (`mlem_jax.diffusion.train`, ...) remain importable;
+`train` itself is `mlem_jax.diffusion.train.train` (the name is the module's).
 """
 
 from mlem_jax.diffusion.parameterization import (
@@ -22,6 +28,37 @@ from mlem_jax.diffusion.sde import (
     uniform_grid,
 )
 
+_LAZY = {
+    "classifier": ("Classifier", "TrainedClassifier", "train_classifier"),
+    "coupled": ("SharedNoise", "shared_noise", "increments_on", "em_sampler", "mlem_sampler"),
+    "data": ("EMBEDDED", "load_dataset", "digits", "procedural", "batches", "prepare_local", "read_local"),
+    "family": ("Family", "save_family", "load_family", "shipped_family_path", "combine_families"),
+    "images": ("to_grid", "save_png", "side_by_side"),
+    "metrics": ("Estimate", "coupled_error", "frechet_distance", "frechet_gaussian", "kernel_distance",
+                "paired_frechet", "sliced_wasserstein"),
+    "sampling": ("SampleResult", "sample"),
+    "train": ("TrainConfig", "TrainState", "History", "dsm_loss", "train_family", "save_checkpoint",
+              "restore_checkpoint", "load_level"),
+    "unet": ("UNet", "unet_family", "init_params", "count_params", "forward_flops", "family_summary",
+             "score_model"),
+}
+_HOME = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name):
+    if name in _HOME:
+        import importlib
+
+        value = getattr(importlib.import_module(f"mlem_jax.diffusion.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlem_jax.diffusion' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME))
+
+
 __all__ = [
     "AbstractSDE",
     "PARAMETERIZATIONS",
@@ -35,4 +72,5 @@ __all__ = [
     "score_from_output",
     "target_from_noise",
     "uniform_grid",
+    *_HOME,
 ]
