@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 
 import jax
+
+from mlem_jax.timing import time_calls
 
 
 def device_description() -> str:
@@ -17,14 +18,7 @@ def device_description() -> str:
 
 def median_time(fn, *args, repeats: int = 5) -> float:
     """Median wall time of fn(*args) in seconds, after one warm-up call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return time_calls(fn, *args, repeats=repeats).seconds
 
 
 def out_dir(path: str) -> str:

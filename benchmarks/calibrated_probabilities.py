@@ -54,6 +54,7 @@ from mlem_jax.calibrate import (
     stratified_probabilities,
     stratified_shape,
 )
+from mlem_jax.plotting import pyplot
 
 from _common import device_description, out_dir
 
@@ -110,11 +111,7 @@ def cost_at(errors_costs, target):
 
 def plot_learned(stats, steps, budgets, learned_values, path):
     """Learned p_k(t) (solid) against the closed-form iid optimum at the same budget (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     edges = np.asarray(stats.bin_edges)
     picks = sorted({0, len(budgets) // 2, len(budgets) - 1})
     fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.6), sharey=True)
@@ -246,12 +243,8 @@ def main():
                    "stratified_calibration": {"target": target, "predicted": cal.predicted_error * np.sqrt(DIM),
                                               "predicted_cost": cal.predicted_cost, "measured": measured_err,
                                               "measured_cost": measured_cost}}, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for n, r in results.items():

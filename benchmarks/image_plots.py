@@ -7,23 +7,13 @@ import os
 
 import numpy as np
 
-
-def pyplot():
-    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+from mlem_jax.plotting import pyplot
 
 
 def plot_curves(result, out, name):
     """Quality against cost: each method's cost-quality front as a line, its runs as dots;
     the baseline in black."""
-    plt = pyplot()
+    plt = pyplot(required=False)
     if plt is None:
         return
     for part, ode in (("sde", False), ("ode", True)):
@@ -62,7 +52,7 @@ def plot_curves(result, out, name):
 
 def plot_samples(result, samples, out, name, em_method, steps):
     """Sample grids of every SDE method at about the wall time of the baseline at `steps`."""
-    plt = pyplot()
+    plt = pyplot(required=False)
     if plt is None:
         return
     runs = [r for r in result["runs"] if not r["ode"]]

@@ -40,6 +40,7 @@ from mlem_jax import (
     optimal_probabilities,
     planned_evaluations,
 )
+from mlem_jax.plotting import pyplot
 
 from _common import device_description, out_dir
 
@@ -242,12 +243,8 @@ def main():
     name = "toy_complexity_quick" if args.quick else "toy_complexity"
     with open(os.path.join(folder, name + ".json"), "w") as f:
         json.dump(results, f, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(6, 4.5))

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -36,6 +35,7 @@ from mlem_jax._probabilities import (
 )
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 from mlem_jax._validate import check_coupling, check_drifts, check_ts
+from mlem_jax.timing import time_calls
 
 # ----------------------------------------------------------------------------- costs
 
@@ -60,14 +60,7 @@ def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) 
         raise ValueError("drifts: expected at least one drift function.")
     seconds, flops = [], []
     for f in drifts:
-        jf = jax.jit(f)
-        jax.block_until_ready(jf(t, y, args))
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(jf(t, y, args))
-            times.append(time.perf_counter() - t0)
-        seconds.append(float(np.median(times)))
+        seconds.append(time_calls(jax.jit(f), t, y, args, repeats=repeats).seconds)
         flops.append(flops_of(f, t, y, args))
     seconds, flops = np.array(seconds), np.array(flops)
     check_cost_order(seconds, "costs")
@@ -767,11 +760,9 @@ def format_report(r: CalibrationReport) -> str:
 
 def plot_report(r: CalibrationReport, path: str) -> str:
     """A PNG with V_k(t) and the chosen p_k(t)."""
-    import matplotlib
+    from mlem_jax.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     st = r.stats
     mid = (st.bin_edges[1:] + st.bin_edges[:-1]) / 2
     p = np.atleast_2d(np.asarray(r.probs.values if isinstance(r.probs, PiecewiseConstant) else r.probs))

@@ -417,11 +417,11 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
 
 
 def _plot_learning(res, nfs, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from mlem_jax.plotting import pyplot
+
+    plt = pyplot()
 
     edges, values = np.asarray(res.probs.edges), np.asarray(res.probs.values)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))

@@ -21,7 +21,7 @@ def test_block_runs(code):
 
 
 PACKAGES = ["mlem_jax", "mlem_jax.calibrate", "mlem_jax.diffusion"]  # implementation elsewhere, re-exported
-PUBLIC_MODULES = ["mlem_jax.sharding", "mlem_jax.equal_error"] + [
+PUBLIC_MODULES = ["mlem_jax.sharding", "mlem_jax.equal_error", "mlem_jax.plotting", "mlem_jax.timing"] + [
     f"mlem_jax.diffusion.{m}" for m in ("classifier", "coupled", "data", "family", "images", "metrics",
                                         "parameterization", "sampling", "sde", "train", "unet")]
 
@@ -62,3 +62,18 @@ def test_the_diffusion_package_stays_light_until_a_flax_name_is_used():
             "print(a, 'flax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
+
+
+def test_time_calls_makes_one_first_call_then_the_repeats():
+    from mlem_jax.timing import time_calls
+
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        return x + 1
+
+    t = time_calls(fn, 1.0, repeats=3, statistic="min")
+    assert len(calls) == 4 and t.output == 2.0 and t.first_seconds >= 0 and t.seconds >= 0
+    with pytest.raises(ValueError, match="statistic: expected 'median' or 'min'"):
+        time_calls(fn, 1.0, statistic="mean")

@@ -10,7 +10,6 @@ the fine grid) and every method then differ only by their discretisation and coi
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -80,13 +79,8 @@ def mlem_sampler(drifts, diffusion: Callable | None, ts, coupling: str = "indepe
 
 
 def timed(fn: Callable, *args, repeats: int = 1) -> tuple[Any, float, float]:
-    """(output, compile-and-first-call seconds, best seconds of `repeats` further calls)."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    best = np.inf
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return out, first, best
+    """(output, compile-and-first-call seconds, best seconds of `repeats` further calls):
+    `mlem_jax.timing.time_calls` with the minimum."""
+    from mlem_jax.timing import time_calls
+
+    return tuple(time_calls(fn, *args, repeats=repeats, statistic="min"))
