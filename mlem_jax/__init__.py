@@ -16,6 +16,7 @@ from mlem_jax._probabilities import (
     geometric_probabilities,
     injected_variance,
     optimal_probabilities,
+    schedule_values,
 )
 from mlem_jax._progress import StepInfo
 from mlem_jax._solvers import (
@@ -42,6 +43,7 @@ __all__ = [
     "geometric_probabilities",
     "injected_variance",
     "optimal_probabilities",
+    "schedule_values",
     "euler_maruyama",
     "heun",
     "switched_drift",

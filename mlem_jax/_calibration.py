@@ -32,6 +32,7 @@ from mlem_jax._probabilities import (
     expected_cost,
     injected_variance,
     optimal_probabilities,
+    schedule_values,
 )
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 from mlem_jax._validate import check_coupling, check_drifts, check_ts
@@ -680,7 +681,7 @@ def calibration_report(
                 stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
                 time_dependent=time_dependent, coupling=coupling,
             )
-    p = np.atleast_2d(np.asarray(probs.values if isinstance(probs, PiecewiseConstant) else probs, np.float64))
+    p = schedule_values(probs)
     w = stats.bin_weights if p.shape[0] > 1 else np.ones(1)
     V = stats.variances if p.shape[0] > 1 else stats.time_averaged("variances")[None]
     Ct = correction_costs(basis, coupling)
@@ -713,7 +714,7 @@ def format_report(r: CalibrationReport) -> str:
     se = np.sqrt(np.asarray(st.bin_weights) ** 2 @ np.asarray(st.variance_se) ** 2)
     mean = st.time_averaged("means")
     kurt = st.time_averaged("kurtosis")
-    p = np.atleast_2d(np.asarray(r.probs.values if isinstance(r.probs, PiecewiseConstant) else r.probs))
+    p = schedule_values(r.probs)
     lines = [
         "ML-EM calibration report",
         f"device {r.device}; {len(V)} levels, {r.num_trajectories} reference trajectories, "
@@ -765,7 +766,7 @@ def plot_report(r: CalibrationReport, path: str) -> str:
     plt = pyplot()
     st = r.stats
     mid = (st.bin_edges[1:] + st.bin_edges[:-1]) / 2
-    p = np.atleast_2d(np.asarray(r.probs.values if isinstance(r.probs, PiecewiseConstant) else r.probs))
+    p = schedule_values(r.probs)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for k in range(st.variances.shape[1]):
         axes[0].semilogy(mid, st.variances[:, k], "o-", ms=3, label=f"k={k + 1}")

@@ -46,7 +46,7 @@ import numpy as np
 
 from mlem_jax import _validate
 from mlem_jax._coins import level_coins
-from mlem_jax._probabilities import PiecewiseConstant, correction_costs
+from mlem_jax._probabilities import PiecewiseConstant, correction_costs, schedule_values
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 
 
@@ -306,7 +306,7 @@ def learn_probabilities(
     edges = time_bins(ts, num_bins)
     if init is None:
         init = 0.3 ** np.arange(K)
-    init_values = np.asarray(init.values if isinstance(init, PiecewiseConstant) else init, np.float64)
+    init_values = schedule_values(init)
     init_values = np.broadcast_to(init_values, (num_bins, K))
     logits = logits_from_probabilities(init_values, coupling, min_probability)
     optimizer = optax.adam(0.05) if optimizer is None else optimizer

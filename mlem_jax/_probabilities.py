@@ -166,6 +166,13 @@ class PiecewiseConstant(NamedTuple):
         return self.values[jnp.clip(b, 0, self.values.shape[0] - 1)]
 
 
+def schedule_values(probs) -> np.ndarray:
+    """The values of a probability schedule as a float64 array (bins, K): a
+    `PiecewiseConstant`'s values, or a constant array as a single bin."""
+    values = probs.values if isinstance(probs, PiecewiseConstant) else probs
+    return np.atleast_2d(np.asarray(values, np.float64))
+
+
 class FixedFirings(NamedTuple):
     """Fire level k (k >= 2) at exactly firings[k-2] steps per trajectory, chosen uniformly
     at random from level_key, and weight it by num_steps / firings so that every step's
