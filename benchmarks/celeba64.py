@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from image_experiment import Config, run_experiment  # noqa: E402
+from image_experiment import Config, parse_overrides, run_experiment  # noqa: E402
 
 ATTRIBUTES = ("Male", "Smiling")  # the classifier's 4 classes
 
@@ -66,6 +66,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the experiment's --quick configuration (tests)")
     p.add_argument("--samples", type=int, default=2000, help="samples per distribution run in the comparison")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--set", nargs="+", default=(), metavar="FIELD=VALUE",
+                   help="override Config fields of the comparison (image_experiment.Config), e.g. mlem_steps=(50,)")
     args = p.parse_args(argv)
 
     from mlem_jax.diffusion.family import load_family, save_family
@@ -101,6 +103,7 @@ def main(argv=None):
     else:
         cfg = dataclasses.replace(Config(), name="celeba64", samples=args.samples, coupled_samples=256, chunk=256,
                                   heldout=min(5000, len(test_x)), classifier_steps=3000)
+    cfg = dataclasses.replace(cfg, **parse_overrides(p, args.set))
     result = run_experiment(family, train_x, train_y, test_x, test_y, cfg, args.out,
                             f"CelebA {args.image_size}x{args.image_size}", log=lambda s: print(s, flush=True))
     with open(os.path.join(args.out, "run.json"), "w") as f:

@@ -13,7 +13,6 @@ once into a tfds data dir (--data-dir); nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import os
 import sys
@@ -25,7 +24,7 @@ from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, load_dataset, prepare_
 from mlem_jax.diffusion.family import load_family  # noqa: E402
 
 from image_analysis import format_tables, tables  # noqa: E402
-from image_experiment import QUICK, Config, run_experiment  # noqa: E402
+from image_experiment import QUICK, Config, parse_overrides, run_experiment  # noqa: E402
 from image_plots import plot_curves  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,25 +45,6 @@ def load_data(source_dir, data_dir, image_size, limit=None, raw=False):
     train = load_dataset("fashion_mnist", "train", data_dir, image_size, with_labels=True)
     test = load_dataset("fashion_mnist", "test", data_dir, image_size, with_labels=True)
     return train, test
-
-
-def parse_overrides(parser, items) -> dict:
-    """FIELD=VALUE pairs (Python literals) checked against the fields of Config."""
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    out = {}
-    for item in items:
-        field, sep, text = item.partition("=")
-        if not sep or field not in fields:
-            parser.error(f"--set: expected FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}.")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            parser.error(f"--set {field}: {text!r} is not a Python literal (write 50, 0.5, 'flops' or (25, 50)).")
-        default = getattr(Config(), field)
-        if type(value) is not type(default) and not (isinstance(default, float) and isinstance(value, int)):
-            parser.error(f"--set {field}: expected a {type(default).__name__} like {default!r}, got {value!r}.")
-        out[field] = value
-    return out
 
 
 def recount_flops(result, family, batch: int = 8):

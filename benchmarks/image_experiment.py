@@ -13,6 +13,7 @@ scores), `image_analysis` (cost to reach a quality, tables), `image_plots`. Shar
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -85,6 +86,26 @@ QUICK = Config(samples=16, coupled_samples=8, chunk=16, em_steps=(4, 8), targets
                learn_groups=(2, 2), stats_steps=8, stats_bins=2,
                heldout=64, loss_images=64, classifier_steps=30, grid_cost_steps=8, bootstrap=10,
                probability_costs="flops")  # tiny levels are too cheap to time apart reliably
+
+
+def parse_overrides(parser, items) -> dict:
+    """FIELD=VALUE pairs (Python literals) checked against the fields of Config."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    out = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or field not in fields:
+            parser.error(f"--set: expected FIELD=VALUE with FIELD one of {sorted(fields)}, got {item!r}.")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            parser.error(f"--set {field}: {text!r} is not a Python literal (write 50, 0.5, 'flops' or (25, 50)).")
+        default = getattr(Config(), field)
+        if type(value) is not type(default) and not (isinstance(default, float) and isinstance(value, int)):
+            parser.error(f"--set {field}: expected a {type(default).__name__} like {default!r}, got {value!r}.")
+        out[field] = value
+    return out
+
 
 
 # ---------------------------------------------------------------------------- pieces
