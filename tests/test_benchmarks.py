@@ -28,19 +28,19 @@ def test_celeba_script_end_to_end_on_mock_data(tmp_path):
 
     out = tmp_path / "celeba"
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-        result = celeba64.main(["--data-dir", str(tmp_path / "tfds"), "--out", str(out), "--nfs", "4", "8", "16",
+        result = celeba64.main(["--data-dir", str(tmp_path / "tfds"), "--out", str(out), "--nfs", "4", "8",
                                 "--ch-mult", "1", "2", "--image-size", "16", "--train-steps", "3",
                                 "--batch-size", "8", "--tiny", "--no-progress",
                                 # one grid per method: the script's own wiring is under test here;
                                 # bench-quick runs the experiment's full quick grid on Fashion-MNIST
                                 "--set", "em_steps=(4,)", "targets=(4,)", "mlem_steps=(8,)", "stitch_steps=(8,)",
                                 "geometric_steps=()", "ode_steps=(4,)", "heun_steps=(2,)", "ode_mlem_steps=(8,)",
-                                "classifier_steps=10", "bootstrap=5"])
+                                "grid_cost_steps=4", "classifier_steps=10", "bootstrap=5"])
     assert (out / "family.npz").exists() and json.load(open(out / "family.json"))["dataset"] == "celeb_a"
     for name in ("celeba64.json", "celeba64.md", "celeba64_sde.png", "celeba64_ode.png", "celeba64_samples.png"):
         assert (out / name).exists(), name
     methods = {r["method"] for r in result["runs"]}
-    assert {"EM nf=16", "EM nf=4", "T-Stitch nf=8->16 (50% small)", "Heun nf=16",
+    assert {"EM nf=8", "EM nf=4", "T-Stitch nf=4->8 (50% small)", "Heun nf=8",
             "ML-EM stratified calibrated (independent)", "ML-EM iid constant (independent)",
             "ML-EM ODE stratified calibrated"} <= methods
     for r in result["runs"]:
