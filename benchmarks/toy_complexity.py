@@ -160,9 +160,10 @@ def model_best_costs(eps, C_fn, v0, b0, d0, max_level, max_pow, kappa):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small grids and few paths (CI smoke run)")
-    ap.add_argument("--gammas", type=float, nargs="+", default=[2.5, 3.0])
+    ap.add_argument("--gammas", type=float, nargs="+", default=None, help="default 2.5 3.0 (--quick: 2.5)")
     ap.add_argument("--out", default="benchmarks/out", help="folder for the PNG and JSON results")
     args = ap.parse_args()
+    args.gammas = args.gammas or ([2.5] if args.quick else [2.5, 3.0])
 
     if args.quick:
         paths, fine, max_level, max_pow = 300, 2**10, 7, 9
