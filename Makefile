@@ -33,7 +33,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/diffrax_route.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
 	$(PY) benchmarks/parallel_levels.py --quick
-	$(PY) benchmarks/fmnist16.py --quick
+	$(PY) benchmarks/fmnist16.py --quick --raw-data --no-ode
 	$(PY) benchmarks/fid_resolution.py --quick
 	$(PY) benchmarks/family_costs.py --quick
 	$(PY) benchmarks/learn_cost.py --quick

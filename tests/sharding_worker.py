@@ -3,9 +3,8 @@ process group are fixed when JAX starts.
 
     python sharding_worker.py sample | train CKPT            one process
     python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
-    python sharding_worker.py restore CKPT                   one process, another topology
     python sharding_worker.py join PORT PID NPROC            initialize only (error checks)
-    python sharding_worker.py levels                         levels side by side
+    python sharding_worker.py levels CKPT                    levels side by side; restore CKPT here
 """
 
 import json
@@ -93,13 +92,6 @@ def main(mode):
             out["indivisible_error"] = None
         except ValueError as e:
             out["indivisible_error"] = str(e)
-    elif mode == "restore":
-        from mlem_jax.diffusion.train import restore_checkpoint
-
-        m, x, cfg = tiny_training()
-        state, _ = restore_checkpoint(sys.argv[2], m, x.shape[1:], cfg, mesh=batch_mesh())
-        out["ema"] = leaves(state.ema_params)
-        out["replicated_on"] = len(jax.tree_util.tree_leaves(state.ema_params)[0].sharding.device_set)
     elif mode == "levels":
         from mlem_jax.diffusion.train import train_family
         from mlem_jax.diffusion.unet import UNet
@@ -110,6 +102,12 @@ def main(mode):
         out["loss_parallel"] = [[loss for _, loss in h.train] for _, h in side_by_side]
         out["parallel_devices"] = [sorted(d.id for d in jax.tree_util.tree_leaves(s.params)[0].sharding.device_set)
                                    for s, _ in side_by_side]
+        from mlem_jax.diffusion.train import restore_checkpoint  # a checkpoint of another topology
+
+        m, _, _ = tiny_training()
+        state, _ = restore_checkpoint(sys.argv[2], m, x.shape[1:], cfg, mesh=batch_mesh())
+        out["ema"] = leaves(state.ema_params)
+        out["replicated_on"] = len(jax.tree_util.tree_leaves(state.ema_params)[0].sharding.device_set)
     print("RESULT " + json.dumps(out), flush=True)
 
 

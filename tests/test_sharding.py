@@ -117,12 +117,18 @@ def test_two_process_training_matches_one_process(single, two_processes):
     assert "batch_size: 6 does not split over the 4 devices" in r0["indivisible_error"]
 
 
-def test_two_process_checkpoint_restores_on_other_topologies(two_processes):
-    """Written once by 2 processes x 2 devices; restored on 1 process x 3 devices
+@pytest.fixture(scope="module")
+def two_devices(two_processes):
+    """One process with 2 devices: levels side by side, and the 2-process checkpoint restored."""
+    _, ckpt = two_processes
+    return run("levels", ckpt, devices=2)
+
+
+def test_two_process_checkpoint_restores_on_other_topologies(two_processes, two_devices):
+    """Written once by 2 processes x 2 devices; restored on 1 process x 2 devices
     (replicated) and on this process's single device."""
     (r0, _), ckpt = two_processes
-    r = run("restore", ckpt, devices=3)
-    assert r["replicated_on"] == 3 and r["ema"] == r0["ema"]
+    assert two_devices["replicated_on"] == 2 and two_devices["ema"] == r0["ema"]
     from mlem_jax.diffusion.train import load_level
 
     _, ema, _, _, _ = load_level(ckpt)
@@ -131,11 +137,11 @@ def test_two_process_checkpoint_restores_on_other_topologies(two_processes):
     assert [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves(ema)] == r0["ema"]
 
 
-def test_levels_side_by_side_equal_levels_one_by_one(single):
+def test_levels_side_by_side_equal_levels_one_by_one(single, two_devices):
     """Two levels on 2 devices, one each (in two threads at once), each the same as the
     level trained alone on one device."""
     _, alone = single
-    r = run("levels", devices=2)
+    r = two_devices
     assert r["parallel_devices"] == [[0], [1]]
     for par in r["loss_parallel"]:
         np.testing.assert_allclose(par, alone["loss_1"], rtol=1e-6)
