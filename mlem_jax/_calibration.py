@@ -1,19 +1,5 @@
-"""Calibration: measure what ML-EM's probabilities depend on, then choose them.
-
-1. `level_costs`: wall time (median of jitted calls on this device) and XLA FLOPs of
-   one evaluation of each level.
-2. `level_statistics`: along reference trajectories (EM driven by the finest level), per
-   level k and time bin, V_k(t) = E|f^k - f^{k-1}|^2, the mean correction, its kurtosis,
-   an MLMC-style consistency check, and the error of each level against the finest.
-3. `calibrated_probabilities`: the optimal allocation of `optimal_probabilities`, constant
-   or piecewise constant in time, for a target injected variance or a budget (iid coins);
-   `stratified_probabilities`: for stratified coins, whose error the iid variance formula
-   does not describe, a one-parameter family of schedules scaled on pilot runs.
-4. `fit_gamma`: error ~ cost^(-power/gamma) (+ an optional floor), with a confidence
-   interval.
-5. `calibration_report`: all of the above in the layout of the MLMC test report
-   (Giles' mlmc_test), plus a plot of V_k(t) and p_k(t).
-"""
+"""The implementation of `mlem_jax.calibrate` (costs, statistics, calibrated and stratified
+probabilities, gamma fits, reports, calibration files); its docstring lists the pieces."""
 
 from __future__ import annotations
 

@@ -41,6 +41,16 @@ def tiny_training():
         TrainConfig(steps=4, batch_size=16, warmup_steps=2)
 
 
+def indivisible_error(train, batch_size):
+    """The error of training at a batch that does not split over the mesh, or None."""
+    m, x, cfg = tiny_training()
+    try:
+        train(m, x, cfg._replace(batch_size=batch_size), progress=False, mesh=batch_mesh())
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def leaves(tree):
     return [np.asarray(a).tolist() for a in jax.tree_util.tree_leaves(tree)]
 
@@ -73,11 +83,7 @@ def main(mode):
         out["loss_4"] = [loss for _, loss in h4.train]
         _, ema, _, _, _ = load_level(ckpt)  # written from 4 devices, restored on the default one
         out["restored_equal"] = leaves(ema) == leaves(s4.ema_params)
-        try:
-            train(m, x, cfg._replace(batch_size=10), progress=False, mesh=batch_mesh())
-            out["indivisible_error"] = None
-        except ValueError as e:
-            out["indivisible_error"] = str(e)
+        out["indivisible_error"] = indivisible_error(train, 10)
     elif mode == "spmd":
         from mlem_jax.diffusion.train import train
 
@@ -87,11 +93,7 @@ def main(mode):
         state, h = train(m, x, cfg, progress=False, mesh=batch_mesh(), checkpoint_dir=sys.argv[5])
         out["loss"] = [loss for _, loss in h.train]
         out["ema"] = leaves(state.ema_params)
-        try:
-            train(m, x, cfg._replace(batch_size=6), progress=False, mesh=batch_mesh())
-            out["indivisible_error"] = None
-        except ValueError as e:
-            out["indivisible_error"] = str(e)
+        out["indivisible_error"] = indivisible_error(train, 6)
     elif mode == "levels":
         from mlem_jax.diffusion.train import train_family
         from mlem_jax.diffusion.unet import UNet
