@@ -8,6 +8,7 @@ from mlem_jax._diffrax import (
     check_multilevel_solver,
     multilevel_diffeqsolve,
 )
+from mlem_jax._multilevel import BiasedEstimatorWarning, Multilevel
 from mlem_jax._probabilities import (
     FixedFirings,
     PiecewiseConstant,
@@ -36,7 +37,9 @@ __all__ = [
     "FixedFirings",
     "PiecewiseConstant",
     "expected_cost",
+    "Multilevel",
     "MultilevelSolution",
+    "BiasedEstimatorWarning",
     "StepInfo",
     "BatchedLevelKeyWarning",
     "correction_costs",

@@ -14,13 +14,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from mlem_jax import _validate
-from mlem_jax._solvers import Drift, PyTree, _integrate
+from mlem_jax._multilevel import Multilevel, model_calls
+from mlem_jax._solvers import Drift, PyTree
+from mlem_jax._stepping import axpy, combine, integrate
 
 
 def heun(
-    drift: Drift,
+    drift: Drift | Multilevel,
     diffusion: None,
     y0: PyTree,
     ts: jax.Array,
@@ -30,11 +33,14 @@ def heun(
     saveat: Any = None,
     callback: Callable | None = None,
     progress: bool = False,
+    check_finite: bool = False,
 ) -> PyTree:
     """Heun's second-order method for the ODE dy = drift(t, y, args) dt over `ts`.
 
-    Takes the arguments of `euler_maruyama`; `diffusion` must be None and `key` is
-    unused (there is no noise). Two drift evaluations per step.
+    Takes the arguments of `euler_maruyama`; `diffusion` must be None and `key` is used
+    only to derive the level key of a `Multilevel` drift (there is no noise). Two drift
+    evaluations per step; a `Multilevel` plans its coins over both (2N calls) and makes
+    the result a `MultilevelSolution`.
     """
     if diffusion is not None:
         raise ValueError(
@@ -43,17 +49,20 @@ def heun(
         )
     ts = _validate.check_ts(ts)
     y0 = _validate.check_y0(y0)
-    _validate.check_drift(drift, ts[0], y0, args, name="drift")
+    if not isinstance(drift, Multilevel):
+        _validate.check_drift(drift, ts[0], y0, args, name="drift")
+    call_times = jnp.stack([ts[:-1], ts[1:]], axis=1).reshape(-1)  # call 2n at t_n, call 2n + 1 at t_{n+1}
+    calls = model_calls(drift, call_times, y0, args, key, name="drift", diffusion_given=False)
 
-    def step_drift(n, t, y, aux):
-        h = ts[n + 1] - t
-        d0 = drift(t, y, args)
-        predictor = jax.tree_util.tree_map(lambda a, d: a + h.astype(d.dtype) * d, y, d0)
-        d1 = drift(ts[n + 1], predictor, args)
-        return jax.tree_util.tree_map(lambda a, b: 0.5 * (a + b), d0, d1), aux
+    def step(n, y, state):
+        h = ts[n + 1] - ts[n]
+        d0, state = calls.call(2 * n, ts[n], y, state)
+        d1, state = calls.call(2 * n + 1, ts[n + 1], axpy(y, h, d0), state)
+        return axpy(y, h, combine((0.5, d0), (0.5, d1))), state
 
-    y, _ = _integrate(step_drift, None, y0, ts, None, args, saveat, None, progress, callback, "Heun")
-    return y
+    y, state = integrate(step, y0, ts, calls.state0, saveat=saveat, progress=progress, callback=callback,
+                         desc="Heun", check_finite=check_finite)
+    return calls.result(y, state)
 
 
 def switched_drift(small: Drift, large: Drift, t_switch) -> Drift:

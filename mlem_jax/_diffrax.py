@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from mlem_jax._coins import Coins, Coupling, level_coins, probabilities_on_grid, stratified_coins
-from mlem_jax._solvers import multilevel_drift
+from mlem_jax._multilevel import multilevel_drift
 from mlem_jax._validate import (
     check_coins,
     check_coupling,

@@ -25,99 +25,29 @@ sampling), which turns ML-EM's strong order 1/2 into EM's order 1 on additive no
 
 The coins come from `level_key`, shared by a whole vmapped batch: a batched
 `lax.cond` predicate turns into `select` and runs every level.
+
+The estimator, its coins and its control variates live in `_multilevel.py` (`Multilevel`),
+the scan loop in `_stepping.py`; this file is the update rule. `euler_maruyama` given a
+`Multilevel` and `multilevel_euler_maruyama` are the same solver.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mlem_jax import _noise, _progress, _validate
-from mlem_jax._coins import (
-    Coins,
-    Coupling,
-    level_coins,
-    probabilities_on_grid,
-    stratified_coins,
-    stratified_fixed_firings,
-)
-from mlem_jax._probabilities import FixedFirings
+from mlem_jax import _noise, _validate
+from mlem_jax._coins import Coins, Coupling
+from mlem_jax._multilevel import Multilevel, MultilevelSolution, coin_source, model_calls, multilevel_drift
+from mlem_jax._stepping import axpy, integrate
 
 PyTree = Any
 Drift = Callable[[jax.Array, PyTree, Any], PyTree]
 
-
-class MultilevelSolution(NamedTuple):
-    """Result of `multilevel_euler_maruyama`.
-
-    y: the final state, or with `saveat` the states at the saved grid points stacked
-       on a new leading axis.
-    evaluations: int32 array (K,), how many times each level f^k was evaluated.
-    """
-
-    y: PyTree
-    evaluations: jax.Array
-
-
-def multilevel_drift(
-    drifts: Sequence[Drift], probs: jax.Array, coins: jax.Array, t, y, args
-) -> tuple[PyTree, jax.Array]:
-    """The ML-EM estimator F = sum_k (B_k / p_k)(f^k - f^{k-1}) at (t, y).
-
-    Returns F and the bool array (K,) of the levels that were evaluated. f^1 always runs
-    (p_1 = 1); level k > 1 runs under `lax.cond` only when B_k or B_{k+1} fired.
-    """
-    scaled = jnp.where(coins, 1.0 / probs, 0.0).astype(probs.dtype)
-    weights = scaled - jnp.append(scaled[1:], 0.0)
-    needed = (coins | jnp.append(coins[1:], False)).at[0].set(True)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, y)
-    total = None
-    for k, f in enumerate(drifts):
-        if k == 0:
-            fk = f(t, y, args)
-        else:
-            fk = jax.lax.cond(needed[k], lambda f=f: f(t, y, args), lambda: zeros)
-        term = jax.tree_util.tree_map(lambda v, w=weights[k]: w.astype(v.dtype) * v, fk)
-        total = term if total is None else jax.tree_util.tree_map(jnp.add, total, term)
-    return total, needed
-
-
-def _coin_source(probs, num_levels, coupling, coins, ts, level_key):
-    """`(n, t) -> (p, B)` for step n: the probabilities and the coins of that step.
-
-    iid coins come from fold_in(level_key, n); stratified coins and a `FixedFirings` are
-    planned for the whole grid at once from level_key (an (N, K) mask, cheap next to
-    any drift), then read by step index.
-    """
-    num_steps = ts.shape[0] - 1
-    if isinstance(probs, FixedFirings):
-        firings = _validate.check_firings(probs.firings, num_levels, num_steps, coupling)
-        p = jnp.concatenate([jnp.ones(1), jnp.asarray(firings) / num_steps]).astype(ts.dtype)
-        if coins == "stratified":
-            mask = stratified_fixed_firings(level_key, firings, num_steps, coupling)
-            return lambda n, t: (p, mask[n])
-        m = jnp.asarray(firings, jnp.int32)
-        if coupling == "independent":
-            u = jax.random.uniform(level_key, (num_levels - 1, num_steps))
-        else:
-            u = jnp.broadcast_to(jax.random.uniform(level_key, (num_steps,)), (num_levels - 1, num_steps))
-        rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)  # rank of each step's uniform
-        mask = jnp.concatenate([jnp.ones((1, num_steps), bool), rank < m[:, None]], axis=0)
-        return lambda n, t: (p, mask[:, n])
-    probs_fn = _validate.check_probs(probs, num_levels, coupling, ts)
-    if coins == "stratified":
-        p_grid = probabilities_on_grid(probs_fn, ts)
-        mask = stratified_coins(level_key, p_grid, coupling)
-        return lambda n, t: (p_grid[n], mask[n])
-
-    def flip(n, t):
-        p = jnp.asarray(probs_fn(t))
-        return p, level_coins(jax.random.fold_in(level_key, n), p, coupling)
-
-    return flip
+__all__ = ["MultilevelSolution", "euler_maruyama", "multilevel_drift", "multilevel_euler_maruyama",
+           "planned_evaluations"]
 
 
 def planned_evaluations(probs, ts, level_key, num_levels: int, *, coupling: Coupling = "independent",
@@ -129,7 +59,7 @@ def planned_evaluations(probs, ts, level_key, num_levels: int, *, coupling: Coup
     ts = _validate.check_ts(ts)
     coupling = _validate.check_coupling(coupling)
     coins = _validate.check_coins(coins)
-    coin_flips = _coin_source(probs, num_levels, coupling, coins, ts, level_key)
+    coin_flips = coin_source(probs, num_levels, coupling, coins, ts, level_key)
 
     def count(n):
         _, fired = coin_flips(n, ts[n])
@@ -139,66 +69,18 @@ def planned_evaluations(probs, ts, level_key, num_levels: int, *, coupling: Coup
 
 
 def _em_update(y, F, h, diffusion, t, args, dw):
-    """y + h F + g(t, y) dW, leaf by leaf (the one update both solvers share)."""
-    drift_part = jax.tree_util.tree_map(lambda a, f: a + h.astype(f.dtype) * f, y, F)
+    """y + h F + g(t, y) dW, leaf by leaf."""
+    drift_part = axpy(y, h, F)
     if diffusion is None:
         return drift_part
     g = diffusion(t, y, args)
     if jax.tree_util.tree_structure(g) != jax.tree_util.tree_structure(y):
         g = jax.tree_util.tree_map(lambda _: g, y)
-    return jax.tree_util.tree_map(
-        lambda a, gg, w: a + jnp.asarray(gg, w.dtype) * w, drift_part, g, dw
-    )
-
-
-def _integrate(step_drift, diffusion, y0, ts, noise, args, saveat, aux0, progress, callback, desc,
-               check_finite=False):
-    """One `lax.scan` over the grid. `step_drift(n, t, y, aux) -> (F, aux)`."""
-    num_times = ts.shape[0]
-    save_idx = _validate.check_saveat(saveat, num_times)
-    bar = _progress.ProgressBar(num_times - 1, desc) if progress else None
-    if save_idx is not None:
-        # slot[n] = where the state at grid point n goes, or len(save_idx) (dropped).
-        slot = np.full(num_times, len(save_idx), dtype=np.int32)
-        slot[save_idx] = np.arange(len(save_idx), dtype=np.int32)
-        saved0 = jax.tree_util.tree_map(
-            lambda y: jnp.zeros((len(save_idx), *jnp.shape(y)), jnp.result_type(y)), y0
-        )
-        saved0 = jax.tree_util.tree_map(
-            lambda s, y: s.at[slot[0]].set(y, mode="drop"), saved0, y0
-        )
-        slot = jnp.asarray(slot)
-    else:
-        saved0 = None
-
-    def body(carry, n):
-        y, aux, saved = carry
-        t0, t1 = ts[n], ts[n + 1]
-        F, aux = step_drift(n, t0, y, aux)
-        dw = None if diffusion is None else noise.increment(n, t0, t1)
-        y1 = _em_update(y, F, t1 - t0, diffusion, t0, args, dw)
-        if saved is not None:
-            saved = jax.tree_util.tree_map(
-                lambda s, v: s.at[slot[n + 1]].set(v, mode="drop"), saved, y1
-            )
-        _progress.report_step(n, t1, y1, bar, callback)
-        return (y1, aux, saved), None
-
-    steps = jnp.arange(num_times - 1)
-    (y, aux, saved), _ = jax.lax.scan(body, (y0, aux0, saved0), steps)
-    out = y if saved is None else saved
-    if check_finite:  # NaN and inf propagate, so the final state tells whether the path stayed finite
-        import equinox as eqx
-
-        bad = jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(y)])))
-        out = jax.tree_util.tree_map(lambda a: eqx.error_if(
-            a, bad, f"{desc}: the trajectory went non-finite (NaN or inf); look at the drifts, the step size "
-                    "and the probabilities (check_finite=True)"), out)
-    return out, aux
+    return jax.tree_util.tree_map(lambda a, gg, w: a + jnp.asarray(gg, w.dtype) * w, drift_part, g, dw)
 
 
 def euler_maruyama(
-    drift: Drift,
+    drift: Drift | Multilevel,
     diffusion: Callable | None,
     y0: PyTree,
     ts: jax.Array,
@@ -213,7 +95,8 @@ def euler_maruyama(
     """Euler-Maruyama for dy = drift(t, y, args) dt + diffusion(t, y, args) dW over `ts`.
 
     Args:
-      drift: f(t, y, args), returning a pytree shaped like y.
+      drift: f(t, y, args), returning a pytree shaped like y; or a `Multilevel`, which makes
+        this ML-EM and the result a `MultilevelSolution(y, evaluations)`.
       diffusion: g(t, y, args), a scalar or an array broadcastable to y (diagonal noise),
         or a pytree like y; None integrates the ODE dy = f dt.
       y0: initial state (a pytree of arrays).
@@ -235,17 +118,22 @@ def euler_maruyama(
     """
     ts = _validate.check_ts(ts)
     y0 = _validate.check_y0(y0)
-    _validate.check_drift(drift, ts[0], y0, args, name="drift")
+    multilevel = isinstance(drift, Multilevel)
+    if not multilevel:
+        _validate.check_drift(drift, ts[0], y0, args, name="drift")
     _validate.check_diffusion(diffusion, ts[0], y0, args)
-    noise = None if (diffusion is None and key is None) else _noise.brownian_source(key, y0, ts)
+    noise = None if (diffusion is None and (key is None or multilevel)) else _noise.brownian_source(key, y0, ts)
+    calls = model_calls(drift, ts[:-1], y0, args, key, name="drift", diffusion_given=diffusion is not None)
 
-    def step_drift(n, t, y, aux):
-        return drift(t, y, args), aux
+    def step(n, y, state):
+        t0, t1 = ts[n], ts[n + 1]
+        F, state = calls.call(n, t0, y, state)
+        dw = None if diffusion is None else noise.increment(n, t0, t1)
+        return _em_update(y, F, t1 - t0, diffusion, t0, args, dw), state
 
-    y, _ = _integrate(
-        step_drift, diffusion, y0, ts, noise, args, saveat, None, progress, callback, "EM", check_finite
-    )
-    return y
+    y, state = integrate(step, y0, ts, calls.state0, saveat=saveat, progress=progress, callback=callback,
+                         desc="ML-EM" if multilevel else "EM", check_finite=check_finite)
+    return calls.result(y, state)
 
 
 def multilevel_euler_maruyama(
@@ -260,12 +148,16 @@ def multilevel_euler_maruyama(
     level_key: jax.Array | None = None,
     coupling: Coupling = "independent",
     coins: Coins = "iid",
+    control: str | None = None,
     saveat: Any = None,
     callback: Callable | None = None,
     progress: bool = False,
     check_finite: bool = False,
 ) -> MultilevelSolution:
     """The Multilevel Euler-Maruyama method: EM with the unbiased multilevel drift.
+
+    The same as `euler_maruyama(Multilevel(drifts, probs, coins=..., coupling=...,
+    level_key=..., control=...), diffusion, y0, ts, key, args)`.
 
     Args:
       drifts: (f^1, ..., f^K) from cheapest to most expensive, each f(t, y, args).
@@ -286,6 +178,8 @@ def multilevel_euler_maruyama(
         spread in time with the same marginals p_k(t_n): strong order 1 and an O(h)
         bias, see docs/method.md). With a `FixedFirings`, "stratified" spreads exactly
         the requested firings evenly instead of at random steps.
+      control: None (the paper's estimator) or "cached" / "extrapolated" (the last
+        observed corrections as a control variate; see `Multilevel`).
 
     Returns:
       A `MultilevelSolution(y, evaluations)`: the final (or saved) states and the
@@ -296,30 +190,6 @@ def multilevel_euler_maruyama(
     coins = _validate.check_coins(coins)
     y0 = _validate.check_y0(y0)
     drifts = _validate.check_drifts(drifts, ts[0], y0, args)
-    _validate.check_diffusion(diffusion, ts[0], y0, args)
-    noise = None if diffusion is None else _noise.brownian_source(key, y0, ts)
-    if level_key is None:
-        if diffusion is None:
-            _validate.check_key(key, "key")
-        if not _validate.is_prng_key(key):
-            raise TypeError(
-                "level_key: required when key is a Brownian path or precomputed increments "
-                "(there is no PRNG key to derive the level coins from); pass "
-                "level_key=jax.random.key(...)."
-            )
-        _, level_key = _noise.split_key(key)
-    _validate.check_key(level_key, "level_key")
-    every_level_runs = _validate.warn_if_batched(level_key)  # batched cond: select runs every branch
-    coin_flips = _coin_source(probs, len(drifts), coupling, coins, ts, level_key)
-
-    def step_drift(n, t, y, evaluations):
-        p, fired = coin_flips(n, t)
-        F, needed = multilevel_drift(drifts, p, fired, t, y, args)
-        ran = jnp.ones_like(needed) if every_level_runs else needed
-        return F, evaluations + ran.astype(jnp.int32)
-
-    evaluations0 = jnp.zeros(len(drifts), jnp.int32)
-    y, evaluations = _integrate(
-        step_drift, diffusion, y0, ts, noise, args, saveat, evaluations0, progress, callback, "ML-EM",
-        check_finite)
-    return MultilevelSolution(y, evaluations)
+    ml = Multilevel(drifts, probs, coins=coins, coupling=coupling, level_key=level_key, control=control)
+    return euler_maruyama(ml, diffusion, y0, ts, key, args, saveat=saveat, callback=callback, progress=progress,
+                          check_finite=check_finite)

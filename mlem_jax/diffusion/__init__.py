@@ -13,17 +13,21 @@ stays light. The modules themselves (`mlem_jax.diffusion.train`, ...) remain imp
 
 from mlem_jax.diffusion.parameterization import (
     PARAMETERIZATIONS,
+    denoised_from_output,
     reverse_diffusion,
     reverse_drift,
+    score_from_denoiser,
     score_from_output,
     target_from_noise,
 )
+from mlem_jax.diffusion.samplers import SAMPLERS, ddim, dpm_solver_pp, edm_euler, edm_heun, sde_dpm_solver_pp
 from mlem_jax.diffusion.sde import (
     VE,
     VP,
     AbstractSDE,
     SubVP,
     karras_grid,
+    logsnr_grid,
     quadratic_grid,
     uniform_grid,
 )
@@ -40,7 +44,7 @@ _LAZY = {
     "train": ("TrainConfig", "TrainState", "History", "dsm_loss", "train_family", "save_checkpoint",
               "restore_checkpoint", "load_level"),
     "unet": ("UNet", "unet_family", "init_params", "count_params", "forward_flops", "family_summary",
-             "score_model"),
+             "score_model", "denoiser_model"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -66,6 +70,15 @@ __all__ = [
     "VE",
     "VP",
     "karras_grid",
+    "logsnr_grid",
+    "SAMPLERS",
+    "ddim",
+    "dpm_solver_pp",
+    "sde_dpm_solver_pp",
+    "edm_euler",
+    "edm_heun",
+    "denoised_from_output",
+    "score_from_denoiser",
     "quadratic_grid",
     "reverse_diffusion",
     "reverse_drift",

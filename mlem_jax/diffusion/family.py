@@ -15,12 +15,13 @@ from flax import traverse_util
 
 from mlem_jax.diffusion.parameterization import reverse_drift
 from mlem_jax.diffusion.train import model_config, sde_config, sde_from_config
-from mlem_jax.diffusion.unet import UNet, score_model
+from mlem_jax.diffusion.unet import UNet, denoiser_model, score_model
 
 
 class Family(NamedTuple):
     """A trained family: the UNet and parameters of each level (cheapest first), its SDE,
-    parameterisation, image shape and metadata; `drifts()` gives the ML-EM levels."""
+    parameterisation, image shape and metadata; `drifts()` gives the ML-EM levels and
+    `denoisers()` the data predictions of the diffusion samplers."""
 
     models: tuple  # UNet per level, cheapest first
     params: tuple  # parameters per level
@@ -35,6 +36,11 @@ class Family(NamedTuple):
             reverse_drift(self.sde, score_model(m, p, self.sde, self.parameterization), probability_flow)
             for m, p in zip(self.models, self.params)
         )
+
+    def denoisers(self) -> tuple:
+        """The levels as data predictions D^k(t, x, args) for single images, from the
+        parameterisation the family was trained with: what the diffusion samplers take."""
+        return tuple(denoiser_model(m, p, self.sde, self.parameterization) for m, p in zip(self.models, self.params))
 
 
 def save_family(path: str, models: Sequence[UNet], params: Sequence[Any], sde, parameterization: str,

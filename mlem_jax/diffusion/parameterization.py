@@ -42,6 +42,28 @@ def score_from_output(sde, parameterization: str, output, x, t):
     return -eps / std
 
 
+def denoised_from_output(sde, parameterization: str, output, x, t):
+    """The data prediction D = E[x_0 | x_t = x] implied by a network output: from the
+    score, D = (x + std^2 score) / alpha (Tweedie's formula)."""
+    _check(parameterization)
+    if parameterization == "x0":
+        return output
+    alpha, std = sde.alpha(t), sde.std(t)
+    return (x + std**2 * score_from_output(sde, parameterization, output, x, t)) / alpha
+
+
+def score_from_denoiser(sde, denoiser: Callable) -> Callable:
+    """score_fn(t, y, args) = (alpha D(t, y, args) - y) / std^2 from a data prediction D:
+    what `reverse_drift` needs, so that EM and the diffusion samplers share one model."""
+    if not callable(denoiser):
+        raise TypeError(f"denoiser: expected a callable denoiser(t, x, args), got {type(denoiser).__name__}.")
+
+    def score_fn(t, y, args):
+        return (sde.alpha(t) * denoiser(t, y, args) - y) / sde.std(t) ** 2
+
+    return score_fn
+
+
 def target_from_noise(sde, parameterization: str, x0, eps, t):
     """What the network should output for x_t = alpha x0 + std eps (the DSM target)."""
     _check(parameterization)

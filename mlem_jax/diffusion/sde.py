@@ -148,14 +148,10 @@ def quadratic_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> j
     return t_min + (t_max - t_min) * u**2
 
 
-def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0, rho: float = 7.0) -> jax.Array:
-    """Karras et al. (2022): noise levels sigma_i = (s_max^(1/rho) + i/n (s_min^(1/rho) -
-    s_max^(1/rho)))^rho in sigma = std/alpha, mapped back to times by bisection."""
-    _check_grid(num_steps, t_min, t_max)
+def _times_at_noise_levels(sde, target, t_min: float, t_max: float) -> jax.Array:
+    """The times whose sigma = std / alpha equals `target` (decreasing), by bisection
+    (sigma increases with t), with the ends pinned to t_max and t_min."""
     sig = lambda t: np.asarray(sde.noise_to_signal(jnp.asarray(t, jnp.float32)), np.float64)
-    s_min, s_max = float(sig(t_min)), float(sig(t_max))
-    i = np.arange(num_steps + 1) / num_steps
-    target = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     lo, hi = np.full_like(target, t_min), np.full_like(target, t_max)
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -164,3 +160,28 @@ def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0, rh
     t = (lo + hi) / 2
     t[0], t[-1] = t_max, t_min
     return jnp.asarray(t, jnp.float32)
+
+
+def _noise_range(sde, t_min, t_max):
+    sig = lambda t: float(np.asarray(sde.noise_to_signal(jnp.asarray(t, jnp.float32)), np.float64))
+    return sig(t_min), sig(t_max)
+
+
+def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0, rho: float = 7.0) -> jax.Array:
+    """Karras et al. (2022): noise levels sigma_i = (s_max^(1/rho) + i/n (s_min^(1/rho) -
+    s_max^(1/rho)))^rho in sigma = std/alpha, mapped back to times by bisection."""
+    _check_grid(num_steps, t_min, t_max)
+    s_min, s_max = _noise_range(sde, t_min, t_max)
+    i = np.arange(num_steps + 1) / num_steps
+    target = (s_max ** (1 / rho) + i * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+    return _times_at_noise_levels(sde, target, t_min, t_max)
+
+
+def logsnr_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
+    """Times from t_max down to t_min at equally spaced half log-SNR lambda = log(alpha / std)
+    (equivalently, log sigma equally spaced), the grid DPM-Solver++ is designed for (Lu et
+    al. 2022): every step has the same h = lambda_{i} - lambda_{i-1}."""
+    _check_grid(num_steps, t_min, t_max)
+    s_min, s_max = _noise_range(sde, t_min, t_max)
+    target = np.exp(np.linspace(np.log(s_max), np.log(s_min), num_steps + 1))
+    return _times_at_noise_levels(sde, target, t_min, t_max)

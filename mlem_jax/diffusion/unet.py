@@ -194,6 +194,19 @@ def score_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
     return score_fn
 
 
+def denoiser_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
+    """denoiser(t, x, args) for ONE image x (H, W, C): the network on x[None], turned into
+    the data prediction D = E[x_0 | x_t = x] that `ddim`, `dpm_solver_pp` and the other
+    diffusion samplers take. Vmapping the sampler over images batches the network calls."""
+    from mlem_jax.diffusion.parameterization import denoised_from_output
+
+    def denoiser(t, x, args):
+        out = model.apply({"params": params}, x[None], jnp.reshape(t, (1,)))[0]
+        return denoised_from_output(sde, parameterization, out, x, t)
+
+    return denoiser
+
+
 def nnx_apply(module):
     """Adapt a `flax.nnx` module to the (apply_fn, params) form the levels use:
     returns `apply(params, x, t)` and the module's parameter state."""

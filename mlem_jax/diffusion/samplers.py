@@ -1,0 +1,196 @@
+"""The samplers diffusion practitioners use, on one signature, each an update rule on the
+core's stepping skeleton:
+
+    sampler(denoiser, sde, x, ts, key=None, args=None, *, saveat, callback, progress, check_finite)
+
+`denoiser(t, x, args)` is the data prediction D = E[x_0 | x_t = x] (`Family.denoisers()`),
+`ts` a decreasing grid (`uniform_grid`, `logsnr_grid`, `karras_grid`), `x` the prior draw
+at ts[0]. With x_t = alpha_t x_0 + sigma_t eps, lambda = log(alpha / sigma) and
+h_i = lambda_{t_i} - lambda_{t_{i-1}} > 0:
+
+* `ddim` (eta = 0; DPM-Solver++ order 1):
+      x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i (1 - e^{-h}) D_{i-1}.
+* `dpm_solver_pp` (Lu et al. 2022, arXiv 2211.01095), multistep in the data prediction:
+  order 2 replaces D_{i-1} by (1 + 1/(2r)) D_{i-1} - D_{i-2} / (2r), r = h_{i-1} / h_i
+  (Algorithm 2); order 3 adds the second divided difference with the exact phi functions
+  phi_2 = (e^{-h} - 1)/h + 1, phi_3 = phi_2 / h - 1/2 (the 3M form of k-diffusion). The
+  first steps use the orders their history allows (1, then 2); no lower order at the end.
+* `sde_dpm_solver_pp` (the 2M SDE solver, midpoint form, eta = 1):
+      x_i = (sigma_i / sigma_{i-1}) e^{-h} x_{i-1} + alpha_i (1 - e^{-2h}) [D_{i-1} + (D_{i-1} - D_{i-2}) / (2r)]
+            + sigma_i sqrt(1 - e^{-2h}) z_i.
+* `edm_euler`, `edm_heun` (Karras et al. 2022, arXiv 2206.00364): Euler and Heun on
+  d(x/alpha)/d s = (x/alpha - D) / s in s = sigma / alpha. Euler is DDIM written another
+  way; Heun makes two model calls per step, on every step (the grid ends at t_min > 0, so
+  EDM's final Euler step to s = 0 does not arise).
+
+Every update is affine in the D values it uses, so each sampler accepts a `Multilevel` in
+place of `denoiser`: each D becomes the multilevel estimate of the finest level's, the
+coins planned over the sampler's model calls, and the sampler returns a
+`MultilevelSolution(y, evaluations)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mlem_jax import _noise, _validate
+from mlem_jax._multilevel import Multilevel, model_calls
+from mlem_jax._stepping import axpy, combine, integrate
+
+__all__ = ["ddim", "dpm_solver_pp", "sde_dpm_solver_pp", "edm_euler", "edm_heun", "SAMPLERS"]
+
+
+def _prepare(denoiser, sde, x, ts, key, args, call_times=None):
+    ts = _validate.check_ts(ts)
+    x = _validate.check_y0(x)
+    if not isinstance(denoiser, Multilevel):
+        _validate.check_drift(denoiser, ts[0], x, args, name="denoiser")
+    if not hasattr(sde, "alpha") or not hasattr(sde, "std"):
+        raise TypeError(f"sde: expected an SDE with alpha(t) and std(t) (VP, SubVP, VE), got {type(sde).__name__}.")
+    call_times = ts[:-1] if call_times is None else call_times
+    return ts, x, model_calls(denoiser, call_times, x, args, key, name="denoiser", diffusion_given=False)
+
+
+def _coefficients(sde, t0, t1):
+    """(alpha_1, sigma_0, sigma_1, h) between t0 and t1."""
+    a0, s0, a1, s1 = sde.alpha(t0), sde.std(t0), sde.alpha(t1), sde.std(t1)
+    return a1, s0, s1, (jnp.log(a1) - jnp.log(s1)) - (jnp.log(a0) - jnp.log(s0))
+
+
+def _run(step, x, ts, state0, calls, desc, saveat, callback, progress, check_finite):
+    y, state = integrate(step, x, ts, state0, saveat=saveat, progress=progress, callback=callback, desc=desc,
+                         check_finite=check_finite)
+    return calls.result(y, state[0])
+
+
+def _multistep_weights(order, n, h, h1, h2):
+    """Weights (w0, w1, w2) of D_{i-1}, D_{i-2}, D_{i-3} in DPM-Solver++'s data term, using
+    the highest order (up to `order`) that the history of step n allows."""
+    c = -jnp.expm1(-h)
+    r0 = jnp.where(n >= 1, h1, h) / h
+    r1 = jnp.where(n >= 2, h2, h) / h
+    w_first = (c, 0.0 * c, 0.0 * c)
+    w_second = (c * (1 + 0.5 / r0), -c * 0.5 / r0, 0.0 * c)
+    phi2 = jnp.expm1(-h) / h + 1
+    phi3 = phi2 / h - 0.5
+    a = phi2 * (1 + r0 / (r0 + r1)) - 2 * phi3 / (r0 + r1)  # coefficient of (D_{i-1} - D_{i-2}) / r0
+    b = -phi2 * r0 / (r0 + r1) + 2 * phi3 / (r0 + r1)  # coefficient of (D_{i-2} - D_{i-3}) / r1
+    w_third = (c + a / r0, -a / r0 + b / r1, -b / r1)
+    used = jnp.minimum(order, n + 1)
+    pick = lambda i: jnp.where(used >= 3, w_third[i], jnp.where(used == 2, w_second[i], w_first[i]))
+    return pick(0), pick(1), pick(2)
+
+
+def dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *, order: int = 2,
+                  saveat: Any = None, callback: Callable | None = None, progress: bool = False,
+                  check_finite: bool = False):
+    """DPM-Solver++ multistep of `order` 1, 2 or 3 on the probability-flow ODE (one model
+    call per step). `key` only derives the level key of a `Multilevel`."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"order: DPM-Solver++ multistep is implemented for orders 1, 2 and 3, got {order!r}.")
+    ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, x)
+    h0 = jnp.zeros((), ts.dtype)
+
+    def step(n, x, state):
+        calls_state, d1, d2, h1, h2 = state
+        a1, s0, s1, h = _coefficients(sde, ts[n], ts[n + 1])
+        d0, calls_state = calls.call(n, ts[n], x, calls_state)
+        w0, w1, w2 = _multistep_weights(order, n, h, h1, h2)
+        x1 = combine((s1 / s0, x), (a1 * w0, d0), (a1 * w1, d1), (a1 * w2, d2))
+        return x1, (calls_state, d0, d1, h, h1)
+
+    return _run(step, x, ts, (calls.state0, zeros, zeros, h0, h0), calls, f"DPM-Solver++({order}M)", saveat,
+                callback, progress, check_finite)
+
+
+def ddim(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *, saveat: Any = None,
+         callback: Callable | None = None, progress: bool = False, check_finite: bool = False):
+    """DDIM (eta = 0), the first-order exponential integrator of the probability-flow ODE."""
+    return dpm_solver_pp(denoiser, sde, x, ts, key, args, order=1, saveat=saveat, callback=callback,
+                         progress=progress, check_finite=check_finite)
+
+
+def sde_dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any, args: Any = None, *,
+                      saveat: Any = None, callback: Callable | None = None, progress: bool = False,
+                      check_finite: bool = False):
+    """SDE-DPM-Solver++(2M) on the reverse SDE (one model call per step). `key` is a PRNG
+    key, a diffrax Brownian path or increments like `euler_maruyama`'s: z_i is the
+    increment over step i divided by sqrt(|t_i - t_{i-1}|)."""
+    ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
+    noise = _noise.brownian_source(key, x, ts)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, x)
+
+    def step(n, x, state):
+        calls_state, d1, h1 = state
+        a1, s0, s1, h = _coefficients(sde, ts[n], ts[n + 1])
+        d0, calls_state = calls.call(n, ts[n], x, calls_state)
+        half_over_r = jnp.where(n >= 1, 0.5 * h / jnp.where(n >= 1, h1, h), 0.0)
+        c = -jnp.expm1(-2 * h)
+        z = jax.tree_util.tree_map(lambda w: w / jnp.sqrt(jnp.abs(ts[n + 1] - ts[n])).astype(w.dtype),
+                                   noise.increment(n, ts[n], ts[n + 1]))
+        x1 = combine((s1 / s0 * jnp.exp(-h), x), (a1 * c * (1 + half_over_r), d0), (-a1 * c * half_over_r, d1),
+                     (s1 * jnp.sqrt(c), z))
+        return x1, (calls_state, d0, h)
+
+    return _run(step, x, ts, (calls.state0, zeros, jnp.zeros((), ts.dtype)), calls, "SDE-DPM-Solver++(2M)",
+                saveat, callback, progress, check_finite)
+
+
+def edm_euler(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *,
+              saveat: Any = None, callback: Callable | None = None, progress: bool = False,
+              check_finite: bool = False):
+    """EDM's Euler step in s = sigma / alpha: x_i / alpha_i = x/alpha + (s_i - s) (x/alpha - D) / s."""
+    ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
+
+    def step(n, x, state):
+        (calls_state,) = state
+        t0, t1 = ts[n], ts[n + 1]
+        s0, s1 = sde.noise_to_signal(t0), sde.noise_to_signal(t1)
+        d0, calls_state = calls.call(n, t0, x, calls_state)
+        scaled = combine((1 / sde.alpha(t0), x))
+        slope = combine((1 / s0, scaled), (-1 / s0, d0))
+        return combine((sde.alpha(t1), axpy(scaled, s1 - s0, slope))), (calls_state,)
+
+    return _run(step, x, ts, (calls.state0,), calls, "EDM Euler", saveat, callback, progress, check_finite)
+
+
+def edm_heun(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *,
+             saveat: Any = None, callback: Callable | None = None, progress: bool = False,
+             check_finite: bool = False):
+    """EDM's Heun (Karras et al. 2022, Algorithm 1 without churn): an Euler predictor in
+    s = sigma / alpha, then the trapezoid of the two slopes; two model calls per step."""
+    ts0 = _validate.check_ts(ts)
+    call_times = jnp.stack([ts0[:-1], ts0[1:]], axis=1).reshape(-1)  # call 2n at t_n, 2n + 1 at t_{n+1}
+    ts, x, calls = _prepare(denoiser, sde, x, ts0, key, args, call_times)
+
+    def step(n, x, state):
+        (calls_state,) = state
+        t0, t1 = ts[n], ts[n + 1]
+        s0, s1 = sde.noise_to_signal(t0), sde.noise_to_signal(t1)
+        d0, calls_state = calls.call(2 * n, t0, x, calls_state)
+        scaled = combine((1 / sde.alpha(t0), x))
+        slope0 = combine((1 / s0, scaled), (-1 / s0, d0))
+        predicted = axpy(scaled, s1 - s0, slope0)
+        d1, calls_state = calls.call(2 * n + 1, t1, combine((sde.alpha(t1), predicted)), calls_state)
+        slope1 = combine((1 / s1, predicted), (-1 / s1, d1))
+        return combine((sde.alpha(t1), axpy(scaled, s1 - s0, combine((0.5, slope0), (0.5, slope1))))), (calls_state,)
+
+    return _run(step, x, ts, (calls.state0,), calls, "EDM Heun", saveat, callback, progress, check_finite)
+
+
+SAMPLERS = {
+    "ddim": ddim,
+    "dpm++2m": lambda *a, **k: dpm_solver_pp(*a, order=2, **k),
+    "dpm++3m": lambda *a, **k: dpm_solver_pp(*a, order=3, **k),
+    "sde-dpm++2m": sde_dpm_solver_pp,
+    "edm-euler": edm_euler,
+    "edm-heun": edm_heun,
+}
+"""The samplers by their command-line names (`mlem-jax sample --solver`)."""
+
+CALLS_PER_STEP = {"ddim": 1, "dpm++2m": 1, "dpm++3m": 1, "sde-dpm++2m": 1, "edm-euler": 1, "edm-heun": 2}
+"""Model calls per step of each sampler (what a step costs in network evaluations)."""
