@@ -793,9 +793,9 @@ class Calibration(NamedTuple):
 
 
 def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: str = "iid",
-                     coupling: str = "independent", **meta) -> str:
-    """Write a schedule (PiecewiseConstant or constant array) with the grid and coins it was
-    made for, atomically, as JSON."""
+                     coupling: str = "independent", solver: str = "em", control: str | None = None, **meta) -> str:
+    """Write a schedule (PiecewiseConstant or constant array) with the grid, coins, solver and
+    control variate it was made for, atomically, as JSON."""
     import json
     import os
 
@@ -805,7 +805,7 @@ def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: 
         values = np.atleast_2d(np.asarray(probs, np.float64))
         edges = np.array([0.0, 1.0])
     record = {"levels": list(levels), "edges": edges.tolist(), "values": values.tolist(), "steps": int(steps),
-              "grid": grid, "coins": coins, "coupling": coupling, **meta}
+              "grid": grid, "coins": coins, "coupling": coupling, "solver": solver, "control": control, **meta}
     _check_calibration_values(record, path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -866,10 +866,17 @@ def load_calibration(path: str) -> Calibration:
 
 
 def check_calibration_use(cal: Calibration, path: str, *, levels, steps: int, grid: str, coins: str,
-                          coupling: str) -> None:
-    """Refuse a calibration used on another grid, other levels, other coins or coupling: its
-    probabilities were chosen for those (p scales with the step size)."""
+                          coupling: str, solver: str = "em", control: str | None = None) -> None:
+    """Refuse a calibration used on another grid, other levels, other coins, coupling, solver
+    or control variate: its probabilities were chosen for those (p scales with the step size,
+    and each solver weighs its model calls differently). A file without a solver was made
+    for EM without a control."""
     problems = []
+    made_solver, made_control = cal.meta.get("solver", "em"), cal.meta.get("control")
+    if solver != made_solver:
+        problems.append(f"solver {made_solver!r} (sampling solver {solver!r})")
+    if control != made_control:
+        problems.append(f"control={made_control!r} (sampling control={control!r})")
     if list(levels) != list(cal.levels):
         problems.append(f"levels {cal.levels} (sampling {list(levels)})")
     if steps != cal.steps or grid != cal.grid:

@@ -63,10 +63,12 @@ def _family(path):
 
 
 def _grid(family, steps, grid):
-    from mlem_jax.diffusion import karras_grid, quadratic_grid, uniform_grid
+    from mlem_jax.diffusion import karras_grid, logsnr_grid, quadratic_grid, uniform_grid
 
     if grid == "karras":
         return karras_grid(family.sde, steps)
+    if grid == "logsnr":
+        return logsnr_grid(family.sde, steps)
     return {"uniform": uniform_grid, "quadratic": quadratic_grid}[grid](steps)
 
 
@@ -91,7 +93,8 @@ def _probs(args, levels, family):
         try:
             cal = load_calibration(args.calibration)
             check_calibration_use(cal, args.calibration, levels=[family.models[k].nf for k in levels],
-                                  steps=args.steps, grid=args.grid, coins=args.coins, coupling=args.coupling)
+                                  steps=args.steps, grid=args.grid, coins=args.coins, coupling=args.coupling,
+                                  solver=getattr(args, "solver", "em"), control=_control(args))
         except (FileNotFoundError, ValueError) as e:
             raise CLIError(f"--calibration: {e}") from e
         return cal.probs
@@ -105,6 +108,11 @@ def _probs(args, levels, family):
     from mlem_jax import geometric_probabilities
 
     return jnp.asarray(geometric_probabilities(len(levels), 0.3), jnp.float32)
+
+
+def _control(args):
+    value = getattr(args, "control", "none")
+    return None if value in (None, "none") else value
 
 
 def _command(args) -> str:
@@ -273,9 +281,17 @@ def cmd_sample(args):
     levels = _levels(family, args.levels)
     probs = None if args.em else _probs(args, levels, family)
     ts = _grid(family, args.steps, args.grid)
+    if args.ode and args.solver != "em":
+        raise CLIError(f"--ode: chooses the probability-flow ODE for --solver em only; --solver {args.solver} "
+                       "already says which equation it solves.")
+    if args.em and _control(args) is not None:
+        raise CLIError("--control: a control variate belongs to the multilevel estimator; drop it with --em.")
     res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
-                 args.coupling, args.ode, progress=not args.no_progress, coins=args.coins)
-    method = "EM" if probs is None else f"ML-EM ({args.coupling}, {args.coins} coins)"
+                 args.coupling, args.ode, progress=not args.no_progress, coins=args.coins, solver=args.solver,
+                 control=_control(args))
+    name = {"em": "EM"}.get(args.solver, args.solver)
+    control = "" if _control(args) is None else f", control {_control(args)}"
+    method = name if probs is None else f"multilevel {name} ({args.coupling}, {args.coins} coins{control})"
     nfs = [family.models[k].nf for k in (levels if probs is not None else levels[-1:])]
     import jax
 
@@ -498,6 +514,7 @@ def _check_out(path):
 
 
 def build_parser():
+    from mlem_jax.diffusion.sampling import SOLVERS
     p = argparse.ArgumentParser(prog="mlem-jax",
                                 description="Sample diffusion models with the Multilevel Euler-Maruyama method.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -534,15 +551,24 @@ def build_parser():
         s.add_argument("--levels", type=_positive(int), nargs="+", default=None,
                        help="level numbers to use, 1 = cheapest (default: all)")
         s.add_argument("--steps", type=_positive(int), default=100, help="number of sampling steps")
-        s.add_argument("--grid", choices=["uniform", "quadratic", "karras"], default="uniform", help="time grid")
+        s.add_argument("--grid", choices=["uniform", "quadratic", "karras", "logsnr"], default="uniform",
+                       help="time grid (logsnr: equal steps in log-SNR, the grid DPM-Solver++ is made for)")
         s.add_argument("--seed", type=_seed, default=0, help="sampling seed")
         s.add_argument("--out", default=out_default, help="output file")
         s.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    s = sub.add_parser("sample", help="sample with EM (one level) or ML-EM (several levels)")
+    s = sub.add_parser("sample", help="sample with one level or with the multilevel estimator (several levels)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(s, "samples.png")
+    s.add_argument("--solver", choices=list(SOLVERS), default="em",
+                   help="em / heun: Euler-Maruyama on the reverse SDE (--ode: the probability-flow ODE) / Heun on "
+                        "the ODE; ddim, dpm++2m, dpm++3m, edm-euler, edm-heun: ODE samplers on the denoisers; "
+                        "sde-dpm++2m: SDE-DPM-Solver++(2M). All take the multilevel estimator.")
+    s.add_argument("--control", choices=["none", "cached", "extrapolated"], default="none",
+                   help="control variate of the multilevel estimator: the last observed correction of each "
+                        "level (unbiased with iid coins)")
     s.add_argument("--batch-size", type=_positive(int), default=64, help="number of samples")
-    s.add_argument("--em", action="store_true", help="plain EM with the last of --levels")
+    s.add_argument("--em", action="store_true", help="one level: --solver on the last of --levels")
     s.add_argument("--probs", type=float, nargs="+", default=None, help="constant level probabilities, p_1 = 1")
     s.add_argument("--calibration", default=None, help="a calibration file written by mlem-jax calibrate")
     s.add_argument("--coupling", choices=["independent", "nested"], default="independent")

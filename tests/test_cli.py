@@ -30,7 +30,10 @@ def test_train_resume_and_family_files(trained, capsys):
     np.testing.assert_array_equal(before, np.load(trained / "family.npz")["level0/Conv_0/kernel"])
 
 
-@pytest.mark.parametrize("extra", [["--em"], ["--probs", "1", "0.5"], ["--coupling", "nested", "--ode"]])
+@pytest.mark.parametrize("extra", [["--em"], ["--probs", "1", "0.5"], ["--coupling", "nested", "--ode"],
+                                   ["--solver", "dpm++2m", "--grid", "logsnr", "--probs", "1", "0.5",
+                                    "--control", "cached"],
+                                   ["--solver", "edm-heun", "--grid", "karras", "--em"]])
 def test_sample_writes_png_and_npz(trained, tmp_path, extra, capsys):
     out = tmp_path / "s.png"
     assert main(["sample", "--family", str(trained / "family"), "--steps", "4", "--batch-size", "4",
@@ -42,6 +45,8 @@ def test_sample_writes_png_and_npz(trained, tmp_path, extra, capsys):
     assert d["images"].shape == (4, 16, 16, 1)
     text = capsys.readouterr().out
     assert "wall time" in text and "evaluations" in text
+    if "--solver" in extra and "--em" not in extra:
+        assert "multilevel dpm++2m" in text and "control cached" in text
 
 
 def test_calibrate_then_sample(trained, tmp_path, capsys):
@@ -145,6 +150,8 @@ def test_calibrate_stratified_writes_a_file_bound_to_its_grid(trained, tmp_path,
     capsys.readouterr()
     for extra, message in [(["--steps", "20", "--coins", "stratified"], "grid of 6 steps"),
                            (["--steps", "6"], "coins='stratified'"),
+                           (["--steps", "6", "--coins", "stratified", "--solver", "ddim"], "solver 'em'"),
+                           (["--steps", "6", "--coins", "stratified", "--control", "cached"], "control=None"),
                            (["--steps", "6", "--coins", "stratified", "--probs", "1", "0.5"], "give one of them")]:
         assert main(["sample", "--family", fam, "--calibration", str(cal), "--batch-size", "2",
                      "--out", str(tmp_path / "x.png"), *extra]) == 2

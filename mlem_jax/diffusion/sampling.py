@@ -1,4 +1,5 @@
-"""Batched sampling of a trained family with EM or ML-EM: the jit(vmap(...)) pattern
+"""Batched sampling of a trained family with any solver of the library, on one level or
+with the multilevel estimator: the jit(vmap(...)) pattern
 with per-sample keys and an unbatched level key, over every device of every process,
 timed with compilation separated."""
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax import euler_maruyama
 from mlem_jax.diffusion.parameterization import reverse_diffusion
 
 
@@ -23,31 +24,56 @@ class SampleResult(NamedTuple):
     run_seconds: float
 
 
+SOLVERS = ("em", "heun", "ddim", "dpm++2m", "dpm++3m", "sde-dpm++2m", "edm-euler", "edm-heun")
+"""What `sample(..., solver=)` and `mlem-jax sample --solver` take: EM and Heun on the
+family's drifts (EM on the reverse SDE, or on the probability-flow ODE with
+`probability_flow=True`; Heun always on the ODE), the others on its denoisers."""
+
+
 def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling="independent",
-           probability_flow: bool = False, progress: bool = False, coins: str = "iid") -> SampleResult:
-    """EM on the last of `levels` when `probs` is None, else ML-EM on `levels` (indices
-    into the family, cheapest first). Sample i uses key fold_in(key(seed), i) for its
-    prior draw and noise, so EM and ML-EM with the same seed share noise, and the level
-    coins come from one unbatched key. One program over every device of every process
+           probability_flow: bool = False, progress: bool = False, coins: str = "iid", solver: str = "em",
+           control: str | None = None) -> SampleResult:
+    """`solver` on the last of `levels` when `probs` is None, else the same solver with the
+    multilevel estimator (`Multilevel`) over `levels` (indices into the family, cheapest
+    first). Sample i uses key fold_in(key(seed), i) for its prior draw and noise, so the
+    single-level and multilevel runs with the same seed share noise, and the level coins
+    come from one unbatched key. One program over every device of every process
     (`mlem_jax.sharding.sharded_sampler`): in a multi-process run each process samples
     the rows of its own devices and every process gets the whole batch back, the same
     samples as on one device."""
-    drifts_all = family.drifts(probability_flow)
-    drifts = tuple(drifts_all[i] for i in levels)
+    from mlem_jax import Multilevel, heun
+    from mlem_jax.diffusion.samplers import SAMPLERS
+
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
+    if solver == "heun":
+        probability_flow = True
+    if solver in SAMPLERS:
+        chosen = tuple(family.denoisers()[i] for i in levels)
+    else:
+        chosen = tuple(family.drifts(probability_flow)[i] for i in levels)
     sde = family.sde
     g = None if probability_flow else reverse_diffusion(sde)
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_size))
     level_key = jax.random.fold_in(jax.random.key(seed + 1_000_003), 0)
     shape = tuple(family.image_shape)
+    calls_per_step = 2 if solver in ("heun", "edm-heun") else 1
+
+    def run(model, y0, key):
+        if solver == "em":
+            return euler_maruyama(model, g, y0, ts, key, progress=progress)
+        if solver == "heun":
+            return heun(model, None, y0, ts, key, progress=progress)
+        return SAMPLERS[solver](model, sde, y0, ts, key, progress=progress)
 
     def one(key, lk):
         y0 = sde.prior_sample(jax.random.fold_in(key, 7), shape)
         if probs is None:
-            y = euler_maruyama(drifts[-1], g, y0, ts, key, progress=progress)
-            return y, jnp.zeros(len(drifts), jnp.int32).at[-1].set(ts.shape[0] - 1)
-        sol = multilevel_euler_maruyama(drifts, probs, g, y0, ts, key, level_key=lk, coupling=coupling,
-                                        coins=coins, progress=progress)
+            y = run(chosen[-1], y0, key)
+            return y, jnp.zeros(len(chosen), jnp.int32).at[-1].set(calls_per_step * (ts.shape[0] - 1))
+        ml = Multilevel(chosen, probs, coins=coins, coupling=coupling, level_key=lk, control=control)
+        sol = run(ml, y0, key)
         return sol.y, sol.evaluations
 
     from mlem_jax.sharding import sharded_sampler

@@ -1,0 +1,286 @@
+"""Cached against uncached against stratified coins, inside EM, SDE-DPM-Solver++(2M) and
+DPM-Solver++(2M), measured in one run.
+
+The error is always the coin error: the coupled RMS of a multilevel run against the same
+sampler on the finest level, same grid, same prior draw and same noise.
+
+(a) Toy SDE / ODE (docs/samplers.md): dy = f dt + 0.5 dW on [0, 1] (and g = 0) with
+    f^3 = -y + sin 3y + cos 2t, f^2 = -y + 0.8 sin 3y + 0.9 cos 2t, f^1 = -y, p = (1, 0.3, 0.1),
+    EM. Strong orders over N, and the bias (mean difference, in standard errors).
+(b) A diffusion toy: Gaussian data N(0.3, 0.5^2), D^3 the exact VP denoiser,
+    D^2 = D^3 + 0.03 sin 3x + 0.02 cos 4t and D^1 = D^3 + 0.1 sin(2x + 1) + 0.05 cos 3t; EM on the reverse SDE, SDE-DPM-Solver++(2M) and
+    DPM-Solver++(2M) on a log-SNR grid. Orders, bias, and the cost at equal coupled error:
+    probabilities scaled by s in a grid, level costs (1, 4, 16) per call (a width doubling
+    per level of a UNet family), the expected cost to reach the error of iid coins at s = 1.
+(c) The Fashion-MNIST family (benchmarks/weights/fmnist16, nf 4..32), p = (1, 0.6, 0.3,
+    0.12), the three samplers, RMS per pixel over a batch with a shared level key (the
+    way one samples), mean over level keys.
+
+    python benchmarks/cached_coins.py [--quick] [--out docs/figures]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax import BatchedLevelKeyWarning, BiasedEstimatorWarning, Multilevel, euler_maruyama
+from mlem_jax.diffusion import (
+    VP,
+    dpm_solver_pp,
+    logsnr_grid,
+    reverse_diffusion,
+    reverse_drift,
+    score_from_denoiser,
+    sde_dpm_solver_pp,
+    uniform_grid,
+)
+
+from _common import device_description, out_dir
+
+sys.path.insert(0, os.path.dirname(__file__))
+from image_analysis import cost_to_reach  # noqa: E402
+
+ESTIMATORS = {  # name: (coins, control)
+    "iid": ("iid", None),
+    "iid + cached": ("iid", "cached"),
+    "iid + extrapolated": ("iid", "extrapolated"),
+    "stratified": ("stratified", None),
+    "stratified + cached": ("stratified", "cached"),
+}
+warnings.simplefilter("ignore", BatchedLevelKeyWarning)  # (a), (b): per-path coins on purpose
+warnings.simplefilter("ignore", BiasedEstimatorWarning)  # measured here
+
+
+def order(steps, errors):
+    return float(-np.polyfit(np.log(steps), np.log(errors), 1)[0])
+
+
+def summarise(diffs):
+    d = np.asarray(diffs, np.float64).reshape(diffs.shape[0], -1)
+    bias = d.mean(0)
+    se = d.std(0) / np.sqrt(d.shape[0])
+    return float(np.sqrt(np.mean(d**2))), float(np.abs(bias).max()), float(np.max(np.abs(bias) / se))
+
+
+# ----------------------------------------------------------------------------- (a) the toy
+
+TOY = (lambda t, y, a: -y, lambda t, y, a: -y + 0.8 * jnp.sin(3 * y) + 0.9 * jnp.cos(2 * t),
+       lambda t, y, a: -y + jnp.sin(3 * y) + jnp.cos(2 * t))
+
+
+def toy(steps_list, paths, diffusion, estimators):
+    g = None if diffusion is None else (lambda t, y, a: diffusion)
+    probs = jnp.array([1.0, 0.3, 0.1])
+    out = {}
+    for name in estimators:
+        coins, control = ESTIMATORS[name]
+        rows = []
+        for n in steps_list:
+            ts = jnp.linspace(0.0, 1.0, n + 1)
+
+            def one(key):
+                noise_key, level_key = jax.random.split(key)
+                ref = euler_maruyama(TOY[-1], g, jnp.zeros(()), ts, noise_key)
+                ml = Multilevel(TOY, probs, coins=coins, control=control, level_key=level_key)
+                return euler_maruyama(ml, g, jnp.zeros(()), ts, noise_key).y - ref
+
+            rms, bias, z = summarise(jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(0), paths)))
+            rows.append({"steps": n, "rms": rms, "bias": bias, "bias_z": z})
+        out[name] = {"rows": rows, "order": order(steps_list, [r["rms"] for r in rows])}
+    return out
+
+
+# ---------------------------------------------------------------- (b) the diffusion toy
+
+SDE = VP()
+M, S = 0.3, 0.5
+
+
+def exact_denoiser(t, x, args):
+    a, s = SDE.alpha(t), SDE.std(t)
+    return M + a * S**2 / (a**2 * S**2 + s**2) * (x - a * M)
+
+
+DENOISERS = (lambda t, x, a: exact_denoiser(t, x, a) + 0.1 * jnp.sin(2 * x + 1) + 0.05 * jnp.cos(3 * t),
+             lambda t, x, a: exact_denoiser(t, x, a) + 0.03 * jnp.sin(3 * x) + 0.02 * jnp.cos(4 * t),
+             exact_denoiser)
+COSTS = np.array([1.0, 4.0, 16.0])
+
+
+def _em(model, x, ts, key):
+    drift = lambda d: reverse_drift(SDE, score_from_denoiser(SDE, d))
+    if isinstance(model, Multilevel):
+        model = Multilevel([drift(d) for d in model.levels], model.probs, coins=model.coins,
+                           control=model.control, level_key=model.level_key)
+    else:
+        model = drift(model)
+    return euler_maruyama(model, reverse_diffusion(SDE), x, ts, key)
+
+
+SAMPLERS = {  # name: (run(model, x, ts, key), grid(n))
+    "EM": (_em, lambda n: uniform_grid(n)),
+    "SDE-DPM-Solver++(2M)": (lambda m, x, ts, k: sde_dpm_solver_pp(m, SDE, x, ts, k), lambda n: logsnr_grid(SDE, n)),
+    "DPM-Solver++(2M)": (lambda m, x, ts, k: dpm_solver_pp(m, SDE, x, ts, k), lambda n: logsnr_grid(SDE, n)),
+}
+
+
+def scaled(s):
+    return jnp.minimum(jnp.array([1.0, 0.3 * s, 0.1 * s]), 1.0)
+
+
+def diffusion_run(sampler, n, coins, control, probs, paths):
+    run, grid = SAMPLERS[sampler]
+    ts = grid(n)
+
+    def one(key):
+        prior_key, noise_key, level_key = jax.random.split(key, 3)
+        x = jax.random.normal(prior_key, ())
+        ref = run(DENOISERS[-1], x, ts, noise_key)
+        sol = run(Multilevel(DENOISERS, probs, coins=coins, control=control, level_key=level_key), x, ts, noise_key)
+        return sol.y - ref, sol.evaluations
+
+    diffs, evals = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), paths))
+    rms, bias, z = summarise(diffs)
+    return {"steps": n, "rms": rms, "bias": bias, "bias_z": z, "cost": float(np.mean(np.asarray(evals) @ COSTS))}
+
+
+def diffusion_toy(steps, paths, scales, cost_steps, estimators):
+    out = {}
+    for sampler in steps:
+        grid_steps = steps[sampler]
+        out[sampler] = {}
+        for name in estimators:
+            coins, control = ESTIMATORS[name]
+            rows = [diffusion_run(sampler, n, coins, control, scaled(1.0), paths) for n in grid_steps]
+            front = [diffusion_run(sampler, cost_steps[sampler], coins, control, scaled(s), paths) for s in scales]
+            out[sampler][name] = {"rows": rows, "order": order(grid_steps, [r["rms"] for r in rows]),
+                                  "front": [dict(r, scale=s) for r, s in zip(front, scales)]}
+        base = out[sampler]["iid"]["front"][list(scales).index(1.0)]
+        for name, res in out[sampler].items():
+            c, how = cost_to_reach([r["cost"] for r in res["front"]], [r["rms"] for r in res["front"]], base["rms"])
+            res["cost_at_iid_error"] = {"cost": c, "how": how, "iid_cost": base["cost"],
+                                        "gain": None if c is None else base["cost"] / c}
+    return out
+
+
+# ------------------------------------------------------------------ (c) Fashion-MNIST
+
+def fmnist(family_path, steps, batch, level_keys, names):
+    from mlem_jax.diffusion import load_family
+
+    family = load_family(family_path)
+    sde, shape = family.sde, tuple(family.image_shape)
+    levels = family.denoisers()
+    probs = jnp.array([1.0, 0.6, 0.3, 0.12])
+    runs = {
+        "EM": lambda m, x, ts, k: _family_em(family, m, x, ts, k),
+        "SDE-DPM-Solver++(2M)": lambda m, x, ts, k: sde_dpm_solver_pp(m, sde, x, ts, k),
+        "DPM-Solver++(2M)": lambda m, x, ts, k: dpm_solver_pp(m, sde, x, ts, k),
+    }
+    keys = jax.random.split(jax.random.key(2), batch)
+    x0 = jax.vmap(lambda k: sde.prior_sample(k, shape))(keys)
+    out = {}
+    for sampler, n_list in steps.items():
+        run = runs[sampler]
+        for n in n_list:
+            ts = uniform_grid(n) if sampler == "EM" else logsnr_grid(sde, n)
+            ref = jax.jit(jax.vmap(lambda x, k: run(levels[-1], x, ts, k)))(x0, keys)
+            for name in names:
+                coins, control = ESTIMATORS[name]
+                f = jax.jit(jax.vmap(lambda x, k, lk: run(Multilevel(levels, probs, coins=coins, control=control,
+                                                                     level_key=lk), x, ts, k),
+                                     in_axes=(0, 0, None)))
+                per_key, evals = [], None
+                start = time.perf_counter()
+                for j in range(level_keys):
+                    sol = f(x0, keys, jax.random.key(100 + j))
+                    per_key.append(float(jnp.sqrt(jnp.mean((sol.y - ref) ** 2))))
+                    evals = np.asarray(sol.evaluations[0]).tolist()
+                out.setdefault(sampler, []).append({"steps": n, "estimator": name, "rms_per_key": per_key,
+                                                    "rms": float(np.mean(per_key)), "evaluations_last_key": evals,
+                                                    "seconds": time.perf_counter() - start})
+                print(f"  (c) {sampler:22s} N={n:3d} {name:14s} RMS/pixel {np.mean(per_key):.3f} "
+                      f"(keys: {', '.join(f'{v:.3f}' for v in per_key)}), evaluations {evals}", flush=True)
+    return out
+
+
+def _family_em(family, model, x, ts, key):
+    drifts = family.drifts()
+    if isinstance(model, Multilevel):
+        model = Multilevel(drifts, model.probs, coins=model.coins, control=model.control, level_key=model.level_key)
+    else:
+        model = drifts[-1]
+    return euler_maruyama(model, reverse_diffusion(family.sde), x, ts, key)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (what CI runs)")
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--family", default="benchmarks/weights/fmnist16")
+    args = ap.parse_args(argv)
+    q = args.quick
+    print(f"device: {device_description()}", flush=True)
+    results = {"device": device_description(), "quick": q}
+
+    # --quick (CI): the code paths at tiny sizes, two estimators, one fast sampler
+    estimators = ("iid", "iid + cached") if q else tuple(ESTIMATORS)
+    toy_steps, toy_paths = ((50, 200), 300) if q else ((100, 200, 400, 800), 4000)
+    results["toy"] = {"sde": toy(toy_steps, toy_paths, 0.5, estimators)}
+    if not q:
+        results["toy"]["ode"] = toy(toy_steps, toy_paths, None, estimators)
+    for part in results["toy"]:
+        print(f"\n(a) toy {part.upper()}, EM, p = (1, 0.3, 0.1), {toy_paths} paths: coupled RMS at N = {toy_steps}")
+        for name, res in results["toy"][part].items():
+            rms = " / ".join(f"{r['rms']:.2e}" for r in res["rows"])
+            print(f"  {name:20s} {rms}   order {res['order']:.2f}   max |bias| {res['rows'][0]['bias']:.1e} "
+                  f"({res['rows'][0]['bias_z']:.1f} s.e.) at N={toy_steps[0]}")
+
+    if q:
+        steps = {"DPM-Solver++(2M)": (10, 20)}
+        cost_steps, scales, paths = {"DPM-Solver++(2M)": 10}, (1.0, 3.0), 300
+    else:
+        steps = {"EM": (50, 100, 200, 400), "SDE-DPM-Solver++(2M)": (10, 20, 40, 80),
+                 "DPM-Solver++(2M)": (10, 20, 40, 80)}
+        cost_steps, scales, paths = ({"EM": 100, "SDE-DPM-Solver++(2M)": 20, "DPM-Solver++(2M)": 20},
+                                     (0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0), 4000)
+    results["diffusion_toy"] = diffusion_toy(steps, paths, scales, cost_steps, estimators)
+    for sampler, res_s in results["diffusion_toy"].items():
+        print(f"\n(b) diffusion toy, {sampler}, {paths} paths: coupled RMS at N = {steps[sampler]}; "
+              f"cost at iid's error (N={cost_steps[sampler]}, level costs 1, 4, 16)")
+        for name, res in res_s.items():
+            rms = " / ".join(f"{r['rms']:.2e}" for r in res["rows"])
+            c = res["cost_at_iid_error"]
+            gain = "not reached" if c["gain"] is None else f"{c['gain']:.2f}x ({c['how']})"
+            print(f"  {name:20s} {rms}   order {res['order']:.2f}   bias {res['rows'][0]['bias_z']:.1f} s.e. "
+                  f"at N={steps[sampler][0]}   cost gain over iid at equal error: {gain}")
+
+    if os.path.exists(args.family + ".npz"):
+        if q:
+            f_steps, batch, keys = {"DPM-Solver++(2M)": (5,)}, 2, 1
+        else:
+            f_steps, batch, keys = ({"EM": (100, 200), "SDE-DPM-Solver++(2M)": (20, 50), "DPM-Solver++(2M)": (20, 50)},
+                                    32, 2)
+        print(f"\n(c) Fashion-MNIST nf 4..32 ({args.family}), {batch} images, level key shared by the batch, "
+              f"mean of {keys} keys")
+        names = ("iid", "iid + cached") if q else ("iid", "iid + cached", "iid + extrapolated", "stratified")
+        results["fmnist"] = fmnist(args.family, f_steps, batch, keys, names)
+    folder = out_dir(args.out)
+    name = "cached_coins_quick.json" if q else "cached_coins.json"
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {os.path.join(folder, name)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
