@@ -7,11 +7,14 @@ sampler on the finest level, same grid, same prior draw and same noise.
 (a) Toy SDE / ODE (docs/samplers.md): dy = f dt + 0.5 dW on [0, 1] (and g = 0) with
     f^3 = -y + sin 3y + cos 2t, f^2 = -y + 0.8 sin 3y + 0.9 cos 2t, f^1 = -y, p = (1, 0.3, 0.1),
     EM. Strong orders over N, and the bias (mean difference, in standard errors).
-(b) A diffusion toy: Gaussian data N(0.3, 0.5^2), D^3 the exact VP denoiser,
-    D^2 = D^3 + 0.03 sin 3x + 0.02 cos 4t and D^1 = D^3 + 0.1 sin(2x + 1) + 0.05 cos 3t; EM on the reverse SDE, SDE-DPM-Solver++(2M) and
-    DPM-Solver++(2M) on a log-SNR grid. Orders, bias, and the cost at equal coupled error:
+(b) A diffusion toy: Gaussian data N(0.3, 0.5^2), D^3 the exact VP denoiser, D^2 and D^1
+    levels whose eps-predictions are off by 0.03 sin 3x + 0.02 cos 4t and by
+    0.1 sin(2x + 1) + 0.05 cos 3t (so D is off by sigma / alpha times that, as for an
+    eps-network); EM on the reverse SDE, SDE-DPM-Solver++(2M) and DPM-Solver++(2M) on a
+    log-SNR grid. Orders, bias, and the cost at equal coupled error:
     probabilities scaled by s in a grid, level costs (1, 4, 16) per call (a width doubling
     per level of a UNet family), the expected cost to reach the error of iid coins at s = 1.
+    The controls rescale the cached D corrections by sigma / alpha (the samplers' default).
 (c) The Fashion-MNIST family (benchmarks/weights/fmnist16, nf 4..32), p = (1, 0.6, 0.3,
     0.12), the three samplers, RMS per pixel over a batch with a shared level key (the
     way one samples), mean over level keys.
@@ -110,8 +113,13 @@ def exact_denoiser(t, x, args):
     return M + a * S**2 / (a**2 * S**2 + s**2) * (x - a * M)
 
 
-DENOISERS = (lambda t, x, a: exact_denoiser(t, x, a) + 0.1 * jnp.sin(2 * x + 1) + 0.05 * jnp.cos(3 * t),
-             lambda t, x, a: exact_denoiser(t, x, a) + 0.03 * jnp.sin(3 * x) + 0.02 * jnp.cos(4 * t),
+def _eps_error(delta):
+    """A level whose eps-prediction is off by delta(t, x): D is off by -(sigma / alpha) delta."""
+    return lambda t, x, a: exact_denoiser(t, x, a) - SDE.noise_to_signal(t) * delta(t, x)
+
+
+DENOISERS = (_eps_error(lambda t, x: 0.1 * jnp.sin(2 * x + 1) + 0.05 * jnp.cos(3 * t)),
+             _eps_error(lambda t, x: 0.03 * jnp.sin(3 * x) + 0.02 * jnp.cos(4 * t)),
              exact_denoiser)
 COSTS = np.array([1.0, 4.0, 16.0])
 
@@ -148,9 +156,19 @@ def diffusion_run(sampler, n, coins, control, probs, paths):
         sol = run(Multilevel(DENOISERS, probs, coins=coins, control=control, level_key=level_key), x, ts, noise_key)
         return sol.y - ref, sol.evaluations
 
-    diffs, evals = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), paths))
+    diffs, _ = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(1), paths))
     rms, bias, z = summarise(diffs)
-    return {"steps": n, "rms": rms, "bias": bias, "bias_z": z, "cost": float(np.mean(np.asarray(evals) @ COSTS))}
+    return {"steps": n, "rms": rms, "bias": bias, "bias_z": z, "cost": expected_cost(probs, n, control)}
+
+
+def expected_cost(probs, calls, control):
+    """Expected cost per path: level k runs when coin k or k + 1 fires, P = 1 - (1 - p_k)(1 - p_{k+1})
+    (the same marginals for iid and stratified coins); a control fires every level at the first call.
+    (Per-path level keys make every level run under vmap, so the solver's counts say nothing here.)"""
+    p = np.asarray(probs, np.float64)
+    needed = 1 - (1 - p) * (1 - np.append(p[1:], 0.0))
+    per_call = float(needed @ COSTS)
+    return calls * per_call + (float((1 - needed) @ COSTS) if control else 0.0)
 
 
 def diffusion_toy(steps, paths, scales, cost_steps, estimators):

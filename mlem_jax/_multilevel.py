@@ -69,6 +69,11 @@ class Multilevel:
       control: None (the paper's estimator), "cached" (the last observed correction as a
         control variate: unbiased with iid coins, smaller variance) or "extrapolated" (the
         line through the last two observed corrections).
+      control_scale: a known scalar function s(t) by which the corrections grow or shrink
+        along the grid; the control then predicts c(t) = s(t) / s(t_last) c(t_last) (and
+        extrapolates c / s). Any past-measurable prediction keeps the estimator unbiased. The
+        diffusion samplers set it to sigma / alpha, the factor by which an eps-network's error
+        enters its data prediction, unless given; EM leaves it None.
 
     A solver given a `Multilevel` returns a `MultilevelSolution(y, evaluations)`.
     """
@@ -79,6 +84,7 @@ class Multilevel:
     coupling: Coupling = dataclasses.field(default="independent", kw_only=True)
     level_key: Any = dataclasses.field(default=None, kw_only=True)
     control: Control | None = dataclasses.field(default=None, kw_only=True)
+    control_scale: Callable | None = dataclasses.field(default=None, kw_only=True)
 
     def __post_init__(self):
         levels = self.levels
@@ -260,18 +266,25 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
         return ModelCalls(evaluations0, call, lambda y, ev: MultilevelSolution(y, ev))
 
     extrapolate = ml.control == "extrapolated"
-    t0 = jnp.zeros((), call_times.dtype)
+    t0 = call_times[0]  # (a time where control_scale is defined; the caches are empty until the first call)
     # per level k >= 2: (c at the last firing, c at the one before, their times, firings seen)
     memory0 = tuple((zeros, zeros, t0, t0, jnp.zeros((), jnp.int32)) for _ in range(K - 1))
 
+    scale = ml.control_scale
+
     def predict(memory, t):
-        if not extrapolate:
-            return [m[0] for m in memory]
         out = []
         for last, prev, s1, s2, seen in memory:
-            ok = (seen >= 2) & (s1 != s2)  # two firings at one time (Heun's calls at t_{n+1}): no line
-            slope = jnp.where(ok, (t - s1) / jnp.where(ok, s1 - s2, 1.0), 0.0)
-            out.append(jax.tree_util.tree_map(lambda a, b: a + slope.astype(a.dtype) * (a - b), last, prev))
+            # in units of control_scale: u = c / scale(s); the prediction is scale(t) u
+            r1 = 1.0 if scale is None else scale(t) / scale(s1)
+            r2 = 1.0 if scale is None else scale(t) / scale(s2)
+            if extrapolate:
+                ok = (seen >= 2) & (s1 != s2)  # two firings at one time (Heun's calls at t_{n+1}): no line
+                slope = jnp.where(ok, (t - s1) / jnp.where(ok, s1 - s2, 1.0), 0.0)
+                out.append(jax.tree_util.tree_map(
+                    lambda a, b: (r1 * (1 + slope)).astype(a.dtype) * a - (r2 * slope).astype(b.dtype) * b, last, prev))
+            else:
+                out.append(jax.tree_util.tree_map(lambda a: jnp.asarray(r1, a.dtype) * a, last))
         return out
 
     def call(n, t, x, state):

@@ -150,9 +150,10 @@ def test_multilevel_at_p_one_equals_the_finest_level(name, control):
     np.testing.assert_array_equal(sol.evaluations, [calls] * 3)
 
 
-@pytest.mark.parametrize("name", ["dpm++2m", "sde-dpm++2m", "edm-heun", "em"])
-@pytest.mark.parametrize("coins,control", [("iid", None), ("stratified", None), ("iid", "cached"),
-                                           ("iid", "extrapolated")])
+@pytest.mark.parametrize("name,coins,control", [
+    (name, coins, control) for name in ("dpm++2m", "sde-dpm++2m", "edm-heun", "em")
+    for coins, control in (("iid", None), ("stratified", None), ("iid", "cached"))
+] + [("dpm++2m", "iid", "extrapolated"), ("edm-heun", "iid", "extrapolated")])
 def test_mean_over_level_keys_is_the_finest_level(name, coins, control):
     """Affine levels: E over level keys of the multilevel run = the finest level's run."""
     levels = levels_with_constant_corrections()
@@ -173,6 +174,28 @@ def test_mean_over_level_keys_is_the_finest_level(name, coins, control):
     assert np.all(se > 0)
     z = (ys.mean(0) - top) / se
     assert np.all(np.abs(z) < 4.0), z
+
+
+@pytest.mark.parametrize("sampler", [ddim, sde_dpm_solver_pp, edm_heun])
+@pytest.mark.parametrize("coins", ["iid", "stratified"])
+def test_a_correction_that_scales_like_sigma_over_alpha_is_cancelled_exactly(sampler, coins):
+    """eps-levels off by a constant v_k: D^k - D^{k-1} = (sigma / alpha) v, so the cache rescaled
+    by sigma / alpha (the samplers' default) predicts every correction exactly after the first
+    call, and the multilevel run is the finest level's whatever the coins."""
+    v = (0.3, -0.2)
+    levels = tuple((lambda t, x, a, c=c: gaussian_denoiser(t, x, a) + SDE.noise_to_signal(t) * c) for c in v) + (
+        gaussian_denoiser,)
+    ts, x = logsnr_grid(SDE, 12), jax.random.normal(jax.random.key(14), (4,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BiasedEstimatorWarning)
+        ml = Multilevel(levels, jnp.array([1.0, 0.3, 0.1]), coins=coins, level_key=jax.random.key(15),
+                        control="cached")
+        sol = sampler(ml, SDE, x, ts, jax.random.key(16))
+    assert sol.evaluations[2] < sol.evaluations[0]  # the top level was skipped on some calls
+    np.testing.assert_allclose(sol.y, sampler(levels[-1], SDE, x, ts, jax.random.key(16)), rtol=2e-4, atol=2e-5)
+    unscaled = sampler(Multilevel(levels, jnp.array([1.0, 0.3, 0.1]), level_key=jax.random.key(15),
+                                  control="cached", control_scale=lambda t: 1.0), SDE, x, ts, jax.random.key(16))
+    assert not np.allclose(unscaled.y, sol.y, rtol=1e-2)  # without the rescaling the cache is stale
 
 
 def test_stratified_with_cache_is_biased_and_warns():

@@ -26,11 +26,14 @@ h_i = lambda_{t_i} - lambda_{t_{i-1}} > 0:
 Every update is affine in the D values it uses, so each sampler accepts a `Multilevel` in
 place of `denoiser`: each D becomes the multilevel estimate of the finest level's, the
 coins planned over the sampler's model calls, and the sampler returns a
-`MultilevelSolution(y, evaluations)`.
+`MultilevelSolution(y, evaluations)`. A `Multilevel` with a control variate and no
+`control_scale` gets sigma / alpha: an eps-network's error enters D multiplied by it, so
+the correction last seen at high noise is rescaled before it predicts the next one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -51,6 +54,9 @@ def _prepare(denoiser, sde, x, ts, key, args, call_times=None):
     if not hasattr(sde, "alpha") or not hasattr(sde, "std"):
         raise TypeError(f"sde: expected an SDE with alpha(t) and std(t) (VP, SubVP, VE), got {type(sde).__name__}.")
     call_times = ts[:-1] if call_times is None else call_times
+    if isinstance(denoiser, Multilevel) and denoiser.control is not None and denoiser.control_scale is None:
+        # corrections of D grow like sigma / alpha (D = (x - sigma eps) / alpha): cache them in those units
+        denoiser = dataclasses.replace(denoiser, control_scale=sde.noise_to_signal)
     return ts, x, model_calls(denoiser, call_times, x, args, key, name="denoiser", diffusion_given=False)
 
 
