@@ -31,6 +31,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
+	$(PY) benchmarks/cached_coins.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
 	$(PY) benchmarks/parallel_levels.py --quick
 	$(PY) benchmarks/fmnist16.py --quick --raw-data --no-ode
@@ -44,6 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --out docs/figures
 	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
 	$(PY) benchmarks/diffrax_route.py --out docs/figures
+	$(PY) benchmarks/cached_coins.py --out docs/figures/cached_coins
 	$(PY) benchmarks/sharding_throughput.py --out docs/figures
 	$(PY) benchmarks/fmnist16.py --out docs/figures/fmnist16
 

@@ -132,8 +132,8 @@ def _em_levels(m):
     return Multilevel([_drift(f) for f in m.levels], m.probs, coins=m.coins, level_key=m.level_key, control=m.control)
 
 
-@pytest.mark.parametrize("name", sorted(MULTILEVEL_SAMPLERS))
-@pytest.mark.parametrize("control", [None, "cached"])
+@pytest.mark.parametrize("name,control", [(name, None) for name in sorted(MULTILEVEL_SAMPLERS)] + [
+    (name, "cached") for name in ("em", "dpm++2m", "sde-dpm++2m", "edm-heun")])
 def test_multilevel_at_p_one_equals_the_finest_level(name, control):
     levels = levels_with_constant_corrections()
     run = MULTILEVEL_SAMPLERS[name]
