@@ -293,7 +293,7 @@ def main(argv=None):
 
     # --quick (CI): the code paths at tiny sizes, two estimators, one fast sampler
     estimators = ("iid", "iid + cached") if q else tuple(ESTIMATORS)
-    toy_steps, toy_paths = ((50, 200), 300) if q else ((100, 200, 400, 800), 4000)
+    toy_steps, toy_paths = ((25, 100), 300) if q else ((100, 200, 400, 800), 4000)
     results["toy"] = {"sde": toy(toy_steps, toy_paths, 0.5, estimators)}
     if not q:
         results["toy"]["ode"] = toy(toy_steps, toy_paths, None, estimators)
@@ -305,8 +305,8 @@ def main(argv=None):
                   f"({res['rows'][0]['bias_z']:.1f} s.e.) at N={toy_steps[0]}")
 
     if q:
-        steps = {"DPM-Solver++(2M)": (10, 20)}
-        cost_steps, scales, paths = {"DPM-Solver++(2M)": 10}, (1.0, 3.0), 300
+        steps = {"DPM-Solver++(2M)": (5, 10)}
+        cost_steps, scales, paths = {"DPM-Solver++(2M)": 5}, (1.0, 3.0), 300
     else:
         steps = {"EM": (50, 100, 200, 400), "SDE-DPM-Solver++(2M)": (10, 20, 40, 80),
                  "DPM-Solver++(2M)": (10, 20, 40, 80)}
@@ -323,15 +323,14 @@ def main(argv=None):
             print(f"  {name:20s} {rms}   order {res['order']:.2f}   bias {res['rows'][0]['bias_z']:.1f} s.e. "
                   f"at N={steps[sampler][0]}   cost gain over iid at equal error: {gain}")
 
-    if os.path.exists(args.family + ".npz"):
-        if q:
-            f_steps, batch, keys = {"DPM-Solver++(2M)": (5,)}, 2, 1
-        else:
-            f_steps, batch, keys = ({"EM": (100, 200), "SDE-DPM-Solver++(2M)": (20, 50), "DPM-Solver++(2M)": (20, 50)},
-                                    32, 2)
+    # (c) is skipped by --quick (CI time: its UNet compilations cost 40 s); tests/test_cli.py samples a tiny
+    # UNet family with a cached multilevel DPM-Solver++(2M), the same code path
+    if not q and os.path.exists(args.family + ".npz"):
+        f_steps = {"EM": (100, 200), "SDE-DPM-Solver++(2M)": (20, 50), "DPM-Solver++(2M)": (20, 50)}
+        batch, keys = 32, 2
         print(f"\n(c) Fashion-MNIST nf 4..32 ({args.family}), {batch} images, level key shared by the batch, "
               f"mean of {keys} keys")
-        names = ("iid", "iid + cached") if q else ("iid", "iid + cached", "iid + extrapolated", "stratified")
+        names = ("iid", "iid + cached", "iid + extrapolated", "stratified")
         results["fmnist"] = fmnist(args.family, f_steps, batch, keys, names)
     folder = out_dir(args.out)
     name = "cached_coins_quick.json" if q else "cached_coins.json"

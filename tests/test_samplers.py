@@ -152,8 +152,9 @@ def test_multilevel_at_p_one_equals_the_finest_level(name, control):
 
 @pytest.mark.parametrize("name,coins,control", [
     (name, coins, control) for name in ("dpm++2m", "sde-dpm++2m", "edm-heun", "em")
-    for coins, control in (("iid", None), ("stratified", None), ("iid", "cached"))
-] + [("dpm++2m", "iid", "extrapolated"), ("edm-heun", "iid", "extrapolated")])
+    for coins, control in (("iid", None), ("iid", "cached"))
+] + [("dpm++2m", "stratified", None), ("sde-dpm++2m", "stratified", None), ("dpm++2m", "iid", "extrapolated"),
+     ("edm-heun", "iid", "extrapolated")])
 def test_mean_over_level_keys_is_the_finest_level(name, coins, control):
     """Affine levels: E over level keys of the multilevel run = the finest level's run."""
     levels = levels_with_constant_corrections()
@@ -176,8 +177,7 @@ def test_mean_over_level_keys_is_the_finest_level(name, coins, control):
     assert np.all(np.abs(z) < 4.0), z
 
 
-@pytest.mark.parametrize("sampler", [ddim, sde_dpm_solver_pp, edm_heun])
-@pytest.mark.parametrize("coins", ["iid", "stratified"])
+@pytest.mark.parametrize("sampler,coins", [(ddim, "iid"), (sde_dpm_solver_pp, "stratified"), (edm_heun, "iid")])
 def test_a_correction_that_scales_like_sigma_over_alpha_is_cancelled_exactly(sampler, coins):
     """eps-levels off by a constant v_k: D^k - D^{k-1} = (sigma / alpha) v, so the cache rescaled
     by sigma / alpha (the samplers' default) predicts every correction exactly after the first
