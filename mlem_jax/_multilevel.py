@@ -277,8 +277,8 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
         for last, prev, s1, s2, seen in memory:
             # in units of control_scale: u = c / scale(s); the prediction is scale(t) u
             r1 = 1.0 if scale is None else scale(t) / scale(s1)
-            r2 = 1.0 if scale is None else scale(t) / scale(s2)
             if extrapolate:
+                r2 = 1.0 if scale is None else scale(t) / scale(s2)
                 ok = (seen >= 2) & (s1 != s2)  # two firings at one time (Heun's calls at t_{n+1}): no line
                 slope = jnp.where(ok, (t - s1) / jnp.where(ok, s1 - s2, 1.0), 0.0)
                 out.append(jax.tree_util.tree_map(
@@ -298,7 +298,9 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
         for k, ((last, prev, s1, s2, seen), c) in enumerate(zip(memory, corrections)):
             b = fired[k + 1]
             pick = lambda new_value, old: jax.tree_util.tree_map(lambda u, v: jnp.where(b, u, v), new_value, old)
-            new.append((pick(c, last), pick(last, prev), jnp.where(b, t, s1), jnp.where(b, s1, s2), seen + b))
+            if extrapolate:  # only the line needs the firing before the last
+                prev, s2 = pick(last, prev), jnp.where(b, s1, s2)
+            new.append((pick(c, last), prev, jnp.where(b, t, s1), s2, seen + b))
         return F, (tuple(new), count(evaluations, needed))
 
     return ModelCalls((memory0, evaluations0), call, lambda y, s: MultilevelSolution(y, s[1]))

@@ -198,5 +198,6 @@ SAMPLERS = {
 }
 """The samplers by their command-line names (`mlem-jax sample --solver`)."""
 
-CALLS_PER_STEP = {"ddim": 1, "dpm++2m": 1, "dpm++3m": 1, "sde-dpm++2m": 1, "edm-euler": 1, "edm-heun": 2}
-"""Model calls per step of each sampler (what a step costs in network evaluations)."""
+CALLS_PER_STEP = {"em": 1, "heun": 2, "ddim": 1, "dpm++2m": 1, "dpm++3m": 1, "sde-dpm++2m": 1, "edm-euler": 1,
+                  "edm-heun": 2}
+"""Model calls per step of each solver of `sampling.SOLVERS` (what a step costs in network evaluations)."""

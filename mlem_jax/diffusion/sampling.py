@@ -42,7 +42,7 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     the rows of its own devices and every process gets the whole batch back, the same
     samples as on one device."""
     from mlem_jax import Multilevel, heun
-    from mlem_jax.diffusion.samplers import SAMPLERS
+    from mlem_jax.diffusion.samplers import CALLS_PER_STEP, SAMPLERS
 
     if solver not in SOLVERS:
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
@@ -58,7 +58,6 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_size))
     level_key = jax.random.fold_in(jax.random.key(seed + 1_000_003), 0)
     shape = tuple(family.image_shape)
-    calls_per_step = 2 if solver in ("heun", "edm-heun") else 1
 
     def run(model, y0, key):
         if solver == "em":
@@ -71,7 +70,7 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
         y0 = sde.prior_sample(jax.random.fold_in(key, 7), shape)
         if probs is None:
             y = run(chosen[-1], y0, key)
-            return y, jnp.zeros(len(chosen), jnp.int32).at[-1].set(calls_per_step * (ts.shape[0] - 1))
+            return y, jnp.zeros(len(chosen), jnp.int32).at[-1].set(CALLS_PER_STEP[solver] * (ts.shape[0] - 1))
         ml = Multilevel(chosen, probs, coins=coins, coupling=coupling, level_key=lk, control=control)
         sol = run(ml, y0, key)
         return sol.y, sol.evaluations
