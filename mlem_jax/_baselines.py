@@ -49,8 +49,6 @@ def heun(
         )
     ts = _validate.check_ts(ts)
     y0 = _validate.check_y0(y0)
-    if not isinstance(drift, Multilevel):
-        _validate.check_drift(drift, ts[0], y0, args, name="drift")
     call_times = jnp.stack([ts[:-1], ts[1:]], axis=1).reshape(-1)  # call 2n at t_n, call 2n + 1 at t_{n+1}
     calls = model_calls(drift, call_times, y0, args, key, name="drift", diffusion_given=False)
 

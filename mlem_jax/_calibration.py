@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._flops import flops_of
+from mlem_jax._multilevel import CallProbe, Multilevel, ProbeRecord
 from mlem_jax._probabilities import (
     PiecewiseConstant,
     correction_costs,
@@ -20,7 +21,7 @@ from mlem_jax._probabilities import (
     optimal_probabilities,
     schedule_values,
 )
-from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax._solvers import euler_maruyama
 from mlem_jax._validate import check_coupling, check_drifts, check_ts
 from mlem_jax.timing import time_calls
 
@@ -71,17 +72,26 @@ def check_cost_order(costs, name: str) -> None:
 
 
 class LevelStatistics(NamedTuple):
-    """Per time bin b and level k (level 1 is compared with f^0 = 0):
+    """Per time bin b and level k (level 1 is compared with f^0 = 0), measured at the model
+    calls of the solver being calibrated:
 
-    bin_edges (B+1,); bin_weights (B,): fraction of the steps in each bin;
-    variances (B, K): V_k(t) = E|f^k - f^{k-1}|^2 (squared norm over the whole state);
+    bin_edges (B+1,); bin_weights (B,): fraction of the model calls in each bin;
+    variances (B, K): V_k(t) = E|f^k - f^{k-1}|^2 (squared norm over the whole state), in
+      Euler-Maruyama units: each call's value is weighted by (a_n / h)^2, where a_n is the
+      coefficient with which the solver's output takes that call's model value and
+      h = |span| / num_calls (for EM a_n = h_n, so on a uniform grid the weight is 1);
     variance_se (B, K): standard errors of those estimates;
     means (B, K): |E (f^k - f^{k-1})|, RMS over the state's components of the mean;
     kurtosis (B, K): E|D|^4 / (E|D|^2)^2 of the correction D (its kurtosis for a scalar);
-    errors (B, K): sqrt(E|f^k - f^K|^2), each level against the finest;
+    errors (B, K): sqrt(E|f^k - f^K|^2), each level against the finest (unweighted);
     check (K,): MLMC consistency ratio |E Y_k - (E P_k - E P_{k-1})| / (3 standard
       errors), from three disjoint thirds of the trajectories (Y = mean correction,
       P = mean drift); above 1 flags levels that are not evaluated consistently.
+    num_calls: model calls per trajectory of the solver (the `num_steps` of its costs);
+    step_size: h, the step for which `variances` are EM-equivalent;
+    residuals (B, G, K), with a control variate only: E|c_k(x_n) - chat_k|^2 in the same
+      units when the cache was last filled g = 1..G calls before (the gap clipped at the
+      first call, where every cache is filled), averaged over the calls of each bin.
     """
 
     bin_edges: np.ndarray
@@ -92,11 +102,50 @@ class LevelStatistics(NamedTuple):
     kurtosis: np.ndarray
     errors: np.ndarray
     check: np.ndarray
+    num_calls: int | None = None
+    step_size: float | None = None
+    residuals: np.ndarray | None = None
 
     def time_averaged(self, field: str) -> np.ndarray:
         """The step-weighted mean over the bins (bins without points have weight 0)."""
         w, v = np.asarray(self.bin_weights), np.asarray(getattr(self, field))
-        return w[w > 0] @ v[w > 0]
+        return np.tensordot(w[w > 0], v[w > 0], axes=1)
+
+
+def _default_solver(diffusion, ts, args):
+    return lambda model, y, key: euler_maruyama(model, diffusion, y, ts, key, args)
+
+
+def _probe(solver, model, y0, key, offsets):
+    record = solver(CallProbe(model, offsets), y0, key)
+    if not isinstance(record, ProbeRecord):
+        raise TypeError(
+            "solver: expected solver(model, y0, key) to return what a solver of the library returns when "
+            f"called on its `model` argument, got {type(record).__name__}. Write it as, for example, "
+            "`lambda m, y, k: dpm_solver_pp(m, sde, y, ts, k)` (no .y, no post-processing).")
+    return record
+
+
+def solver_calls(solver: Callable, model: Callable, y0: Any, key) -> tuple[jax.Array, jax.Array, Any]:
+    """Where `solver(model, y0, key)` calls its model, and with what weight.
+
+    Returns (times (N,), coefficients (N,), states (pytree of (N, ...))): the time and state
+    of each of the N model calls along the solver's own trajectory, and the derivative of
+    the mean of its output with respect to a constant added to that call's model value
+    (through the solver's linear algebra, not the model's Jacobian). An error e_n in call
+    n's model value moves the result by about coefficient_n * e_n.
+    """
+    shape = jax.eval_shape(lambda y, k: _probe(solver, model, y, k, None).times, y0, key)
+    zeros = jnp.zeros(shape.shape, jnp.float32)
+
+    def mean_output(offsets):
+        record = _probe(solver, model, y0, key, offsets)
+        leaves = jax.tree_util.tree_leaves(record.y)
+        size = sum(leaf.size for leaf in leaves)
+        return sum(jnp.sum(leaf) for leaf in leaves) / size, record
+
+    coefficients, record = jax.grad(mean_output, has_aux=True)(zeros)
+    return record.times, coefficients, record.states
 
 
 def level_statistics(
@@ -108,17 +157,31 @@ def level_statistics(
     args=None,
     num_bins: int = 10,
     stride: int = 1,
+    *,
+    solver: Callable | None = None,
+    control: str | None = None,
+    control_scale: Callable | None = None,
 ) -> LevelStatistics:
-    """Statistics of the level corrections along reference trajectories.
+    """Statistics of the level corrections at a solver's model calls along reference
+    trajectories (the solver driven by the finest level).
 
     Args:
-      drifts: (f^1, ..., f^K), cheapest first.
-      diffusion: as in `euler_maruyama` (None for an ODE).
+      drifts: (f^1, ..., f^K), cheapest first (drifts, or denoisers for the diffusion
+        samplers).
+      diffusion: as in `euler_maruyama` (None for an ODE); used by the default solver.
       y0: initial states, one per trajectory, stacked on a leading axis.
-      ts: the sampling grid; the reference is EM driven by f^K on it.
+      ts: the sampling grid (its span sets the EM-equivalent step).
       keys: one PRNG key per trajectory (shape (M,)).
       num_bins: number of equal time bins over the span of ts.
-      stride: evaluate the levels at every `stride`-th grid point (saves time).
+      stride: evaluate the levels at every `stride`-th model call (saves time).
+      solver: the sampler to calibrate for, as `solver(model, y0, key)` with everything
+        else bound, e.g. `lambda m, y, k: dpm_solver_pp(m, sde, y, ts, k)`; each call's
+        statistics are weighted by the square of the coefficient with which the sampler
+        uses it (`solver_calls`). Default: `euler_maruyama(m, diffusion, y, ts, k, args)`.
+      control: "cached" also measures the residuals of the cached control variate against
+        the gap since the last firing (`LevelStatistics.residuals`; needs stride=1).
+      control_scale: the `control_scale` of the `Multilevel` to be calibrated (the
+        diffusion samplers use the SDE's `noise_to_signal`); None is no rescaling.
     """
     ts = check_ts(ts)
     keys = jnp.asarray(keys)
@@ -129,13 +192,23 @@ def level_statistics(
     drifts = check_drifts(drifts, ts[0], first, args)
     if num_bins < 1:
         raise ValueError(f"num_bins: expected a positive number of bins, got {num_bins}.")
+    if control not in (None, "cached"):
+        raise ValueError(f"control: the statistics cover control=None and 'cached', got {control!r} (an "
+                         "extrapolated cache depends on two gaps; calibrate it as 'cached' and compare by sampling).")
+    if control is not None and stride != 1:
+        raise ValueError(f"stride: the residuals against the cache need the levels at every model call; pass "
+                         f"stride=1 with control={control!r}, got {stride}.")
+    solver = _default_solver(diffusion, ts, args) if solver is None else solver
     finest = drifts[-1]
-    path = jax.jit(jax.vmap(lambda y, k: euler_maruyama(finest, diffusion, y, ts, k, args, saveat="all")))(
-        y0, keys
-    )
-    idx = np.arange(0, ts.shape[0] - 1, stride)
-    t_pts = np.asarray(ts)[idx]
-    states = jax.tree_util.tree_map(lambda a: a[:, idx], path)  # (M, P, ...)
+    call_times, coef, states = jax.jit(jax.vmap(lambda y, k: solver_calls(solver, finest, y, k)))(y0, keys)
+    call_times = np.asarray(call_times[0], np.float64)
+    num_calls = call_times.shape[0]
+    span = float(abs(ts[-1] - ts[0]))
+    h = span / num_calls
+    weight = np.mean(np.asarray(coef, np.float64) ** 2, axis=0) / h**2  # (N,), 1 for EM on a uniform grid
+    idx = np.arange(0, num_calls, stride)
+    t_pts = call_times[idx]
+    states = jax.tree_util.tree_map(lambda a: a[:, idx], states)  # (M, P, ...)
 
     def per_point(t, y):
         fs = [f(t, y, args) for f in drifts]
@@ -150,10 +223,13 @@ def level_statistics(
 
     def reduced(t, y):
         sq, err, deltas, ymean, pmean = batch(t, y)
-        return sq, err, deltas.mean(0), ymean, pmean  # corrections averaged over trajectories
+        # corrections averaged over trajectories; with a control, their mean Gram matrix per level
+        gram = jnp.einsum("mnkd,mjkd->knj", deltas, deltas) / deltas.shape[0] if control else None
+        return sq, err, deltas.mean(0), ymean, pmean, gram
 
-    sq, err, deltas, ymean, pmean = jax.jit(reduced)(jnp.asarray(t_pts), states)
-    sq, err = np.asarray(sq, np.float64), np.asarray(err, np.float64)  # (M, P, K)
+    sq, err, deltas, ymean, pmean, gram = jax.jit(reduced)(jnp.asarray(t_pts, jnp.float32), states)
+    sq = np.asarray(sq, np.float64) * weight[idx][None, :, None]  # (M, P, K), EM-equivalent
+    err = np.asarray(err, np.float64)
     deltas = np.asarray(deltas, np.float64)  # (P, K, D), mean over trajectories
     ymean, pmean = np.asarray(ymean, np.float64), np.asarray(pmean, np.float64)
 
@@ -177,6 +253,11 @@ def level_statistics(
         means[b] = np.sqrt(np.mean(deltas[sel].mean(axis=0) ** 2, axis=-1))
         errors[b] = np.sqrt(err[:, sel].reshape(-1, K).mean(0))
     weights /= weights.sum()
+    residuals = None
+    if control is not None:
+        scale = (lambda t: np.ones_like(t)) if control_scale is None else (
+            lambda t: np.asarray(jax.vmap(control_scale)(jnp.asarray(t, jnp.float32)), np.float64))
+        residuals = _binned_residuals(np.asarray(gram, np.float64), scale(call_times), weight, which, num_bins)
 
     # MLMC-style consistency check on disjoint thirds of the trajectories; one value per
     # trajectory (its time average), so that the samples are independent
@@ -187,7 +268,41 @@ def level_statistics(
     se = lambda a: a.std(0, ddof=1) / np.sqrt(a.shape[0])
     with np.errstate(invalid="ignore", divide="ignore"):
         check = np.abs(Y.mean(0) - (PB.mean(0) - PC.mean(0))) / (3 * (se(Y) + se(PB) + se(PC)))
-    return LevelStatistics(edges, weights, V, V_se, means, kurt, errors, check)
+    return LevelStatistics(edges, weights, V, V_se, means, kurt, errors, check, num_calls, h, residuals)
+
+
+def _binned_residuals(gram, scale, weight, which, num_bins):
+    """residuals[b, g - 1, k]: the mean over the calls n of bin b of the weighted
+    E|c_k(x_n) - (s_n / s_j) c_k(x_j)|^2 with j = n - min(g, n) (the cache filled g calls
+    before, or at the first call), from the mean Gram matrices gram[k, n, j]."""
+    K, N, _ = gram.shape
+    n = np.arange(N)
+    g = np.arange(1, N + 1)
+    j = n[:, None] - np.minimum(g[None, :], n[:, None])  # (N, G)
+    r = scale[:, None] / scale[j]
+    diag = np.einsum("knn->kn", gram)
+    R = diag[:, :, None] + r[None] ** 2 * diag[:, j] - 2 * r[None] * gram[:, n[:, None], j]  # (K, N, G)
+    R = np.maximum(R, 0.0) * weight[None, :, None]
+    out = np.zeros((num_bins, N, K))
+    for b in range(num_bins):
+        sel = which == b
+        if sel.any():
+            out[b] = R[:, sel].mean(axis=1).T
+    return out
+
+
+def cached_variances(residuals, probs) -> np.ndarray:
+    """The variance (B, K) that iid coins with probabilities `probs` (B, K) inject through the
+    cached control variate: sum_g P(gap = g) residuals[:, g - 1], with the gap since the
+    last firing geometric, P(g) = p (1 - p)^(g - 1), and the rest of the mass, (1 - p)^(G - 1),
+    at the largest gap (no firing since the first call). Multiply by (1/p - 1) as for V."""
+    R = np.asarray(residuals, np.float64)
+    p = np.atleast_2d(np.asarray(probs, np.float64))[:, None, :]
+    G = R.shape[1]
+    g = np.arange(1, G + 1)[None, :, None]
+    P = p * (1 - p) ** (g - 1)
+    P[:, -1, :] = (1 - p[:, 0, :]) ** (G - 1)
+    return np.sum(P * R, axis=1)
 
 
 # -------------------------------------------------------------------- probabilities
@@ -213,36 +328,62 @@ def calibrated_probabilities(
     num_steps: int | None = None,
     time_dependent: bool = True,
     coupling: str = "independent",
+    control: str | None = None,
 ):
     """The optimal probabilities for measured statistics and level costs.
 
     Returns a `PiecewiseConstant` schedule over the statistics' time bins
     (`time_dependent=True`) or a constant array (K,), usable directly as the `probs` of
-    `multilevel_euler_maruyama`. Give a `target_variance` (injected variance per unit
-    time) or a `budget` (expected cost per trajectory, with `num_steps`).
+    `Multilevel` with iid coins. Give a `target_variance` (injected variance per unit
+    time, in the statistics' EM units) or a `budget` (expected cost per trajectory, with
+    `num_steps`: the solver's model calls, `stats.num_calls`).
+
+    control="cached" (statistics measured with it): the variance a level injects depends
+    on p through the gap since its last firing (`cached_variances`). The probabilities are
+    then the fixed point of the closed-form allocation with V replaced by the cached
+    variances at the gaps it implies (damped iteration; it does not weigh how p moves the
+    gaps, so it is a consistent choice rather than the exact optimum).
     """
+    if control not in (None, "cached"):
+        raise ValueError(f"control: expected None or 'cached', got {control!r}.")
+    if control is not None and stats.residuals is None:
+        raise ValueError("control: these statistics hold no residuals against the cache; measure them with "
+                         f"level_statistics(..., control={control!r}).")
     if time_dependent:
         check_bins(stats)
-    V = np.asarray(stats.variances, np.float64)
     costs = np.asarray(costs, np.float64)
-    if costs.shape != (V.shape[1],):
-        raise ValueError(
-            f"costs: expected one cost per level ({V.shape[1]} levels in the statistics), got {costs.size}."
-        )
+    K = np.shape(stats.variances)[1]
+    if costs.shape != (K,):
+        raise ValueError(f"costs: expected one cost per level ({K} levels in the statistics), got {costs.size}.")
     check_cost_order(costs, "costs")
     Ct = correction_costs(costs, coupling)
+    if time_dependent:
+        V, w = np.asarray(stats.variances, np.float64), np.asarray(stats.bin_weights, np.float64)
+        R = None if control is None else np.asarray(stats.residuals, np.float64)
+    else:
+        V, w = stats.time_averaged("variances")[None], np.ones(1)
+        R = None if control is None else stats.time_averaged("residuals")[None]
+    tiny = np.finfo(np.float64).tiny
+
+    def allocate(v):
+        if time_dependent:
+            v = np.maximum(v, tiny)  # an empty or constant bin still gets a schedule
+        p = optimal_probabilities(v, Ct, step_size, target_variance, budget=budget, num_steps=num_steps,
+                                  bin_weights=w)
+        return np.minimum.accumulate(p, axis=1) if coupling == "nested" else p
+
+    p = allocate(V)
+    if R is not None:
+        for _ in range(200):
+            v = np.maximum(cached_variances(R, p), tiny)
+            v[:, 0] = V[:, 0]
+            new = allocate(v)
+            if np.max(np.abs(new - p)) < 1e-6:
+                break
+            p = 0.5 * (p + new)
+        p = new
     if not time_dependent:
-        V = stats.time_averaged("variances")
-        return jnp.asarray(
-            optimal_probabilities(V, Ct, step_size, target_variance, budget=budget, num_steps=num_steps),
-            jnp.float32,
-        )
-    V = np.maximum(V, np.finfo(np.float64).tiny)  # an empty or constant bin still gets a schedule
-    p = optimal_probabilities(
-        V, Ct, step_size, target_variance, budget=budget, num_steps=num_steps, bin_weights=stats.bin_weights
-    )
-    if coupling == "nested":
-        p = np.minimum.accumulate(p, axis=1)
+        return jnp.asarray(p[0], jnp.float32)
     return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
 
 
@@ -359,6 +500,7 @@ def stratified_probabilities(
     level_key: jax.Array | None = None,
     args=None,
     progress: bool = False,
+    solver: Callable | None = None,
 ) -> StratifiedCalibration:
     """Probabilities for coins="stratified", scaled by pilot runs.
 
@@ -373,6 +515,10 @@ def stratified_probabilities(
     The chosen lambda meets `target_error` (per state component, RMS) at the least cost,
     or is the most accurate within `budget` (expected cost per trajectory, in the units of
     `costs`).
+
+    `solver(model, y0, key)` (as in `level_statistics`, with which `stats` must have been
+    measured) replaces EM: the pilots run it on the `Multilevel` and are coupled to it on
+    the finest level alone, on the same grid and noise, and a cost counts its model calls.
     """
     ts = check_ts(ts)
     coupling = check_coupling(coupling)
@@ -386,10 +532,11 @@ def stratified_probabilities(
     costs = np.asarray(costs, np.float64)
     if costs.shape != (len(drifts),) or np.any(~np.isfinite(costs)) or np.any(costs <= 0):
         raise ValueError(f"costs: expected {len(drifts)} positive finite costs, one per level, got {costs}.")
-    num_steps = int(ts.shape[0] - 1)
+    num_steps = int(ts.shape[0] - 1) if stats.num_calls is None else int(stats.num_calls)  # model calls
     if budget is not None:
         _check_budget(budget, num_steps, costs)
     cost_of, schedule, shape = _stratified_family(stats, costs, num_steps, coupling, time_dependent)
+    solver = _default_solver(diffusion, ts, args) if solver is None else solver
 
     # scales whose expected costs are log-spaced between ~the base level and EM on f^K
     finite = shape[:, 1:][np.isfinite(shape[:, 1:])]
@@ -410,17 +557,15 @@ def stratified_probabilities(
     y_groups = jax.tree_util.tree_map(per_group, y0)
     key_groups = per_group(keys)
     finest = drifts[-1]
-    em = jax.jit(jax.vmap(jax.vmap(lambda y, k: euler_maruyama(finest, diffusion, y, ts, k, args))))(
-        y_groups, key_groups)
+    em = jax.jit(jax.vmap(jax.vmap(lambda y, k: solver(finest, y, k))))(y_groups, key_groups)
 
     @jax.jit
     def pilot(probs, lk):
         # one unbatched level key per group (lax.map keeps lax.cond skipping inside each group)
         def group(inputs):
             y, k, em_y, g_key = inputs
-            ml = jax.vmap(lambda yy, kk: multilevel_euler_maruyama(
-                drifts, probs, diffusion, yy, ts, kk, args, level_key=g_key, coupling=coupling,
-                coins="stratified").y)(y, k)
+            ml = jax.vmap(lambda yy, kk: solver(Multilevel(
+                drifts, probs, coins="stratified", coupling=coupling, level_key=g_key), yy, kk).y)(y, k)
             d = jnp.reshape(ml - em_y, (ml.shape[0], -1))
             return jnp.mean(d**2)
 
@@ -575,6 +720,8 @@ class CalibrationReport(NamedTuple):
     coins: str = "iid"
     predicted_error: float = math.nan  # coupled RMS error per component: sqrt(T nu^2 / D) for iid
     pilots: np.ndarray | None = None  # stratified: the pilot runs (see StratifiedCalibration)
+    solver: str = "EM"  # the sampler calibrated for (em_cost is its cost on the finest level)
+    control: str | None = None
 
     def __str__(self) -> str:
         return format_report(self)
@@ -604,6 +751,10 @@ def calibration_report(
     stride: int = 1,
     num_pilots: int = 6,
     progress: bool = False,
+    solver: Callable | None = None,
+    control: str | None = None,
+    control_scale: Callable | None = None,
+    solver_name: str = "EM",
 ) -> CalibrationReport:
     """Measure costs and statistics, choose probabilities and fit gamma, in one call.
 
@@ -616,6 +767,12 @@ def calibration_report(
     given. Give a `target_variance`, an absolute `budget` per trajectory, or a `speedup`
     (budget = EM's cost on the finest level / speedup); the default is `speedup=4`
     (the paper's headline), never below the cost of the cheapest level alone.
+
+    `solver`, `control` and `control_scale` calibrate another sampler than EM, and the
+    cached control variate, as in `level_statistics`: the statistics are taken at that
+    sampler's model calls, the costs count its calls, the speedup is against the same
+    sampler on the finest level alone, and stratified pilots are coupled to it;
+    `solver_name` names it in the report.
     """
     ts = check_ts(ts)
     drifts = tuple(drifts)
@@ -630,10 +787,14 @@ def calibration_report(
         raise ValueError(f"costs: expected one cost per level ({len(drifts)} drifts), got {basis.size}.")
     if np.any(~np.isfinite(basis)) or np.any(basis <= 0):
         raise ValueError(f"costs: the {cost_unit} of every level must be positive and finite, got {basis}.")
-    stats = level_statistics(drifts, diffusion, y0, ts, keys, args, num_bins=num_bins, stride=stride)
-    num_steps = int(ts.shape[0] - 1)
+    if control is not None and coins != "iid":
+        raise ValueError(f"control: {control!r} is unbiased with coins='iid' only (a stratified coin depends on "
+                         "earlier firings); calibrate coins='iid' with it, or stratified coins without it.")
+    stats = level_statistics(drifts, diffusion, y0, ts, keys, args, num_bins=num_bins, stride=stride,
+                             solver=solver, control=control, control_scale=control_scale)
+    num_steps = int(stats.num_calls)  # the solver's model calls (the steps, for EM)
     span = float(abs(ts[-1] - ts[0]))
-    h = span / num_steps
+    h = float(stats.step_size)
     em_cost = num_steps * basis[-1]
     if sum(x is not None for x in (target_variance, budget, speedup, target_error)) > 1:
         raise ValueError("target_variance, budget, speedup, target_error: give at most one of them.")
@@ -659,17 +820,20 @@ def calibration_report(
             strat = stratified_probabilities(
                 drifts, diffusion, y0, ts, keys, stats, basis, target_error=target_error,
                 budget=None if target_error is not None else budget, coupling=coupling,
-                time_dependent=time_dependent, num_pilots=num_pilots, args=args, progress=progress,
+                time_dependent=time_dependent, num_pilots=num_pilots, args=args, progress=progress, solver=solver,
             )
             probs, pilots = strat.probs, strat.pilots
         else:
             probs = calibrated_probabilities(
                 stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
-                time_dependent=time_dependent, coupling=coupling,
+                time_dependent=time_dependent, coupling=coupling, control=control,
             )
     p = schedule_values(probs)
     w = stats.bin_weights if p.shape[0] > 1 else np.ones(1)
     V = stats.variances if p.shape[0] > 1 else stats.time_averaged("variances")[None]
+    if control is not None:
+        R = stats.residuals if p.shape[0] > 1 else stats.time_averaged("residuals")[None]
+        V = np.concatenate([V[:, :1], cached_variances(R, p)[:, 1:]], axis=1)
     Ct = correction_costs(basis, coupling)
     nu2 = injected_variance(V, p, h, bin_weights=w)
     mlem_cost = expected_cost(p, Ct, num_steps, bin_weights=w)
@@ -688,7 +852,7 @@ def calibration_report(
     return CalibrationReport(
         costs, basis, cost_unit, stats, probs, w @ p, gamma, num_steps, int(np.shape(keys)[0]), span,
         em_cost, mlem_cost, nu2, f"{d.platform} ({getattr(d, 'device_kind', d.platform)})",
-        coins, predicted, pilots,
+        coins, predicted, pilots, solver_name, control,
     )
 
 
@@ -702,9 +866,9 @@ def format_report(r: CalibrationReport) -> str:
     kurt = st.time_averaged("kurtosis")
     p = schedule_values(r.probs)
     lines = [
-        "ML-EM calibration report",
+        f"multilevel {r.solver} calibration report" + ("" if r.control is None else f" (control={r.control!r})"),
         f"device {r.device}; {len(V)} levels, {r.num_trajectories} reference trajectories, "
-        f"{r.num_steps} steps over a span of {r.span:g}, {len(st.bin_weights)} time bins",
+        f"{r.num_steps} model calls over a span of {r.span:g}, {len(st.bin_weights)} time bins",
         "",
         f"{'level':>5} {'cost ms':>10} {'GFLOP':>10} {'V_k':>11} {'+-':>9} {'mean':>11} {'kurtosis':>9} "
         f"{'check':>7} {'p_k mean':>9} {'p_k min':>9} {'p_k max':>9}",
@@ -716,7 +880,8 @@ def format_report(r: CalibrationReport) -> str:
             f"{p[:, k].min():9.4f} {p[:, k].max():9.4f}"
         )
     lines.append("")
-    lines.append("V_k = E|f^k - f^(k-1)|^2 along EM trajectories of the finest level (level 1: E|f^1|^2);")
+    lines.append(f"V_k = E|f^k - f^(k-1)|^2 at the model calls of {r.solver} on the finest level (level 1: "
+                 "E|f^1|^2), in EM units;")
     lines.append("check > 1 flags an inconsistent telescoping sum (MLMC test); kurtosis = E|D|^4 / (E|D|^2)^2.")
     err = st.time_averaged("errors")
     lines.append("RMS error of each level against the finest: " + ", ".join(f"{e:.3e}" for e in err))
@@ -729,12 +894,12 @@ def format_report(r: CalibrationReport) -> str:
     unit = "ms" if r.cost_unit == "seconds" else "GFLOP"
     scale = 1e3 if r.cost_unit == "seconds" else 1e-9
     cost_line = (
-        f"predicted cost per trajectory ({r.cost_unit}): EM on the finest level {r.em_cost * scale:.4g} {unit}, "
-        f"ML-EM {r.mlem_cost * scale:.4g} {unit}, ratio {r.em_cost / r.mlem_cost:.2f}x"
+        f"predicted cost per trajectory ({r.cost_unit}): {r.solver} on the finest level {r.em_cost * scale:.4g} "
+        f"{unit}, multilevel {r.mlem_cost * scale:.4g} {unit}, ratio {r.em_cost / r.mlem_cost:.2f}x"
     )
     if r.coins == "stratified":
         lines.append(f"coins: stratified; probabilities p_k(t) = min(1, lambda (V_k / C_k)^(1/3)), lambda from "
-                     f"{len(r.pilots)} pilot runs coupled to EM on the finest level:")
+                     f"{len(r.pilots)} pilot runs coupled to {r.solver} on the finest level:")
         for lam, c, e, se in r.pilots:
             lines.append(f"  lambda {lam:9.4g}  cost {c * scale:10.4g} {unit}  coupled RMS {e:.4e} +- {se:.1e}")
         lines.append(f"{cost_line}, at a coupled RMS error per component of about {r.predicted_error:.3e} "

@@ -226,12 +226,15 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
                 diffusion_given: bool = True) -> ModelCalls:
     """The model calls of a solver whose n-th call happens at `call_times[n]`.
 
-    `model` is a callable `f(t, x, args)` (evaluated as is; the solver checks it) or a
+    `model` is a callable `f(t, x, args)` (checked against y0 and evaluated as is), a
     `Multilevel` (its levels checked here, the coins planned over all the calls, the
-    estimate at each). `key` is the solver's key, from
+    estimate at each) or a `CallProbe` (calibration). `key` is the solver's key, from
     which a missing level key is derived.
     """
+    if isinstance(model, CallProbe):
+        return _probe_calls(model, call_times, y0, args, name)
     if not isinstance(model, Multilevel):
+        _validate.check_drift(model, call_times[0], y0, args, name=name)
         return ModelCalls((), lambda n, t, x, s: (model(t, x, args), s), lambda y, s: y)
     ml = model
     levels = _validate.check_drifts(ml.levels, call_times[0], y0, args)
@@ -304,3 +307,45 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
         return F, (tuple(new), count(evaluations, needed))
 
     return ModelCalls((memory0, evaluations0), call, lambda y, s: MultilevelSolution(y, s[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class CallProbe:
+    """A model that records where a solver calls it, for calibration.
+
+    Call n returns model(t_n, x_n) + offsets[n] (added to every component) and stores x_n;
+    the solver then returns a `ProbeRecord`. The model sees its input through
+    `stop_gradient`, so the derivative of the solver's output with respect to offsets[n]
+    is the coefficient with which call n's output enters the result through the solver's
+    own linear algebra (for Euler-Maruyama h_n; for DPM-Solver++ the multistep weights,
+    summed over the steps that reuse the value), not through the model's Jacobian.
+    """
+
+    model: Callable
+    offsets: jax.Array | None  # (number of calls,); None adds nothing
+
+
+class ProbeRecord(NamedTuple):
+    """What a solver run on a `CallProbe` returns: its final state `y`, the time of every
+    model call (N,) and the state it was made at (a pytree of (N, ...) arrays)."""
+
+    y: PyTree
+    times: jax.Array
+    states: PyTree
+
+
+def _probe_calls(probe: CallProbe, call_times, y0, args, name) -> ModelCalls:
+    _validate.check_drift(probe.model, call_times[0], y0, args, name=name)
+    num_calls = call_times.shape[0]
+    offsets = jnp.zeros(num_calls) if probe.offsets is None else probe.offsets  # None: only record
+    if jnp.shape(offsets) != (num_calls,):
+        raise ValueError(f"offsets: expected one offset per model call ({num_calls}), got shape "
+                         f"{jnp.shape(offsets)}.")
+    states0 = jax.tree_util.tree_map(lambda a: jnp.zeros((num_calls, *jnp.shape(a)), jnp.result_type(a)), y0)
+
+    def call(n, t, x, states):
+        out = probe.model(t, jax.lax.stop_gradient(x), args)
+        out = jax.tree_util.tree_map(lambda o: o + offsets[n].astype(o.dtype), out)
+        return out, jax.tree_util.tree_map(lambda buf, v: buf.at[n].set(v), states, x)
+
+    return ModelCalls(states0, call, lambda y, states: ProbeRecord(y, call_times, states))

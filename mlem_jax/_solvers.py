@@ -119,8 +119,6 @@ def euler_maruyama(
     ts = _validate.check_ts(ts)
     y0 = _validate.check_y0(y0)
     multilevel = isinstance(drift, Multilevel)
-    if not multilevel:
-        _validate.check_drift(drift, ts[0], y0, args, name="drift")
     _validate.check_diffusion(diffusion, ts[0], y0, args)
     noise = None if (diffusion is None and (key is None or multilevel)) else _noise.brownian_source(key, y0, ts)
     calls = model_calls(drift, ts[:-1], y0, args, key, name="drift", diffusion_given=diffusion is not None)

@@ -2,9 +2,11 @@
 
 1. `level_costs`: wall time (median of jitted calls on this device) and XLA FLOPs of
    one evaluation of each level.
-2. `level_statistics`: along reference trajectories (EM driven by the finest level), per
-   level k and time bin, V_k(t) = E|f^k - f^{k-1}|^2, the mean correction, its kurtosis,
-   an MLMC-style consistency check, and the error of each level against the finest.
+2. `level_statistics`: at the model calls of a solver (EM by default, or any sampler of
+   the library: `solver_calls` finds them and the weight of each) driven by the finest
+   level, per level k and time bin, V_k(t) = E|f^k - f^{k-1}|^2, the mean correction, its
+   kurtosis, an MLMC-style consistency check, the error of each level against the
+   finest, and for the cached control variate the residuals against the cache by gap.
 3. `calibrated_probabilities`: the optimal allocation of `optimal_probabilities`, constant
    or piecewise constant in time, for a target injected variance or a budget (iid coins);
    `stratified_probabilities`: for stratified coins, whose error the iid variance formula
@@ -26,6 +28,7 @@ from mlem_jax._calibration import (
     LevelCosts,
     LevelStatistics,
     StratifiedCalibration,
+    cached_variances,
     calibrated_probabilities,
     calibration_report,
     check_bins,
@@ -38,6 +41,7 @@ from mlem_jax._calibration import (
     load_calibration,
     plot_report,
     save_calibration,
+    solver_calls,
     stratified_probabilities,
     stratified_schedule,
     stratified_shape,
@@ -52,6 +56,7 @@ from mlem_jax._learning import (
 )
 
 __all__ = [
+    "cached_variances",
     "calibrated_probabilities",
     "Calibration",
     "calibration_report",
@@ -75,6 +80,7 @@ __all__ = [
     "plot_report",
     "save_calibration",
     "scaled_to_budget",
+    "solver_calls",
     "stratified_probabilities",
     "stratified_schedule",
     "stratified_shape",

@@ -318,13 +318,31 @@ def cmd_calibrate(args):
     nfs = [family.models[k].nf for k in levels]
     t0 = time.perf_counter()
     targets = (args.target_variance, args.speedup, args.target_error)
+    control = _control(args)
+    if args.solver != "em":
+        if args.match_em or args.learn:
+            raise CLIError(f"--{'match-em' if args.match_em else 'learn'}: searches or learns probabilities for "
+                           f"EM only; with --solver {args.solver} give --speedup, --target-variance or "
+                           "--target-error.")
+    if control is not None:
+        if args.coins == "stratified":
+            raise CLIError(f"--control {control}: unbiased with iid coins only (a stratified coin depends on "
+                           "earlier firings); pass --coins iid, or stratified coins without --control.")
+        if args.learn or args.match_em:
+            raise CLIError("--control: --learn and --match-em calibrate the estimator without a control variate.")
+        args.coins = "iid"
+    if args.stride is None:  # the residuals against the cache need every model call
+        args.stride = 1 if control is not None else 2
+    elif control is not None and args.stride != 1:
+        raise CLIError(f"--stride: --control {control} measures the residuals against the cache at every model "
+                       f"call; pass --stride 1 (or leave it out), got {args.stride}.")
     if args.coins is None:  # the default: iid with a target or --learn, else EM's error with stratified coins
         if args.learn or args.target_variance is not None or args.speedup is not None:
             args.coins = "iid"
         else:
             args.coins = "stratified"
             args.match_em = args.match_em or (args.target_error is None and args.levels is None
-                                              and args.grid == "uniform")
+                                              and args.grid == "uniform" and args.solver == "em")
     if args.match_em:
         from mlem_jax.equal_error import search_configuration
 
@@ -344,7 +362,9 @@ def cmd_calibrate(args):
         print(f"chose {found.config.coupling} coupling, lambda {found.config.scale:.2f}; wrote {path} in "
               f"{time.perf_counter() - t0:.0f} s")
         return
-    drifts = tuple(family.drifts()[k] for k in levels)
+    from mlem_jax.diffusion.sampling import solver_function, solver_levels
+
+    drifts = solver_levels(family, levels, args.solver)
     ts = _grid(family, args.steps, args.grid)
     keys = jax.random.split(jax.random.key(args.seed), args.trajectories)
     y0 = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(keys)
@@ -365,10 +385,14 @@ def cmd_calibrate(args):
     batch = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(
         jax.random.split(jax.random.key(args.seed + 7), args.cost_batch))
     costs = level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], batch)
+    diffusion_sampler = args.solver not in ("em", "heun")
     report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
                                 stride=args.stride, target_variance=args.target_variance, speedup=args.speedup,
                                 coins=args.coins, coupling=args.coupling, target_error=args.target_error,
-                                costs=costs, progress=not args.no_progress)
+                                costs=costs, progress=not args.no_progress,
+                                solver=solver_function(family.sde, args.solver, ts), solver_name=args.solver,
+                                control=control,
+                                control_scale=family.sde.noise_to_signal if diffusion_sampler else None)
     print(report)
     if report.predicted_error is not None and report.predicted_error > DATA_SCALE / 2:
         raise CLIError(f"--speedup: the chosen probabilities predict a coupled RMS error of "
@@ -378,8 +402,12 @@ def cmd_calibrate(args):
                        "EM's error (the shipped calibration was made so).")
     made_by = ("closed-form allocation for iid coins (optimal_probabilities on the measured V_k(t) and costs)"
                if args.coins == "iid" else "stratified_probabilities: cube-root shape, lambda from pilot runs")
+    if control is not None:
+        made_by += "; cached control: fixed point with the residuals against the cache by gap"
+    made_by += f"; statistics at the model calls of {args.solver}"
     path = save_calibration(args.out, report.probs, levels=nfs, steps=args.steps, grid=args.grid, coins=args.coins,
-                            coupling=args.coupling, command=_command(args), made_by=made_by,
+                            coupling=args.coupling, solver=args.solver, control=control, command=_command(args),
+                            made_by=made_by,
                             predicted_error=report.predicted_error, predicted_speedup=report.em_cost / report.mlem_cost,
                             cost_unit=report.cost_unit)
     plot = report.plot(path[:-5] + ".png" if path.endswith(".json") else path + ".png")
@@ -582,7 +610,15 @@ def build_parser():
     common(c, "calibration.json")
     c.add_argument("--trajectories", type=_positive(int), default=32, help="reference trajectories")
     c.add_argument("--bins", type=_positive(int), default=10, help="time bins of the schedule")
-    c.add_argument("--stride", type=_positive(int), default=2, help="evaluate levels at every n-th grid point")
+    c.add_argument("--solver", choices=list(SOLVERS), default="em",
+                   help="the sampler to calibrate for (mlem-jax sample --solver): the statistics are taken at its "
+                        "model calls, weighted by how it uses each, and the speedup is against it on the finest "
+                        "level alone (default: em)")
+    c.add_argument("--control", choices=["none", "cached"], default="none",
+                   help="calibrate the cached control variate (iid coins): residuals against the cache by gap "
+                        "(default: none)")
+    c.add_argument("--stride", type=_positive(int), default=None,
+                   help="evaluate levels at every n-th model call (default 2; 1 with --control)")
     c.add_argument("--cost-batch", type=_positive(int), default=64,
                    help="batch at which the level costs are timed (the sampling batch; default 64)")
     c.add_argument("--target-variance", type=_positive(float), default=None,

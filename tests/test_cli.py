@@ -60,6 +60,30 @@ def test_calibrate_then_sample(trained, tmp_path, capsys):
                  "--batch-size", "2", "--out", str(tmp_path / "c.png"), "--no-progress"]) == 0
 
 
+def test_calibrate_for_another_solver_and_the_cache(trained, tmp_path, capsys):
+    """calibrate --solver --control: statistics at that sampler's calls, a file bound to both."""
+    fam, cal = str(trained / "family"), tmp_path / "dpm.json"
+    grid = ["--steps", "6", "--grid", "logsnr"]
+    assert main(["calibrate", "--family", fam, *grid, "--trajectories", "6", "--bins", "2", "--solver", "dpm++2m",
+                 "--control", "cached", "--speedup", "1.5", "--out", str(cal), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "multilevel dpm++2m calibration report (control='cached')" in text and "6 model calls" in text
+    c = json.loads(cal.read_text())
+    assert c["solver"] == "dpm++2m" and c["control"] == "cached" and c["coins"] == "iid"
+    sample = ["sample", "--family", fam, "--calibration", str(cal), *grid, "--batch-size", "2",
+              "--out", str(tmp_path / "d.png"), "--no-progress"]
+    assert main([*sample, "--solver", "dpm++2m", "--control", "cached"]) == 0
+    capsys.readouterr()
+    assert main([*sample, "--solver", "dpm++2m"]) == 2 and "control='cached'" in capsys.readouterr().err
+    for extra, message in [(["--coins", "stratified"], "--control cached: unbiased with iid coins only"),
+                           (["--stride", "2"], "--stride: --control cached"),
+                           (["--match-em", "--solver", "ddim"], "--match-em: searches or learns")]:
+        assert main(["calibrate", "--family", fam, *grid, "--control", "cached", "--out", str(tmp_path / "x.json"),
+                     *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_calibrate_default_matches_em_with_stratified_coins(trained, tmp_path, capsys):
     """No target given: the file is the cheapest stratified configuration with EM's coupled
     error (the recipe of the shipped calibration), not iid coins at a fixed speedup."""

@@ -40,7 +40,7 @@ _LAZY = {
     "images": ("to_grid", "save_png", "side_by_side"),
     "metrics": ("Estimate", "coupled_error", "frechet_distance", "frechet_gaussian", "kernel_distance",
                 "paired_frechet", "sliced_wasserstein"),
-    "sampling": ("SampleResult", "sample"),
+    "sampling": ("SampleResult", "sample", "solver_function", "solver_levels"),
     "train": ("TrainConfig", "TrainState", "History", "dsm_loss", "train_family", "save_checkpoint",
               "restore_checkpoint", "load_level"),
     "unet": ("UNet", "unet_family", "init_params", "count_params", "forward_flops", "family_summary",

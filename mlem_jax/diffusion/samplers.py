@@ -49,8 +49,6 @@ __all__ = ["ddim", "dpm_solver_pp", "sde_dpm_solver_pp", "edm_euler", "edm_heun"
 def _prepare(denoiser, sde, x, ts, key, args, call_times=None):
     ts = _validate.check_ts(ts)
     x = _validate.check_y0(x)
-    if not isinstance(denoiser, Multilevel):
-        _validate.check_drift(denoiser, ts[0], x, args, name="denoiser")
     if not hasattr(sde, "alpha") or not hasattr(sde, "std"):
         raise TypeError(f"sde: expected an SDE with alpha(t) and std(t) (VP, SubVP, VE), got {type(sde).__name__}.")
     call_times = ts[:-1] if call_times is None else call_times

@@ -30,6 +30,39 @@ family's drifts (EM on the reverse SDE, or on the probability-flow ODE with
 `probability_flow=True`; Heun always on the ODE), the others on its denoisers."""
 
 
+def solver_function(sde, solver: str, ts, *, probability_flow: bool = False, progress: bool = False):
+    """`solve(model, y0, key)` for a solver of `SOLVERS` on the grid `ts`: EM on the reverse
+    SDE of `sde` (or its probability-flow ODE), Heun on the ODE, or a diffusion sampler;
+    `model` is a drift (em, heun), a denoiser (the others) or a `Multilevel` of them. The
+    form `sample` runs and `mlem_jax.calibrate` takes as `solver=`."""
+    from mlem_jax import heun
+    from mlem_jax.diffusion.samplers import SAMPLERS
+
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
+    g = None if (probability_flow or solver == "heun") else reverse_diffusion(sde)
+
+    def solve(model, y0, key):
+        if solver == "em":
+            return euler_maruyama(model, g, y0, ts, key, progress=progress)
+        if solver == "heun":
+            return heun(model, None, y0, ts, key, progress=progress)
+        return SAMPLERS[solver](model, sde, y0, ts, key, progress=progress)
+
+    return solve
+
+
+def solver_levels(family, levels, solver: str, probability_flow: bool = False) -> tuple:
+    """The models `solver` takes from `family` for the level indices `levels`: its denoisers
+    for the diffusion samplers, its drifts (of the reverse SDE, or of the probability-flow
+    ODE for Heun and with `probability_flow`) for em and heun."""
+    from mlem_jax.diffusion.samplers import SAMPLERS
+
+    if solver in SAMPLERS:
+        return tuple(family.denoisers()[i] for i in levels)
+    return tuple(family.drifts(probability_flow or solver == "heun")[i] for i in levels)
+
+
 def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling="independent",
            probability_flow: bool = False, progress: bool = False, coins: str = "iid", solver: str = "em",
            control: str | None = None) -> SampleResult:
@@ -41,30 +74,16 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     (`mlem_jax.sharding.sharded_sampler`): in a multi-process run each process samples
     the rows of its own devices and every process gets the whole batch back, the same
     samples as on one device."""
-    from mlem_jax import Multilevel, heun
-    from mlem_jax.diffusion.samplers import CALLS_PER_STEP, SAMPLERS
+    from mlem_jax import Multilevel
+    from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
-    if solver not in SOLVERS:
-        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
-    if solver == "heun":
-        probability_flow = True
-    if solver in SAMPLERS:
-        chosen = tuple(family.denoisers()[i] for i in levels)
-    else:
-        chosen = tuple(family.drifts(probability_flow)[i] for i in levels)
+    run = solver_function(family.sde, solver, ts, probability_flow=probability_flow, progress=progress)
+    chosen = solver_levels(family, levels, solver, probability_flow)
     sde = family.sde
-    g = None if probability_flow else reverse_diffusion(sde)
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_size))
     level_key = jax.random.fold_in(jax.random.key(seed + 1_000_003), 0)
     shape = tuple(family.image_shape)
-
-    def run(model, y0, key):
-        if solver == "em":
-            return euler_maruyama(model, g, y0, ts, key, progress=progress)
-        if solver == "heun":
-            return heun(model, None, y0, ts, key, progress=progress)
-        return SAMPLERS[solver](model, sde, y0, ts, key, progress=progress)
 
     def one(key, lk):
         y0 = sde.prior_sample(jax.random.fold_in(key, 7), shape)
