@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 ## test: the test suite
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=30
 
 ## lint: ruff (configuration in pyproject.toml)
 lint: $(STAMP)
@@ -32,6 +32,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --quick
 	$(PY) benchmarks/diffrax_route.py --quick
 	$(PY) benchmarks/cached_coins.py --quick
+	$(PY) benchmarks/solver_calibration.py --quick
 	$(PY) benchmarks/sharding_throughput.py --quick
 	$(PY) benchmarks/parallel_levels.py --quick
 	$(PY) benchmarks/fmnist16.py --quick --raw-data --no-ode
@@ -46,6 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/calibrated_probabilities.py --out docs/figures
 	$(PY) benchmarks/diffrax_route.py --out docs/figures
 	$(PY) benchmarks/cached_coins.py --out docs/figures/cached_coins
+	$(PY) benchmarks/solver_calibration.py --out docs/figures/solver_calibration
 	$(PY) benchmarks/sharding_throughput.py --out docs/figures
 	$(PY) benchmarks/fmnist16.py --out docs/figures/fmnist16
 

@@ -148,6 +148,30 @@ def solver_calls(solver: Callable, model: Callable, y0: Any, key) -> tuple[jax.A
     return record.times, coefficients, record.states
 
 
+def solver_sensitivities(solver: Callable, model: Callable, y0: Any, key, cotangent_key) -> tuple:
+    """J_n^T u for every model call n of `solver(model, y0, key)`, with u ~ N(0, I) drawn
+    from `cotangent_key` and J_n the derivative of the solver's output with respect to the
+    value of call n, carried through the later model calls (their Jacobians included) by
+    one reverse-mode pass. Since E_u <J_n^T u, c>^2 = |J_n c|^2, the squared projection of
+    a correction c on it is an unbiased estimate of the squared error c would cause at the
+    output. Returns (times (N,), sensitivities and states: pytrees of (N, ...) arrays)."""
+    shape = jax.eval_shape(lambda y, k: _probe(solver, model, y, k, None).times, y0, key)
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((shape.shape[0], *jnp.shape(a)), jnp.result_type(a)), y0)
+    leaves, tree = jax.tree_util.tree_flatten(y0)
+    u = jax.tree_util.tree_unflatten(tree, [jax.random.normal(k, jnp.shape(a), jnp.result_type(a)) for k, a in
+                                            zip(jax.random.split(cotangent_key, len(leaves)), leaves)])
+
+    def projected_output(offsets):
+        record = solver(CallProbe(model, offsets, through_model=True), y0, key)
+        if not isinstance(record, ProbeRecord):
+            _probe(solver, model, y0, key, None)  # raises the explanation
+        dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree_util.tree_leaves(record.y), jax.tree_util.tree_leaves(u)))
+        return dot, record
+
+    sensitivities, record = jax.grad(projected_output, has_aux=True)(zeros)
+    return record.times, sensitivities, record.states
+
+
 def level_statistics(
     drifts: Sequence[Callable],
     diffusion: Callable | None,
@@ -161,6 +185,7 @@ def level_statistics(
     solver: Callable | None = None,
     control: str | None = None,
     control_scale: Callable | None = None,
+    weighting: str = "linear",
 ) -> LevelStatistics:
     """Statistics of the level corrections at a solver's model calls along reference
     trajectories (the solver driven by the finest level).
@@ -182,6 +207,15 @@ def level_statistics(
         the gap since the last firing (`LevelStatistics.residuals`; needs stride=1).
       control_scale: the `control_scale` of the `Multilevel` to be calibrated (the
         diffusion samplers use the SDE's `noise_to_signal`); None is no rescaling.
+      weighting: how a call's correction is weighed. "linear": by the solver's own
+        coefficient a_n (`solver_calls`), |a_n c|^2; exact when the model's Jacobian plays
+        no part (corrections that do not depend on the state), and what EM's calibration
+        uses. "propagated": by the error it causes at the output through the whole rest of
+        the trajectory, |J_n c|^2, model Jacobians included, estimated without bias from one
+        reverse-mode pass per trajectory (`solver_sensitivities`). The diffusion samplers
+        need it: at high noise an eps-network's D = (x - sigma eps) / alpha turns a small
+        state error into a large one, which the linear weights do not see (measured in
+        docs/samplers.md).
     """
     ts = check_ts(ts)
     keys = jnp.asarray(keys)
@@ -198,36 +232,54 @@ def level_statistics(
     if control is not None and stride != 1:
         raise ValueError(f"stride: the residuals against the cache need the levels at every model call; pass "
                          f"stride=1 with control={control!r}, got {stride}.")
+    if weighting not in ("linear", "propagated"):
+        raise ValueError(f"weighting: expected 'linear' or 'propagated', got {weighting!r}.")
     solver = _default_solver(diffusion, ts, args) if solver is None else solver
     finest = drifts[-1]
-    call_times, coef, states = jax.jit(jax.vmap(lambda y, k: solver_calls(solver, finest, y, k)))(y0, keys)
+    propagated = weighting == "propagated"
+    if propagated:
+        ukeys = jax.random.split(jax.random.fold_in(keys[0], 0x5E75), num_traj)
+        call_times, sens, states = jax.jit(jax.vmap(lambda y, k, u: solver_sensitivities(solver, finest, y, k, u)))(
+            y0, keys, ukeys)
+    else:
+        call_times, coef, states = jax.jit(jax.vmap(lambda y, k: solver_calls(solver, finest, y, k)))(y0, keys)
     call_times = np.asarray(call_times[0], np.float64)
     num_calls = call_times.shape[0]
     span = float(abs(ts[-1] - ts[0]))
     h = span / num_calls
-    weight = np.mean(np.asarray(coef, np.float64) ** 2, axis=0) / h**2  # (N,), 1 for EM on a uniform grid
+    # (N,): 1 for EM on a uniform grid; the propagated weights sit in the projections instead
+    weight = np.ones(num_calls) / h**2 if propagated else np.mean(np.asarray(coef, np.float64) ** 2, axis=0) / h**2
     idx = np.arange(0, num_calls, stride)
     t_pts = call_times[idx]
     states = jax.tree_util.tree_map(lambda a: a[:, idx], states)  # (M, P, ...)
+    flatten = lambda v: jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(v)])
+    directions = jax.vmap(jax.vmap(flatten))(jax.tree_util.tree_map(lambda a: a[:, idx], sens)) if propagated \
+        else jnp.zeros((num_traj, idx.size, 1))
 
-    def per_point(t, y):
+    def per_point(t, y, u):
         fs = [f(t, y, args) for f in drifts]
-        flat = [jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(v)]) for v in fs]
+        flat = [flatten(v) for v in fs]
         prev = [jnp.zeros_like(flat[0])] + flat[:-1]
         deltas = jnp.stack([a - b for a, b in zip(flat, prev)])  # (K, D)
-        sq = jnp.sum(deltas**2, axis=1)
+        sq = (deltas @ u) ** 2 if propagated else jnp.sum(deltas**2, axis=1)
         err = jnp.sum((jnp.stack(flat) - flat[-1]) ** 2, axis=1)
         return sq, err, deltas, jnp.mean(deltas, axis=1), jnp.mean(jnp.stack(flat), axis=1)
 
-    batch = jax.vmap(jax.vmap(per_point, in_axes=(0, 0)), in_axes=(None, 0))
+    batch = jax.vmap(jax.vmap(per_point, in_axes=(0, 0, 0)), in_axes=(None, 0, 0))
 
-    def reduced(t, y):
-        sq, err, deltas, ymean, pmean = batch(t, y)
-        # corrections averaged over trajectories; with a control, their mean Gram matrix per level
-        gram = jnp.einsum("mnkd,mjkd->knj", deltas, deltas) / deltas.shape[0] if control else None
-        return sq, err, deltas.mean(0), ymean, pmean, gram
+    def reduced(t, y, u):
+        sq, err, deltas, ymean, pmean = batch(t, y, u)
+        # with a control: per level, the mean Gram matrix of the corrections (linear), or the
+        # projections <J_n^T u, c_j> of every correction on every call's sensitivity (propagated)
+        if not control:
+            pairs = None
+        elif propagated:
+            pairs = jnp.einsum("mnd,mjkd->mknj", u, deltas)
+        else:
+            pairs = jnp.einsum("mnkd,mjkd->knj", deltas, deltas) / deltas.shape[0]
+        return sq, err, deltas.mean(0), ymean, pmean, pairs
 
-    sq, err, deltas, ymean, pmean, gram = jax.jit(reduced)(jnp.asarray(t_pts, jnp.float32), states)
+    sq, err, deltas, ymean, pmean, pairs = jax.jit(reduced)(jnp.asarray(t_pts, jnp.float32), states, directions)
     sq = np.asarray(sq, np.float64) * weight[idx][None, :, None]  # (M, P, K), EM-equivalent
     err = np.asarray(err, np.float64)
     deltas = np.asarray(deltas, np.float64)  # (P, K, D), mean over trajectories
@@ -257,7 +309,8 @@ def level_statistics(
     if control is not None:
         scale = (lambda t: np.ones_like(t)) if control_scale is None else (
             lambda t: np.asarray(jax.vmap(control_scale)(jnp.asarray(t, jnp.float32)), np.float64))
-        residuals = _binned_residuals(np.asarray(gram, np.float64), scale(call_times), weight, which, num_bins)
+        residuals = _binned_residuals(np.asarray(pairs, np.float64), scale(call_times), weight, which, num_bins,
+                                      propagated)
 
     # MLMC-style consistency check on disjoint thirds of the trajectories; one value per
     # trajectory (its time average), so that the samples are independent
@@ -271,17 +324,23 @@ def level_statistics(
     return LevelStatistics(edges, weights, V, V_se, means, kurt, errors, check, num_calls, h, residuals)
 
 
-def _binned_residuals(gram, scale, weight, which, num_bins):
+def _binned_residuals(pairs, scale, weight, which, num_bins, propagated):
     """residuals[b, g - 1, k]: the mean over the calls n of bin b of the weighted
     E|c_k(x_n) - (s_n / s_j) c_k(x_j)|^2 with j = n - min(g, n) (the cache filled g calls
-    before, or at the first call), from the mean Gram matrices gram[k, n, j]."""
-    K, N, _ = gram.shape
+    before, or at the first call): from the mean Gram matrices pairs[k, n, j] (linear), or
+    as the mean of (P_nn - r P_nj)^2 over trajectories from the projections
+    pairs[m, k, n, j] = <J_n^T u, c_k(x_j)> (propagated)."""
+    K, N = pairs.shape[-3], pairs.shape[-1]
     n = np.arange(N)
     g = np.arange(1, N + 1)
     j = n[:, None] - np.minimum(g[None, :], n[:, None])  # (N, G)
     r = scale[:, None] / scale[j]
-    diag = np.einsum("knn->kn", gram)
-    R = diag[:, :, None] + r[None] ** 2 * diag[:, j] - 2 * r[None] * gram[:, n[:, None], j]  # (K, N, G)
+    if propagated:
+        own = np.einsum("mknn->mkn", pairs)[..., None]  # (M, K, N, 1)
+        R = np.mean((own - r[None, None] * pairs[:, :, n[:, None], j]) ** 2, axis=0)  # (K, N, G)
+    else:
+        diag = np.einsum("knn->kn", pairs)
+        R = diag[:, :, None] + r[None] ** 2 * diag[:, j] - 2 * r[None] * pairs[:, n[:, None], j]  # (K, N, G)
     R = np.maximum(R, 0.0) * weight[None, :, None]
     out = np.zeros((num_bins, N, K))
     for b in range(num_bins):
@@ -755,6 +814,7 @@ def calibration_report(
     control: str | None = None,
     control_scale: Callable | None = None,
     solver_name: str = "EM",
+    weighting: str = "linear",
 ) -> CalibrationReport:
     """Measure costs and statistics, choose probabilities and fit gamma, in one call.
 
@@ -772,7 +832,8 @@ def calibration_report(
     cached control variate, as in `level_statistics`: the statistics are taken at that
     sampler's model calls, the costs count its calls, the speedup is against the same
     sampler on the finest level alone, and stratified pilots are coupled to it;
-    `solver_name` names it in the report.
+    `solver_name` names it in the report; `weighting` as in `level_statistics`
+    ("propagated" for the diffusion samplers).
     """
     ts = check_ts(ts)
     drifts = tuple(drifts)
@@ -791,7 +852,7 @@ def calibration_report(
         raise ValueError(f"control: {control!r} is unbiased with coins='iid' only (a stratified coin depends on "
                          "earlier firings); calibrate coins='iid' with it, or stratified coins without it.")
     stats = level_statistics(drifts, diffusion, y0, ts, keys, args, num_bins=num_bins, stride=stride,
-                             solver=solver, control=control, control_scale=control_scale)
+                             solver=solver, control=control, control_scale=control_scale, weighting=weighting)
     num_steps = int(stats.num_calls)  # the solver's model calls (the steps, for EM)
     span = float(abs(ts[-1] - ts[0]))
     h = float(stats.step_size)

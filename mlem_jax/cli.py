@@ -391,7 +391,8 @@ def cmd_calibrate(args):
                                 coins=args.coins, coupling=args.coupling, target_error=args.target_error,
                                 costs=costs, progress=not args.no_progress,
                                 solver=solver_function(family.sde, args.solver, ts), solver_name=args.solver,
-                                control=control,
+                                control=control, weighting=args.weighting or (
+                                    "propagated" if diffusion_sampler else "linear"),
                                 control_scale=family.sde.noise_to_signal if diffusion_sampler else None)
     print(report)
     if report.predicted_error is not None and report.predicted_error > DATA_SCALE / 2:
@@ -617,6 +618,11 @@ def build_parser():
     c.add_argument("--control", choices=["none", "cached"], default="none",
                    help="calibrate the cached control variate (iid coins): residuals against the cache by gap "
                         "(default: none)")
+    c.add_argument("--weighting", choices=["linear", "propagated"], default=None,
+                   help="how a call's correction is weighed: by the solver's coefficient of the call (linear), or "
+                        "by the error it causes at the output, model Jacobians included (propagated; one "
+                        "reverse-mode pass per trajectory). Default: propagated for the diffusion samplers, "
+                        "linear for em and heun")
     c.add_argument("--stride", type=_positive(int), default=None,
                    help="evaluate levels at every n-th model call (default 2; 1 with --control)")
     c.add_argument("--cost-batch", type=_positive(int), default=64,
