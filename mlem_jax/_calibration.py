@@ -77,9 +77,9 @@ class LevelStatistics(NamedTuple):
 
     bin_edges (B+1,); bin_weights (B,): fraction of the model calls in each bin;
     variances (B, K): V_k(t) = E|f^k - f^{k-1}|^2 (squared norm over the whole state), in
-      Euler-Maruyama units: each call's value is weighted by (a_n / h)^2, where a_n is the
-      coefficient with which the solver's output takes that call's model value and
-      h = |span| / num_calls (for EM a_n = h_n, so on a uniform grid the weight is 1);
+      Euler-Maruyama units: each call's correction c counts as |a_n c|^2 / h^2 (weighting
+      "linear", a_n the solver's coefficient of the call) or |J_n c|^2 / h^2 ("propagated"),
+      with h = |span| / num_calls (for EM a_n = h_n, so on a uniform grid linear is V_k);
     variance_se (B, K): standard errors of those estimates;
     means (B, K): |E (f^k - f^{k-1})|, RMS over the state's components of the mean;
     kurtosis (B, K): E|D|^4 / (E|D|^2)^2 of the correction D (its kurtosis for a scalar);
@@ -116,14 +116,18 @@ def _default_solver(diffusion, ts, args):
     return lambda model, y, key: euler_maruyama(model, diffusion, y, ts, key, args)
 
 
-def _probe(solver, model, y0, key, offsets):
-    record = solver(CallProbe(model, offsets), y0, key)
+def _probe(solver, probe: CallProbe, y0, key) -> ProbeRecord:
+    record = solver(probe, y0, key)
     if not isinstance(record, ProbeRecord):
         raise TypeError(
             "solver: expected solver(model, y0, key) to return what a solver of the library returns when "
             f"called on its `model` argument, got {type(record).__name__}. Write it as, for example, "
             "`lambda m, y, k: dpm_solver_pp(m, sde, y, ts, k)` (no .y, no post-processing).")
     return record
+
+
+def _num_calls(solver, model, y0, key) -> int:
+    return jax.eval_shape(lambda y, k: _probe(solver, CallProbe(model), y, k).times, y0, key).shape[0]
 
 
 def solver_calls(solver: Callable, model: Callable, y0: Any, key) -> tuple[jax.Array, jax.Array, Any]:
@@ -135,11 +139,10 @@ def solver_calls(solver: Callable, model: Callable, y0: Any, key) -> tuple[jax.A
     (through the solver's linear algebra, not the model's Jacobian). An error e_n in call
     n's model value moves the result by about coefficient_n * e_n.
     """
-    shape = jax.eval_shape(lambda y, k: _probe(solver, model, y, k, None).times, y0, key)
-    zeros = jnp.zeros(shape.shape, jnp.float32)
+    zeros = jnp.zeros(_num_calls(solver, model, y0, key), jnp.float32)
 
     def mean_output(offsets):
-        record = _probe(solver, model, y0, key, offsets)
+        record = _probe(solver, CallProbe(model, offsets), y0, key)
         leaves = jax.tree_util.tree_leaves(record.y)
         size = sum(leaf.size for leaf in leaves)
         return sum(jnp.sum(leaf) for leaf in leaves) / size, record
@@ -155,16 +158,14 @@ def solver_sensitivities(solver: Callable, model: Callable, y0: Any, key, cotang
     one reverse-mode pass. Since E_u <J_n^T u, c>^2 = |J_n c|^2, the squared projection of
     a correction c on it is an unbiased estimate of the squared error c would cause at the
     output. Returns (times (N,), sensitivities and states: pytrees of (N, ...) arrays)."""
-    shape = jax.eval_shape(lambda y, k: _probe(solver, model, y, k, None).times, y0, key)
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((shape.shape[0], *jnp.shape(a)), jnp.result_type(a)), y0)
+    num_calls = _num_calls(solver, model, y0, key)
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((num_calls, *jnp.shape(a)), jnp.result_type(a)), y0)
     leaves, tree = jax.tree_util.tree_flatten(y0)
     u = jax.tree_util.tree_unflatten(tree, [jax.random.normal(k, jnp.shape(a), jnp.result_type(a)) for k, a in
                                             zip(jax.random.split(cotangent_key, len(leaves)), leaves)])
 
     def projected_output(offsets):
-        record = solver(CallProbe(model, offsets, through_model=True), y0, key)
-        if not isinstance(record, ProbeRecord):
-            _probe(solver, model, y0, key, None)  # raises the explanation
+        record = _probe(solver, CallProbe(model, offsets, through_model=True), y0, key)
         dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree_util.tree_leaves(record.y), jax.tree_util.tree_leaves(u)))
         return dot, record
 
@@ -201,8 +202,8 @@ def level_statistics(
       stride: evaluate the levels at every `stride`-th model call (saves time).
       solver: the sampler to calibrate for, as `solver(model, y0, key)` with everything
         else bound, e.g. `lambda m, y, k: dpm_solver_pp(m, sde, y, ts, k)`; each call's
-        statistics are weighted by the square of the coefficient with which the sampler
-        uses it (`solver_calls`). Default: `euler_maruyama(m, diffusion, y, ts, k, args)`.
+        statistics are weighted as `weighting` says. Default:
+        `euler_maruyama(m, diffusion, y, ts, k, args)`.
       control: "cached" also measures the residuals of the cached control variate against
         the gap since the last firing (`LevelStatistics.residuals`; needs stride=1).
       control_scale: the `control_scale` of the `Multilevel` to be calibrated (the
@@ -401,7 +402,8 @@ def calibrated_probabilities(
     on p through the gap since its last firing (`cached_variances`). The probabilities are
     then the fixed point of the closed-form allocation with V replaced by the cached
     variances at the gaps it implies (damped iteration; it does not weigh how p moves the
-    gaps, so it is a consistent choice rather than the exact optimum).
+    gaps, so it is a consistent choice rather than the exact optimum). A budget is met with
+    the first call, where the cache fires every level, charged in full.
     """
     if control not in (None, "cached"):
         raise ValueError(f"control: expected None or 'cached', got {control!r}.")
@@ -431,6 +433,13 @@ def calibrated_probabilities(
                                   bin_weights=w)
         return np.minimum.accumulate(p, axis=1) if coupling == "nested" else p
 
+    if R is not None and budget is not None:
+        first_call = float(np.sum(Ct[1:]))  # the first call fires every level: charged in full
+        if not budget - first_call > num_steps * Ct[0]:
+            raise ValueError(f"budget: {budget:.4g} per trajectory does not cover the cheapest level on every call "
+                             f"({num_steps} x {Ct[0]:.4g}) plus the first call, where the cache fires every level "
+                             f"({first_call:.4g}); raise the budget.")
+        budget = budget - first_call
     p = allocate(V)
     if R is not None:
         for _ in range(200):
@@ -872,7 +881,9 @@ def calibration_report(
         speedup = 4.0 if speedup is None else speedup
         if not speedup > 0:
             raise ValueError(f"speedup: expected a positive factor, got {speedup}.")
-        budget = max(em_cost / speedup, num_steps * basis[0] * 1.05)
+        # never below the cheapest level on every call (and, with a cache, its first call's firings)
+        first_call = float(np.sum(correction_costs(basis, coupling)[1:])) if control is not None else 0.0
+        budget = max(em_cost / speedup, num_steps * basis[0] * 1.05 + first_call)
     pilots = None
     with warnings.catch_warnings():
         if measured:  # level_costs has already warned about the order of the costs
@@ -898,6 +909,9 @@ def calibration_report(
     Ct = correction_costs(basis, coupling)
     nu2 = injected_variance(V, p, h, bin_weights=w)
     mlem_cost = expected_cost(p, Ct, num_steps, bin_weights=w)
+    if control is not None:  # the first call fires every level (the caches start from an observation)
+        first = np.asarray(probs(ts[0]), np.float64) if isinstance(probs, PiecewiseConstant) else p[0]
+        mlem_cost += float(np.sum(Ct[1:] * (1 - first[1:])))
     err = stats.time_averaged("errors")[:-1]
     flops = np.asarray(costs.flops, np.float64)
     x = flops[:-1] if np.all(np.isfinite(flops)) and np.all(flops > 0) else np.asarray(costs.seconds)[:-1]

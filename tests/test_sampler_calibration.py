@@ -123,6 +123,13 @@ def test_cached_allocation_meets_its_target_at_a_lower_cost():
     Ct = correction_costs(costs)
     cost = lambda q: expected_cost(np.asarray(q.values), Ct, stats.num_calls, bin_weights=stats.bin_weights)
     assert cost(cached) < 0.8 * cost(plain)
+    # with a budget, the first call (every level fires) is charged: the total stays within it
+    budget = 0.5 * stats.num_calls * costs[-1]
+    q = np.asarray(calibrated_probabilities(stats, costs, stats.step_size, budget=budget, num_steps=stats.num_calls,
+                                            control="cached").values, np.float64)
+    first = q[-1]  # the bin of t = 1, where the sampler starts
+    total = expected_cost(q, Ct, stats.num_calls, bin_weights=stats.bin_weights) + np.sum(Ct[1:] * (1 - first[1:]))
+    assert 0.9 * budget < total <= budget * (1 + 1e-9)
 
 
 @pytest.mark.filterwarnings("ignore:costs")
