@@ -108,8 +108,9 @@ def markdown(result) -> str:
                          f"{r['rms']:.4f} +- {r['rms_se']:.4f} | {r['cost_ratio']:.2f}x |")
     ratios = [r["predicted_rms"] / r["rms"] for b in result["samplers"] for r in b["rows"]
               if "propagated" in r["schedule"]]
-    lines += ["", "Every row spends the same budget (expected FLOPs from the marginals, the cache's first call "
-                  "charged in full): equal cost, not equal error.",
+    lines += ["", "Every row is held to the same budget (expected FLOPs from the marginals): equal cost, not equal "
+                  "error. The cached rows spend a little less, because their allocation charges the first call, "
+                  "where the cache fires every level, in full.",
               f"Predicted / measured RMS of the propagated schedules: {min(ratios):.2f} to "
                   f"{max(ratios):.2f}."]
     return "\n".join(lines) + "\n"
