@@ -17,37 +17,16 @@
    (Giles' mlmc_test), plus a plot of V_k(t) and p_k(t).
 6. `learn_probabilities`: the paper's SGD on p_k(t) with score-function gradients.
 
-The implementation lives in private modules (`_calibration`, `_learning`, `_flops`) and
-is re-exported here; this module's `__all__` is its public surface.
+The implementation lives in private modules, one concept each (`_costs`, `_statistics`,
+`_closed_form`, `_stratified`, `_gamma`, `_report`, `_calibration_file`, `_learning`,
+`_flops`), and is re-exported here; this module's `__all__` is its public surface.
 """
 
-from mlem_jax._calibration import (
-    Calibration,
-    CalibrationReport,
-    GammaFit,
-    LevelCosts,
-    LevelStatistics,
-    StratifiedCalibration,
-    cached_variances,
-    calibrated_probabilities,
-    calibration_report,
-    check_bins,
-    check_calibration_use,
-    check_cost_order,
-    fit_gamma,
-    format_report,
-    level_costs,
-    level_statistics,
-    load_calibration,
-    plot_report,
-    save_calibration,
-    solver_calls,
-    solver_sensitivities,
-    stratified_probabilities,
-    stratified_schedule,
-    stratified_shape,
-)
+from mlem_jax._calibration_file import Calibration, check_calibration_use, load_calibration, save_calibration
+from mlem_jax._closed_form import calibrated_probabilities, check_bins
+from mlem_jax._costs import LevelCosts, check_cost_order, level_costs
 from mlem_jax._flops import flops_of
+from mlem_jax._gamma import GammaFit, fit_gamma
 from mlem_jax._learning import (
     LearnedProbabilities,
     LearningHistory,
@@ -55,6 +34,9 @@ from mlem_jax._learning import (
     learn_probabilities,
     scaled_to_budget,
 )
+from mlem_jax._report import CalibrationReport, calibration_report, format_report, plot_report
+from mlem_jax._statistics import LevelStatistics, cached_variances, level_statistics, solver_calls, solver_sensitivities
+from mlem_jax._stratified import StratifiedCalibration, stratified_probabilities, stratified_schedule, stratified_shape
 
 __all__ = [
     "cached_variances",

@@ -226,50 +226,19 @@ def cmd_train(args):
     print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")
 
 
-class _exclusive:
-    """Hold OUT/.lock (O_EXCL, with the owner's pid) while training into OUT, so that two
-    trainers cannot write the same checkpoints; a lock left by a dead process is taken over."""
+@contextlib.contextmanager
+def _exclusive(out):
+    """Hold the lock on --out while training (`mlem_jax._filelock`), as a one-line CLI error."""
+    from mlem_jax._filelock import DirectoryLock, LockHeld
 
-    def __init__(self, out):
-        self.path = os.path.join(out, ".lock")
-
-    def __enter__(self):
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        pid = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise CLIError(f"--out: another trainer (pid {pid}) is writing {os.path.dirname(self.path)}; wait "
-                                   f"for it or use another --out (remove {self.path} if that process is gone).")
-                os.remove(self.path)  # stale: its owner died
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise CLIError(f"--out: could not take the lock {self.path}.")
-
-    def __exit__(self, *exc):
-        try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
-        return False
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock = DirectoryLock(out).acquire()
+    except LockHeld as e:
+        raise CLIError(f"--out: {e}") from e
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def cmd_sample(args):

@@ -1,0 +1,132 @@
+"""Calibration files: a schedule with what it was made for, written atomically and refused
+for another setting."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax._probabilities import (
+    PiecewiseConstant,
+)
+
+
+class Calibration(NamedTuple):
+    """A calibration file's content: the schedule and what it was made for.
+
+    probs: PiecewiseConstant (pass it as `probs`).
+    levels: the nf (or any identifier) of each level, cheapest first.
+    steps, grid: the sampling grid it was calibrated on (number of steps, grid kind).
+    coins, coupling: the coin scheme and coupling it assumed.
+    meta: everything else in the file (command, predictions, how it was made).
+    """
+
+    probs: PiecewiseConstant
+    levels: list
+    steps: int
+    grid: str
+    coins: str
+    coupling: str
+    meta: dict
+
+
+def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: str = "iid",
+                     coupling: str = "independent", solver: str = "em", control: str | None = None, **meta) -> str:
+    """Write a schedule (PiecewiseConstant or constant array) with the grid, coins, solver and
+    control variate it was made for, atomically, as JSON."""
+    import json
+    import os
+
+    if isinstance(probs, PiecewiseConstant):
+        edges, values = np.asarray(probs.edges, np.float64), np.asarray(probs.values, np.float64)
+    else:
+        values = np.atleast_2d(np.asarray(probs, np.float64))
+        edges = np.array([0.0, 1.0])
+    record = {"levels": list(levels), "edges": edges.tolist(), "values": values.tolist(), "steps": int(steps),
+              "grid": grid, "coins": coins, "coupling": coupling, "solver": solver, "control": control, **meta}
+    _check_calibration_values(record, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, default=lambda x: np.asarray(x).tolist())
+    os.replace(tmp, path)
+    return path
+
+
+def _check_calibration_values(record: dict, path: str) -> None:
+    for field in ("levels", "edges", "values", "steps", "grid"):
+        if field not in record:
+            raise ValueError(f"calibration {path}: missing the field {field!r}; write the file with "
+                             "mlem-jax calibrate (or mlem_jax.calibrate.save_calibration).")
+    try:
+        edges = np.asarray(record["edges"], np.float64)
+        values = np.asarray(record["values"], np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"calibration {path}: edges and values must be numbers ({e}).") from e
+    K = len(record["levels"])
+    if values.ndim != 2 or values.shape[1] != K or edges.shape != (values.shape[0] + 1,):
+        raise ValueError(f"calibration {path}: expected values of shape (bins, {K}) and bins + 1 edges, got "
+                         f"values {values.shape} and {edges.shape[0]} edges.")
+    if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"calibration {path}: the bin edges must be finite and increasing, got {edges.tolist()}.")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values > 1):
+        raise ValueError(f"calibration {path}: every probability must lie in (0, 1]; got min {np.nanmin(values):.3g}, "
+                         f"max {np.nanmax(values):.3g}" + (" and NaN" if np.isnan(values).any() else "") + ".")
+    if np.any(values[:, 0] != 1):
+        raise ValueError(f"calibration {path}: the first level must have probability 1, got {values[:, 0].min():.3g}.")
+    if record.get("coupling", "independent") == "nested" and np.any(np.diff(values, axis=1) > 0):
+        raise ValueError(f"calibration {path}: the nested coupling needs non-increasing probabilities.")
+    if record.get("coins", "iid") not in ("iid", "stratified"):
+        raise ValueError(f"calibration {path}: coins must be 'iid' or 'stratified', got {record['coins']!r}.")
+    if not isinstance(record["steps"], int) or record["steps"] < 1:
+        raise ValueError(f"calibration {path}: steps must be a positive integer, got {record['steps']!r}.")
+
+
+def load_calibration(path: str) -> Calibration:
+    """Read and validate a calibration file (outside any trace, so bad values fail here)."""
+    import json
+
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"calibration {path}: file not found (write one with mlem-jax calibrate).") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"calibration {path}: not valid JSON ({e}).") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"calibration {path}: expected a JSON object.")
+    _check_calibration_values(record, path)
+    probs = PiecewiseConstant(jnp.asarray(record["edges"], jnp.float32), jnp.asarray(record["values"], jnp.float32))
+    known = ("levels", "edges", "values", "steps", "grid", "coins", "coupling")
+    return Calibration(probs, list(record["levels"]), int(record["steps"]), str(record["grid"]),
+                       record.get("coins", "iid"), record.get("coupling", "independent"),
+                       {k: v for k, v in record.items() if k not in known})
+
+
+def check_calibration_use(cal: Calibration, path: str, *, levels, steps: int, grid: str, coins: str,
+                          coupling: str, solver: str = "em", control: str | None = None) -> None:
+    """Refuse a calibration used on another grid, other levels, other coins, coupling, solver
+    or control variate: its probabilities were chosen for those (p scales with the step size,
+    and each solver weighs its model calls differently). A file without a solver was made
+    for EM without a control."""
+    problems = []
+    made_solver, made_control = cal.meta.get("solver", "em"), cal.meta.get("control")
+    if solver != made_solver:
+        problems.append(f"solver {made_solver!r} (sampling solver {solver!r})")
+    if control != made_control:
+        problems.append(f"control={made_control!r} (sampling control={control!r})")
+    if list(levels) != list(cal.levels):
+        problems.append(f"levels {cal.levels} (sampling {list(levels)})")
+    if steps != cal.steps or grid != cal.grid:
+        problems.append(f"a {cal.grid} grid of {cal.steps} steps (sampling {grid}, {steps} steps)")
+    if coins != cal.coins:
+        problems.append(f"coins={cal.coins!r} (sampling coins={coins!r})")
+    if coupling != cal.coupling:
+        problems.append(f"coupling={cal.coupling!r} (sampling coupling={coupling!r})")
+    if problems:
+        raise ValueError(
+            f"calibration {path}: made for " + "; ".join(problems) + ". Its probabilities are chosen for that "
+            "setting; recalibrate (mlem-jax calibrate) or sample with the setting it was made for."
+        )
