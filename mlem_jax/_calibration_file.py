@@ -48,10 +48,10 @@ def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: 
               "grid": grid, "coins": coins, "coupling": coupling, "solver": solver, "control": control, **meta}
     _check_calibration_values(record, path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from mlem_jax._atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, default=lambda x: np.asarray(x).tolist())
-    os.replace(tmp, path)
     return path
 
 
@@ -60,6 +60,9 @@ def _check_calibration_values(record: dict, path: str) -> None:
         if field not in record:
             raise ValueError(f"calibration {path}: missing the field {field!r}; write the file with "
                              "mlem-jax calibrate (or mlem_jax.calibrate.save_calibration).")
+    if not isinstance(record["levels"], list) or not record["levels"]:
+        raise ValueError(f"calibration {path}: levels must be a non-empty list (the nf of each level), got "
+                         f"{record['levels']!r}.")
     try:
         edges = np.asarray(record["edges"], np.float64)
         values = np.asarray(record["values"], np.float64)
@@ -80,8 +83,24 @@ def _check_calibration_values(record: dict, path: str) -> None:
         raise ValueError(f"calibration {path}: the nested coupling needs non-increasing probabilities.")
     if record.get("coins", "iid") not in ("iid", "stratified"):
         raise ValueError(f"calibration {path}: coins must be 'iid' or 'stratified', got {record['coins']!r}.")
-    if not isinstance(record["steps"], int) or record["steps"] < 1:
-        raise ValueError(f"calibration {path}: steps must be a positive integer, got {record['steps']!r}.")
+    steps = record["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"calibration {path}: steps must be an integer in [1, {MAX_STEPS}], got {steps!r}.")
+    _check_choice(record, path, "grid", GRIDS, None)
+    _check_choice(record, path, "coupling", ("independent", "nested"), "independent")
+    _check_choice(record, path, "control", (None, "cached", "extrapolated"), None)
+    _check_choice(record, path, "solver", SOLVER_NAMES, "em")
+
+
+MAX_STEPS = 10_000_000
+GRIDS = ("uniform", "quadratic", "karras", "logsnr")
+SOLVER_NAMES = ("em", "heun", "ddim", "dpm++2m", "dpm++3m", "sde-dpm++2m", "edm-euler", "edm-heun")
+
+
+def _check_choice(record, path, field, choices, default):
+    value = record.get(field, default)
+    if isinstance(value, bool) or value not in choices:
+        raise ValueError(f"calibration {path}: {field} must be one of {list(choices)}, got {value!r}.")
 
 
 def load_calibration(path: str) -> Calibration:
@@ -89,8 +108,11 @@ def load_calibration(path: str) -> Calibration:
     import json
 
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             record = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calibration {path}: not UTF-8 text ({e.reason} at byte {e.start}); the file is "
+                         "damaged or not a calibration file.") from e
     except FileNotFoundError as e:
         raise FileNotFoundError(f"calibration {path}: file not found (write one with mlem-jax calibrate).") from e
     except json.JSONDecodeError as e:

@@ -76,6 +76,32 @@ def optimal_probabilities(
       p with the shape of `variances`, p_1 = 1, p_k in (0, 1]. All bins share one
       Lagrange multiplier, so the allocation is optimal over time as well as levels.
     """
+    v, c, w, one_bin = _check_allocation(variances, costs, step_size, bin_weights, target_variance, budget)
+    h = float(step_size)
+    ratio = np.sqrt(v / c)  # p is lambda * ratio where not clamped
+    root = w[:, None] * np.sqrt(v * c)
+    free = np.zeros(v.shape, bool)
+    free[:, 1:] = True
+    if target_variance is not None:
+        if not target_variance > 0:
+            raise ValueError(f"target_variance: expected a positive variance, got {target_variance}.")
+        multiplier = lambda free: h * root[free].sum() / (target_variance + h * (w[:, None] * v)[free].sum())
+    else:
+        multiplier = _budget_multiplier(budget, num_steps, c, w, root)
+    while free.any():  # clamp at 1 the levels whose p would exceed it, then solve again for the others
+        lam = multiplier(free)
+        clamp = free & (lam * ratio >= 1)
+        if not clamp.any():
+            break
+        free &= ~clamp
+    p = np.ones_like(v)
+    if free.any():
+        p[free] = (lam * ratio)[free]
+    return p[0] if one_bin else p
+
+
+def _check_allocation(variances, costs, step_size, bin_weights, target_variance, budget):
+    """(V as (B, K), costs, bin weights, whether V was one bin), or a ValueError naming the argument."""
     v = np.asarray(variances, dtype=np.float64)
     one_bin = v.ndim == 1
     v = np.atleast_2d(v)
@@ -97,44 +123,30 @@ def optimal_probabilities(
         raise ValueError(f"bin_weights: expected {v.shape[0]} non-negative weights summing to 1, got {w}.")
     if (target_variance is None) == (budget is None):
         raise ValueError("target_variance, budget: give exactly one of them.")
-    h = float(step_size)
-    ratio = np.sqrt(v / c)  # p is lambda * ratio where not clamped
-    root = w[:, None] * np.sqrt(v * c)
-    p = np.ones_like(v)
-    free = np.zeros(v.shape, bool)
-    free[:, 1:] = True
-    if target_variance is not None:
-        if not target_variance > 0:
-            raise ValueError(f"target_variance: expected a positive variance, got {target_variance}.")
-        while free.any():
-            lam = h * root[free].sum() / (target_variance + h * (w[:, None] * v)[free].sum())
-            clamp = free & (lam * ratio >= 1)
-            if not clamp.any():
-                break
-            free &= ~clamp
-    else:
-        if num_steps is None or num_steps < 1:
-            raise ValueError("num_steps: a budget per trajectory needs the number of steps.")
-        per_step = float(budget) / num_steps
-        floor = c[0]
-        if not per_step > floor:
-            raise ValueError(
-                f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level "
-                f"alone ({num_steps} steps x {c[0]:.4g} = {num_steps * c[0]:.4g}); raise the budget "
-                "or use fewer steps."
-            )
-        while free.any():
-            clamped_cost = floor + (w[:, None] * c[None, :] * (~free))[:, 1:].sum()
-            lam = (per_step - clamped_cost) / root[free].sum()
-            if lam <= 0:
-                raise ValueError(f"budget: {budget:.4g} cannot pay for the levels that must run.")
-            clamp = free & (lam * ratio >= 1)
-            if not clamp.any():
-                break
-            free &= ~clamp
-    if free.any():
-        p[free] = (lam * ratio)[free]
-    return p[0] if one_bin else p
+    return v, c, w, one_bin
+
+
+def _budget_multiplier(budget, num_steps, c, w, root):
+    """lambda(free levels) that spends `budget` per trajectory, the clamped levels paid in full."""
+    if num_steps is None or num_steps < 1:
+        raise ValueError("num_steps: a budget per trajectory needs the number of steps.")
+    per_step = float(budget) / num_steps
+    floor = c[0]
+    if not per_step > floor:
+        raise ValueError(
+            f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level "
+            f"alone ({num_steps} steps x {c[0]:.4g} = {num_steps * c[0]:.4g}); raise the budget "
+            "or use fewer steps."
+        )
+
+    def multiplier(free):
+        clamped_cost = floor + (w[:, None] * c[None, :] * (~free))[:, 1:].sum()
+        lam = (per_step - clamped_cost) / root[free].sum()
+        if lam <= 0:
+            raise ValueError(f"budget: {budget:.4g} cannot pay for the levels that must run.")
+        return lam
+
+    return multiplier
 
 
 def injected_variance(variances, probs, step_size: float, bin_weights=None) -> float:
@@ -153,13 +165,32 @@ def expected_cost(probs, costs, num_steps: int, bin_weights=None) -> float:
     return float(num_steps * np.sum(w[:, None] * p * np.asarray(costs)[None, :]))
 
 
-class PiecewiseConstant(NamedTuple):
-    """A time-dependent schedule, constant on each bin: probs(t) = values[b] for t in
-    [edges[b], edges[b+1]). A pytree and a function of t, usable as the `probs` of
-    `multilevel_euler_maruyama`; times outside the edges use the nearest bin."""
-
+class _Bins(NamedTuple):
     edges: jax.Array  # (B + 1,) increasing
     values: jax.Array  # (B, K)
+
+
+class PiecewiseConstant(_Bins):
+    """A time-dependent schedule, constant on each bin: probs(t) = values[b] for t in
+    [edges[b], edges[b+1]). A pytree and a function of t, usable as the `probs` of
+    `multilevel_euler_maruyama`. Checked at construction: one row of values per bin and
+    (when concrete) increasing edges; the solvers check that the edges cover their grid."""
+
+    __slots__ = ()
+
+    def __new__(cls, edges, values):
+        shape_e, shape_v = getattr(edges, "shape", None), getattr(values, "shape", None)
+        if shape_e is not None and shape_v is not None and len(shape_e) == 1:  # not a batch of schedules
+            if len(shape_v) != 2 or shape_v[0] != shape_e[0] - 1:
+                raise ValueError(
+                    f"values: expected one row of probabilities per bin, shape ({shape_e[0] - 1}, K) for "
+                    f"{shape_e[0]} edges, got shape {tuple(shape_v)}.")
+            from mlem_jax._validate import is_concrete
+
+            if is_concrete(edges) and not np.all(np.diff(np.asarray(edges, np.float64)) > 0):
+                raise ValueError(f"edges: expected strictly increasing bin edges, got "
+                                 f"{np.array2string(np.asarray(edges), precision=4)}.")
+        return super().__new__(cls, edges, values)
 
     def __call__(self, t):
         b = jnp.searchsorted(self.edges, t, side="right") - 1

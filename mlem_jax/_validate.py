@@ -59,6 +59,13 @@ def check_ts(ts: Any) -> jax.Array:
                 f"for sampling backwards in time); the step from ts[{bad}]={float(ts[bad])} "
                 f"to ts[{bad + 1}]={float(ts[bad + 1])} breaks it."
             )
+    else:  # traced (under jit): checked when the program runs
+        import equinox as eqx
+
+        d = jnp.diff(ts)
+        bad = ~(jnp.all(d > 0) | jnp.all(d < 0)) | ~jnp.all(jnp.isfinite(ts))
+        ts = eqx.error_if(ts, bad, "ts: expected a strictly monotone grid of finite times (all increasing, or "
+                                   "all decreasing for sampling backwards in time).")
     return ts
 
 
@@ -198,6 +205,7 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
                 f"probs: the schedule must return one probability per level, shape "
                 f"({num_levels},), got shape {out.shape}."
             )
+        _check_coverage(probs, ts)
         if is_concrete(ts):
             try:
                 values = jax.vmap(fn)(ts[:-1])
@@ -205,7 +213,8 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
                 values = fn(ts[0])[None]
             if is_concrete(values):
                 _check_prob_values(np.asarray(values), coupling, "probs(t)")
-        return fn
+                return fn
+        return _checked_when_run(fn, coupling)
     p = jnp.asarray(probs)
     if p.shape != (num_levels,):
         raise ValueError(
@@ -217,6 +226,40 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
     if is_concrete(p):
         _check_prob_values(np.asarray(p)[None], coupling, "probs")
     return lambda t: p
+
+
+def _check_coverage(probs, ts) -> None:
+    """A PiecewiseConstant's edges must cover the grid: a time outside them would use the nearest bin, a
+    schedule made for another interval."""
+    from mlem_jax._probabilities import PiecewiseConstant
+
+    if not (isinstance(probs, PiecewiseConstant) and is_concrete((probs.edges, ts))):
+        return
+    edges, t = np.asarray(probs.edges, np.float64), np.asarray(ts, np.float64)
+    lo, hi = t.min(), t.max()
+    slack = 1e-5 * max(hi - lo, 1e-12)
+    if edges[0] > lo + slack or edges[-1] < hi - slack:
+        raise ValueError(
+            f"probs: the schedule's edges cover [{edges[0]:.6g}, {edges[-1]:.6g}], but the solver calls the "
+            "model at times in "
+            f"[{lo:.6g}, {hi:.6g}]; a schedule is made for the times it was calibrated on. Calibrate on this "
+            "grid, or give edges that span those times."
+        )
+
+
+def _checked_when_run(fn: Callable, coupling: str) -> Callable:
+    """A schedule whose values are traced (under jit): checked on every call through `equinox.error_if`."""
+    import equinox as eqx
+
+    def checked(t):
+        p = fn(t)
+        bad = jnp.any(jnp.isnan(p)) | jnp.any(p <= 0) | jnp.any(p > 1) | (p[0] != 1)
+        if coupling == "nested":
+            bad = bad | jnp.any(jnp.diff(p) > 0)
+        return eqx.error_if(p, bad, "probs(t): every probability must lie in (0, 1], with p_1 = 1"
+                                    + (" and p non-increasing (nested coupling)" if coupling == "nested" else ""))
+
+    return checked
 
 
 def _check_prob_values(p: np.ndarray, coupling: str, name: str) -> None:

@@ -79,6 +79,18 @@ def test_mnist_and_cifar_builders_from_local_files(tmp_path):
     data.prepare_local("cifar10", str(src), str(tmp_path / "tfds"))
     x = data.load_dataset("cifar10", "train", str(tmp_path / "tfds"))
     assert x.shape == (15, 32, 32, 3)
+    # a crafted batch file that would run code when unpickled is refused, and runs nothing
+    marker = tmp_path / "ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(src / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Exploit(), b"labels": []}, f)
+    with pytest.raises(ValueError, match=r"data_batch_1: refusing (posix|os)\.system in a CIFAR-10 batch file"):
+        data.prepare_local("cifar10", str(src), str(tmp_path / "tfds2"))
+    assert not marker.exists()
 
 
 def test_dataset_errors_fail_fast(tmp_path):

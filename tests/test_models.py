@@ -133,10 +133,14 @@ def test_nnx_adapter():
         def __call__(self, x, t):
             return self.lin(x) * t
 
-    apply, params = nnx_apply(Tiny(nnx.Rngs(0)))
-    out = apply(params, jnp.ones((2, 3)), 2.0)
-    assert out.shape == (2, 3)
-    assert jnp.allclose(jax.jit(apply)(params, jnp.ones((2, 3)), 2.0), out)
+    module = Tiny(nnx.Rngs(0))
+    network, params = nnx_apply(module)
+    x = jnp.ones((2, 3))
+    out = network(params, 2.0, x)
+    np.testing.assert_array_equal(out, module(x, 2.0))
+    assert jnp.allclose(jax.jit(network)(params, 2.0, x, None), out)
+    with pytest.warns(DeprecationWarning, match=r"network\(params, t, x, args\)"):
+        np.testing.assert_array_equal(network(params, x, 2.0), out)
 
 
 def test_combine_families(tmp_path):
@@ -235,6 +239,32 @@ def test_load_family_refuses_files_that_do_not_belong_together(tmp_path):
     assert "was trained with the SDE" in with_json(lambda m: m["sde"].update(beta_max=10.0))
     assert "beta_max=-1.0" in with_json(lambda m: m["sde"].update(beta_max=-1.0))
     assert "lacks ['sde']" in with_json(lambda m: m.pop("sde"))
+    # fields of the wrong type (issue: malformed files end in tracebacks that name no file)
+    assert "has levels = '5'" in with_json(lambda m: m.update(levels=5))
+    assert "has sde 'VP'; expected an object" in with_json(lambda m: m.update(sde="VP"))
+    assert "beta_max = '20' (str); expected a number" in with_json(lambda m: m["sde"].update(beta_max="20"))
+    assert "holds a list, not an object" in with_json(lambda m: None, text="[1, 2]")
+    with open(stem + ".json", "wb") as f:
+        f.write(b'{"levels": "\xff"}')
+    with pytest.raises(ValueError, match=r"fam.json is not UTF-8 text"):
+        load_family(stem)
+    with open(stem + ".json", "w") as f:
+        f.write(_json.dumps(good))
+    # a damaged member (bytes flipped inside it: a CRC error) and an object array (a pickle) name file and member
+    raw = open(stem + ".npz", "rb").read()
+    with open(stem + ".npz", "wb") as f:
+        f.write(raw[:len(raw) // 2] + bytes(b ^ 0xFF for b in raw[len(raw) // 2:len(raw) // 2 + 64])
+                + raw[len(raw) // 2 + 64:])
+    with pytest.raises(ValueError, match=r"fam.npz (cannot be read|is not a readable npz)"):
+        load_family(stem)
+    with open(stem + ".npz", "wb") as f:
+        f.write(raw)
+    members = dict(np.load(stem + ".npz"))
+    np.savez(stem + ".npz", **{**members, "level0/Conv_0/bias": np.array([None, 1], object)})
+    with pytest.raises(ValueError, match=r"member 'level0/Conv_0/bias' of .*fam.npz cannot be read"):
+        load_family(stem)
+    np.savez(stem + ".npz", **members)
+    assert [m.nf for m in load_family(stem).models] == [4, 8]
     # NaN weights
     bad = [jax.tree_util.tree_map(lambda v: v * jnp.nan, params[0]), params[1]]
     save_family(stem, family, bad, VP(), "eps", (8, 8, 1))

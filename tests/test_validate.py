@@ -152,3 +152,81 @@ def test_the_old_name_of_fixed_firings_still_works_with_a_warning():
 
     with pytest.warns(DeprecationWarning, match="FixedFirings"):
         assert mlem_jax.FixedBudget is mlem_jax.FixedFirings
+
+
+def test_a_schedule_is_checked_at_construction_and_against_the_grid():
+    from mlem_jax import PiecewiseConstant
+
+    with pytest.raises(ValueError, match=r"values: expected one row of probabilities per bin, shape \(2, K\)"):
+        PiecewiseConstant(jnp.array([0.0, 0.5, 1.0]), jnp.ones((3, 2)))
+    with pytest.raises(ValueError, match="edges: expected strictly increasing"):
+        PiecewiseConstant(jnp.array([0.0, 0.6, 0.5]), jnp.ones((2, 2)))
+    short = PiecewiseConstant(jnp.array([0.0, 0.25, 0.5]), jnp.ones((2, 2)).at[:, 1].set(0.5))
+    with pytest.raises(ValueError, match=r"probs: the schedule's edges cover \[0, 0.5\], but the solver calls "
+                                         r"the model at times in \[0, 0.75\]"):
+        mlem(probs=short)
+    covering = PiecewiseConstant(jnp.array([0.0, 0.5, 1.0]), short.values)
+    assert mlem(probs=covering).y.shape == (3,)
+    # a pytree still: vmapped over a batch of schedules, rebuilt by tree_map
+    doubled = jax.tree_util.tree_map(lambda x: x, covering)
+    assert isinstance(doubled, PiecewiseConstant)
+
+
+def test_traced_grids_and_schedules_are_checked_when_the_program_runs():
+    """Under jit the values are not known at trace time: equinox.error_if raises when it runs."""
+
+    run = jax.jit(lambda ts: euler_maruyama(F, G, Y0, ts, KEY))
+    assert run(TS).shape == (3,)
+    with pytest.raises(Exception, match="ts: expected a strictly monotone grid"):
+        run(jnp.array([0.0, 0.5, 0.3, 1.0, 1.1])).block_until_ready()
+    sched = jax.jit(lambda c: multilevel_euler_maruyama((F, F), lambda t: jnp.array([1.0, c]), G, Y0, TS, KEY,
+                                                        level_key=jax.random.key(1)).y)
+    assert sched(0.5).shape == (3,)
+    with pytest.raises(Exception, match=r"probs\(t\): every probability must lie in \(0, 1\]"):
+        sched(1.5).block_until_ready()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("steps", 1e30, r"steps must be an integer in \[1, 10000000\], got 1e\+30"),
+    ("steps", True, "steps must be an integer"),
+    ("grid", 7, r"grid must be one of \['uniform'"),
+    ("coupling", "tight", r"coupling must be one of \['independent', 'nested'\], got 'tight'"),
+    ("solver", "rk4", "solver must be one of"),
+    ("levels", 5, "levels must be a non-empty list"),
+])
+def test_a_calibration_file_with_fields_of_the_wrong_type_is_refused_at_load(tmp_path, field, value, match):
+    import json
+
+    from mlem_jax.calibrate import load_calibration, save_calibration
+
+    path = save_calibration(str(tmp_path / "c.json"), jnp.array([1.0, 0.5]), levels=[4, 8], steps=10, grid="uniform")
+    record = json.loads(open(path).read())
+    record[field] = value
+    open(path, "w").write(json.dumps(record))
+    with pytest.raises(ValueError, match=f"calibration {path}: {match}"):
+        load_calibration(path)
+    open(path, "wb").write(b'{"levels": "\xff"}')
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_calibration(path)
+
+
+def test_writes_are_atomic_and_never_follow_a_planted_temporary_name(tmp_path):
+    """The temporary file is created exclusively under a fresh name: a symlink planted at the old fixed
+    names (path + '.tmp', stem + '.tmp.npz') is left alone, and so is the file it points to."""
+    import os
+
+    from mlem_jax._atomic import atomic_path
+    from mlem_jax.calibrate import load_calibration, save_calibration
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    path = tmp_path / "c.json"
+    os.symlink(victim, str(path) + ".tmp")
+    save_calibration(str(path), jnp.array([1.0, 0.5]), levels=[4, 8], steps=10, grid="uniform")
+    assert victim.read_text() == "keep me" and load_calibration(str(path)).steps == 10
+    with pytest.raises(RuntimeError, match="boom"):  # a failed write leaves the old file and no temporary one
+        with atomic_path(str(path)) as tmp:
+            open(tmp, "w").write("half")
+            raise RuntimeError("boom")
+    assert load_calibration(str(path)).steps == 10
+    assert sorted(os.listdir(tmp_path)) == ["c.json", "c.json.tmp", "victim"]

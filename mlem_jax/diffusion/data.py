@@ -206,11 +206,30 @@ def _cifar10(source_dir, split):
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
     for name in files:
-        with open(os.path.join(source_dir, name), "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+        path = os.path.join(source_dir, name)
+        with open(path, "rb") as f:
+            try:
+                d = _ArraysOnly(f, encoding="bytes").load()
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"source_dir: {path}: {e}") from e
         xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(np.asarray(d[b"labels"]))
     return np.concatenate(xs), np.concatenate(ys)
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler for the CIFAR-10 batch files that admits only what they hold (dicts, lists, bytes,
+    numbers and numpy arrays): any other global, the way a crafted pickle runs code, is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing {module}.{name} in a CIFAR-10 batch file: it holds only arrays, "
+                                     "lists and bytes (a file that needs more is not the dataset's)")
 
 
 _REGISTERED = False

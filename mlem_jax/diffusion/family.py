@@ -57,103 +57,155 @@ def save_family(path: str, models: Sequence[UNet], params: Sequence[Any], sde, p
     arrays["meta/sde"] = np.frombuffer(json.dumps(sde_config(sde), sort_keys=True).encode(), np.uint8)
     meta = {"levels": [model_config(m) for m in models], "sde": sde_config(sde),
             "parameterization": parameterization, "image_shape": list(image_shape), **(extra or {})}
-    tmp = base + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, base + ".npz")  # atomic: a reader never sees half a file
-    with open(base + ".json.tmp", "w") as f:
+    from mlem_jax._atomic import atomic_path
+
+    with atomic_path(base + ".npz") as tmp, open(tmp, "wb") as f:  # a reader never sees half a file
+        np.savez_compressed(f, **arrays)
+    with atomic_path(base + ".json") as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1)
-    os.replace(base + ".json.tmp", base + ".json")
     return base + ".npz"
 
 
-def _check_sde(cfg: dict, where: str) -> None:
+def _check_sde(cfg, where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"family: {where} has sde {cfg!r}; expected an object such as "
+                         '{"kind": "VP", "beta_min": 0.1, "beta_max": 20.0}.')
     kind = cfg.get("kind")
+    names = {"VP": ("beta_min", "beta_max"), "SubVP": ("beta_min", "beta_max"), "VE": ("sigma_min", "sigma_max")}
+    if kind not in names:
+        raise ValueError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP' or 'VE'.")
+    unknown = sorted(set(cfg) - {"kind", *names[kind]})
+    if unknown:
+        raise ValueError(f"family: {where} has a {kind} SDE with unknown fields {unknown}; expected {names[kind]}.")
+    for name in names[kind]:
+        value = cfg.get(name)
+        if name in cfg and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"family: {where} has {name} = {value!r} ({type(value).__name__}); expected a number.")
     if kind in ("VP", "SubVP"):
         lo, hi = cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0)
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi):
             raise ValueError(f"family: {where} has a {kind} SDE with beta_min={lo}, beta_max={hi}; expected "
                              "0 <= beta_min < beta_max.")
-    elif kind == "VE":
+    else:
         lo, hi = cfg.get("sigma_min", 0.01), cfg.get("sigma_max", 50.0)
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
             raise ValueError(f"family: {where} has a VE SDE with sigma_min={lo}, sigma_max={hi}; expected "
                              "0 < sigma_min < sigma_max.")
-    else:
-        raise ValueError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP' or 'VE'.")
 
 
 def load_family(path: str) -> Family:
     """Read a family written by `save_family` (path to the .npz or its stem), checking that
     the .json and the .npz agree (levels, every parameter's shape), that the weights are
     finite and the SDE valid: a mismatch is an error naming the file, never a wrong sample."""
-    from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS
-    from mlem_jax.diffusion.unet import init_params
-
     base = path[:-4] if path.endswith(".npz") else path
     if not os.path.exists(base + ".npz") or not os.path.exists(base + ".json"):
         raise FileNotFoundError(f"family: expected {base}.npz and {base}.json "
                                 "(written by save_family / mlem-jax train).")
-    try:
-        with open(base + ".json") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"family: {base}.json is not valid JSON ({e}); it may be truncated.") from e
-    missing = [k for k in ("levels", "sde", "parameterization", "image_shape") if k not in meta]
-    if missing:
-        raise ValueError(f"family: {base}.json lacks {missing}; write families with save_family / mlem-jax train.")
-    if meta["parameterization"] not in PARAMETERIZATIONS:
-        raise ValueError(f"family: {base}.json has parameterization {meta['parameterization']!r}; expected one of "
-                         f"{PARAMETERIZATIONS}.")
+    meta = _read_meta(base + ".json")
     shape = meta["image_shape"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
-        raise ValueError(f"family: {base}.json has image_shape {shape!r}; expected [height, width, channels].")
-    _check_sde(meta["sde"], base + ".json")
-    try:
-        arrays = np.load(base + ".npz")
-        names = arrays.files
-    except Exception as e:
-        raise ValueError(f"family: {base}.npz is not a readable npz file ({type(e).__name__}: {e}).") from e
-    if "meta/image_shape" in names and list(arrays["meta/image_shape"]) != list(shape):
+    arrays = _read_arrays(base + ".npz")
+    if "meta/image_shape" in arrays and list(arrays["meta/image_shape"]) != list(shape):
         trained = arrays["meta/image_shape"].tolist()
         raise ValueError(f"family: {base}.npz was trained on images of shape {trained}, but "
                          f"{base}.json says {shape}; the two files do not belong together.")
-    if "meta/sde" in names and json.loads(arrays["meta/sde"].tobytes().decode()) != dict(meta["sde"]):
+    if "meta/sde" in arrays and json.loads(arrays["meta/sde"].tobytes().decode()) != dict(meta["sde"]):
         raise ValueError(f"family: {base}.npz was trained with the SDE {arrays['meta/sde'].tobytes().decode()}, but "
                          f"{base}.json says {meta['sde']}; the two files do not belong together.")
-    stored = sorted({n.split("/", 1)[0] for n in names if n.startswith("level")})
+    stored = sorted({n.split("/", 1)[0] for n in arrays if n.startswith("level")})
     expected = [f"level{k}" for k in range(len(meta["levels"]))]
     if sorted(stored) != sorted(expected):
         raise ValueError(f"family: {base}.npz holds {len(stored)} levels ({stored}) but {base}.json describes "
                          f"{len(expected)}; the two files do not belong together.")
-    models, params = [], []
-    for k, cfg in enumerate(meta["levels"]):
-        try:
-            model = UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
-                         attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"])
-            model.check_input((1, *shape))
-            template = traverse_util.flatten_dict(
-                jax.eval_shape(lambda: init_params(model, jax.random.key(0), shape)), sep="/")
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"family: level {k} of {base}.json is not a valid UNet description ({e}).") from e
-        prefix = f"level{k}/"
-        flat = {name[len(prefix):]: arrays[name] for name in names if name.startswith(prefix)}
-        if set(flat) != set(template):
-            extra, lacking = sorted(set(flat) - set(template)), sorted(set(template) - set(flat))
-            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz does not match {base}.json: "
-                             f"{len(lacking)} parameters missing ({lacking[:2]}), {len(extra)} unexpected "
-                             f"({extra[:2]}).")
-        for name, spec in template.items():
-            if tuple(flat[name].shape) != tuple(spec.shape):
-                raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of shape "
-                                 f"{tuple(flat[name].shape)}, but {base}.json's model needs {tuple(spec.shape)}; "
-                                 "the two files do not belong together.")
-            if not np.all(np.isfinite(flat[name])):
-                raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has non-finite weights in "
-                                 f"{name}; the training diverged or the file is damaged.")
-        models.append(model)
-        params.append(traverse_util.unflatten_dict({n: jnp.asarray(v, jnp.float32) for n, v in flat.items()}, sep="/"))
-    return Family(tuple(models), tuple(params), sde_from_config(meta["sde"]), meta["parameterization"],
-                  tuple(shape), meta)
+    levels = [_read_level(k, cfg, arrays, shape, base) for k, cfg in enumerate(meta["levels"])]
+    return Family(tuple(m for m, _ in levels), tuple(p for _, p in levels), sde_from_config(meta["sde"]),
+                  meta["parameterization"], tuple(shape), meta)
+
+
+def _read_meta(where: str) -> dict:
+    """The family's JSON, with every field the loader uses type-checked (an error naming the file and field)."""
+    from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS
+
+    try:
+        with open(where, encoding="utf-8") as f:
+            meta = json.load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"family: {where} is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged or "
+                         "not a family file.") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"family: {where} is not valid JSON ({e}); it may be truncated.") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"family: {where} holds a {type(meta).__name__}, not an object; write families with "
+                         "save_family / mlem-jax train.")
+    missing = [k for k in ("levels", "sde", "parameterization", "image_shape") if k not in meta]
+    if missing:
+        raise ValueError(f"family: {where} lacks {missing}; write families with save_family / mlem-jax train.")
+    levels = meta["levels"]
+    if not (isinstance(levels, list) and levels and all(isinstance(c, dict) for c in levels)):
+        raise ValueError(f"family: {where} has levels = {str(levels)[:80]!r}; expected a non-empty list of UNet "
+                         'descriptions ({"nf": 8, "ch_mult": [1, 2, 2], ...}).')
+    if meta["parameterization"] not in PARAMETERIZATIONS:
+        raise ValueError(f"family: {where} has parameterization {meta['parameterization']!r}; expected one of "
+                         f"{PARAMETERIZATIONS}.")
+    shape = meta["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        raise ValueError(f"family: {where} has image_shape {shape!r}; expected [height, width, channels].")
+    _check_sde(meta["sde"], where)
+    return meta
+
+
+def _read_arrays(where: str) -> dict:
+    """Every member of the npz, read now (no pickles): a damaged member or an object array is an error
+    naming the file and the member."""
+    try:
+        archive = np.load(where, allow_pickle=False)
+        names = archive.files
+    except Exception as e:
+        raise ValueError(f"family: {where} is not a readable npz file ({type(e).__name__}: {e}).") from e
+    arrays = {}
+    with archive:
+        for name in names:
+            try:
+                arrays[name] = archive[name]
+            except Exception as e:  # BadZipFile, a CRC error, an object array (allow_pickle=False), ...
+                raise ValueError(f"family: member {name!r} of {where} cannot be read ({type(e).__name__}: {e}); "
+                                 "the file is damaged or was not written by save_family.") from e
+    return arrays
+
+
+def _read_level(k: int, cfg: dict, arrays: dict, shape, base: str):
+    """(UNet, parameters) of level k, its parameter names and shapes checked against the model the JSON
+    describes and its weights finite."""
+    from mlem_jax.diffusion.unet import init_params
+
+    try:
+        model = UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+                     attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"])
+        model.check_input((1, *shape))
+        template = traverse_util.flatten_dict(
+            jax.eval_shape(lambda: init_params(model, jax.random.key(0), shape)), sep="/")
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"family: level {k} of {base}.json is not a valid UNet description ({e}).") from e
+    prefix = f"level{k}/"
+    flat = {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
+    if set(flat) != set(template):
+        extra, lacking = sorted(set(flat) - set(template)), sorted(set(template) - set(flat))
+        raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz does not match {base}.json: "
+                         f"{len(lacking)} parameters missing ({lacking[:2]}), {len(extra)} unexpected "
+                         f"({extra[:2]}).")
+    for name, spec in template.items():
+        if tuple(flat[name].shape) != tuple(spec.shape):
+            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of shape "
+                             f"{tuple(flat[name].shape)}, but {base}.json's model needs {tuple(spec.shape)}; "
+                             "the two files do not belong together.")
+        if not np.issubdtype(flat[name].dtype, np.floating):
+            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of dtype "
+                             f"{flat[name].dtype}; weights are floating point: the file is damaged.")
+        if not np.all(np.isfinite(flat[name])):
+            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has non-finite weights in "
+                             f"{name}; the training diverged or the file is damaged.")
+    params = traverse_util.unflatten_dict({n: jnp.asarray(v, jnp.float32) for n, v in flat.items()}, sep="/")
+    return model, params
 
 
 def shipped_family_path() -> str:

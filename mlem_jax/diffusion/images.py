@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 
@@ -31,8 +30,10 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
     img = Image.fromarray(g)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    from mlem_jax._atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # whole or not at all
+        img.save(tmp, format="PNG")
     return path
 
 
