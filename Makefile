@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick fmnist16-weights fmnist16-nf64-weights fmnist16x5 clean
+.PHONY: demo test lint docs bench bench-quick fmnist16-weights fmnist16-nf64-weights fmnist16x5 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## demo: the main job: EM against ML-EM on the shipped digits family (writes demo.png)
+## demo: the main job: EM against ML-EM on the shipped digits family (writes out/demo.png and out/demo.npz)
 demo: $(STAMP)
 	$(VENV)/bin/mlem-jax demo
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 ## lint: ruff (configuration in pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mlem_jax benchmarks tests
+
+## docs: the documentation site (mkdocs-material + mkdocstrings, API reference from the docstrings) into site/, --strict
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 ## bench-quick: every benchmark in its --quick mode (what CI runs)
 bench-quick: $(STAMP)
@@ -72,4 +76,4 @@ fmnist16x5: $(STAMP)
 	$(PY) benchmarks/fmnist16.py --raw-data --family runs/fmnist16x4_8/family --name fmnist16x4_8_cpu --no-ode --out docs/figures/fmnist16x5 --set "couplings=('independent',)" "geometric_steps=()" "small_steps=(200,)" "em_steps=(25, 50, 100)" "stitch_steps=(50, 100)" "stitch_fractions=(0.3,)" "mlem_steps=(50, 100)" "equal_batch=False"
 
 clean:
-	rm -rf $(VENV) benchmarks/out .pytest_cache
+	rm -rf $(VENV) benchmarks/out .pytest_cache site

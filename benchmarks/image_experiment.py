@@ -124,7 +124,7 @@ def heldout_losses(family, images, key, t_min: float = 1e-3, chunk: int = 500):
         eps = jax.random.normal(kn, x0.shape)
         tb = t[:, None, None, None]
         xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
-        target = target_from_noise(sde, param, x0, eps, tb)
+        target = target_from_noise(sde, param, tb, x0, eps)
         for k, f in enumerate(fns):
             per_image[k].append(np.asarray(jnp.mean((f(xt, t) - target) ** 2, axis=(1, 2, 3))))
     L = np.stack([np.concatenate(v) for v in per_image])  # (K, N)

@@ -280,11 +280,49 @@ def learn_probabilities(
     drifts = tuple(jax.checkpoint(f) for f in drifts) if remat else tuple(drifts)
     ts, coupling, pool, level_cost = _check_inputs(drifts, y0s, ts, costs, num_bins, coupling, group_size,
                                                    num_groups)
+    corr = correction_costs(level_cost, coupling)
+    _check_learning(budget, cost_weight, steps, min_probability, average, ts.shape[0] - 1, corr)
+    edges = time_bins(ts, num_bins)
+    init_values = np.broadcast_to(schedule_values(0.3 ** np.arange(len(drifts)) if init is None else init),
+                                  (num_bins, len(drifts)))
+    logits = logits_from_probabilities(init_values, coupling, min_probability)
+    optimizer = optax.adam(0.05) if optimizer is None else optimizer
+
+    k_paths, k_levels, k_pick = jax.random.split(key, 3)
+    path_keys = jax.random.split(k_paths, pool)
+    em_finals = _em_finals(drifts[-1], diffusion, y0s, ts, path_keys, args)
+    corr_j = jnp.asarray(corr, ts.dtype)
+    step_bins = np.clip(np.searchsorted(np.asarray(edges), np.asarray(ts[:-1]), side="right") - 1, 0, num_bins - 1)
+    counts = jnp.asarray(np.bincount(step_bins, minlength=num_bins), ts.dtype)
+    p_of = lambda th: probabilities_from_logits(th, coupling, min_probability)
+    if budget is not None:
+        p_of = lambda th: scaled_to_budget(probabilities_from_logits(th, coupling, min_probability), counts, corr_j,
+                                           budget)
+
+    def loss(theta, weight, it):
+        values = p_of(theta)
+        idx = jax.random.choice(jax.random.fold_in(k_pick, it), pool, (num_groups, group_size),
+                                replace=pool < num_groups * group_size)
+        take = lambda x: x[idx]
+        level_keys = jax.random.split(jax.random.fold_in(k_levels, it), num_groups)
+        surrogate, mse = _surrogate(values, edges, drifts, diffusion, ts, args, coupling,
+                                    jax.tree_util.tree_map(take, y0s), path_keys[idx],
+                                    jax.tree_util.tree_map(take, em_finals), level_keys)
+        cost = jnp.sum(counts[:, None] * values * corr_j)
+        return surrogate + weight * cost, (jnp.mean(mse), cost, values)
+
+    weight = 0.0 if cost_weight is None else float(cost_weight)  # a budget is held by the scale instead
+    hist = _descend(loss, optimizer, logits, weight, steps, progress)
+    tail = hist.probs[-max(1, int(round(average * steps))):]
+    learned = PiecewiseConstant(edges, jnp.asarray(tail.mean(0), ts.dtype))
+    return LearnedProbabilities(learned, hist, time.perf_counter() - start)
+
+
+def _check_learning(budget, cost_weight, steps, min_probability, average, num_steps, corr):
+    """Refuse a budget that buys nothing or everything, a bad weight, step count, floor or average."""
     if (budget is None) == (cost_weight is None):
         raise ValueError("budget, cost_weight: give exactly one (a cost per trajectory to hold, or a fixed "
                          "weight lambda of the expected cost in the objective).")
-    num_steps = ts.shape[0] - 1
-    corr = correction_costs(level_cost, coupling)
     if budget is not None:
         floor = num_steps * corr[0]
         if not (np.isfinite(budget) and budget > floor):
@@ -302,42 +340,14 @@ def learn_probabilities(
         raise ValueError(f"min_probability: expected a value in (0, 1), got {min_probability!r}.")
     if not 0 < average <= 1:
         raise ValueError(f"average: expected a fraction in (0, 1], got {average!r}.")
-    K = len(drifts)
-    edges = time_bins(ts, num_bins)
-    if init is None:
-        init = 0.3 ** np.arange(K)
-    init_values = schedule_values(init)
-    init_values = np.broadcast_to(init_values, (num_bins, K))
-    logits = logits_from_probabilities(init_values, coupling, min_probability)
-    optimizer = optax.adam(0.05) if optimizer is None else optimizer
-    opt_state = optimizer.init(logits)
 
-    k_paths, k_levels, k_pick = jax.random.split(key, 3)
-    path_keys = jax.random.split(k_paths, pool)
-    em_finals = _em_finals(drifts[-1], diffusion, y0s, ts, path_keys, args)
-    corr_j = jnp.asarray(corr, ts.dtype)
-    step_bins = np.clip(np.searchsorted(np.asarray(edges), np.asarray(ts[:-1]), side="right") - 1, 0, num_bins - 1)
-    counts = jnp.asarray(np.bincount(step_bins, minlength=num_bins), ts.dtype)
-    if budget is None:
-        p_of = lambda th: probabilities_from_logits(th, coupling, min_probability)
-    else:
-        p_of = lambda th: scaled_to_budget(probabilities_from_logits(th, coupling, min_probability), counts, corr_j,
-                                           budget)
 
-    def cost_of(values):
-        return jnp.sum(counts[:, None] * values * corr_j)
+def _descend(loss, optimizer, logits, weight, steps, progress) -> LearningHistory:
+    """`steps` optimiser steps on loss(theta, weight, it) -> (objective, (mse, cost, values)), with a progress
+    bar; the history of every step. A non-finite objective stops with a FloatingPointError."""
+    import time
 
-    def loss(theta, weight, it):
-        values = p_of(theta)
-        idx = jax.random.choice(jax.random.fold_in(k_pick, it), pool, (num_groups, group_size),
-                                replace=pool < num_groups * group_size)
-        take = lambda x: x[idx]
-        level_keys = jax.random.split(jax.random.fold_in(k_levels, it), num_groups)
-        surrogate, mse = _surrogate(values, edges, drifts, diffusion, ts, args, coupling,
-                                    jax.tree_util.tree_map(take, y0s), path_keys[idx],
-                                    jax.tree_util.tree_map(take, em_finals), level_keys)
-        cost = cost_of(values)
-        return surrogate + weight * cost, (jnp.mean(mse), cost, values)
+    import optax
 
     @jax.jit
     def update(theta, opt_state, weight, it):
@@ -345,7 +355,7 @@ def learn_probabilities(
         updates, opt_state = optimizer.update(grad, opt_state, theta)
         return optax.apply_updates(theta, updates), opt_state, objective, mse, cost, values
 
-    weight = 0.0 if cost_weight is None else float(cost_weight)  # a budget is held by the scale instead
+    opt_state = optimizer.init(logits)
     history = {k: [] for k in LearningHistory._fields}
     bar = None
     if progress:
@@ -366,7 +376,4 @@ def learn_probabilities(
             bar.set_postfix(mse=f"{float(mse):.3g}", cost=f"{float(cost):.3g}")
     if bar is not None:
         bar.close()
-    hist = LearningHistory(*(np.asarray(history[k]) for k in LearningHistory._fields))
-    tail = hist.probs[-max(1, int(round(average * steps))):]
-    learned = PiecewiseConstant(edges, jnp.asarray(tail.mean(0), ts.dtype))
-    return LearnedProbabilities(learned, hist, time.perf_counter() - start)
+    return LearningHistory(*(np.asarray(history[k]) for k in LearningHistory._fields))

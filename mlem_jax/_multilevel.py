@@ -238,6 +238,29 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
         return ModelCalls((), lambda n, t, x, s: (model(t, x, args), s), lambda y, s: y)
     ml = model
     levels = _validate.check_drifts(ml.levels, call_times[0], y0, args)
+    level_key = _level_key_of(ml, key, diffusion_given)
+    every_level_runs = _validate.warn_if_batched(level_key)  # batched cond: select runs every branch
+    grid = jnp.append(call_times, call_times[-1])
+    coins_at = coin_source(ml.probs, len(levels), ml.coupling, ml.coins, grid, level_key)
+    evaluations0 = jnp.zeros(len(levels), jnp.int32)
+
+    def count(evaluations, needed):
+        ran = jnp.ones_like(needed) if every_level_runs else needed
+        return evaluations + ran.astype(jnp.int32)
+
+    if ml.control is not None:
+        return _controlled_calls(ml, levels, coins_at, count, call_times[0], y0, args, evaluations0)
+
+    def call(n, t, x, evaluations):
+        p, fired = coins_at(n, t)
+        F, needed = multilevel_drift(levels, p, fired, t, x, args)
+        return F, count(evaluations, needed)
+
+    return ModelCalls(evaluations0, call, lambda y, ev: MultilevelSolution(y, ev))
+
+
+def _level_key_of(ml: Multilevel, key, diffusion_given: bool):
+    """The estimator's level key, or one derived from the solver's PRNG key (an error when there is none)."""
     level_key = ml.level_key
     if level_key is None:
         if not diffusion_given and key is not None:
@@ -249,46 +272,35 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
                 "level_key=jax.random.key(...).")
         _, level_key = _noise.split_key(key)
     _validate.check_key(level_key, "level_key")
-    every_level_runs = _validate.warn_if_batched(level_key)  # batched cond: select runs every branch
-    grid = jnp.append(call_times, call_times[-1])
-    coins_at = coin_source(ml.probs, len(levels), ml.coupling, ml.coins, grid, level_key)
-    K = len(levels)
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, y0)
-    evaluations0 = jnp.zeros(K, jnp.int32)
+    return level_key
 
-    def count(evaluations, needed):
-        ran = jnp.ones_like(needed) if every_level_runs else needed
-        return evaluations + ran.astype(jnp.int32)
 
-    if ml.control is None:
-        def call(n, t, x, evaluations):
-            p, fired = coins_at(n, t)
-            F, needed = multilevel_drift(levels, p, fired, t, x, args)
-            return F, count(evaluations, needed)
+def _predicted_corrections(memory, t, scale, extrapolate):
+    """The control of each level k >= 2 at time t from its cache: the last observed correction (rescaled by
+    control_scale(t) / control_scale(s1)), or the line through the last two ("extrapolated")."""
+    out = []
+    for last, prev, s1, s2, seen in memory:
+        # in units of control_scale: u = c / scale(s); the prediction is scale(t) u
+        r1 = 1.0 if scale is None else scale(t) / scale(s1)
+        if extrapolate:
+            r2 = 1.0 if scale is None else scale(t) / scale(s2)
+            ok = (seen >= 2) & (s1 != s2)  # two firings at one time (Heun's calls at t_{n+1}): no line
+            slope = jnp.where(ok, (t - s1) / jnp.where(ok, s1 - s2, 1.0), 0.0)
+            out.append(jax.tree_util.tree_map(
+                lambda a, b: (r1 * (1 + slope)).astype(a.dtype) * a - (r2 * slope).astype(b.dtype) * b, last, prev))
+        else:
+            out.append(jax.tree_util.tree_map(lambda a: jnp.asarray(r1, a.dtype) * a, last))
+    return out
 
-        return ModelCalls(evaluations0, call, lambda y, ev: MultilevelSolution(y, ev))
 
+def _controlled_calls(ml, levels, coins_at, count, t0, y0, args, evaluations0) -> ModelCalls:
+    """The calls of the estimator with the lagged control variate: every level fires at the first call (the
+    caches start from an observation), then each cache is updated where its level fires."""
     extrapolate = ml.control == "extrapolated"
-    t0 = call_times[0]  # (a time where control_scale is defined; the caches are empty until the first call)
-    # per level k >= 2: (c at the last firing, c at the one before, their times, firings seen)
-    memory0 = tuple((zeros, zeros, t0, t0, jnp.zeros((), jnp.int32)) for _ in range(K - 1))
-
-    scale = ml.control_scale
-
-    def predict(memory, t):
-        out = []
-        for last, prev, s1, s2, seen in memory:
-            # in units of control_scale: u = c / scale(s); the prediction is scale(t) u
-            r1 = 1.0 if scale is None else scale(t) / scale(s1)
-            if extrapolate:
-                r2 = 1.0 if scale is None else scale(t) / scale(s2)
-                ok = (seen >= 2) & (s1 != s2)  # two firings at one time (Heun's calls at t_{n+1}): no line
-                slope = jnp.where(ok, (t - s1) / jnp.where(ok, s1 - s2, 1.0), 0.0)
-                out.append(jax.tree_util.tree_map(
-                    lambda a, b: (r1 * (1 + slope)).astype(a.dtype) * a - (r2 * slope).astype(b.dtype) * b, last, prev))
-            else:
-                out.append(jax.tree_util.tree_map(lambda a: jnp.asarray(r1, a.dtype) * a, last))
-        return out
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, y0)
+    # per level k >= 2: (c at the last firing, c at the one before, their times, firings seen); t0 is a time
+    # where control_scale is defined (the caches are empty until the first call)
+    memory0 = tuple((zeros, zeros, t0, t0, jnp.zeros((), jnp.int32)) for _ in range(len(levels) - 1))
 
     def call(n, t, x, state):
         memory, evaluations = state
@@ -296,7 +308,8 @@ def model_calls(model, call_times: jax.Array, y0, args, key=None, *, name: str =
         first = n == 0  # every cache starts from an observation
         p = jnp.where(first, jnp.ones_like(p), p)
         fired = jnp.where(first, jnp.ones_like(fired), fired)
-        F, needed, corrections = controlled_estimate(levels, p, fired, t, x, args, predict(memory, t))
+        predicted = _predicted_corrections(memory, t, ml.control_scale, extrapolate)
+        F, needed, corrections = controlled_estimate(levels, p, fired, t, x, args, predicted)
         new = []
         for k, ((last, prev, s1, s2, seen), c) in enumerate(zip(memory, corrections)):
             b = fired[k + 1]

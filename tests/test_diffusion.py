@@ -11,7 +11,10 @@ from mlem_jax.diffusion import (
     VE,
     VP,
     SubVP,
+    denoised_from_output,
     karras_grid,
+    network_denoiser,
+    network_score,
     quadratic_grid,
     reverse_diffusion,
     reverse_drift,
@@ -86,9 +89,30 @@ def test_parameterizations_give_the_true_conditional_score(sde, parameterization
     x0, eps = jax.random.normal(k1, (5,)), jax.random.normal(k2, (5,))
     t = 0.37
     xt = sde.alpha(t) * x0 + sde.std(t) * eps
-    out = target_from_noise(sde, parameterization, x0, eps, t)
-    np.testing.assert_allclose(score_from_output(sde, parameterization, out, xt, t), -eps / sde.std(t), rtol=2e-4,
+    out = target_from_noise(sde, parameterization, t, x0, eps)
+    np.testing.assert_allclose(score_from_output(sde, parameterization, t, xt, out), -eps / sde.std(t), rtol=2e-4,
                                atol=2e-4)
+    np.testing.assert_allclose(denoised_from_output(sde, parameterization, t, xt, out), x0, rtol=2e-3, atol=2e-3)
+    # the same through a network(t, x, args), the one convention
+    network = lambda t_, x_, args: target_from_noise(sde, parameterization, t_, x0, eps)
+    np.testing.assert_array_equal(network_score(sde, parameterization, network)(t, xt, None),
+                                  score_from_output(sde, parameterization, t, xt, out))
+    np.testing.assert_array_equal(network_denoiser(sde, parameterization, network)(t, xt, None),
+                                  denoised_from_output(sde, parameterization, t, xt, out))
+
+
+def test_the_old_argument_order_warns_and_gives_the_same_values():
+    """(output, x, t) and (x0, eps, t), t last, are recognised by shape, warn, and agree with t first."""
+    sde, t = VP(), 0.37
+    x0, eps = jax.random.normal(jax.random.key(1), (2, 5))
+    xt = sde.alpha(t) * x0 + sde.std(t) * eps
+    with pytest.warns(DeprecationWarning, match="target_from_noise: the arguments are now"):
+        out = target_from_noise(sde, "v", x0, eps, t)
+    np.testing.assert_array_equal(out, target_from_noise(sde, "v", t, x0, eps))
+    for fn in (score_from_output, denoised_from_output):
+        with pytest.warns(DeprecationWarning, match=f"{fn.__name__}: the arguments are now"):
+            old = fn(sde, "v", out, xt, t)
+        np.testing.assert_array_equal(old, fn(sde, "v", t, xt, out))
 
 
 def gaussian_score(sde, mu, s):
@@ -178,4 +202,4 @@ def test_grids():
     with pytest.raises(ValueError, match="num_steps"):
         uniform_grid(0)
     with pytest.raises(ValueError, match="parameterization"):
-        score_from_output(VP(), "noise", 0.0, 0.0, 0.5)
+        score_from_output(VP(), "noise", 0.5, 0.0, 0.0)

@@ -14,6 +14,8 @@ stays light. The modules themselves (`mlem_jax.diffusion.train`, ...) remain imp
 from mlem_jax.diffusion.parameterization import (
     PARAMETERIZATIONS,
     denoised_from_output,
+    network_denoiser,
+    network_score,
     reverse_diffusion,
     reverse_drift,
     score_from_denoiser,
@@ -44,7 +46,7 @@ _LAZY = {
     "train": ("TrainConfig", "TrainState", "History", "dsm_loss", "train_family", "save_checkpoint",
               "restore_checkpoint", "load_level"),
     "unet": ("UNet", "unet_family", "init_params", "count_params", "forward_flops", "family_summary",
-             "score_model", "denoiser_model"),
+             "score_model", "denoiser_model", "nnx_apply"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 
@@ -78,6 +80,8 @@ __all__ = [
     "edm_euler",
     "edm_heun",
     "denoised_from_output",
+    "network_denoiser",
+    "network_score",
     "score_from_denoiser",
     "quadratic_grid",
     "reverse_diffusion",

@@ -6,6 +6,10 @@ With x_t = alpha x_0 + std eps, a network may predict
 * "x0":    the clean data x_0;                  score = (alpha x0 - x) / std^2
 * "v":     v = alpha eps - std x_0;             eps = (std x + alpha v) / (alpha^2 + std^2)
 
+Every function here takes (t, x) first, as every callable of the library does ((t, x, args);
+docs/api.md). `network_score` / `network_denoiser` turn a network `network(t, x, args) -> output`
+into the score or the data prediction the samplers take.
+
 `reverse_drift` turns a score function into the drift of the reverse-time SDE
 dx = [f(t) x - g(t)^2 score] dt + g(t) dW (integrated from t = 1 down to t_min, so
 the solvers' steps are negative) or of the probability-flow ODE
@@ -14,6 +18,7 @@ dx = [f(t) x - g(t)^2 score / 2] dt.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import jax.numpy as jnp
@@ -28,9 +33,28 @@ def _check(parameterization: str) -> None:
         )
 
 
-def score_from_output(sde, parameterization: str, output, x, t):
-    """The score implied by a network output under `parameterization`."""
+def _old_order(name: str, order: str, a, ref, b):
+    """(a, ref, b) in the (t, x, value) order, or swapped with a DeprecationWarning when the call used
+    the old (value, x, t) order: recognised by shape (the value is shaped like x, t is not), at trace time."""
+    same = jnp.shape(a) == jnp.shape(ref) and jnp.shape(b) != jnp.shape(ref)
+    if not same:
+        return a, b
+    warnings.warn(f"{name}: the arguments are now {order} (the library's one convention, t and x first); the "
+                  "old order, with t last, still works but will be removed.", DeprecationWarning, stacklevel=3)
+    return b, a
+
+
+def score_from_output(sde, parameterization: str, t, x, output):
+    """The score implied by a network output at (t, x) under `parameterization`.
+
+    (t, x) come first, as in every callable of the library; `output` is shaped like x. The old order
+    `(output, x, t)` is recognised by shape and warns (DeprecationWarning)."""
     _check(parameterization)
+    t, output = _old_order("score_from_output", "(sde, parameterization, t, x, output)", t, x, output)
+    return _score(sde, parameterization, t, x, output)
+
+
+def _score(sde, parameterization, t, x, output):
     alpha, std = sde.alpha(t), sde.std(t)
     if parameterization == "eps":
         return -output / std
@@ -42,14 +66,40 @@ def score_from_output(sde, parameterization: str, output, x, t):
     return -eps / std
 
 
-def denoised_from_output(sde, parameterization: str, output, x, t):
-    """The data prediction D = E[x_0 | x_t = x] implied by a network output: from the
-    score, D = (x + std^2 score) / alpha (Tweedie's formula)."""
+def denoised_from_output(sde, parameterization: str, t, x, output):
+    """The data prediction D = E[x_0 | x_t = x] implied by a network output at (t, x): from the
+    score, D = (x + std^2 score) / alpha (Tweedie's formula). The old order `(output, x, t)` warns."""
     _check(parameterization)
+    t, output = _old_order("denoised_from_output", "(sde, parameterization, t, x, output)", t, x, output)
     if parameterization == "x0":
         return output
     alpha, std = sde.alpha(t), sde.std(t)
-    return (x + std**2 * score_from_output(sde, parameterization, output, x, t)) / alpha
+    return (x + std**2 * _score(sde, parameterization, t, x, output)) / alpha
+
+
+def network_score(sde, parameterization: str, network: Callable) -> Callable:
+    """score_fn(t, x, args) from a network `network(t, x, args) -> output` that predicts eps, the score,
+    x_0 or v (`parameterization`): what `reverse_drift` and the EM levels take."""
+    _check(parameterization)
+    if not callable(network):
+        raise TypeError(f"network: expected a callable network(t, x, args) -> output, got {type(network).__name__}.")
+    return lambda t, x, args: _score(sde, parameterization, t, x, network(t, x, args))
+
+
+def network_denoiser(sde, parameterization: str, network: Callable) -> Callable:
+    """denoiser(t, x, args) = E[x_0 | x_t = x] from a network `network(t, x, args) -> output` that predicts
+    eps, the score, x_0 or v: what `ddim`, `dpm_solver_pp` and the other diffusion samplers take."""
+    _check(parameterization)
+    if not callable(network):
+        raise TypeError(f"network: expected a callable network(t, x, args) -> output, got {type(network).__name__}.")
+
+    def denoiser(t, x, args):
+        out = network(t, x, args)
+        if parameterization == "x0":
+            return out
+        return (x + sde.std(t) ** 2 * _score(sde, parameterization, t, x, out)) / sde.alpha(t)
+
+    return denoiser
 
 
 def score_from_denoiser(sde, denoiser: Callable) -> Callable:
@@ -64,9 +114,11 @@ def score_from_denoiser(sde, denoiser: Callable) -> Callable:
     return score_fn
 
 
-def target_from_noise(sde, parameterization: str, x0, eps, t):
-    """What the network should output for x_t = alpha x0 + std eps (the DSM target)."""
+def target_from_noise(sde, parameterization: str, t, x0, eps):
+    """What the network should output at time t for x_t = alpha x0 + std eps (the DSM target).
+    The old order `(x0, eps, t)` is recognised by shape and warns (DeprecationWarning)."""
     _check(parameterization)
+    t, x0, eps = _target_order(t, x0, eps)
     alpha, std = sde.alpha(t), sde.std(t)
     if parameterization == "eps":
         return eps
@@ -75,6 +127,15 @@ def target_from_noise(sde, parameterization: str, x0, eps, t):
     if parameterization == "x0":
         return x0
     return alpha * eps - std * x0
+
+
+def _target_order(t, x0, eps):
+    if jnp.shape(t) == jnp.shape(x0) and jnp.shape(eps) != jnp.shape(x0):  # old (x0, eps, t)
+        warnings.warn("target_from_noise: the arguments are now (sde, parameterization, t, x0, eps) (t first, the "
+                      "library's one convention); the old order, with t last, still works but will be removed.",
+                      DeprecationWarning, stacklevel=3)
+        return eps, t, x0
+    return t, x0, eps
 
 
 def reverse_drift(sde, score_fn: Callable, probability_flow: bool = False) -> Callable:

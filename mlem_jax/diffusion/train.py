@@ -68,14 +68,15 @@ RESUME_FIELDS = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "em
 
 
 def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3):
-    """Denoising score matching loss of `model` on the batch x0 (B, H, W, C)."""
+    """Denoising score matching loss of `model` (any linen module with `__call__(x, t)`, t of shape (B,))
+    on the batch x0 (B, ...): the mean squared error of its output against `target_from_noise`."""
     kt, kn = jax.random.split(key)
     t = jax.random.uniform(kt, (x0.shape[0],), minval=t_min, maxval=1.0)
     eps = jax.random.normal(kn, x0.shape, x0.dtype)
-    tb = t[:, None, None, None]
+    tb = t.reshape((-1,) + (1,) * (x0.ndim - 1))  # images (B, H, W, C) or any (B, ...)
     xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
     out = model.apply({"params": params}, xt, t)
-    target = target_from_noise(sde, parameterization, x0, eps, tb)
+    target = target_from_noise(sde, parameterization, tb, x0, eps)
     return jnp.mean((out - target) ** 2)
 
 
@@ -317,59 +318,17 @@ def train(
     uninterrupted one) and refuses another recipe. A directory that already holds
     checkpoints is never restarted silently: pass `resume=True` or `overwrite=True`.
     """
-    import shutil
-
-    if config.parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
-    if config.steps < 1:
-        raise ValueError(f"steps: expected a positive number of training steps, got {config.steps}.")
     train_images = np.asarray(train_images, np.float32)
-    image_shape = tuple(train_images.shape[1:])
-    model.check_input((1, *image_shape))
+    image_shape = _check_training(model, train_images, config, resume, overwrite)
     meta = {"model": model_config(model), "image_shape": list(image_shape), "sde": sde_config(sde),
             "parameterization": config.parameterization, "config": config._asdict()}
-    if config.batch_size > train_images.shape[0]:
-        raise ValueError(f"batch_size: {config.batch_size} is larger than the {train_images.shape[0]} training "
-                         "images; use at most that many.")
-    if resume and overwrite:
-        raise ValueError("resume, overwrite: give at most one (continue the run, or start it again).")
     t_start = time.perf_counter()
-    state, earlier_seconds = None, 0.0
-    existing = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
-    if existing and not resume:
-        if not overwrite:
-            raise FileExistsError(
-                f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
-                "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
-                "another directory.")
-        if jax.process_index() == 0:
-            shutil.rmtree(checkpoint_dir)
-        if jax.process_count() > 1:  # the others wait until process 0 has removed it
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("mlem_jax overwrite " + os.path.abspath(checkpoint_dir))
-    if resume and existing:
-        state, saved = restore_latest_intact(checkpoint_dir, model, image_shape, config, mesh=mesh)
-        check_resume(saved, config, checkpoint_dir)
-        earlier_seconds = float(saved.get("train_seconds", 0.0))
-    if state is None:
-        state = init_state(model, image_shape, config)
+    state, earlier_seconds = _starting_state(checkpoint_dir, model, image_shape, config, resume, overwrite, mesh)
     start = int(state.step)
     if start > config.steps:
         raise ValueError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} asked for.")
     step_fn = make_train_step(model, sde, config)
-    put = lambda x: x
-    if mesh is not None:
-        from mlem_jax.sharding import batch_sharding, replicated, to_global
-
-        batch = min(config.batch_size, train_images.shape[0])
-        if batch % mesh.devices.size:
-            raise ValueError(
-                f"batch_size: {batch} does not split over the {mesh.devices.size} devices of the mesh; "
-                "use a multiple of the device count."
-            )
-        state = to_global(state, replicated(mesh))
-        put = lambda x: to_global(x, batch_sharding(mesh))
+    state, put = _data_parallel(state, mesh, min(config.batch_size, train_images.shape[0]))
     data = batches(train_images, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
     for _ in range(start):  # the batches already consumed before an interruption
         next(data)
@@ -403,6 +362,62 @@ def train(
     if start == config.steps and test_images is not None:  # nothing left to train: report the held-out loss anyway
         history.test.append((start, evaluate(state.ema_params, model, sde, test_images, config)))
     return state, history._replace(seconds=earlier_seconds + time.perf_counter() - t_start)
+
+
+def _check_training(model, train_images, config: TrainConfig, resume: bool, overwrite: bool) -> tuple:
+    """The image shape, after refusing a bad recipe, images the model cannot take or a batch beyond the data."""
+    if config.parameterization not in PARAMETERIZATIONS:
+        raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
+    if config.steps < 1:
+        raise ValueError(f"steps: expected a positive number of training steps, got {config.steps}.")
+    image_shape = tuple(train_images.shape[1:])
+    model.check_input((1, *image_shape))
+    if config.batch_size > train_images.shape[0]:
+        raise ValueError(f"batch_size: {config.batch_size} is larger than the {train_images.shape[0]} training "
+                         "images; use at most that many.")
+    if resume and overwrite:
+        raise ValueError("resume, overwrite: give at most one (continue the run, or start it again).")
+    return image_shape
+
+
+def _starting_state(checkpoint_dir, model, image_shape, config: TrainConfig, resume, overwrite, mesh):
+    """(state, training seconds of earlier sessions): the newest intact checkpoint with `resume`, else step 0;
+    checkpoints already there are never restarted silently (`overwrite` deletes them)."""
+    import shutil
+
+    existing = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
+    if existing and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
+                "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
+                "another directory.")
+        if jax.process_index() == 0:
+            shutil.rmtree(checkpoint_dir)
+        if jax.process_count() > 1:  # the others wait until process 0 has removed it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mlem_jax overwrite " + os.path.abspath(checkpoint_dir))
+    if resume and existing:
+        state, saved = restore_latest_intact(checkpoint_dir, model, image_shape, config, mesh=mesh)
+        check_resume(saved, config, checkpoint_dir)
+        return state, float(saved.get("train_seconds", 0.0))
+    return init_state(model, image_shape, config), 0.0
+
+
+def _data_parallel(state, mesh, batch: int):
+    """(state, put): without a mesh, as they are; with one, the state replicated over it and `put` splitting
+    each batch over its devices."""
+    if mesh is None:
+        return state, lambda x: x
+    from mlem_jax.sharding import batch_sharding, replicated, to_global
+
+    if batch % mesh.devices.size:
+        raise ValueError(
+            f"batch_size: {batch} does not split over the {mesh.devices.size} devices of the mesh; "
+            "use a multiple of the device count."
+        )
+    return to_global(state, replicated(mesh)), lambda x: to_global(x, batch_sharding(mesh))
 
 
 def train_family(

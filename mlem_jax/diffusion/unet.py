@@ -72,7 +72,10 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """A denoiser `apply(params, x, t) -> output`, x of shape (B, H, W, C), t of shape (B,)."""
+    """A denoising network: `model.apply({"params": p}, x, t) -> output`, x of shape (B, H, W, C), t of shape (B,).
+
+    Flax's own call order is (x, t); `score_model` / `denoiser_model` wrap it into the library's
+    `(t, x, args)` convention for one image."""
 
     nf: int = 16
     ch_mult: Sequence[int] = (1, 2, 2)
@@ -182,39 +185,48 @@ def family_summary(family, params_list, image_shape) -> list[dict]:
     ]
 
 
+def _one_image(model: UNet, params: Any):
+    """network(t, x, args) for ONE image x (H, W, C): the module on x[None] (its own order is (x, t))."""
+    return lambda t, x, args: model.apply({"params": params}, x[None], jnp.reshape(t, (1,)))[0]
+
+
 def score_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
     """score_fn(t, y, args) for ONE image y (H, W, C): the network on y[None], turned
     into a score. Vmapping the sampler over images batches the network calls."""
-    from mlem_jax.diffusion.parameterization import score_from_output
+    from mlem_jax.diffusion.parameterization import network_score
 
-    def score_fn(t, y, args):
-        out = model.apply({"params": params}, y[None], jnp.reshape(t, (1,)))[0]
-        return score_from_output(sde, parameterization, out, y, t)
-
-    return score_fn
+    return network_score(sde, parameterization, _one_image(model, params))
 
 
 def denoiser_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
     """denoiser(t, x, args) for ONE image x (H, W, C): the network on x[None], turned into
     the data prediction D = E[x_0 | x_t = x] that `ddim`, `dpm_solver_pp` and the other
     diffusion samplers take. Vmapping the sampler over images batches the network calls."""
-    from mlem_jax.diffusion.parameterization import denoised_from_output
+    from mlem_jax.diffusion.parameterization import network_denoiser
 
-    def denoiser(t, x, args):
-        out = model.apply({"params": params}, x[None], jnp.reshape(t, (1,)))[0]
-        return denoised_from_output(sde, parameterization, out, x, t)
-
-    return denoiser
+    return network_denoiser(sde, parameterization, _one_image(model, params))
 
 
 def nnx_apply(module):
-    """Adapt a `flax.nnx` module to the (apply_fn, params) form the levels use:
-    returns `apply(params, x, t)` and the module's parameter state."""
+    """Adapt a `flax.nnx` module whose `__call__(x, t)` is the network to the library's convention:
+    returns `(network, state)` with `network(params, t, x, args=None) = nnx.merge(graph, params)(x, t)`
+    and the module's parameter state. `functools.partial(network, state)` is then a
+    `network(t, x, args)` for `network_score` / `network_denoiser`.
+
+    The old call order `network(params, x, t)` is recognised by shape (x has more dimensions than t)
+    and warns (DeprecationWarning)."""
     from flax import nnx
 
     graphdef, state = nnx.split(module)
 
-    def apply(params, x, t):
+    def network(params, t, x, args=None):
+        if jnp.ndim(t) > jnp.ndim(x):  # the old order (params, x, t)
+            import warnings
+
+            warnings.warn("nnx_apply: the network is now called as network(params, t, x, args) (t and x first, "
+                          "the library's one convention); the old order (params, x, t) still works but will be "
+                          "removed.", DeprecationWarning, stacklevel=2)
+            t, x = x, t
         return nnx.merge(graphdef, params)(x, t)
 
-    return apply, state
+    return network, state
