@@ -108,14 +108,17 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
     p = 1 last. The error falls with the cost, so the first one that meets the target is
     found by bisection over that order.
     """
+    if not isinstance(pilot_size, (int, np.integer)) or pilot_size < 6:
+        raise ValueError(f"pilot_size: expected at least 6 pilot samples (the level statistics need 6), got "
+                         f"{pilot_size!r}.")
     t_start = time.perf_counter()
     drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
     shape_img = tuple(family.image_shape)
     pilot = shared_noise(family.sde, jax.random.key(seed), pilot_size, shape_img, ts_ref)
     stride = max(1, num_steps // 50)
     points = -(-num_steps // stride)  # grid points where the levels are evaluated
-    stats = level_statistics(drifts, g, pilot.y0[: max(6, min(pilot_size, 16))], ts,
-                             jax.random.split(jax.random.key(seed + 1), max(6, min(pilot_size, 16))),
+    n_stats = min(pilot_size, 16)  # trajectories of the statistics (the pilot batch has only pilot_size)
+    stats = level_statistics(drifts, g, pilot.y0[:n_stats], ts, jax.random.split(jax.random.key(seed + 1), n_stats),
                              num_bins=min(num_bins, max(1, points // 2)), stride=stride)  # no empty bins
     costs = np.asarray(level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], pilot.y0,
                                    repeats=5).seconds)

@@ -74,7 +74,16 @@ def test_calibrate_for_another_solver_and_the_cache(trained, tmp_path, capsys):
               "--out", str(tmp_path / "d.png"), "--no-progress"]
     assert main([*sample, "--solver", "dpm++2m", "--control", "cached"]) == 0
     capsys.readouterr()
-    assert main([*sample, "--solver", "dpm++2m"]) == 2 and "control='cached'" in capsys.readouterr().err
+    # the file's settings are adopted: solver, control, grid, steps, coins, coupling and levels need no retyping
+    assert main(["sample", "--family", fam, "--calibration", str(cal), "--batch-size", "2",
+                 "--out", str(tmp_path / "e.png"), "--no-progress"]) == 0
+    assert "multilevel dpm++2m (independent, iid coins, control cached): 2 samples, 6 steps" in capsys.readouterr().out
+    for flag, message in [(["--control", "none"], "--control: none contradicts --calibration"),
+                          (["--steps", "7"], "--steps: 7 contradicts --calibration"),
+                          (["--solver", "ddim"], "made for solver dpm++2m; drop --solver")]:
+        assert main([*sample, *flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
     for extra, message in [(["--coins", "stratified"], "--control cached: unbiased with iid coins only"),
                            (["--stride", "2"], "--stride: --control cached"),
                            (["--match-em", "--solver", "ddim"], "--match-em: searches or learns")]:
@@ -172,11 +181,13 @@ def test_calibrate_stratified_writes_a_file_bound_to_its_grid(trained, tmp_path,
     assert main(["sample", "--family", fam, "--calibration", str(cal), "--steps", "6", "--coins", "stratified",
                  "--batch-size", "2", "--out", str(tmp_path / "s.png"), "--no-progress"]) == 0
     capsys.readouterr()
-    for extra, message in [(["--steps", "20", "--coins", "stratified"], "grid of 6 steps"),
-                           (["--steps", "6"], "coins='stratified'"),
-                           (["--steps", "6", "--coins", "stratified", "--solver", "ddim"], "solver 'em'"),
-                           (["--steps", "6", "--coins", "stratified", "--control", "cached"], "control=None"),
-                           (["--steps", "6", "--coins", "stratified", "--probs", "1", "0.5"], "give one of them")]:
+    # a flag that contradicts the file: one line naming both values, exit 2
+    for extra, message in [(["--steps", "20"], "--steps: 20 contradicts --calibration"),
+                           (["--coins", "iid"], "--coins: iid contradicts"),
+                           (["--solver", "ddim"], "made for solver em"),
+                           (["--control", "cached"], "--control: cached contradicts"),
+                           (["--levels", "2"], "levels [4, 8] (sampling [8])"),
+                           (["--probs", "1", "0.5"], "give one of them")]:
         assert main(["sample", "--family", fam, "--calibration", str(cal), "--batch-size", "2",
                      "--out", str(tmp_path / "x.png"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -279,3 +290,93 @@ def test_calibrate_refuses_probabilities_that_predict_noise(tmp_path, capsys):
                  "--cost-batch", "8", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "beyond half the data's range" in err[0] and not out.exists()
+
+
+def test_the_readme_command_lines_run_as_written(tmp_path, capsys, monkeypatch):
+    """The README's `mlem-jax` lines in order, at tiny sizes (only sizes change: fewer training steps, two small
+    levels, a short grid and few trajectories): the calibration's settings are adopted by `sample`."""
+    import re
+    import shlex
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = re.search(r"## The command line\n\n```bash\n(.*?)```", text, re.S).group(1)
+    lines = [re.sub(r"\s+#.*", "", line).strip() for line in block.replace("\\\n", " ").splitlines()]
+    lines = [line for line in lines if line.startswith("mlem-jax ") and line != "mlem-jax demo"]
+    assert [line.split()[1] for line in lines] == ["train", "calibrate", "sample", "sample", "calibrate", "sample"]
+    tiny = {"train": ["--nfs", "4", "8", "--ch-mult", "1", "2", "--batch-size", "16", "--no-progress"],
+            "calibrate": ["--trajectories", "6", "--bins", "2", "--no-progress"],
+            "sample": ["--batch-size", "2", "--no-progress"]}
+    monkeypatch.chdir(tmp_path)
+    for line in lines:
+        argv = shlex.split(line.replace("--steps 2000", "--steps 2").replace("--nfs 4 8 16 32 ", "")
+                           .replace("--steps 20 ", "--steps 6 "))[1:]
+        argv += tiny[argv[0]] + (["--steps", "6"] if argv[0] == "calibrate" and "--steps" not in argv else [])
+        argv += ["--steps", "6"] if "--em" in argv else []
+        assert main(argv) == 0, (line, capsys.readouterr().err)
+    out = capsys.readouterr().out
+    assert "multilevel dpm++2m" in out and "levels nf=[4, 8]" in out
+
+
+def test_out_names_a_stem_or_a_folder_and_never_overwrites_silently(trained, tmp_path, capsys):
+    fam = str(trained / "family")
+    sample = ["sample", "--family", fam, "--em", "--steps", "2", "--batch-size", "2", "--no-progress"]
+    assert main([*sample, "--out", str(tmp_path / "x.npy")]) == 0  # a stem: x.png and x.npz, not x.npy.png
+    assert f"wrote {tmp_path / 'x.png'} and {tmp_path / 'x.npz'}" in capsys.readouterr().out
+    assert main([*sample, "--out", str(tmp_path / "x")]) == 2  # another run's outputs are kept
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "x.png already exists" in err[0] and "--overwrite" in err[0]
+    assert main([*sample, "--out", str(tmp_path / "x"), "--overwrite"]) == 0
+    (tmp_path / "folder").mkdir()
+    assert main([*sample, "--out", str(tmp_path / "folder")]) == 0  # a folder receives the default name
+    assert (tmp_path / "folder" / "samples.png").exists() and not (tmp_path / "folder.png").exists()
+    capsys.readouterr()
+    assert main([*sample, "--out", str(tmp_path / ("a" * 300))]) == 2  # refused before sampling
+    assert "more than this file system's 255" in capsys.readouterr().err
+    assert main(["calibrate", "--family", fam, "--out", str(tmp_path / "folder"), "--steps", "4", "--trajectories",
+                 "6", "--coins", "iid", "--bins", "2", "--stride", "1", "--no-progress"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "folder" / "calibration.json").exists()
+    assert not [p for p in os.listdir(tmp_path / "folder") if p.endswith(".tmp")]
+
+
+def test_a_failed_write_leaves_nothing_and_an_interrupt_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import mlem_jax.cli._common as common
+
+    fam = str(trained / "family")
+    sample = ["sample", "--family", fam, "--em", "--steps", "2", "--batch-size", "2", "--no-progress",
+              "--out", str(tmp_path / "s")]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(common.np, "savez_compressed", full_disk)  # the npz fails after the png was written
+    assert main(sample) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0] and "nothing was written" in err[0]
+    assert os.listdir(tmp_path) == []  # no png, no npz, no temporary file
+    monkeypatch.undo()
+
+    import mlem_jax.diffusion.sampling as sampling
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "sample", interrupted)
+    assert main(sample) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mlem-jax sample: interrupted; nothing was written (outputs appear only when complete)."]
+
+
+def test_an_interrupted_training_says_what_was_kept(tmp_path, capsys, monkeypatch):
+    import mlem_jax.diffusion.train as train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_family", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "procedural", "--steps", "2", "--out", str(out), *TINY]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mlem-jax train: interrupted; the checkpoints written so far are kept in {out / 'checkpoints'}; "
+                   "continue with the same command and --resume."]

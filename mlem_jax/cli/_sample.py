@@ -1,0 +1,122 @@
+"""`mlem-jax sample`: one level, or the multilevel estimator over several, inside any sampler."""
+
+from __future__ import annotations
+
+from mlem_jax.cli._common import (
+    CLIError,
+    common_flags,
+    control_of,
+    family_arg,
+    join_run,
+    level_indices,
+    multiprocess_flags,
+    output_files,
+    positive,
+    probabilities,
+    time_grid,
+    write_samples,
+)
+
+
+def add_parser(sub):
+    """Register `mlem-jax sample` on the subparsers `sub`."""
+    from mlem_jax.diffusion.sampling import SOLVERS
+
+    s = sub.add_parser("sample", help="sample with one level or with the multilevel estimator (several levels)")
+    common_flags(s, "out/samples")
+    s.add_argument("--solver", choices=list(SOLVERS), default="em",
+                   help="em / heun: Euler-Maruyama on the reverse SDE (--ode: the probability-flow ODE) / Heun on "
+                        "the ODE; ddim, dpm++2m, dpm++3m, edm-euler, edm-heun: ODE samplers on the denoisers; "
+                        "sde-dpm++2m: SDE-DPM-Solver++(2M). All take the multilevel estimator.")
+    s.add_argument("--control", choices=["none", "cached", "extrapolated"], default="none",
+                   help="control variate of the multilevel estimator: the last observed correction of each "
+                        "level (unbiased with iid coins)")
+    s.add_argument("--batch-size", type=positive(int), default=64, help="number of samples")
+    s.add_argument("--em", action="store_true", help="one level: --solver on the last of --levels")
+    s.add_argument("--probs", type=float, nargs="+", default=None, help="constant level probabilities, p_1 = 1")
+    s.add_argument("--calibration", default=None, help="a calibration file written by mlem-jax calibrate")
+    s.add_argument("--coupling", choices=["independent", "nested"], default="independent",
+                   help="coins of one model call: independent (one coin per level) or nested (one uniform U "
+                        "per call; level k fires when U < p_k, so a level fires only with those below it)")
+    s.add_argument("--coins", choices=["iid", "stratified"], default="iid",
+                   help="iid: fresh coins every step (the paper); stratified: firings spread evenly in time")
+    s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
+    multiprocess_flags(s)
+    for action in s._actions:  # taken from --calibration when not given: the default applies only without one
+        if action.dest in ADOPTED:
+            action.default = None
+            action.help += f" (default: {ADOPTED[action.dest]}, or what --calibration was made for)"
+    s.set_defaults(func=run)
+
+
+# the settings a calibration file records, and their defaults without one
+ADOPTED = {"steps": 100, "grid": "uniform", "coins": "iid", "coupling": "independent", "solver": "em",
+           "control": "none"}
+
+
+def adopt_calibration(args, family) -> None:
+    """Fill the settings not given on the command line from the --calibration file (steps, grid, coins,
+    coupling, solver, control and levels), or from the defaults without one; a flag that contradicts the
+    file is refused, naming both values."""
+    if args.calibration is None:
+        for name, value in ADOPTED.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return
+    from mlem_jax.calibrate import load_calibration
+
+    try:
+        cal = load_calibration(args.calibration)
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(f"--calibration: {e}") from e
+    made = {"steps": cal.steps, "grid": cal.grid, "coins": cal.coins, "coupling": cal.coupling,
+            "solver": cal.meta.get("solver", "em"), "control": cal.meta.get("control") or "none"}
+    for name, value in made.items():
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, value)
+        elif given != value:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag}: {given} contradicts --calibration {args.calibration}, made for {name} {value}; "
+                           f"drop {flag} (the file's setting is then used) or recalibrate.")
+    nfs = [m.nf for m in family.models]
+    if args.levels is None:
+        if not set(cal.levels) <= set(nfs):
+            raise CLIError(f"--calibration: made for levels nf={cal.levels}, but the family has nf={nfs}; "
+                           "calibrate this family (mlem-jax calibrate --family ...).")
+        args.levels = [nfs.index(nf) + 1 for nf in cal.levels]
+
+
+def run(args):
+    multiprocess = join_run(args)  # before any other JAX call
+    from mlem_jax.diffusion.sampling import sample
+
+    family = family_arg(args.family)
+    adopt_calibration(args, family)
+    levels = level_indices(family, args.levels)
+    probs = None if args.em else probabilities(args, levels, family)
+    ts = time_grid(family, args.steps, args.grid)
+    paths = output_files(args, "samples", (".png", ".npz"))  # after the arguments, before any compute
+    if args.ode and args.solver != "em":
+        raise CLIError(f"--ode: chooses the probability-flow ODE for --solver em only; --solver {args.solver} "
+                       "already says which equation it solves.")
+    if args.em and control_of(args) is not None:
+        raise CLIError("--control: a control variate belongs to the multilevel estimator; drop it with --em.")
+    res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
+                 args.coupling, args.ode, progress=not args.no_progress, coins=args.coins, solver=args.solver,
+                 control=control_of(args))
+    name = {"em": "EM"}.get(args.solver, args.solver)
+    control = "" if control_of(args) is None else f", control {control_of(args)}"
+    method = name if probs is None else f"multilevel {name} ({args.coupling}, {args.coins} coins{control})"
+    nfs = [family.models[k].nf for k in (levels if probs is not None else levels[-1:])]
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the whole batch; process 0 writes it
+        return
+    png, npz = write_samples(paths, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
+    where = f", {jax.process_count()} processes" if multiprocess else ""
+    print(f"{method}: {args.batch_size} samples, {args.steps} steps, levels nf={nfs}, {jax.device_count()} "
+          f"device(s){where}")
+    print(f"  wall time {res.run_seconds:.2f} s (+ {res.compile_seconds:.1f} s compilation)")
+    print("  evaluations per sample path: " + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, res.evaluations)))
+    print(f"wrote {png} and {npz}")

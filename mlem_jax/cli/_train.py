@@ -1,0 +1,109 @@
+"""`mlem-jax train`: a UNet family by denoising score matching, resumable, one lock per --out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from mlem_jax.cli._common import (
+    CLIError,
+    check_out,
+    command_line,
+    exclusive,
+    join_run,
+    multiprocess_flags,
+    positive,
+    seed,
+)
+
+
+def add_parser(sub):
+    """Register `mlem-jax train` on the subparsers `sub`."""
+    t = sub.add_parser("train", help="train a UNet family by denoising score matching")
+    t.add_argument("--dataset", default="digits",
+                   help="digits (embedded, default), procedural, or a tfds dataset prepared in --data-dir "
+                        "(mnist, fashion_mnist, cifar10, ...)")
+    t.add_argument("--data-dir", default=None, help="tfds data dir holding the prepared dataset (never downloads)")
+    t.add_argument("--image-size", type=positive(int), default=None, help="resize images to this size")
+    t.add_argument("--nfs", type=positive(int), nargs="+", default=[4, 8, 16, 32],
+                   help="base widths of the levels, increasing")
+    t.add_argument("--ch-mult", type=positive(int), nargs="+", default=[1, 2, 2],
+                   help="channel multipliers per resolution")
+    t.add_argument("--steps", type=positive(int), default=2000, help="training steps per level")
+    t.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
+    t.add_argument("--learning-rate", type=positive(float), default=2e-3, help="Adam learning rate after warm-up")
+    t.add_argument("--seed", type=seed, default=0, help="seed of initialisation, data order and noise")
+    t.add_argument("--checkpoint-every", type=positive(int), default=500, help="steps between checkpoints")
+    t.add_argument("--eval-every", type=positive(int), default=250, help="steps between held-out losses")
+    t.add_argument("--out", default="runs/family", help="output folder: checkpoints/ and family.npz/.json")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
+    t.add_argument("--overwrite", action="store_true",
+                   help="start again from step 0, deleting the checkpoints already in --out")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--parallel-levels", action="store_true",
+                   help="train the levels side by side, one group of local devices each (one process)")
+    multiprocess_flags(t)
+    t.set_defaults(func=run)
+
+
+def run(args):
+    multiprocess = join_run(args)
+    import jax
+
+    from mlem_jax.diffusion.data import load_dataset
+    from mlem_jax.diffusion.family import save_family
+    from mlem_jax.diffusion.sde import VP
+    from mlem_jax.diffusion.train import TrainConfig, train_family
+    from mlem_jax.diffusion.unet import unet_family
+
+    try:
+        train_x = load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+        test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise CLIError(f"--dataset: {e}") from e
+    check_out(os.path.join(args.out, "family.json"))
+    if len(set(args.nfs)) != len(args.nfs):
+        raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
+    try:
+        family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult))
+    except ValueError as e:
+        raise CLIError(f"--nfs: {e}") from e
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
+    if args.parallel_levels and multiprocess:
+        raise CLIError("--parallel-levels: trains levels side by side on one process's devices; a multi-process "
+                       "run trains them one after another over every device.")
+    mesh = None
+    if multiprocess or jax.device_count() > 1:
+        from mlem_jax.sharding import batch_mesh
+
+        mesh = None if args.parallel_levels else batch_mesh()
+    primary = jax.process_index() == 0
+    say = print if primary else (lambda *a, **k: None)
+    where = (f"process {jax.process_index()} of {jax.process_count()}, " if multiprocess else "") + \
+        f"{jax.device_count()} device(s)" + (", levels side by side" if args.parallel_levels else "")
+    say(f"training {len(family)} levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
+        f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each; {where}")
+    t0 = time.perf_counter()
+    with exclusive(args.out) if primary else contextlib.nullcontext():
+        try:
+            results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
+                                   resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
+                                   mesh=mesh, parallel=args.parallel_levels)
+        except FileExistsError as e:
+            raise CLIError(f"--out: {e}") from e
+        except ValueError as e:  # a resume with another recipe, a batch larger than the data, ...
+            name, _, text = str(e).partition(": ")
+            raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
+        losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
+        if not primary:  # process 0 writes the family
+            return
+        command = command_line(args)
+        path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
+                           train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
+                                                     "held_out_loss": {str(k): v for k, v in losses.items()},
+                                                     "train_seconds": sum(h.seconds for _, h in results)})
+    for nf, loss in losses.items():
+        print(f"  nf={nf:3d}: held-out DSM loss " + ("n/a (no new steps)" if loss is None else f"{loss:.4f}"))
+    print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")
