@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# XLA's persistent compilation cache: the tests and benchmarks compile the same small programs many times
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.2
 
 .PHONY: demo test lint docs bench bench-quick fmnist16-weights fmnist16-nf64-weights fmnist16x5 clean
 
@@ -30,7 +33,7 @@ docs: $(STAMP)
 
 ## bench-quick: every benchmark in its --quick mode (what CI runs)
 bench-quick: $(STAMP)
-	$(VENV)/bin/mlem-jax demo --steps 20 --batch-size 16 --pilot-size 16 --no-progress --out benchmarks/out/demo_quick.png
+	$(VENV)/bin/mlem-jax demo --steps 20 --batch-size 16 --pilot-size 16 --no-progress --out benchmarks/out/demo_quick
 	$(PY) benchmarks/toy_complexity.py --quick
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) benchmarks/calibrated_probabilities.py --quick
@@ -76,4 +79,4 @@ fmnist16x5: $(STAMP)
 	$(PY) benchmarks/fmnist16.py --raw-data --family runs/fmnist16x4_8/family --name fmnist16x4_8_cpu --no-ode --out docs/figures/fmnist16x5 --set "couplings=('independent',)" "geometric_steps=()" "small_steps=(200,)" "em_steps=(25, 50, 100)" "stitch_steps=(50, 100)" "stitch_fractions=(0.3,)" "mlem_steps=(50, 100)" "equal_batch=False"
 
 clean:
-	rm -rf $(VENV) benchmarks/out .pytest_cache site
+	rm -rf $(VENV) benchmarks/out .pytest_cache site .jax_cache

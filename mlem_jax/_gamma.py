@@ -47,31 +47,33 @@ def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confid
     if np.any(~np.isfinite(c)) or np.any(c <= 0) or np.any(~np.isfinite(e)) or np.any(e <= 0):
         raise ValueError("costs, errors: expected finite positive values.")
 
-    def line(x, y):
-        A = np.stack([np.ones_like(x), x], 1)
-        coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-        resid = y - A @ coef
-        return coef, resid, A
+    return (_fit_with_offset if offset else _fit_log_log)(c, e, power, confidence)
 
+
+def _fit_log_log(c, e, power, confidence) -> GammaFit:
+    """log e = a + slope log c by least squares, gamma = -power / slope, a Student-t interval on the slope."""
     x = np.log(c)
-    if not offset:
-        coef, resid, A = line(x, np.log(e))
-        slope = coef[1]
-        if slope >= 0:
-            raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
-        dof = x.size - 2
-        s2 = resid @ resid / max(dof, 1)
-        se = math.sqrt(s2 * np.linalg.inv(A.T @ A)[1, 1])
-        tq = _t_quantile(0.5 + confidence / 2, dof)
-        gamma = -power / slope
-        lo_s, hi_s = slope - tq * se, slope + tq * se
-        low = -power / lo_s if lo_s < 0 else gamma
-        high = -power / hi_s if hi_s < 0 else math.inf
-        return GammaFit(gamma, min(low, high), max(low, high), 0.0, math.exp(coef[0]), power)
+    A = np.stack([np.ones_like(x), x], 1)
+    coef, *_ = np.linalg.lstsq(A, np.log(e), rcond=None)
+    resid = np.log(e) - A @ coef
+    slope = coef[1]
+    if slope >= 0:
+        raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
+    dof = x.size - 2
+    s2 = resid @ resid / max(dof, 1)
+    se = math.sqrt(s2 * np.linalg.inv(A.T @ A)[1, 1])
+    tq = _t_quantile(0.5 + confidence / 2, dof)
+    gamma = -power / slope
+    lo_s, hi_s = slope - tq * se, slope + tq * se
+    low = -power / lo_s if lo_s < 0 else gamma
+    high = -power / hi_s if hi_s < 0 else math.inf
+    return GammaFit(gamma, min(low, high), max(low, high), 0.0, math.exp(coef[0]), power)
 
-    # With an offset: for a fixed gamma the model is linear in (offset, scale); fit it by
-    # least squares weighted by 1/error^2 (relative errors), profile gamma on a grid, and
-    # take the profile-likelihood interval SSE(gamma) <= SSE_min (1 + F(1, n-3) / (n-3)).
+
+def _fit_with_offset(c, e, power, confidence) -> GammaFit:
+    """For a fixed gamma the model is linear in (offset, scale): fit it by least squares weighted by
+    1/error^2 (relative errors), profile gamma on a grid, and take the profile-likelihood interval
+    SSE(gamma) <= SSE_min (1 + F(1, n-3) / (n-3))."""
     wts = 1.0 / e
 
     def sse_at(g):
@@ -91,7 +93,7 @@ def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confid
     fine_sse = np.array([sse_at(g)[0] for g in fine])
     gamma = float(fine[np.argmin(fine_sse)])
     best, coef = sse_at(gamma)
-    dof = x.size - 3
+    dof = c.size - 3
     limit = best * (1 + _t_quantile(0.5 + confidence / 2, dof) ** 2 / dof)
     inside = grid[sse <= limit]
     low = float(min(inside.min(), gamma)) if inside.size else gamma

@@ -187,7 +187,8 @@ class PiecewiseConstant(_Bins):
                     f"{shape_e[0]} edges, got shape {tuple(shape_v)}.")
             from mlem_jax._validate import is_concrete
 
-            if is_concrete(edges) and not np.all(np.diff(np.asarray(edges, np.float64)) > 0):
+            concrete = isinstance(edges, (np.ndarray, jax.Array)) and is_concrete(edges)  # not ArgInfo, tracers
+            if concrete and not np.all(np.diff(np.asarray(edges, np.float64)) > 0):
                 raise ValueError(f"edges: expected strictly increasing bin edges, got "
                                  f"{np.array2string(np.asarray(edges), precision=4)}.")
         return super().__new__(cls, edges, values)

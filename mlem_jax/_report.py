@@ -136,11 +136,25 @@ def calibration_report(
     d = jax.devices()[0]
     size = sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(y0))
     predicted = strat.predicted_error if coins == "stratified" else math.sqrt(span * nu2 / max(size, 1))
+    _warn_if_noise(predicted, y0)
     return CalibrationReport(
         costs, basis, cost_unit, stats, probs, w @ p, _gamma_of(costs, stats), num_steps, int(np.shape(keys)[0]),
         span, em_cost, mlem_cost, nu2, f"{d.platform} ({getattr(d, 'device_kind', d.platform)})",
         coins, predicted, pilots, solver_name, control,
     )
+
+
+def _warn_if_noise(predicted, y0) -> None:
+    """Warn when the predicted coupled RMS error exceeds the RMS of the initial states (for a diffusion model,
+    the prior's unit scale: the limit at which `mlem-jax calibrate` refuses): the samples would be noise."""
+    scale = math.sqrt(float(sum(np.sum(np.square(np.asarray(leaf, np.float64)))
+                                for leaf in jax.tree_util.tree_leaves(y0)))
+                      / max(1, sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(y0))))
+    if predicted is not None and scale > 0 and predicted > scale:
+        warnings.warn(f"calibration_report: the probabilities predict a coupled RMS error of {predicted:.3g} per "
+                      f"component, more than the scale of the states themselves (RMS of y0: {scale:.3g}); the "
+                      "samples would be dominated by the estimator's noise. Ask for less (a smaller speedup or "
+                      "budget cut), or use coins='stratified'.", UserWarning, stacklevel=3)
 
 
 def _check_targets(coins, control, target_variance, budget, speedup, target_error) -> None:

@@ -99,14 +99,15 @@ def _reference_and_em(drifts, g, ts, ts_ref, noise):
 
 def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, seed: int = 1, *,
                          tolerance: float = 1.05, refine: int = 4, num_bins: int = 10,
-                         log: Callable[[str], None] = lambda s: None) -> Search:
+                         max_error: float | None = None, log: Callable[[str], None] = lambda s: None) -> Search:
     """The cheapest stratified ML-EM configuration whose coupled error on a pilot batch is
     at most `tolerance` times EM's (both against EM on a `refine` times finer grid).
 
     Configurations: coupling in {independent, nested} x lambda in LADDER, sorted by their
     predicted time (level costs measured on this device at the pilot batch), plus every
     p = 1 last. The error falls with the cost, so the first one that meets the target is
-    found by bisection over that order.
+    found by bisection over that order. With `max_error`, an EM error above it (a family that
+    samples noise) is a ValueError before the search.
     """
     if not isinstance(pilot_size, (int, np.integer)) or pilot_size < 6:
         raise ValueError(f"pilot_size: expected at least 6 pilot samples (the level statistics need 6), got "
@@ -130,6 +131,10 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
     samplers = {c: mlem_sampler(drifts, g, ts, coupling=c, coins="stratified") for c in ("independent", "nested")}
     ref, dw, y, _ = _reference_and_em(drifts, g, ts, ts_ref, pilot)
     target = coupled_error(y, ref).value
+    if max_error is not None and not target <= max_error:
+        raise ValueError(f"family: EM's own coupled error on the pilot is {target:.3g} per pixel, beyond {max_error:g} "
+                         "(half the data's range): the finest level samples noise, so the family looks undertrained "
+                         "or the grid too coarse; nothing was searched.")
     log(f"pilot ({pilot_size} samples): EM error {target:.4f}; bisecting over {len(schedules)} configurations")
     tried = []
     lo, hi = 0, len(schedules) - 1  # schedules[hi] meets the target (every p = 1 is EM)

@@ -378,3 +378,28 @@ def test_bad_calibration_files_are_refused_on_load(tmp_path, edit, message):
     path.write_text('{"levels": [4, 8], "edg')
     with pytest.raises(ValueError, match=r"calibration .*bad.json: not valid JSON"):
         load_calibration(str(path))
+
+
+def test_the_report_warns_when_its_probabilities_predict_noise():
+    """A large speedup on levels whose corrections are of the order of the state: the predicted coupled
+    RMS error exceeds the scale of the states, which the CLI refuses and the library warns about."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+
+    from mlem_jax.calibrate import LevelCosts, calibration_report
+
+    levels = (lambda t, y, a: -y, lambda t, y, a: -y + 30.0 * jnp.sin(5 * y),
+              lambda t, y, a: -y + 32.0 * jnp.sin(5 * y))
+    ts = jnp.linspace(0.0, 1.0, 41)
+    costs = LevelCosts(seconds=(1.0, 10.0, 100.0), flops=(1.0, 10.0, 100.0))
+    kw = dict(costs=costs, cost_unit="flops", num_bins=2)
+    y0 = jnp.ones((8, 4))
+    with pytest.warns(UserWarning, match=r"calibration_report: the probabilities predict a coupled RMS error of"):
+        report = calibration_report(levels, None, y0, ts, jax.random.split(jax.random.key(0), 8), speedup=20, **kw)
+    assert report.predicted_error > 1.0
+    with warnings.catch_warnings():  # at p = 1 nearly everywhere (speedup 1.05) the error is small: no warning
+        warnings.simplefilter("error", UserWarning)
+        calm = calibration_report(levels, None, y0, ts, jax.random.split(jax.random.key(0), 8), speedup=1.05, **kw)
+    assert calm.predicted_error < 1.0

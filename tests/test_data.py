@@ -130,3 +130,63 @@ def test_celeba_preprocessing_on_mock_data():
     assert data.celeba_64(marker)[0, 28:36, 28:36].max() > 0.5
     with pytest.raises(ValueError, match=r"images: expected images of at least 140x140"):
         data.celeba_64(np.zeros((1, 100, 100, 3), np.uint8))
+
+
+def _png(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_a_folder_of_images_with_labels_from_subfolders(tmp_path):
+    """Generated PNGs of two sizes, grey and colour, in one subfolder per class: centre-cropped, resized,
+    RGB for all (one is colour), in [-1, 1], labels by sorted folder name, every tenth image held out."""
+    from mlem_jax.diffusion.folder import load_images
+
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        cls = "cat" if i % 2 else "ant"
+        shape = (20, 24) if i % 3 else (12, 12)
+        _png(tmp_path / "imgs" / cls / f"{i:02d}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    _png(tmp_path / "imgs" / "ant" / "colour.PNG", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    x, y = load_images(str(tmp_path / "imgs"), "train", image_size=8, with_labels=True)
+    xt = load_images(str(tmp_path / "imgs"), "test", image_size=8)
+    assert x.shape == (12, 8, 8, 3) and xt.shape == (1, 8, 8, 3) and x.dtype == np.float32
+    assert x.min() >= -1 and x.max() <= 1 and set(y.tolist()) == {0, 1}
+    assert (y == 0).sum() == 7 and (y == 1).sum() == 5  # sorted paths: 7 ant, then cat; the 10th (a cat) held out
+    # the centre crop: a 12x12 grey image resized to 8 equals PIL's own resize of the same crop
+    from PIL import Image
+
+    direct = np.asarray(Image.open(tmp_path / "imgs" / "ant" / "00.png").convert("RGB").resize((8, 8), Image.LANCZOS))
+    all_x = load_images(str(tmp_path / "imgs"), "all", image_size=8)
+    np.testing.assert_allclose(all_x[0], direct / 127.5 - 1.0, atol=1e-6)
+    assert data.load_dataset(str(tmp_path / "imgs"), "train", image_size=8).shape == (12, 8, 8, 3)
+
+
+def test_folder_and_array_errors_name_the_file(tmp_path):
+    from mlem_jax.diffusion.folder import load_images
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"holds no images"):
+        load_images(str(tmp_path / "empty"))
+    rng = np.random.default_rng(1)
+    for i, shape in enumerate([(8, 8)] * 9 + [(10, 12)]):
+        _png(tmp_path / "mixed" / f"{i}.png", rng.integers(0, 256, shape, dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"2 different sizes \(0.png: 8x8, 9.png: 12x10.*--image-size"):
+        load_images(str(tmp_path / "mixed"))
+    assert load_images(str(tmp_path / "mixed"), image_size=8).shape == (9, 8, 8, 1)
+    (tmp_path / "mixed" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"broken.png is not a readable image"):
+        load_images(str(tmp_path / "mixed"), image_size=8)
+    arr = rng.integers(0, 256, (20, 6, 6), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    x = load_images(str(tmp_path / "a.npy"), "all")
+    np.testing.assert_allclose(x[..., 0], arr / 127.5 - 1.0, atol=1e-6)
+    np.savez(tmp_path / "b.npz", images=arr, labels=np.arange(20) % 3)
+    assert load_images(str(tmp_path / "b.npz"), "test", with_labels=True)[1].tolist() == [0, 1]
+    np.save(tmp_path / "c.npy", np.full((10, 4, 4), 3.0))
+    with pytest.raises(ValueError, match=r"float pixels in \[3, 3\]"):
+        load_images(str(tmp_path / "c.npy"))
+    with pytest.raises(ValueError, match=r"has no labels"):
+        load_images(str(tmp_path / "a.npy"), with_labels=True)

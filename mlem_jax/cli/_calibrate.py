@@ -62,6 +62,9 @@ def add_parser(sub):
     c.add_argument("--learn", action="store_true",
                    help="iid coins: learn p_k(t) by SGD with score-function gradients (the paper's method) at a "
                         "FLOP budget of EM's cost / --speedup")
+    c.add_argument("--skip-range-check", action="store_true",
+                   help="calibrate even when the finest level's samples fall far outside the data's range (an "
+                        "undertrained family; refused by default)")
     c.add_argument("--learn-steps", type=positive(int), default=100, help="with --learn: SGD steps")
     c.set_defaults(func=run)
 
@@ -75,6 +78,8 @@ def run(args):
     nfs = [family.models[k].nf for k in levels]
     t0 = time.perf_counter()
     _resolve_settings(args)
+    if not args.skip_range_check:
+        _check_range(args, family, levels)
     if args.match_em:
         return _match_em(args, family, nfs, t0)
     import jax
@@ -89,6 +94,27 @@ def run(args):
         return _learn(args, family, drifts, ts, y0, nfs, t0)
     _check_target(args)
     return _closed_form(args, family, drifts, ts, y0, keys, nfs, t0)
+
+
+REFUSE_SHARE = 0.25  # calibrate refuses a family whose samples are more than this much out of range
+MAX_PILOT_ERROR = DATA_SCALE / 2  # and a --match-em search whose EM pilot error exceeds half the data's range
+
+
+def _check_range(args, family, levels):
+    """Sample 8 images with the finest level alone (the sampler and grid being calibrated) and refuse a family
+    whose pixels fall far outside the data's range: its calibration would describe noise."""
+    import warnings
+
+    from mlem_jax.diffusion.sampling import SampleRangeWarning, range_message, sample
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleRangeWarning)
+        res = sample(family, levels[-1:], time_grid(family, args.steps, args.grid), args.seed + 3, 8,
+                     solver=args.solver)
+    if res.outside_range > REFUSE_SHARE:
+        raise CLIError(f"--family: nf={family.models[levels[-1]].nf} alone, 8 samples: "
+                       f"{range_message(res.images, res.outside_range)} Nothing was written; train longer "
+                       "(mlem-jax train --resume --steps N), or pass --skip-range-check to calibrate it anyway.")
 
 
 def _resolve_settings(args):
@@ -145,7 +171,11 @@ def _match_em(args, family, nfs, t0):
     if args.trajectories < 6:
         raise CLIError(f"--trajectories: the search needs at least 6 pilot samples, got {args.trajectories}.")
     log = (lambda s: None) if args.no_progress else (lambda s: print(s, flush=True))
-    found = search_configuration(family, args.steps, args.trajectories, args.seed, log=log)
+    try:
+        found = search_configuration(family, args.steps, args.trajectories, args.seed, log=log,
+                                     max_error=None if args.skip_range_check else MAX_PILOT_ERROR)
+    except ValueError as e:
+        raise CLIError(f"--family: {str(e).removeprefix('family: ')} Pass --skip-range-check to search anyway.") from e
     path = save_calibration(
         args.out, found.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="stratified",
         coupling=found.config.coupling, command=command_line(args),

@@ -102,9 +102,19 @@ def run(args):
                        "already says which equation it solves.")
     if args.em and control_of(args) is not None:
         raise CLIError("--control: a control variate belongs to the multilevel estimator; drop it with --em.")
-    res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
-                 args.coupling, args.ode, progress=not args.no_progress, coins=args.coins, solver=args.solver,
-                 control=control_of(args))
+    import warnings
+
+    from mlem_jax.diffusion.sampling import WARN_SHARE, SampleRangeWarning, range_message
+
+    with warnings.catch_warnings():  # said below in one line, not as a warning with a source line
+        warnings.simplefilter("ignore", SampleRangeWarning)
+        res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
+                     args.coupling, args.ode, progress=not args.no_progress, coins=args.coins, solver=args.solver,
+                     control=control_of(args))
+    if res.outside_range > WARN_SHARE:
+        import sys
+
+        print(f"mlem-jax sample: warning: {range_message(res.images, res.outside_range)}", file=sys.stderr)
     name = {"em": "EM"}.get(args.solver, args.solver)
     control = "" if control_of(args) is None else f", control {control_of(args)}"
     method = name if probs is None else f"multilevel {name} ({args.coupling}, {args.coins} coins{control})"

@@ -22,8 +22,9 @@ def add_parser(sub):
     """Register `mlem-jax train` on the subparsers `sub`."""
     t = sub.add_parser("train", help="train a UNet family by denoising score matching")
     t.add_argument("--dataset", default="digits",
-                   help="digits (embedded, default), procedural, or a tfds dataset prepared in --data-dir "
-                        "(mnist, fashion_mnist, cifar10, ...)")
+                   help="digits (embedded, default), procedural, your own images (a folder of PNG/JPEG files, "
+                        "centre-cropped and resized to --image-size, labels from subfolder names; or an .npy/.npz "
+                        "array), or a tfds dataset prepared in --data-dir (mnist, fashion_mnist, cifar10, ...)")
     t.add_argument("--data-dir", default=None, help="tfds data dir holding the prepared dataset (never downloads)")
     t.add_argument("--image-size", type=positive(int), default=None, help="resize images to this size")
     t.add_argument("--nfs", type=positive(int), nargs="+", default=[4, 8, 16, 32],

@@ -90,12 +90,18 @@ def batches(images: np.ndarray, batch_size: int, key, drop_last: bool = True) ->
 def load_dataset(name: str, split: str = "train", data_dir: str | None = None, image_size: int | None = None,
                  with_labels: bool = False):
     """Images in [-1, 1], (N, H, W, C), by name: an embedded one ('digits', 'procedural'),
+    your own images (a folder of PNG/JPEG files or an .npy / .npz array: `folder.load_images`),
     or a prepared tfds dataset under `data_dir` (our local builders for 'mnist',
     'fashion_mnist' and 'cifar10', any other prepared tfds name as is). With
     `with_labels=True`, returns (images, labels) (tfds datasets with a 'label' only)."""
     if with_labels and name in EMBEDDED:
         raise ValueError(f"with_labels: the embedded dataset {name!r} has no labels; use a tfds dataset.")
     labels = None
+    if name not in EMBEDDED:
+        from mlem_jax.diffusion.folder import is_image_source, load_images
+
+        if is_image_source(name):  # your own images: a folder, or an .npy / .npz array
+            return load_images(name, split, image_size, with_labels)
     if name == "digits":
         x = digits(split)
     elif name == "procedural":

@@ -1,0 +1,151 @@
+"""Your own images: a folder of PNG/JPEG files or an `.npy` / `.npz` array, as training data.
+
+* A folder: every `.png`, `.jpg`, `.jpeg` (any case) below it. Images are centre-cropped to
+  a square and resized to `image_size` (antialiased); without `image_size` they must all
+  have one size. Grey images stay one channel unless some image is colour, then all are
+  RGB (alpha is dropped). Labels are the names of the first-level subfolders, sorted
+  (images directly in the folder get none).
+* An array: `.npy` of shape (N, H, W) or (N, H, W, C), uint8 in [0, 255] or floats in
+  [-1, 1] / [0, 1]; `.npz` with an `images` member (and optionally `labels`).
+
+The split is deterministic: every tenth image (in sorted path order, or array order) is
+held out as "test", the rest is "train". Pixels come back in [-1, 1], float32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+HELD_OUT_EVERY = 10  # every tenth image is the held-out split
+
+
+def is_image_source(name: str) -> bool:
+    """Whether `name` is a path this module reads (a folder, or an .npy / .npz file)."""
+    return os.path.isdir(name) or name.lower().endswith((".npy", ".npz"))
+
+
+def load_images(path: str, split: str = "train", image_size: int | None = None, with_labels: bool = False):
+    """Images in [-1, 1], (N, H, W, C), from a folder of images or an .npy / .npz array (the module
+    docstring says how); `split` is "train", "test" (every tenth image) or "all"."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}.")
+    if os.path.isdir(path):
+        x, labels = _read_folder(path, image_size)
+    elif os.path.isfile(path):
+        x, labels = _read_array(path, image_size)
+    else:
+        raise FileNotFoundError(f"dataset: {path!r} is neither a folder of images nor an .npy / .npz file.")
+    keep = np.arange(x.shape[0])
+    if split != "all":
+        held_out = keep % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+        keep = keep[held_out] if split == "test" else keep[~held_out]
+        if keep.size == 0:
+            raise ValueError(f"dataset: {path!r} has {x.shape[0]} images, too few for a {split!r} split (every "
+                             f"{HELD_OUT_EVERY}th image is held out); give at least {HELD_OUT_EVERY}.")
+    x = x[keep]
+    if with_labels:
+        if labels is None:
+            raise ValueError(f"with_labels: {path!r} has no labels (put the images in one subfolder per class, or "
+                             "an npz 'labels' member).")
+        return x, labels[keep]
+    return x
+
+
+def _read_folder(folder: str, image_size: int | None):
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise ValueError(f"dataset: the folder {folder!r} holds no images (.png, .jpg, .jpeg, searched "
+                         "recursively).")
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"dataset: {f} is not a readable image ({type(e).__name__}: {e}).") from e
+    colour = any(im.mode not in ("L", "1", "I", "I;16", "F", "LA") for im in images)
+    arrays = [_to_array(im, "RGB" if colour else "L", image_size) for im in images]
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        other = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
+        shown = ", ".join(f"{os.path.relpath(files[i], folder)}: {arrays[i].shape[1]}x{arrays[i].shape[0]}"
+                          for i in (0, other))
+        raise ValueError(f"dataset: the images of {folder!r} have {len(sizes)} different sizes ({shown}, ...); "
+                         "pass --image-size to centre-crop and resize them all.")
+    x = np.stack(arrays).astype(np.float32) / 127.5 - 1.0
+    classes = sorted({os.path.relpath(f, folder).split(os.sep)[0] for f in files
+                      if os.sep in os.path.relpath(f, folder)})
+    labels = None
+    if classes and all(os.sep in os.path.relpath(f, folder) for f in files):
+        index = {c: i for i, c in enumerate(classes)}
+        labels = np.array([index[os.path.relpath(f, folder).split(os.sep)[0]] for f in files], np.int32)
+    return (x if x.ndim == 4 else x[..., None]), labels
+
+
+def _to_array(im, mode: str, image_size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    im = im.convert(mode)
+    if image_size is not None:
+        w, h = im.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.LANCZOS)
+    a = np.asarray(im, np.uint8)
+    return a[..., None] if a.ndim == 2 else a
+
+
+def _read_array(path: str, image_size: int | None):
+    try:
+        if path.lower().endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                if "images" not in z.files:
+                    raise ValueError(f"dataset: {path!r} has no 'images' member (it has {z.files[:5]}).")
+                x = z["images"]
+                labels = z["labels"] if "labels" in z.files else None
+        else:
+            x, labels = np.load(path, allow_pickle=False), None
+    except ValueError as e:
+        if str(e).startswith("dataset:"):
+            raise
+        raise ValueError(f"dataset: {path!r} cannot be read as an array ({e}).") from e
+    except OSError as e:
+        raise ValueError(f"dataset: {path!r} cannot be read ({e}).") from e
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"dataset: {path!r} holds an array of shape {x.shape}; expected images (N, H, W) or "
+                         "(N, H, W, C) with C = 1 or 3.")
+    if labels is not None and labels.shape != (x.shape[0],):
+        raise ValueError(f"dataset: {path!r} has labels of shape {labels.shape}, expected ({x.shape[0]},).")
+    x = _scaled(x, path)
+    if image_size is not None and (x.shape[1], x.shape[2]) != (image_size, image_size):
+        import jax
+        import jax.numpy as jnp
+
+        side = min(x.shape[1], x.shape[2])
+        top, left = (x.shape[1] - side) // 2, (x.shape[2] - side) // 2
+        x = x[:, top:top + side, left:left + side]
+        x = np.asarray(jax.image.resize(jnp.asarray(x), (x.shape[0], image_size, image_size, x.shape[-1]),
+                                        "linear", antialias=True))
+    return x.astype(np.float32), (None if labels is None else labels.astype(np.int32))
+
+
+def _scaled(x: np.ndarray, path: str) -> np.ndarray:
+    """uint8 [0, 255] or floats in [0, 1] / [-1, 1], to [-1, 1]."""
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 127.5 - 1.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"dataset: {path!r} has pixels of dtype {x.dtype}; expected uint8 or floating point.")
+    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
+    if not np.all(np.isfinite(x)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(f"dataset: {path!r} has float pixels in [{lo:.3g}, {hi:.3g}]; expected [0, 1] or "
+                         "[-1, 1] (or uint8).")
+    return (2.0 * x - 1.0) if lo >= 0.0 else x.astype(np.float32)
