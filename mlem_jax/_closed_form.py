@@ -96,6 +96,28 @@ def calibrated_probabilities(
                 break
             p = 0.5 * (p + new)
         p = new
+    if R is None:
+        _warn_if_noise(stats, V, p, step_size, w)
     if not time_dependent:
         return jnp.asarray(p[0], jnp.float32)
     return PiecewiseConstant(jnp.asarray(stats.bin_edges, jnp.float32), jnp.asarray(p, jnp.float32))
+
+
+def _warn_if_noise(stats, V, p, step_size, w) -> None:
+    """Warn when p's predicted coupled RMS error per component, sqrt(T nu^2 / D), exceeds the RMS of the
+    initial states the statistics were taken from (the limit at which `mlem-jax calibrate` refuses)."""
+    if stats.state_size is None or not stats.state_rms or stats.num_calls is None:
+        return
+    import math
+    import warnings
+
+    from mlem_jax._probabilities import injected_variance
+
+    span = stats.num_calls * float(stats.step_size)
+    predicted = math.sqrt(span * injected_variance(V, p, step_size, bin_weights=w) / max(stats.state_size, 1))
+    if predicted > stats.state_rms:
+        warnings.warn(f"calibrated_probabilities: these probabilities predict a coupled RMS error of {predicted:.3g} "
+                      f"per component, more than the scale of the states themselves (RMS of y0: "
+                      f"{stats.state_rms:.3g}); the samples would be dominated by the estimator's noise. Ask for "
+                      "less (a larger budget or a smaller target variance), or use stratified coins.", UserWarning,
+                      stacklevel=3)

@@ -136,7 +136,8 @@ def calibration_report(
     d = jax.devices()[0]
     size = sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(y0))
     predicted = strat.predicted_error if coins == "stratified" else math.sqrt(span * nu2 / max(size, 1))
-    _warn_if_noise(predicted, y0)
+    if coins == "stratified" or control is not None:  # iid coins: calibrated_probabilities has warned
+        _warn_if_noise(predicted, y0)
     return CalibrationReport(
         costs, basis, cost_unit, stats, probs, w @ p, _gamma_of(costs, stats), num_steps, int(np.shape(keys)[0]),
         span, em_cost, mlem_cost, nu2, f"{d.platform} ({getattr(d, 'device_kind', d.platform)})",

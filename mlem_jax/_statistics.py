@@ -32,6 +32,8 @@ class LevelStatistics(NamedTuple):
       errors), from three disjoint thirds of the trajectories (Y = mean correction,
       P = mean drift); above 1 flags levels that are not evaluated consistently.
     num_calls: model calls per trajectory of the solver (the `num_steps` of its costs);
+    state_size, state_rms: components D of one state and the RMS of the initial states (their scale, which
+      `calibrated_probabilities` compares its predicted error with);
     step_size: h, the step for which `variances` are EM-equivalent;
     residuals (B, G, K), with a control variate only: E|c_k(x_n) - chat_k|^2 in the same
       units when the cache was last filled g = 1..G calls before (the gap clipped at the
@@ -49,6 +51,8 @@ class LevelStatistics(NamedTuple):
     num_calls: int | None = None
     step_size: float | None = None
     residuals: np.ndarray | None = None
+    state_size: int | None = None  # components of one state (D)
+    state_rms: float | None = None  # RMS of the initial states' components: their scale
 
     def time_averaged(self, field: str) -> np.ndarray:
         """The step-weighted mean over the bins (bins without points have weight 0)."""
@@ -186,8 +190,11 @@ def level_statistics(
         scale = (lambda t: np.ones_like(t)) if control_scale is None else (
             lambda t: np.asarray(jax.vmap(control_scale)(jnp.asarray(t, jnp.float32)), np.float64))
         residuals = _binned_residuals(pairs, scale(call_times), weight, which, num_bins, propagated)
+    leaves = [np.asarray(leaf, np.float64) for leaf in jax.tree_util.tree_leaves(y0)]
+    size = sum(int(np.prod(leaf.shape[1:])) for leaf in leaves)
+    rms = float(np.sqrt(sum(np.sum(leaf**2) for leaf in leaves) / max(1, sum(leaf.size for leaf in leaves))))
     return LevelStatistics(edges, weights, *binned, _consistency_check(ymean, pmean), call_times.shape[0], h,
-                           residuals)
+                           residuals, size, rms)
 
 
 def _check_statistics_options(control, stride, weighting) -> None:

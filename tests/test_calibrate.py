@@ -396,9 +396,12 @@ def test_the_report_warns_when_its_probabilities_predict_noise():
     costs = LevelCosts(seconds=(1.0, 10.0, 100.0), flops=(1.0, 10.0, 100.0))
     kw = dict(costs=costs, cost_unit="flops", num_bins=2)
     y0 = jnp.ones((8, 4))
-    with pytest.warns(UserWarning, match=r"calibration_report: the probabilities predict a coupled RMS error of"):
+    with pytest.warns(UserWarning, match=r"calibrated_probabilities: these probabilities predict a coupled RMS "):
         report = calibration_report(levels, None, y0, ts, jax.random.split(jax.random.key(0), 8), speedup=20, **kw)
     assert report.predicted_error > 1.0
+    with pytest.warns(UserWarning, match=r"calibration_report: the probabilities predict a coupled RMS error of"):
+        calibration_report(levels, None, jnp.ones((16, 4)), ts, jax.random.split(jax.random.key(0), 16),
+                           speedup=20, coins="stratified", num_pilots=2, **kw)
     with warnings.catch_warnings():  # at p = 1 nearly everywhere (speedup 1.05) the error is small: no warning
         warnings.simplefilter("error", UserWarning)
         calm = calibration_report(levels, None, y0, ts, jax.random.split(jax.random.key(0), 8), speedup=1.05, **kw)

@@ -191,24 +191,18 @@ def _closed_form(args, family, drifts, ts, y0, keys, nfs, t0):
     on pilots) on the measured statistics, refused when it predicts noise."""
     import jax
 
-    from mlem_jax.calibrate import calibration_report, level_costs, save_calibration
-    from mlem_jax.diffusion.parameterization import reverse_diffusion
-    from mlem_jax.diffusion.sampling import solver_function
+    from mlem_jax.calibrate import level_costs, save_calibration
 
     control = control_of(args)
     # level costs at the sampling batch: at the few trajectories of the statistics they are mostly overhead
     batch = jax.vmap(lambda k: family.sde.prior_sample(k, tuple(family.image_shape)))(
         jax.random.split(jax.random.key(args.seed + 7), args.cost_batch))
     costs = level_costs([jax.vmap(f, in_axes=(None, 0, None)) for f in drifts], ts[0], batch)
-    diffusion_sampler = args.solver not in ("em", "heun")
-    report = calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
-                                stride=args.stride, target_variance=args.target_variance, speedup=args.speedup,
-                                coins=args.coins, coupling=args.coupling, target_error=args.target_error,
-                                costs=costs, progress=not args.no_progress,
-                                solver=solver_function(family.sde, args.solver, ts), solver_name=args.solver,
-                                control=control, weighting=args.weighting or (
-                                    "propagated" if diffusion_sampler else "linear"),
-                                control_scale=family.sde.noise_to_signal if diffusion_sampler else None)
+    import warnings
+
+    with warnings.catch_warnings():  # the CLI refuses such probabilities below, in one line
+        warnings.filterwarnings("ignore", message=r"(calibrated_probabilities|calibration_report): the")
+        report = _report(args, family, drifts, ts, y0, keys, costs, control)
     print(report)
     if report.predicted_error is not None and report.predicted_error > DATA_SCALE / 2:
         raise CLIError(f"--speedup: the chosen probabilities predict a coupled RMS error of "
@@ -228,6 +222,23 @@ def _closed_form(args, family, drifts, ts, y0, keys, nfs, t0):
                             cost_unit=report.cost_unit)
     plot = report.plot(path[:-5] + ".png" if path.endswith(".json") else path + ".png")
     print(f"wrote {path} and {plot} in {time.perf_counter() - t0:.0f} s")
+
+
+def _report(args, family, drifts, ts, y0, keys, costs, control):
+    """calibration_report for the chosen coins, target, sampler and control."""
+    from mlem_jax.calibrate import calibration_report
+    from mlem_jax.diffusion.parameterization import reverse_diffusion
+    from mlem_jax.diffusion.sampling import solver_function
+
+    diffusion_sampler = args.solver not in ("em", "heun")
+    return calibration_report(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
+                              stride=args.stride, target_variance=args.target_variance, speedup=args.speedup,
+                              coins=args.coins, coupling=args.coupling, target_error=args.target_error,
+                              costs=costs, progress=not args.no_progress,
+                              solver=solver_function(family.sde, args.solver, ts), solver_name=args.solver,
+                              control=control, weighting=args.weighting or (
+                                  "propagated" if diffusion_sampler else "linear"),
+                              control_scale=family.sde.noise_to_signal if diffusion_sampler else None)
 
 
 def _learn(args, family, drifts, ts, y0, nfs, t0):
