@@ -3,6 +3,7 @@ for another setting."""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -105,18 +106,11 @@ def _check_choice(record, path, field, choices, default):
 
 def load_calibration(path: str) -> Calibration:
     """Read and validate a calibration file (outside any trace, so bad values fail here)."""
-    import json
+    from mlem_jax._atomic import read_json
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"calibration {path}: not UTF-8 text ({e.reason} at byte {e.start}); the file is "
-                         "damaged or not a calibration file.") from e
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"calibration {path}: file not found (write one with mlem-jax calibrate).") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"calibration {path}: not valid JSON ({e}).") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"calibration {path}: file not found (write one with mlem-jax calibrate).")
+    record = read_json(path, f"calibration {path}:")
     if not isinstance(record, dict):
         raise ValueError(f"calibration {path}: expected a JSON object.")
     _check_calibration_values(record, path)

@@ -206,15 +206,14 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
                 f"({num_levels},), got shape {out.shape}."
             )
         _check_coverage(probs, ts)
-        if is_concrete(ts):
-            try:
-                values = jax.vmap(fn)(ts[:-1])
-            except Exception:  # a schedule that cannot be vmapped is checked at one time only
-                values = fn(ts[0])[None]
-            if is_concrete(values):
-                _check_prob_values(np.asarray(values), coupling, "probs(t)")
-                return fn
-        return _checked_when_run(fn, coupling)
+        try:
+            values = jax.vmap(fn)(ts[:-1])
+        except Exception:  # a schedule that cannot be vmapped is checked at one time only
+            values = fn(ts[0])[None]
+        if is_concrete(values):
+            _check_prob_values(np.asarray(values), coupling, "probs(t)")
+            return fn
+        return _checked_when_run(fn, values, coupling)
     p = jnp.asarray(probs)
     if p.shape != (num_levels,):
         raise ValueError(
@@ -247,19 +246,19 @@ def _check_coverage(probs, ts) -> None:
         )
 
 
-def _checked_when_run(fn: Callable, coupling: str) -> Callable:
-    """A schedule whose values are traced (under jit): checked on every call through `equinox.error_if`."""
+def _checked_when_run(fn: Callable, values, coupling: str) -> Callable:
+    """A schedule whose values are traced (under jit): its values on the grid checked once, outside the
+    solver's loop, through `equinox.error_if`; the schedule then depends on that check."""
     import equinox as eqx
 
-    def checked(t):
-        p = fn(t)
-        bad = jnp.any(jnp.isnan(p)) | jnp.any(p <= 0) | jnp.any(p > 1) | (p[0] != 1)
-        if coupling == "nested":
-            bad = bad | jnp.any(jnp.diff(p) > 0)
-        return eqx.error_if(p, bad, "probs(t): every probability must lie in (0, 1], with p_1 = 1"
-                                    + (" and p non-increasing (nested coupling)" if coupling == "nested" else ""))
+    bad = jnp.any(jnp.isnan(values)) | jnp.any(values <= 0) | jnp.any(values > 1) | jnp.any(values[:, 0] != 1)
+    if coupling == "nested":
+        bad = bad | jnp.any(jnp.diff(values, axis=1) > 0)
+    checked = eqx.error_if(values[0, 0], bad, "probs(t): every probability must lie in (0, 1], with p_1 = 1"
+                           + (" and p non-increasing (nested coupling)" if coupling == "nested" else ""))
+    zero = jnp.zeros((), values.dtype) * checked  # ties the check into every use of the schedule
 
-    return checked
+    return lambda t: fn(t) + zero
 
 
 def _check_prob_values(p: np.ndarray, coupling: str, name: str) -> None:

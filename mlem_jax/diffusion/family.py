@@ -123,16 +123,10 @@ def load_family(path: str) -> Family:
 
 def _read_meta(where: str) -> dict:
     """The family's JSON, with every field the loader uses type-checked (an error naming the file and field)."""
+    from mlem_jax._atomic import read_json
     from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS
 
-    try:
-        with open(where, encoding="utf-8") as f:
-            meta = json.load(f)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"family: {where} is not UTF-8 text ({e.reason} at byte {e.start}); it is damaged or "
-                         "not a family file.") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"family: {where} is not valid JSON ({e}); it may be truncated.") from e
+    meta = read_json(where, f"family: {where} is")
     if not isinstance(meta, dict):
         raise ValueError(f"family: {where} holds a {type(meta).__name__}, not an object; write families with "
                          "save_family / mlem-jax train.")
