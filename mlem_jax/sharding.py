@@ -105,6 +105,10 @@ def sharded_sampler(sample_one: Callable, mesh: Mesh | None = None) -> Callable:
     seed); each feeds only its own devices, and every process gets the whole batch back
     (gathered, as numpy). `sample.timed(keys, level_key)` returns (out, compile seconds,
     run seconds) with compilation timed apart; `sample.lower(keys, level_key)` lowers it.
+
+    A third argument `per_sample` (an array, or pytree of arrays, with one row per key: class
+    labels, for example) is split over the devices with the keys and passed as
+    `sample_one(key, level_key, row)`.
     """
     mesh = batch_mesh() if mesh is None else mesh
     size = mesh.devices.size
@@ -112,36 +116,41 @@ def sharded_sampler(sample_one: Callable, mesh: Mesh | None = None) -> Callable:
     batch, rep = batch_sharding(mesh), replicated(mesh)
     programs = {}
 
-    def program(impl):
-        if impl not in programs:
-            def run(key_data, level_key_data):
+    def program(impl, extra: bool):
+        if (impl, extra) not in programs:
+            def run(key_data, level_key_data, *rows):
                 keys = jax.random.wrap_key_data(key_data, impl=impl)
                 level_key = jax.random.wrap_key_data(level_key_data, impl=impl)
-                return jax.vmap(sample_one, in_axes=(0, None))(keys, level_key)
+                return jax.vmap(sample_one, in_axes=(0, None) + (0,) * len(rows))(keys, level_key, *rows)
 
-            programs[impl] = jax.jit(run, in_shardings=(batch, rep), out_shardings=batch)
-        return programs[impl]
+            shardings = (batch, rep, batch) if extra else (batch, rep)
+            programs[impl, extra] = jax.jit(run, in_shardings=shardings, out_shardings=batch)
+        return programs[impl, extra]
 
-    def inputs(keys, level_key):
+    def inputs(keys, level_key, per_sample=None):
         keys, level_key = _typed_key(keys, "keys"), _typed_key(level_key, "level_key")
         padded, n = pad_keys(keys, size)
         impl = str(jax.random.key_impl(padded))
         data = (jax.random.key_data(padded), jax.random.key_data(level_key))
+        if per_sample is not None:
+            extra = padded.shape[0] - n
+            data += (jax.tree_util.tree_map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]) if extra else a, per_sample),)
         if multiprocess:
-            data = (to_global(data[0], batch), to_global(data[1], rep))
-        return program(impl), data, n
+            data = (to_global(data[0], batch), to_global(data[1], rep)) + tuple(to_global(d, batch) for d in data[2:])
+        return program(impl, per_sample is not None), data, n
 
     def finish(out, n):
         if multiprocess:
             out = to_host(out)
         return jax.tree_util.tree_map(lambda a: a[:n], out)
 
-    def sample(keys, level_key):
-        fn, data, n = inputs(keys, level_key)
+    def sample(keys, level_key, per_sample=None):
+        fn, data, n = inputs(keys, level_key, per_sample)
         return finish(fn(*data), n)
 
-    def timed(keys, level_key):
-        fn, data, n = inputs(keys, level_key)
+    def timed(keys, level_key, per_sample=None):
+        fn, data, n = inputs(keys, level_key, per_sample)
         t0 = time.perf_counter()
         compiled = fn.lower(*data).compile()
         t1 = time.perf_counter()
@@ -149,8 +158,8 @@ def sharded_sampler(sample_one: Callable, mesh: Mesh | None = None) -> Callable:
         t2 = time.perf_counter()
         return finish(out, n), t1 - t0, t2 - t1
 
-    def lower(keys, level_key):
-        fn, data, _ = inputs(keys, level_key)
+    def lower(keys, level_key, per_sample=None):
+        fn, data, _ = inputs(keys, level_key, per_sample)
         return fn.lower(*data)
 
     sample.timed, sample.lower, sample.mesh = timed, lower, mesh

@@ -41,6 +41,14 @@ def add_parser(sub):
     s.add_argument("--coins", choices=["iid", "stratified"], default="iid",
                    help="iid: fresh coins every step (the paper); stratified: firings spread evenly in time")
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
+    c = s.add_mutually_exclusive_group()
+    c.add_argument("--class", dest="class_", type=int, default=None, metavar="C",
+                   help="a conditional family: sample class C (every sample)")
+    c.add_argument("--classes", type=int, nargs="+", default=None, metavar="C",
+                   help="a conditional family: these classes, repeated over the batch in order")
+    s.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w >= 0: (1 + w) D(x, c) - w D(x, no class); each model "
+                        "call then runs the network twice")
     multiprocess_flags(s)
     for action in s._actions:  # taken from --calibration when not given: the default applies only without one
         if action.dest in ADOPTED:
@@ -87,6 +95,31 @@ def adopt_calibration(args, family) -> None:
         args.levels = [nfs.index(nf) + 1 for nf in cal.levels]
 
 
+def labels_of(args, family):
+    """The per-sample labels --class / --classes ask for (None without), checked against the family."""
+    chosen = [args.class_] if args.class_ is not None else args.classes
+    flag = "--class" if args.class_ is not None else "--classes"
+    if chosen is not None and not family.num_classes:
+        raise CLIError(f"{flag}: this family is unconditional (it was trained without labels); drop {flag}, or "
+                       "train a conditional family (mlem-jax train --conditional).")
+    if args.guidance < 0 or args.guidance != args.guidance:
+        raise CLIError(f"--guidance: expected a weight >= 0 (0: no guidance), got {args.guidance}.")
+    if args.guidance and not family.num_classes:
+        raise CLIError("--guidance: this family is unconditional (it was trained without labels), so there is "
+                       "nothing to guide towards; drop --guidance, or train with mlem-jax train --conditional.")
+    if chosen is None:
+        if args.guidance:
+            raise CLIError("--guidance: guides towards a class; give --class C or --classes C1 C2 ...")
+        return None
+    bad = [c for c in chosen if not 0 <= c < family.num_classes]
+    if bad:
+        raise CLIError(f"{flag}: the family has {family.num_classes} classes, 0..{family.num_classes - 1}; got "
+                       f"{bad[0]}.")
+    import numpy as np
+
+    return np.resize(np.asarray(chosen, np.int32), args.batch_size)
+
+
 def run(args):
     multiprocess = join_run(args)  # before any other JAX call
     from mlem_jax.diffusion.sampling import sample
@@ -96,6 +129,7 @@ def run(args):
     levels = level_indices(family, args.levels)
     probs = None if args.em else probabilities(args, levels, family)
     ts = time_grid(family, args.steps, args.grid)
+    labels = labels_of(args, family)
     paths = output_files(args, "samples", (".png", ".npz"))  # after the arguments, before any compute
     if args.ode and args.solver != "em":
         raise CLIError(f"--ode: chooses the probability-flow ODE for --solver em only; --solver {args.solver} "
@@ -110,7 +144,7 @@ def run(args):
         warnings.simplefilter("ignore", SampleRangeWarning)
         res = sample(family, levels if probs is not None else levels[-1:], ts, args.seed, args.batch_size, probs,
                      args.coupling, args.ode, progress=not args.no_progress, coins=args.coins, solver=args.solver,
-                     control=control_of(args))
+                     control=control_of(args), labels=labels, guidance=args.guidance)
     if res.outside_range > WARN_SHARE:
         import sys
 
@@ -123,10 +157,15 @@ def run(args):
 
     if jax.process_index() != 0:  # every process holds the whole batch; process 0 writes it
         return
-    png, npz = write_samples(paths, res.images, {"evaluations": res.evaluations, "levels_nf": nfs})
+    extra = {} if labels is None else {"labels": labels, "guidance": args.guidance}
+    png, npz = write_samples(paths, res.images, {"evaluations": res.evaluations, "levels_nf": nfs, **extra})
     where = f", {jax.process_count()} processes" if multiprocess else ""
     print(f"{method}: {args.batch_size} samples, {args.steps} steps, levels nf={nfs}, {jax.device_count()} "
           f"device(s){where}")
     print(f"  wall time {res.run_seconds:.2f} s (+ {res.compile_seconds:.1f} s compilation)")
-    print("  evaluations per sample path: " + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, res.evaluations)))
+    print("  evaluations per sample path: " + ", ".join(f"nf={n}: {e}" for n, e in zip(nfs, res.evaluations))
+          + (" (each two network passes: guidance)" if args.guidance else ""))
+    if labels is not None:
+        print(f"  classes {sorted(set(labels.tolist()))}" + (f", guidance weight {args.guidance}" if args.guidance
+                                                             else ""))
     print(f"wrote {png} and {npz}")

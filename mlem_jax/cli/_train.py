@@ -37,6 +37,10 @@ def add_parser(sub):
     t.add_argument("--seed", type=seed, default=0, help="seed of initialisation, data order and noise")
     t.add_argument("--checkpoint-every", type=positive(int), default=500, help="steps between checkpoints")
     t.add_argument("--eval-every", type=positive(int), default=250, help="steps between held-out losses")
+    t.add_argument("--conditional", action="store_true",
+                   help="class-conditional levels, trained on the dataset's labels (needed for --class/--guidance)")
+    t.add_argument("--label-dropout", type=float, default=0.1,
+                   help="with --conditional: the share of labels replaced by the null class, for guidance")
     t.add_argument("--out", default="runs/family", help="output folder: checkpoints/ and family.npz/.json")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoints in --out")
     t.add_argument("--overwrite", action="store_true",
@@ -58,20 +62,29 @@ def run(args):
     from mlem_jax.diffusion.train import TrainConfig, train_family
     from mlem_jax.diffusion.unet import unet_family
 
+    train_y = test_y = None
     try:
-        train_x = load_dataset(args.dataset, "train", args.data_dir, args.image_size)
-        test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
+        if args.conditional:
+            train_x, train_y = load_dataset(args.dataset, "train", args.data_dir, args.image_size, with_labels=True)
+            test_x, test_y = load_dataset(args.dataset, "test", args.data_dir, args.image_size, with_labels=True)
+        else:
+            train_x = load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+            test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
     except (ValueError, FileNotFoundError, ImportError) as e:
         raise CLIError(f"--dataset: {e}") from e
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise CLIError(f"--label-dropout: expected a share in [0, 1), got {args.label_dropout}.")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1 if args.conditional else 0
     check_out(os.path.join(args.out, "family.json"))
     if len(set(args.nfs)) != len(args.nfs):
         raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
     try:
-        family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult))
+        family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult), num_classes=num_classes)
     except ValueError as e:
         raise CLIError(f"--nfs: {e}") from e
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every)
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                         label_dropout=args.label_dropout if args.conditional else 0.0)
     if args.parallel_levels and multiprocess:
         raise CLIError("--parallel-levels: trains levels side by side on one process's devices; a multi-process "
                        "run trains them one after another over every device.")
@@ -84,14 +97,16 @@ def run(args):
     say = print if primary else (lambda *a, **k: None)
     where = (f"process {jax.process_index()} of {jax.process_count()}, " if multiprocess else "") + \
         f"{jax.device_count()} device(s)" + (", levels side by side" if args.parallel_levels else "")
-    say(f"training {len(family)} levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
+    say(f"training {len(family)} " + (f"class-conditional ({num_classes} classes) " if num_classes else "") +
+        f"levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
         f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each; {where}")
     t0 = time.perf_counter()
     with exclusive(args.out) if primary else contextlib.nullcontext():
         try:
             results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
                                    resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
-                                   mesh=mesh, parallel=args.parallel_levels)
+                                   mesh=mesh, parallel=args.parallel_levels, train_labels=train_y,
+                                   test_labels=test_y)
         except FileExistsError as e:
             raise CLIError(f"--out: {e}") from e
         except ValueError as e:  # a resume with another recipe, a batch larger than the data, ...
@@ -104,7 +119,8 @@ def run(args):
         path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
                            train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
                                                      "held_out_loss": {str(k): v for k, v in losses.items()},
-                                                     "train_seconds": sum(h.seconds for _, h in results)})
+                                                     "train_seconds": sum(h.seconds for _, h in results),
+                                                     **({"num_classes": num_classes} if num_classes else {})})
     for nf, loss in losses.items():
         print(f"  nf={nf:3d}: held-out DSM loss " + ("n/a (no new steps)" if loss is None else f"{loss:.4f}"))
     print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")

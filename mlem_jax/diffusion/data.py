@@ -73,9 +73,10 @@ def procedural(key, num: int, shape=(16, 16, 1), blobs: int = 3) -> np.ndarray:
     return np.asarray(img * 2.0 - 1.0, np.float32)
 
 
-def batches(images: np.ndarray, batch_size: int, key, drop_last: bool = True) -> Iterator[np.ndarray]:
-    """Endless seeded batches: epoch e shuffles with fold_in(key, e)."""
-    n = images.shape[0]
+def batches(images, batch_size: int, key, drop_last: bool = True) -> Iterator:
+    """Endless seeded batches: epoch e shuffles with fold_in(key, e). `images` may be a tuple of
+    arrays with one row per example (images, labels): the batches are then tuples, rows kept together."""
+    n = (images[0] if isinstance(images, tuple) else images).shape[0]
     if batch_size < 1 or (drop_last and batch_size > n):
         raise ValueError(f"batch_size: expected 1 <= batch_size <= {n} (the number of images), got {batch_size}.")
     epoch = 0
@@ -83,7 +84,8 @@ def batches(images: np.ndarray, batch_size: int, key, drop_last: bool = True) ->
         order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
         stop = n - n % batch_size if drop_last else n
         for i in range(0, stop, batch_size):
-            yield images[order[i : i + batch_size]]
+            rows = order[i : i + batch_size]
+            yield tuple(a[rows] for a in images) if isinstance(images, tuple) else images[rows]
         epoch += 1
 
 

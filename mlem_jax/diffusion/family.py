@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from mlem_jax.diffusion.parameterization import reverse_drift
-from mlem_jax.diffusion.train import model_config, sde_config, sde_from_config
+from mlem_jax.diffusion.train import model_config, model_from_config, sde_config, sde_from_config
 from mlem_jax.diffusion.unet import UNet, denoiser_model, score_model
 
 
@@ -29,6 +29,11 @@ class Family(NamedTuple):
     parameterization: str
     image_shape: tuple
     meta: dict
+
+    @property
+    def num_classes(self) -> int:
+        """The number of classes of a conditional family (its levels take the label as `args`), 0 if unconditional."""
+        return self.models[0].num_classes
 
     def drifts(self, probability_flow: bool = False) -> tuple:
         """The ML-EM levels: reverse-time drifts f(t, y, args) for single images."""
@@ -117,6 +122,10 @@ def load_family(path: str) -> Family:
         raise ValueError(f"family: {base}.npz holds {len(stored)} levels ({stored}) but {base}.json describes "
                          f"{len(expected)}; the two files do not belong together.")
     levels = [_read_level(k, cfg, arrays, shape, base) for k, cfg in enumerate(meta["levels"])]
+    classes = [m.num_classes for m, _ in levels]
+    if len(set(classes)) > 1:
+        raise ValueError(f"family: the levels of {base}.json have num_classes {classes}; every level of a family "
+                         "takes the same labels.")
     return Family(tuple(m for m, _ in levels), tuple(p for _, p in levels), sde_from_config(meta["sde"]),
                   meta["parameterization"], tuple(shape), meta)
 
@@ -173,8 +182,7 @@ def _read_level(k: int, cfg: dict, arrays: dict, shape, base: str):
     from mlem_jax.diffusion.unet import init_params
 
     try:
-        model = UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
-                     attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"])
+        model = model_from_config(cfg)
         model.check_input((1, *shape))
         template = traverse_util.flatten_dict(
             jax.eval_shape(lambda: init_params(model, jax.random.key(0), shape)), sep="/")

@@ -68,30 +68,63 @@ def solver_function(sde, solver: str, ts, *, probability_flow: bool = False, pro
         raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
     g = None if (probability_flow or solver == "heun") else reverse_diffusion(sde)
 
-    def solve(model, y0, key):
+    def solve(model, y0, key, args=None):
         if solver == "em":
-            return euler_maruyama(model, g, y0, ts, key, progress=progress)
+            return euler_maruyama(model, g, y0, ts, key, args, progress=progress)
         if solver == "heun":
-            return heun(model, None, y0, ts, key, progress=progress)
-        return SAMPLERS[solver](model, sde, y0, ts, key, progress=progress)
+            return heun(model, None, y0, ts, key, args, progress=progress)
+        return SAMPLERS[solver](model, sde, y0, ts, key, args, progress=progress)
 
     return solve
 
 
-def solver_levels(family, levels, solver: str, probability_flow: bool = False) -> tuple:
+def solver_levels(family, levels, solver: str, probability_flow: bool = False, guidance=0.0) -> tuple:
     """The models `solver` takes from `family` for the level indices `levels`: its denoisers
     for the diffusion samplers, its drifts (of the reverse SDE, or of the probability-flow
-    ODE for Heun and with `probability_flow`) for em and heun."""
+    ODE for Heun and with `probability_flow`) for em and heun; each guided with weight
+    `guidance` (`guidance.guided`) when it is not 0."""
+    from mlem_jax.diffusion.guidance import guided
     from mlem_jax.diffusion.samplers import SAMPLERS
 
     if solver in SAMPLERS:
-        return tuple(family.denoisers()[i] for i in levels)
-    return tuple(family.drifts(probability_flow or solver == "heun")[i] for i in levels)
+        chosen = tuple(family.denoisers()[i] for i in levels)
+    else:
+        chosen = tuple(family.drifts(probability_flow or solver == "heun")[i] for i in levels)
+    return tuple(guided(f, guidance) for f in chosen)
+
+
+def check_labels(family, labels, guidance, batch_size: int):
+    """The per-sample labels (batch_size,) int32 (or None), after refusing labels or guidance an
+    unconditional family cannot take, labels outside its classes, and guidance without labels."""
+    from mlem_jax.diffusion.guidance import NULL_LABEL
+
+    classes = family.num_classes
+    weighted = callable(guidance) or float(guidance) != 0.0
+    if not classes and (labels is not None or weighted):
+        name = "labels" if labels is not None else "guidance"
+        raise ValueError(f"{name}: this family is unconditional (its levels take no class); sample without "
+                         "labels and guidance, or train a conditional family (mlem-jax train --conditional).")
+    if labels is None:
+        if weighted:
+            raise ValueError("guidance: guides towards a class; give labels (mlem-jax sample --class C).")
+        return None
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim > 1:
+        raise ValueError(f"labels: expected integer class labels, one or one per sample, got {labels.dtype} "
+                         f"of shape {labels.shape}.")
+    labels = np.broadcast_to(labels, (batch_size,)) if labels.ndim == 0 or labels.size == 1 else labels
+    if labels.shape != (batch_size,):
+        raise ValueError(f"labels: expected one label or {batch_size} (one per sample), got {labels.size}.")
+    bad = labels[(labels < NULL_LABEL) | (labels >= classes)]
+    if bad.size:
+        raise ValueError(f"labels: the family has {classes} classes, labels 0..{classes - 1} (or {NULL_LABEL}: no "
+                         f"class); got {int(bad[0])}.")
+    return jnp.asarray(labels, jnp.int32)
 
 
 def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling="independent",
            probability_flow: bool = False, progress: bool = False, coins: str = "iid", solver: str = "em",
-           control: str | None = None) -> SampleResult:
+           control: str | None = None, labels=None, guidance=0.0) -> SampleResult:
     """`solver` on the last of `levels` when `probs` is None, else the same solver with the
     multilevel estimator (`Multilevel`) over `levels` (indices into the family, cheapest
     first). Sample i uses key fold_in(key(seed), i) for its prior draw and noise, so the
@@ -99,30 +132,36 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     come from one unbatched key. One program over every device of every process
     (`mlem_jax.sharding.sharded_sampler`): in a multi-process run each process samples
     the rows of its own devices and every process gets the whole batch back, the same
-    samples as on one device."""
+    samples as on one device.
+
+    A conditional family takes `labels` (one int, or one per sample; -1: no class) as the
+    levels' `args`, and `guidance` (a weight w or a function w(t)) guides every level
+    (`guidance.guided`: each call then runs the network twice)."""
     from mlem_jax import Multilevel
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
+    labels = check_labels(family, labels, guidance, batch_size)
     run = solver_function(family.sde, solver, ts, probability_flow=probability_flow, progress=progress)
-    chosen = solver_levels(family, levels, solver, probability_flow)
+    chosen = solver_levels(family, levels, solver, probability_flow, guidance)
     sde = family.sde
     base = jax.random.key(seed)
     keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch_size))
     level_key = jax.random.fold_in(jax.random.key(seed + 1_000_003), 0)
     shape = tuple(family.image_shape)
 
-    def one(key, lk):
+    def one(key, lk, label=None):
         y0 = sde.prior_sample(jax.random.fold_in(key, 7), shape)
         if probs is None:
-            y = run(chosen[-1], y0, key)
+            y = run(chosen[-1], y0, key, label)
             return y, jnp.zeros(len(chosen), jnp.int32).at[-1].set(CALLS_PER_STEP[solver] * (ts.shape[0] - 1))
         ml = Multilevel(chosen, probs, coins=coins, coupling=coupling, level_key=lk, control=control)
-        sol = run(ml, y0, key)
+        sol = run(ml, y0, key, label)
         return sol.y, sol.evaluations
 
     from mlem_jax.sharding import sharded_sampler
 
-    (images, evals), t_compile, t_run = sharded_sampler(one).timed(keys, level_key)
+    inputs = (keys, level_key) if labels is None else (keys, level_key, labels)
+    (images, evals), t_compile, t_run = sharded_sampler(one).timed(*inputs)
     images = np.asarray(images)
     bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
     if bad.any():

@@ -40,6 +40,7 @@ class TrainConfig(NamedTuple):
     seed: int = 0
     parameterization: str = "eps"
     t_min: float = 1e-3
+    label_dropout: float = 0.0  # conditional models: the share of labels replaced by the null class -1 (for CFG)
 
 
 class TrainState(NamedTuple):
@@ -64,18 +65,27 @@ class History(NamedTuple):
 # the fields of TrainConfig a resumed run must share with the run it continues (steps,
 # eval_every and checkpoint_every may change: training longer is the point of resuming)
 RESUME_FIELDS = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "ema_decay", "seed",
-                 "parameterization", "t_min")
+                 "parameterization", "t_min", "label_dropout")
 
 
-def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3):
+def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3,
+             labels=None, label_dropout: float = 0.0):
     """Denoising score matching loss of `model` (any linen module with `__call__(x, t)`, t of shape (B,))
-    on the batch x0 (B, ...): the mean squared error of its output against `target_from_noise`."""
-    kt, kn = jax.random.split(key)
+    on the batch x0 (B, ...): the mean squared error of its output against `target_from_noise`.
+
+    With `labels` (B,), a conditional model is called as `model(x, t, labels)`, each label replaced by
+    the null class -1 with probability `label_dropout`: the one network then learns both the
+    conditional and the unconditional denoiser that classifier-free guidance contrasts."""
+    kt, kn, kd = jax.random.split(key, 3)
     t = jax.random.uniform(kt, (x0.shape[0],), minval=t_min, maxval=1.0)
     eps = jax.random.normal(kn, x0.shape, x0.dtype)
     tb = t.reshape((-1,) + (1,) * (x0.ndim - 1))  # images (B, H, W, C) or any (B, ...)
     xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
-    out = model.apply({"params": params}, xt, t)
+    if labels is None:
+        out = model.apply({"params": params}, xt, t)
+    else:
+        dropped = jax.random.uniform(kd, (x0.shape[0],)) < label_dropout
+        out = model.apply({"params": params}, xt, t, jnp.where(dropped, -1, labels))
     target = target_from_noise(sde, parameterization, tb, x0, eps)
     return jnp.mean((out - target) ** 2)
 
@@ -102,14 +112,16 @@ def init_state(model: UNet, image_shape, config: TrainConfig) -> TrainState:
 
 
 def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
-    """A jitted `step(state, x0) -> (state, loss)`: one DSM gradient step and the EMA update."""
+    """A jitted `step(state, batch) -> (state, loss)`: one DSM gradient step and the EMA update; the
+    batch is x0, or (x0, labels) for a conditional model."""
     optimizer = make_optimizer(config)
 
     @jax.jit
-    def step(state: TrainState, x0):
+    def step(state: TrainState, batch):
+        x0, labels = batch if isinstance(batch, tuple) else (batch, None)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         loss, grads = jax.value_and_grad(dsm_loss)(
-            state.params, model, sde, x0, key, config.parameterization, config.t_min
+            state.params, model, sde, x0, key, config.parameterization, config.t_min, labels, config.label_dropout
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -120,14 +132,16 @@ def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
     return step
 
 
-def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches: int = 4) -> float:
-    """Held-out DSM loss with fixed noise (the same at every call)."""
-    f = jax.jit(lambda p, x, k: dsm_loss(p, model, sde, x, k, config.parameterization, config.t_min))
+def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches: int = 4, labels=None) -> float:
+    """Held-out DSM loss with fixed noise (the same at every call); conditional on `labels` when given."""
+    f = jax.jit(lambda p, x, k, y: dsm_loss(p, model, sde, x, k, config.parameterization, config.t_min, y))
     bs = min(config.batch_size, images.shape[0])
     losses = []
     for i in range(num_batches):
-        x = images[(i * bs) % images.shape[0]:][:bs]
-        losses.append(float(f(params, jnp.asarray(x), jax.random.key(10_000 + i))))
+        start = (i * bs) % images.shape[0]
+        x = images[start:][:bs]
+        y = None if labels is None else jnp.asarray(labels[start:][:bs])
+        losses.append(float(f(params, jnp.asarray(x), jax.random.key(10_000 + i), y)))
     return float(np.mean(losses))
 
 
@@ -137,8 +151,18 @@ def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches:
 def model_config(model: UNet) -> dict:
     """The constructor arguments of a UNet as a JSON-able dict (stored in checkpoints and
     families)."""
-    return {"nf": model.nf, "ch_mult": list(model.ch_mult), "num_res_blocks": model.num_res_blocks,
-            "attn_resolutions": list(model.attn_resolutions), "num_groups": model.groups()}
+    config = {"nf": model.nf, "ch_mult": list(model.ch_mult), "num_res_blocks": model.num_res_blocks,
+              "attn_resolutions": list(model.attn_resolutions), "num_groups": model.groups()}
+    if model.num_classes:  # unconditional models keep the description (and checkpoints) they had
+        config["num_classes"] = model.num_classes
+    return config
+
+
+def model_from_config(cfg: dict) -> UNet:
+    """The UNet that `model_config` describes."""
+    return UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
+                attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"],
+                num_classes=cfg.get("num_classes", 0))
 
 
 def sde_config(sde) -> dict:
@@ -303,6 +327,8 @@ def train(
     desc: str | None = None,
     mesh=None,
     overwrite: bool = False,
+    train_labels: np.ndarray | None = None,
+    test_labels: np.ndarray | None = None,
 ) -> tuple[TrainState, History]:
     """Train `model` by denoising score matching; returns the final state and losses.
 
@@ -317,9 +343,16 @@ def train(
     data order and the noise are functions of the step, so a resumed run equals an
     uninterrupted one) and refuses another recipe. A directory that already holds
     checkpoints is never restarted silently: pass `resume=True` or `overwrite=True`.
+
+    A conditional model (`UNet(num_classes=C)`) takes `train_labels` (and `test_labels` with
+    `test_images`), integers in [0, C); `config.label_dropout` of them are replaced by the null class.
     """
     train_images = np.asarray(train_images, np.float32)
     image_shape = _check_training(model, train_images, config, resume, overwrite)
+    train_data = _with_labels(model, train_images, train_labels, "train_labels")
+    if test_images is not None:
+        test_labels = _with_labels(model, np.asarray(test_images), test_labels, "test_labels")
+        test_labels = None if not isinstance(test_labels, tuple) else test_labels[1]
     meta = {"model": model_config(model), "image_shape": list(image_shape), "sde": sde_config(sde),
             "parameterization": config.parameterization, "config": config._asdict()}
     t_start = time.perf_counter()
@@ -329,7 +362,7 @@ def train(
         raise ValueError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} asked for.")
     step_fn = make_train_step(model, sde, config)
     state, put = _data_parallel(state, mesh, min(config.batch_size, train_images.shape[0]))
-    data = batches(train_images, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
+    data = batches(train_data, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
     for _ in range(start):  # the batches already consumed before an interruption
         next(data)
     history = History([], [])
@@ -346,7 +379,8 @@ def train(
             if on_step is not None:
                 on_step(s + 1, loss)
             if test_images is not None and ((s + 1) % config.eval_every == 0 or s + 1 == config.steps):
-                history.test.append((s + 1, evaluate(state.ema_params, model, sde, test_images, config)))
+                history.test.append((s + 1, evaluate(state.ema_params, model, sde, test_images, config,
+                                                     labels=test_labels)))
             if checkpoint_dir is not None and ((s + 1) % config.checkpoint_every == 0 or s + 1 == config.steps):
                 save_checkpoint(checkpoint_dir, state,
                                 {**meta, "train_seconds": earlier_seconds + time.perf_counter() - t_start})
@@ -360,8 +394,29 @@ def train(
         if bar is not None:
             bar.close()
     if start == config.steps and test_images is not None:  # nothing left to train: report the held-out loss anyway
-        history.test.append((start, evaluate(state.ema_params, model, sde, test_images, config)))
+        history.test.append((start, evaluate(state.ema_params, model, sde, test_images, config, labels=test_labels)))
     return state, history._replace(seconds=earlier_seconds + time.perf_counter() - t_start)
+
+
+def _with_labels(model, images, labels, name: str):
+    """What `batches` draws from: the images, or (images, labels) for a conditional model, after refusing
+    labels a model cannot take."""
+    if not model.num_classes:
+        if labels is not None:
+            raise ValueError(f"{name}: this UNet is unconditional (num_classes=0); give no labels, or a "
+                             "UNet(num_classes=...) to train a conditional family.")
+        return images
+    if labels is None:
+        raise ValueError(f"{name}: a conditional UNet (num_classes={model.num_classes}) trains on class labels; "
+                         "pass them (mlem-jax train --conditional reads the dataset's labels).")
+    labels = np.asarray(labels)
+    if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name}: expected {images.shape[0]} integer labels, one per image, got "
+                         f"{labels.dtype} of shape {labels.shape}.")
+    if labels.size and (labels.min() < 0 or labels.max() >= model.num_classes):
+        raise ValueError(f"{name}: expected labels in [0, {model.num_classes}), got [{labels.min()}, "
+                         f"{labels.max()}].")
+    return images, labels.astype(np.int32)
 
 
 def _check_training(model, train_images, config: TrainConfig, resume: bool, overwrite: bool) -> tuple:
@@ -370,6 +425,8 @@ def _check_training(model, train_images, config: TrainConfig, resume: bool, over
         raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
     if config.steps < 1:
         raise ValueError(f"steps: expected a positive number of training steps, got {config.steps}.")
+    if not 0.0 <= config.label_dropout < 1.0:
+        raise ValueError(f"label_dropout: expected a share in [0, 1), got {config.label_dropout}.")
     image_shape = tuple(train_images.shape[1:])
     model.check_input((1, *image_shape))
     if config.batch_size > train_images.shape[0]:
@@ -432,6 +489,8 @@ def train_family(
     overwrite: bool = False,
     mesh=None,
     parallel: bool = False,
+    train_labels: np.ndarray | None = None,
+    test_labels: np.ndarray | None = None,
 ) -> list[tuple[TrainState, History]]:
     """Train every level on the same data with the same recipe and seed; level k
     checkpoints to checkpoint_root/nf{nf}.
@@ -445,7 +504,8 @@ def train_family(
     def one(i, model, level_mesh):
         ckpt = None if checkpoint_root is None else os.path.join(checkpoint_root, f"nf{model.nf}")
         return train(model, train_images, config, sde, test_images, ckpt, resume, progress,
-                     desc=f"level {i + 1}/{len(family)} nf={model.nf}", overwrite=overwrite, mesh=level_mesh)
+                     desc=f"level {i + 1}/{len(family)} nf={model.nf}", overwrite=overwrite, mesh=level_mesh,
+                     train_labels=train_labels, test_labels=test_labels)
 
     if not parallel:
         return [one(i, m, mesh) for i, m in enumerate(family)]
@@ -474,9 +534,7 @@ def load_level(directory: str, step: int | None = None):
     """(model, ema_params, sde, parameterization, meta) from a checkpoint directory, the
     model rebuilt from the checkpoint's metadata."""
     meta = read_metadata(directory, step)
-    m = meta["model"]
-    model = UNet(nf=m["nf"], ch_mult=tuple(m["ch_mult"]), num_res_blocks=m["num_res_blocks"],
-                 attn_resolutions=tuple(m["attn_resolutions"]), num_groups=m["num_groups"])
+    model = model_from_config(meta["model"])
     config = TrainConfig(**{k: v for k, v in meta["config"].items() if k in TrainConfig._fields})
     state, meta = restore_checkpoint(directory, model, meta["image_shape"], config, step)
     return model, state.ema_params, sde_from_config(meta["sde"]), meta["parameterization"], meta

@@ -82,6 +82,7 @@ class UNet(nn.Module):
     num_res_blocks: int = 1
     attn_resolutions: Sequence[int] = ()
     num_groups: int | None = None
+    num_classes: int = 0  # > 0: class-conditional, labels in [0, num_classes), -1 the null class of guidance
 
     def groups(self) -> int:
         return self.num_groups if self.num_groups is not None else default_groups(self.nf, self.ch_mult)
@@ -99,13 +100,19 @@ class UNet(nn.Module):
             )
 
     @nn.compact
-    def __call__(self, x, t):
+    def __call__(self, x, t, labels=None):
         self.check_input(x.shape)
         g = self.groups()
         t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
         temb = timestep_embedding(t, self.nf)
         temb = nn.Dense(4 * self.nf)(temb)
         temb = nn.Dense(4 * self.nf)(nn.swish(temb))
+        if self.num_classes:
+            temb = temb + nn.Embed(self.num_classes + 1, 4 * self.nf, name="label_embed")(
+                null_as_last(labels, self.num_classes, x.shape[0]))
+        elif labels is not None:
+            raise ValueError("labels: this UNet is unconditional (num_classes=0); give no labels, or train a "
+                             "conditional family (mlem-jax train --conditional).")
         h = nn.Conv(self.nf, (3, 3))(x)
         skips = [h]
         for i, mult in enumerate(self.ch_mult):
@@ -132,6 +139,23 @@ class UNet(nn.Module):
                 h = nn.Conv(C, (3, 3))(h)
         h = nn.swish(nn.GroupNorm(g)(h))
         return nn.Conv(x.shape[-1], (3, 3), kernel_init=nn.initializers.zeros)(h)
+
+
+def null_as_last(labels, num_classes: int, batch: int):
+    """Class labels (B,) as embedding rows: class c is row c, the null class -1 (and `labels=None`) row
+    `num_classes`. A label outside [-1, num_classes) is an error, also under jit and vmap."""
+    import equinox as eqx
+
+    if labels is None:
+        return jnp.full((batch,), num_classes, jnp.int32)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels: expected integer class labels, got dtype {labels.dtype}.")
+    labels = jnp.broadcast_to(labels.astype(jnp.int32), (batch,))
+    bad = jnp.any((labels < -1) | (labels >= num_classes))
+    labels = eqx.error_if(labels, bad, f"labels: expected class labels in [0, {num_classes}) or -1 (no class, "
+                                       "what guidance contrasts with), got one outside that range.")
+    return jnp.where(labels < 0, num_classes, labels)
 
 
 def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
@@ -162,7 +186,7 @@ def unet_family(nfs: Sequence[int] = (8, 16, 32, 64), **kwargs) -> tuple[UNet, .
 def init_params(model: UNet, key, image_shape: Sequence[int]):
     """Parameters of `model` for images of shape (H, W, C)."""
     x = jnp.zeros((1, *image_shape))
-    return model.init(key, x, jnp.zeros((1,)))["params"]
+    return model.init(key, x, jnp.zeros((1,)))["params"]  # a conditional UNet's null row is initialised too
 
 
 def count_params(params: Any) -> int:
@@ -186,8 +210,12 @@ def family_summary(family, params_list, image_shape) -> list[dict]:
 
 
 def _one_image(model: UNet, params: Any):
-    """network(t, x, args) for ONE image x (H, W, C): the module on x[None] (its own order is (x, t))."""
-    return lambda t, x, args: model.apply({"params": params}, x[None], jnp.reshape(t, (1,)))[0]
+    """network(t, x, args) for ONE image x (H, W, C): the module on x[None] (its own order is (x, t)).
+    A conditional UNet takes its class label as `args` (an int; -1 or None: no class)."""
+    if not model.num_classes:
+        return lambda t, x, args: model.apply({"params": params}, x[None], jnp.reshape(t, (1,)))[0]
+    return lambda t, x, args: model.apply({"params": params}, x[None], jnp.reshape(t, (1,)),
+                                          None if args is None else jnp.reshape(args, (1,)))[0]
 
 
 def score_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
