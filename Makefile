@@ -46,6 +46,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/fid_resolution.py --quick
 	$(PY) benchmarks/family_costs.py --quick
 	$(PY) benchmarks/learn_cost.py --quick
+	$(PY) benchmarks/guided_fmnist16.py --quick --out benchmarks/out/guided_quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)

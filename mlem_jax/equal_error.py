@@ -153,7 +153,8 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
 def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, seed: int = 0, *,
                            probs: PiecewiseConstant | None = None, coupling: str = "independent",
                            pilot_size: int = 32, refine: int = 4, max_step_ups: int = 3,
-                           log: Callable[[str], None] = lambda s: None) -> EqualErrorResult:
+                           log: Callable[[str], None] = lambda s: None,
+                           stage: Callable[[str], None] = lambda s: None) -> EqualErrorResult:
     """EM on the finest level against stratified ML-EM at (about) its coupled error.
 
     With `probs` (for example a shipped calibration made by `search_configuration`), that
@@ -161,18 +162,23 @@ def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, s
     (seed + 1). If ML-EM misses 1.1 times EM's error on the main batch, lambda is doubled,
     up to `max_step_ups` times, then every p is set to 1 (ML-EM is then EM, exactly); the
     result says how many times. So the returned ML-EM error is at most 1.1 times EM's.
+    `stage(name)` is called as each of the stages starts ("pilot search" without `probs`, "reference
+    and EM", "ML-EM", "FLOPs"): what a progress bar shows.
     """
     if num_steps < 2 or batch_size < 2 or pilot_size < 2:
         raise ValueError("num_steps, batch_size, pilot_size: expected at least 2 each.")
     drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
     pilot_seconds = 0.0
     if probs is None:
+        stage("pilot search")
         search = search_configuration(family, num_steps, pilot_size, seed + 1, refine=refine, log=log)
         probs, coupling, pilot_seconds = search.probs, search.config.coupling, search.seconds
     sampler = mlem_sampler(drifts, g, ts, coupling=coupling, coins="stratified")
     noise = shared_noise(family.sde, jax.random.key(seed), batch_size, tuple(family.image_shape), ts_ref)
+    stage("reference and EM")
     ref, dw, y_em, em_sec = _reference_and_em(drifts, g, ts, ts_ref, noise)
     em_err = coupled_error(y_em, ref)
+    stage("ML-EM")
     stepped = 0
     while True:
         (y_ml, ev), _, ml_sec = timed(sampler, noise.y0, dw, jax.random.key(seed + 12), probs)
@@ -185,6 +191,7 @@ def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, s
         log(f"  main batch: ML-EM error {ml_err.value:.4f} > 1.1 x EM's {em_err.value:.4f}; "
             + ("doubling lambda" if stepped <= max_step_ups else "every p = 1"))
         probs = PiecewiseConstant(probs.edges, jnp.minimum(1.0, more).at[:, 0].set(1.0))
+    stage("FLOPs")
     flops = np.array([flops_of(f, ts[0], noise.y0[0], None) for f in drifts])
     return EqualErrorResult(em_err, em_sec, ml_err, ml_sec, Config(coupling, float("nan")), np.asarray(ev), probs,
                             stepped, pilot_seconds, np.asarray(y_em), np.asarray(y_ml), flops)

@@ -29,7 +29,7 @@ def add_parser(sub):
 
 def run(args):
     from mlem_jax.diffusion.family import shipped_family_path
-    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid
+    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
     from mlem_jax.equal_error import equal_error_comparison
 
     args.overwrite = True  # rerunning the demo replaces its own outputs
@@ -51,8 +51,25 @@ def run(args):
             raise CLIError(f"demo: {e}") from e
         if cal.steps == args.steps and cal.grid == "uniform" and cal.coins == "stratified" and cal.levels == nfs:
             probs, coupling, source = cal.probs, cal.coupling, f"shipped calibration {os.path.basename(cal_path)}"
-    r = equal_error_comparison(family, args.steps, args.batch_size, args.seed, probs=probs, coupling=coupling,
-                               pilot_size=args.pilot_size, log=log)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=4 if probs is None else 3, desc="demo", disable=args.no_progress,
+               bar_format="{desc} ({n}/{total} stages done) |{bar}| {elapsed}")
+    started = []
+
+    def stage(name):
+        if started:
+            bar.update(1)
+        started.append(name)
+        bar.set_description_str(f"demo: {name}")
+
+    try:
+        r = equal_error_comparison(family, args.steps, args.batch_size, args.seed, probs=probs, coupling=coupling,
+                                   pilot_size=args.pilot_size, log=lambda s: (bar.clear(), log(s), bar.refresh()),
+                                   stage=stage)
+        bar.update(1)
+    finally:
+        bar.close()
     p = np.asarray(r.probs.values)
     print(f"  ML-EM configuration: {source}" + (f" ({r.pilot_seconds:.0f} s, not counted)" if probs is None else "")
           + f"; {r.config.coupling} coupling, time-averaged p = " + ", ".join(f"{v:.3f}" for v in p.mean(0))
@@ -64,11 +81,16 @@ def run(args):
           + f"   coupled RMS error {r.mlem_error.value:.4f} +- {r.mlem_error.stderr:.4f}")
     print(f"  in FLOPs (XLA cost analysis x evaluations): EM / ML-EM = {r.flop_ratio:.2f}x (wall time differs "
           "where the small networks are overhead-bound, as on CPUs)")
-    grid = side_by_side(to_grid(r.em_samples), to_grid(r.mlem_samples))
+    left = with_caption(to_grid(r.em_samples), [f"EM, nf={nfs[-1]} only", f"error {r.em_error.value:.4f}",
+                                                 f"{r.em_seconds:.2f} s, {args.steps} evals"])
+    right = with_caption(to_grid(r.mlem_samples), ["ML-EM, all levels", f"error {r.mlem_error.value:.4f}",
+                                                    f"{r.mlem_seconds:.2f} s ({r.speedup:.2f}x)"])
+    grid = side_by_side(left, right)
     with writing(png, npz):
-        save_png(png, grid, scale=4)
+        save_png(png, grid)
         with atomic_path(npz) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, em=r.em_samples, mlem=r.mlem_samples, evaluations=r.evaluations, probs=p)
-    print(f"wrote {png} (left: EM, right: ML-EM) and {npz}")
+    print(f"wrote {os.path.abspath(png)} (left: EM, right: ML-EM, each captioned) and {os.path.abspath(npz)}")
+    slower = " slower: ML-EM took longer than EM at this error" if round(r.speedup, 2) < 1 else ""
     print(f"equal-error speedup: {r.speedup:.2f}x (EM error {r.em_error.value:.4f}, ML-EM error "
-          f"{r.mlem_error.value:.4f})")
+          f"{r.mlem_error.value:.4f}){slower}")

@@ -40,7 +40,7 @@ _LAZY = {
     "data": ("EMBEDDED", "load_dataset", "digits", "procedural", "batches", "prepare_local", "read_local"),
     "folder": ("load_images",),
     "family": ("Family", "save_family", "load_family", "shipped_family_path", "combine_families"),
-    "images": ("to_grid", "save_png", "side_by_side"),
+    "images": ("to_grid", "save_png", "side_by_side", "with_caption"),
     "metrics": ("Estimate", "coupled_error", "frechet_distance", "frechet_gaussian", "kernel_distance",
                 "paired_frechet", "sliced_wasserstein"),
     "sampling": ("SampleResult", "SampleRangeWarning", "sample", "solver_function", "solver_levels", "outside_range"),

@@ -43,3 +43,21 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 6) -> np.ndarra
     pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
     sep = np.full((h, gap, left.shape[-1]), 255, np.uint8)
     return np.concatenate([pad(left), sep, pad(right)], axis=1)
+
+
+def with_caption(grid: np.ndarray, lines, scale: int = 4) -> np.ndarray:
+    """The grid (uint8, H x W x C), enlarged `scale` times, under a white band with `lines` of black text
+    (PIL's built-in bitmap font): a figure that says what it shows."""
+    from PIL import Image, ImageDraw
+
+    g = grid[..., 0] if grid.shape[-1] == 1 else grid
+    img = Image.fromarray(g).convert("RGB")
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    lines = [lines] if isinstance(lines, str) else list(lines)
+    band = 4 + 12 * len(lines)
+    out = Image.new("RGB", (img.width, img.height + band), "white")
+    out.paste(img, (0, band))
+    draw = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        draw.text((3, 2 + 12 * i), line, fill="black")
+    return np.asarray(out)
