@@ -37,9 +37,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import device_description  # noqa: E402
-from image_analysis import cost_to_reach  # noqa: E402
-
 from mlem_jax.diffusion.classifier import train_classifier  # noqa: E402
 from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, read_local  # noqa: E402
 from mlem_jax.diffusion.family import load_family  # noqa: E402
@@ -48,6 +45,9 @@ from mlem_jax.diffusion.metrics import frechet_distance  # noqa: E402
 from mlem_jax.diffusion.sampling import sample, solver_levels  # noqa: E402
 from mlem_jax.diffusion.sde import logsnr_grid  # noqa: E402
 from mlem_jax.diffusion.unet import family_summary  # noqa: E402
+
+from _common import device_description  # noqa: E402
+from image_analysis import cost_to_reach  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WEIGHTS = os.path.join(HERE, "weights", "fmnist16_cond")
@@ -150,7 +150,8 @@ def markdown(result) -> str:
                      f"{r['modelled_seconds']:.1f} |")
     lines += ["", "Speedup of the multilevel front over the single-network envelope (every level) at equal "
               "quality; below 1x the multilevel runs are slower.", "",
-              "| w | target | value | FLOPs: envelope / multilevel | speedup | CPU s: envelope / multilevel | speedup |",
+              "| w | target | value | FLOPs: envelope / multilevel | speedup | CPU s: envelope / multilevel "
+              "| speedup |",
               "|---|---|---|---|---|---|---|"]
 
     def cell(c):
@@ -195,7 +196,8 @@ def main(argv=None):
         if args.quick:
             print(f"guided_fmnist16 --quick skipped: no Fashion-MNIST in {args.source_dir!r}")
             return 0
-        p.error(f"--source-dir: Fashion-MNIST not found in {args.source_dir!r} (apt-get install dataset-fashion-mnist).")
+        p.error(f"--source-dir: Fashion-MNIST not found in {args.source_dir!r} "
+                "(apt-get install dataset-fashion-mnist).")
     os.makedirs(args.out, exist_ok=True)
     family = load_family(quick_family(os.path.join(args.out, "quick_family")) if args.quick else args.family)
     if not family.num_classes:
