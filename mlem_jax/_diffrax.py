@@ -88,7 +88,7 @@ class MultilevelDrift(diffrax.AbstractTerm):
                 "for diffrax.ConstantStepSize())."
             )
         ts = None if ts is None else check_ts(ts)
-        # without a grid, a schedule's values are checked at t = 0 only
+        # without a grid, a schedule's values are checked at t = 0 here, and at every time the solver steps to
         probs_fn = check_probs(probs, len(drifts), self.coupling, jnp.zeros(2) if ts is None else ts)
         self.probs = probs
         self.ts = ts
@@ -99,7 +99,12 @@ class MultilevelDrift(diffrax.AbstractTerm):
             self.plan = None
 
     def _probs(self, t):
-        return jnp.asarray(self.probs(t) if callable(self.probs) else self.probs, jnp.float32)
+        p = jnp.asarray(self.probs(t) if callable(self.probs) else self.probs, jnp.float32)
+        if self.ts is None and callable(self.probs):  # times no grid gave in advance: checked where they occur
+            from mlem_jax._validate import probabilities_checked_at_call
+
+            p = probabilities_checked_at_call(p, self.coupling)
+        return p
 
     def step_index(self, t):
         """The index n of the grid point ts[n] that t is (an error if t is off the grid)."""

@@ -315,7 +315,43 @@ def learn_probabilities(
     hist = _descend(loss, optimizer, logits, weight, steps, progress)
     tail = hist.probs[-max(1, int(round(average * steps))):]
     learned = PiecewiseConstant(edges, jnp.asarray(tail.mean(0), ts.dtype))
+    message = unsettled(hist)
+    if message is not None:
+        import warnings
+
+        warnings.warn(f"learn_probabilities: {message}; the schedule is not the optimum yet: run more steps (steps=), "
+                      "or start from the closed form (init=calibrated_probabilities(...), what mlem-jax calibrate "
+                      "--learn does).", NotConvergedWarning, stacklevel=2)
     return LearnedProbabilities(learned, hist, time.perf_counter() - start)
+
+
+class NotConvergedWarning(UserWarning):
+    """`learn_probabilities` stopped while its objective or its schedule was still moving."""
+
+
+def unsettled(history: LearningHistory, z: float = 3.0, drift: float = 0.1) -> str | None:
+    """Why the descent has not settled, or None: over the last half of the steps, the coupled MSE still
+    falls (a least-squares slope more than `z` standard errors below 0, the predicted fall over that half
+    more than 5% of its mean), or the schedule's mean over the last quarter differs from the quarter
+    before by more than `drift` (relative, largest over bins and levels)."""
+    n = len(history.coupled_mse)
+    if n < 20:
+        return None
+    y = np.asarray(history.coupled_mse[n // 2:], np.float64)
+    x = np.arange(y.size, dtype=np.float64)
+    x -= x.mean()
+    slope = float(np.dot(x, y - y.mean()) / np.dot(x, x))
+    resid = y - y.mean() - slope * x
+    se = float(np.sqrt(np.sum(resid**2) / max(1, y.size - 2) / np.dot(x, x)))
+    fall = -slope * y.size / max(abs(float(y.mean())), 1e-300)
+    if se > 0 and slope < -z * se and fall > 0.05:
+        return f"the coupled MSE was still falling over the last {y.size} steps ({100 * fall:.0f}% over them)"
+    q = n // 4
+    last, before = history.probs[-q:].mean(0), history.probs[-2 * q:-q].mean(0)
+    moved = float(np.max(np.abs(last - before) / np.maximum(before, 1e-3)))
+    if moved > drift:
+        return f"the schedule still moved by {100 * moved:.0f}% between the last two quarters of the steps"
+    return None
 
 
 def _check_learning(budget, cost_weight, steps, min_probability, average, num_steps, corr):

@@ -261,6 +261,19 @@ def _checked_when_run(fn: Callable, values, coupling: str) -> Callable:
     return lambda t: fn(t) + zero
 
 
+def probabilities_checked_at_call(p, coupling: str):
+    """The probabilities `p` (K,) of one model call, checked there through `equinox.error_if` (also under
+    jit and vmap): for a schedule called at times no grid gives in advance (diffrax without `ts`)."""
+    import equinox as eqx
+
+    bad = jnp.any(jnp.isnan(p)) | jnp.any(p <= 0) | jnp.any(p > 1) | (p[0] != 1)
+    if coupling == "nested":
+        bad = bad | jnp.any(jnp.diff(p) > 0)
+    return eqx.error_if(p, bad, "probs(t): at a time the solver stepped to, a probability is outside (0, 1] or "
+                        "p_1 != 1" + (" or p increases (nested coupling)" if coupling == "nested" else "")
+                        + "; every probability must lie in (0, 1], with p_1 = 1")
+
+
 def _check_prob_values(p: np.ndarray, coupling: str, name: str) -> None:
     """`p` has shape (num_times, K)."""
     if np.any(np.isnan(p)):

@@ -30,9 +30,11 @@ from mlem_jax._gamma import GammaFit, fit_gamma
 from mlem_jax._learning import (
     LearnedProbabilities,
     LearningHistory,
+    NotConvergedWarning,
     coupled_error_gradient,
     learn_probabilities,
     scaled_to_budget,
+    unsettled,
 )
 from mlem_jax._report import CalibrationReport, calibration_report, format_report, plot_report
 from mlem_jax._statistics import LevelStatistics, cached_variances, level_statistics, solver_calls, solver_sensitivities
@@ -55,10 +57,12 @@ __all__ = [
     "learn_probabilities",
     "LearnedProbabilities",
     "LearningHistory",
+    "NotConvergedWarning",
     "level_costs",
     "level_statistics",
     "LevelCosts",
     "LevelStatistics",
+    "unsettled",
     "load_calibration",
     "plot_report",
     "save_calibration",

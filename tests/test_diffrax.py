@@ -162,3 +162,14 @@ def test_the_term_checks_probabilities_like_the_scan_route():
         MultilevelDrift(same, jnp.array([1.0, 0.2, 0.5]), jax.random.key(0), coupling="nested")
     with pytest.raises(ValueError, match=r"probs\(t\): every probability must lie in \(0, 1\]"):
         MultilevelDrift(same[:2], lambda t: jnp.array([1.0, 2.0]), jax.random.key(0))
+
+
+def test_a_schedule_without_ts_is_checked_at_every_time_the_solver_steps_to():
+    """Without ts the term sees a schedule at t = 0 only when built; a schedule bad later on (p_2 > 1 after
+    t = 0.5) is an error where the solver steps there, not a silent run."""
+    bm = diffrax.VirtualBrownianTree(0.0, 1.0, tol=1e-4, shape=(3,), key=jax.random.key(0))
+    later_bad = lambda t: jnp.array([1.0, jnp.where(t > 0.5, 1.5, 0.5), 0.3])
+    with pytest.raises(Exception, match=r"probs\(t\): at a time the solver stepped to"):
+        jax.block_until_ready(solve(later_bad, jax.random.key(1), bm).ys)
+    good = lambda t: jnp.array([1.0, jnp.where(t > 0.5, 0.9, 0.5), 0.3])
+    assert np.all(np.isfinite(solve(good, jax.random.key(1), bm).ys))

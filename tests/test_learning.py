@@ -171,3 +171,33 @@ def test_the_result_is_a_schedule_the_sampler_takes():
     assert r.history.probs.shape == (5, 4, 3) and r.seconds > 0
     sol = multilevel_euler_maruyama(affine_levels(A, B), r.probs, g, X0, TS_N, jax.random.key(0))
     assert np.isfinite(sol.y)
+
+
+def _history(mse, probs):
+    from mlem_jax.calibrate import LearningHistory
+
+    n = len(mse)
+    return LearningHistory(np.asarray(mse), np.asarray(mse), np.zeros(n), np.asarray(probs), np.zeros(n))
+
+
+def test_an_unsettled_descent_is_recognised():
+    from mlem_jax.calibrate import unsettled
+
+    rng = np.random.default_rng(0)
+    n = 200
+    flat_p = np.broadcast_to([1.0, 0.3, 0.1], (n, 4, 3))
+    noise = 0.1 * rng.standard_normal(n)
+    assert unsettled(_history(1.0 + noise, flat_p)) is None  # settled: noise about a constant
+    falling = 2.0 - np.linspace(0, 1, n) + noise  # still falling by half over the last half
+    assert "still falling" in unsettled(_history(falling, flat_p))
+    moving = flat_p * np.linspace(1, 2, n)[:, None, None]  # the schedule keeps growing
+    assert "schedule still moved" in unsettled(_history(1.0 + noise, np.minimum(moving, 1.0)))
+    assert unsettled(_history(falling[:10], flat_p[:10])) is None  # too few steps to judge
+
+
+def test_learning_warns_when_it_stops_early():
+    from mlem_jax.calibrate import NotConvergedWarning
+
+    with pytest.warns(NotConvergedWarning, match="learn_probabilities: .*run more steps"):
+        learn_probabilities(affine_levels(A, B), g, jnp.full((16,), X0), TS_N, jax.random.key(3), costs=COSTS,
+                            budget=120.0, num_bins=4, steps=24, optimizer=optax.adam(0.2), progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -261,14 +262,26 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
     costs = np.asarray(flops, np.float64) / y0.shape[0]
     budget = args.steps * costs[-1] / speedup
     group = max(1, args.trajectories // 4)
+    import warnings
+
+    from mlem_jax.calibrate import NotConvergedWarning
+
     try:
-        res = learn_probabilities(drifts, reverse_diffusion(family.sde), y0, ts, jax.random.key(args.seed + 1),
-                                  costs=costs, budget=budget, num_bins=args.bins, coupling=args.coupling,
-                                  steps=args.learn_steps, group_size=group,
-                                  num_groups=max(2, args.trajectories // group),
-                                  progress=not args.no_progress)
+        init = _closed_form_start(args, family, drifts, ts, y0, costs, budget)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NotConvergedWarning)
+            res = learn_probabilities(drifts, reverse_diffusion(family.sde), y0, ts, jax.random.key(args.seed + 1),
+                                      costs=costs, budget=budget, num_bins=args.bins, coupling=args.coupling,
+                                      steps=args.learn_steps, group_size=group, init=init,
+                                      num_groups=max(2, args.trajectories // group),
+                                      progress=not args.no_progress)
     except ValueError as e:
         raise CLIError(f"--learn: {e}") from e
+    for w in caught:
+        if issubclass(w.category, NotConvergedWarning):
+            print(f"mlem-jax calibrate: warning: {w.message} (here: --learn-steps)", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     h = res.history
     tail = max(1, len(h.coupled_mse) // 5)
     rms = float(np.sqrt(np.mean(h.coupled_mse[-tail:])))
@@ -278,12 +291,35 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
     path = save_calibration(
         args.out, res.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="iid", coupling=args.coupling,
         command=command_line(args), cost_unit="flops", predicted_speedup=speedup, predicted_error=rms,
-        made_by=(f"learn_probabilities: {args.learn_steps} SGD steps (Adam 0.05) on the coupled MSE against EM at a "
+        made_by=(f"learn_probabilities from the closed form: {args.learn_steps} SGD steps (Adam 0.05) on the "
+                 "coupled MSE against EM at a "
                  f"FLOP budget of EM / {speedup:g}, score-function gradients; {args.trajectories} pooled starts"),
         learning={"seconds": res.seconds, "coupled_mse": h.coupled_mse.tolist(),
                   "expected_cost": h.expected_cost.tolist()})
     plot = _plot_learning(res, nfs, path[:-5] + ".png" if path.endswith(".json") else path + ".png")
     print(f"wrote {path} and {plot} in {time.perf_counter() - t0:.0f} s")
+
+
+def _closed_form_start(args, family, drifts, ts, y0, costs, budget):
+    """Where --learn starts: the closed-form allocation for iid coins on the pilot's statistics at the same
+    budget (a flat start needs many more SGD steps to find a schedule that varies in time); the default
+    start p_k = 0.3^(k-1) with fewer than 6 trajectories, too few for the statistics."""
+    import jax
+
+    if y0.shape[0] < 6:
+        return None
+    from mlem_jax.calibrate import calibrated_probabilities, level_statistics
+    from mlem_jax.diffusion.parameterization import reverse_diffusion
+
+    keys = jax.random.split(jax.random.key(args.seed + 2), y0.shape[0])
+    stats = level_statistics(drifts, reverse_diffusion(family.sde), y0, ts, keys, num_bins=args.bins,
+                             stride=args.stride)
+    import warnings
+
+    with warnings.catch_warnings():  # a start only: its predicted noise is what the learning improves on
+        warnings.simplefilter("ignore", UserWarning)
+        return calibrated_probabilities(stats, costs, float(stats.step_size), budget=budget,
+                                        num_steps=int(stats.num_calls), coupling=args.coupling)
 
 
 def _plot_learning(res, nfs, path):
