@@ -248,3 +248,25 @@ def test_train_on_a_folder_of_your_own_images(tmp_path, capsys):
                  "2", "--steps", "1", "--batch-size", "8", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert "(18 train / 2 held-out images)" in capsys.readouterr().out
     assert load_family(str(tmp_path / "run" / "family")).image_shape == (8, 8, 3)
+
+
+def test_a_full_disk_is_refused_before_training_and_one_line_during_it(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import mlem_jax.diffusion.train as train
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "procedural", "--steps", "2", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MB free, but the checkpoints of these levels need" in err[0]
+    monkeypatch.setattr(shutil, "disk_usage", real)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train, "train_family", full)
+    assert main(["train", "--dataset", "procedural", "--steps", "2", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(No space left on device)" in err[0] and "--resume" in err[0]

@@ -52,6 +52,27 @@ def add_parser(sub):
     t.set_defaults(func=run)
 
 
+def _check_free_space(out: str, family, image_shape) -> None:
+    """Refuse before training when the disk under `out` cannot hold the checkpoints: per level, two kept
+    steps of parameters, EMA and Adam's two moments (float32), plus the family file."""
+    import shutil
+
+    import jax
+
+    from mlem_jax.diffusion.unet import count_params, init_params
+
+    n = sum(count_params(jax.eval_shape(lambda m=m: init_params(m, jax.random.key(0), image_shape)))
+            for m in family)
+    need = n * 4 * 4 * 2 + n * 2  # bytes
+    where = os.path.abspath(out)
+    while not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if free < 1.2 * need:
+        raise CLIError(f"--out: {where} has {free / 1e6:.1f} MB free, but the checkpoints of these levels need about "
+                       f"{need / 1e6:.1f} MB; free space or choose another --out.")
+
+
 def run(args):
     multiprocess = join_run(args)
     import jax
@@ -93,6 +114,8 @@ def run(args):
         from mlem_jax.sharding import batch_mesh
 
         mesh = None if args.parallel_levels else batch_mesh()
+    if jax.process_index() == 0:
+        _check_free_space(args.out, family, train_x.shape[1:])
     primary = jax.process_index() == 0
     say = print if primary else (lambda *a, **k: None)
     where = (f"process {jax.process_index()} of {jax.process_count()}, " if multiprocess else "") + \
@@ -109,6 +132,10 @@ def run(args):
                                    test_labels=test_y)
         except FileExistsError as e:
             raise CLIError(f"--out: {e}") from e
+        except OSError as e:  # a full disk, a lost mount: the checkpoints already written are intact
+            raise CLIError(f"--out: writing into {args.out} failed ({e.strerror or e}); the checkpoints written "
+                           "before are kept: free space (or fix the folder) and rerun the same command with "
+                           "--resume.") from e
         except ValueError as e:  # a resume with another recipe, a batch larger than the data, ...
             name, _, text = str(e).partition(": ")
             raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
