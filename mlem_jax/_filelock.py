@@ -1,14 +1,24 @@
 """An exclusive lock on an output folder: FOLDER/.lock, created with O_EXCL and holding the
-owner's pid, so that two writers (trainers) cannot write the same checkpoints. A lock left
-by a process that is gone is taken over."""
+owner's host name and pid, so that two writers (trainers) cannot write the same checkpoints.
+
+A lock left by a process that is gone is taken over, under a second, short-lived lock
+(FOLDER/.lock.takeover, also created with O_EXCL): the taker reads the lock again under it and
+removes it only if it is still the stale one, so two takers cannot both succeed. Liveness can only
+be judged on the lock's own host: a lock from another host is never taken over (the error says
+which host and pid hold it, and to remove the file if that trainer is gone)."""
 
 from __future__ import annotations
 
 import os
+import socket
+import time
 
 
 class LockHeld(RuntimeError):
     """Another live process holds the lock (or it could not be taken)."""
+
+
+TAKEOVER_STALE_S = 60.0  # a takeover lock older than this was left by a taker that died mid-takeover
 
 
 def _alive(pid: int) -> bool:
@@ -21,6 +31,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _owner(path: str) -> tuple[str, int] | None:
+    """(host, pid) written in the lock, None if it is gone; a lock from before hosts were recorded (a bare
+    pid) is this host's, an unreadable one (host '', pid 0)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "", 0
+    host, _, pid = text.rpartition(" ")
+    try:
+        return (host or socket.gethostname()), int(pid or 0)
+    except ValueError:
+        return "", 0
+
+
 class DirectoryLock:
     """`with DirectoryLock(folder):` holds folder/.lock; `acquire()` / `release()` by hand."""
 
@@ -29,24 +56,49 @@ class DirectoryLock:
 
     def acquire(self) -> "DirectoryLock":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        for _ in range(2):
+        me = socket.gethostname()
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    with open(self.path) as f:
-                        pid = int(f.read().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
+                owner = _owner(self.path)
+                if owner is None:  # released meanwhile
+                    continue
+                host, pid = owner
+                folder = os.path.dirname(self.path)
+                if host and host != me:
+                    raise LockHeld(f"a trainer on host {host} (pid {pid}) holds {self.path}, and whether it is alive "
+                                   f"cannot be judged from {me}; wait for it, use another output folder, or remove "
+                                   f"{self.path} if that trainer is gone.")
                 if pid and _alive(pid):
-                    raise LockHeld(f"another trainer (pid {pid}) is writing {os.path.dirname(self.path)}; wait for "
-                                   f"it or use another output folder (remove {self.path} if that process is gone).")
-                os.remove(self.path)  # stale: its owner died
+                    raise LockHeld(f"another trainer (pid {pid}) is writing {folder}; wait for it or use another "
+                                   f"output folder (remove {self.path} if that process is gone).")
+                self._take_over(owner)
                 continue
             with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{me} {os.getpid()}")
             return self
         raise LockHeld(f"could not take the lock {self.path}.")
+
+    def _take_over(self, stale: tuple[str, int]) -> None:
+        """Remove the lock if it still names the dead owner `stale`, under the takeover lock."""
+        guard = self.path + ".takeover"
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                if time.time() - os.path.getmtime(guard) > TAKEOVER_STALE_S:
+                    os.remove(guard)  # its taker died in the middle: the next attempt proceeds
+            except FileNotFoundError:
+                pass
+            time.sleep(0.05)  # another process is taking over: look again
+            return
+        try:
+            os.close(fd)
+            if _owner(self.path) == stale:  # still the dead owner's lock, not a new one taken meanwhile
+                os.remove(self.path)
+        finally:
+            os.remove(guard)
 
     def release(self) -> None:
         try:
