@@ -88,7 +88,7 @@ def test_multilevel_guidance_at_p_one_is_guided_single_network_sampling(levels, 
     key = jax.random.key(4)
     single = run(g[-1], SDE, x, ts, key, 1)
     multi = run(Multilevel(g, jnp.ones(2), level_key=jax.random.key(5)), SDE, x, ts, key, 1)
-    np.testing.assert_allclose(multi.y, single, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(single))))
+    _close(multi.y, single)  # f^1 + (f^2 - f^1) = f^2 up to float32 rounding (measured: <= 1.2e-6 of the scale)
     np.testing.assert_array_equal(multi.evaluations, [multi.evaluations[0]] * 2)
 
 

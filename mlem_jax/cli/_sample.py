@@ -96,28 +96,25 @@ def adopt_calibration(args, family) -> None:
 
 
 def labels_of(args, family):
-    """The per-sample labels --class / --classes ask for (None without), checked against the family."""
-    chosen = [args.class_] if args.class_ is not None else args.classes
-    flag = "--class" if args.class_ is not None else "--classes"
-    if chosen is not None and not family.num_classes:
-        raise CLIError(f"{flag}: this family is unconditional (it was trained without labels); drop {flag}, or "
-                       "train a conditional family (mlem-jax train --conditional).")
-    if args.guidance < 0 or args.guidance != args.guidance:
-        raise CLIError(f"--guidance: expected a weight >= 0 (0: no guidance), got {args.guidance}.")
-    if args.guidance and not family.num_classes:
-        raise CLIError("--guidance: this family is unconditional (it was trained without labels), so there is "
-                       "nothing to guide towards; drop --guidance, or train with mlem-jax train --conditional.")
-    if chosen is None:
-        if args.guidance:
-            raise CLIError("--guidance: guides towards a class; give --class C or --classes C1 C2 ...")
-        return None
-    bad = [c for c in chosen if not 0 <= c < family.num_classes]
-    if bad:
-        raise CLIError(f"{flag}: the family has {family.num_classes} classes, 0..{family.num_classes - 1}; got "
-                       f"{bad[0]}.")
+    """The per-sample labels --class / --classes ask for (None without), checked against the family by
+    `sampling.check_labels`, its errors naming the flag."""
     import numpy as np
 
-    return np.resize(np.asarray(chosen, np.int32), args.batch_size)
+    from mlem_jax.diffusion.sampling import check_labels
+
+    chosen = [args.class_] if args.class_ is not None else args.classes
+    flag = "--class" if args.class_ is not None else "--classes"
+    if not args.guidance >= 0:  # also NaN
+        raise CLIError(f"--guidance: expected a weight >= 0 (0: no guidance), got {args.guidance}.")
+    if chosen is not None and any(c < 0 for c in chosen):  # -1 is the library's "no class", not a CLI class
+        raise CLIError(f"{flag}: expected class numbers >= 0, got {min(chosen)}.")
+    labels = None if chosen is None else np.resize(np.asarray(chosen, np.int32), args.batch_size)
+    try:
+        checked = check_labels(family, labels, args.guidance, args.batch_size)
+    except ValueError as e:
+        name, _, text = str(e).partition(": ")
+        raise CLIError(f"{flag if name == 'labels' else '--guidance'}: {text}") from e
+    return None if checked is None else np.asarray(checked)
 
 
 def run(args):

@@ -114,9 +114,9 @@ def run(args):
         from mlem_jax.sharding import batch_mesh
 
         mesh = None if args.parallel_levels else batch_mesh()
-    if jax.process_index() == 0:
-        _check_free_space(args.out, family, train_x.shape[1:])
     primary = jax.process_index() == 0
+    if primary:
+        _check_free_space(args.out, family, train_x.shape[1:])
     say = print if primary else (lambda *a, **k: None)
     where = (f"process {jax.process_index()} of {jax.process_count()}, " if multiprocess else "") + \
         f"{jax.device_count()} device(s)" + (", levels side by side" if args.parallel_levels else "")

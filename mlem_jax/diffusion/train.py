@@ -349,10 +349,10 @@ def train(
     """
     train_images = np.asarray(train_images, np.float32)
     image_shape = _check_training(model, train_images, config, resume, overwrite)
-    train_data = _with_labels(model, train_images, train_labels, "train_labels")
+    train_labels = _checked_labels(model, train_images, train_labels, "train_labels")
+    train_data = train_images if train_labels is None else (train_images, train_labels)
     if test_images is not None:
-        test_labels = _with_labels(model, np.asarray(test_images), test_labels, "test_labels")
-        test_labels = None if not isinstance(test_labels, tuple) else test_labels[1]
+        test_labels = _checked_labels(model, np.asarray(test_images), test_labels, "test_labels")
     meta = {"model": model_config(model), "image_shape": list(image_shape), "sde": sde_config(sde),
             "parameterization": config.parameterization, "config": config._asdict()}
     t_start = time.perf_counter()
@@ -398,14 +398,13 @@ def train(
     return state, history._replace(seconds=earlier_seconds + time.perf_counter() - t_start)
 
 
-def _with_labels(model, images, labels, name: str):
-    """What `batches` draws from: the images, or (images, labels) for a conditional model, after refusing
-    labels a model cannot take."""
+def _checked_labels(model, images, labels, name: str):
+    """The labels as int32 (None for an unconditional model), after refusing labels a model cannot take."""
     if not model.num_classes:
         if labels is not None:
             raise ValueError(f"{name}: this UNet is unconditional (num_classes=0); give no labels, or a "
                              "UNet(num_classes=...) to train a conditional family.")
-        return images
+        return None
     if labels is None:
         raise ValueError(f"{name}: a conditional UNet (num_classes={model.num_classes}) trains on class labels; "
                          "pass them (mlem-jax train --conditional reads the dataset's labels).")
@@ -416,7 +415,7 @@ def _with_labels(model, images, labels, name: str):
     if labels.size and (labels.min() < 0 or labels.max() >= model.num_classes):
         raise ValueError(f"{name}: expected labels in [0, {model.num_classes}), got [{labels.min()}, "
                          f"{labels.max()}].")
-    return images, labels.astype(np.int32)
+    return labels.astype(np.int32)
 
 
 def _check_training(model, train_images, config: TrainConfig, resume: bool, overwrite: bool) -> tuple:
