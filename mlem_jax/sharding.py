@@ -150,48 +150,48 @@ def sharded_sampler(sample_one: Callable, mesh: Mesh | None = None) -> Callable:
         return finish(fn(*data), n)
 
     def timed(keys, level_key, per_sample=None):
-        fn, data, n = inputs(keys, level_key, per_sample)
+        (out,), t_compile, t_run = timed_chunks([(keys, level_key) + (() if per_sample is None else (per_sample,))])
+        return out, t_compile, t_run
+
+    def timed_chunks(chunks):
+        """Several calls of equal shapes, `(keys, level_key[, per_sample])` each, compiled once
+        and run one after another: (outs, compile seconds, total run seconds)."""
+        prepared = [inputs(*c) for c in chunks]
+        fn, data, _ = prepared[0]
         t0 = time.perf_counter()
         compiled = fn.lower(*data).compile()
         t1 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*data))
+        outs = []
+        for _, data, n in prepared:
+            outs.append(finish(jax.block_until_ready(compiled(*data)), n))
         t2 = time.perf_counter()
-        return finish(out, n), t1 - t0, t2 - t1
+        return outs, t1 - t0, t2 - t1
 
     def lower(keys, level_key, per_sample=None):
         fn, data, _ = inputs(keys, level_key, per_sample)
         return fn.lower(*data)
 
-    sample.timed, sample.lower, sample.mesh = timed, lower, mesh
+    sample.timed, sample.timed_chunks, sample.lower, sample.mesh = timed, timed_chunks, lower, mesh
     return sample
 
 
 # ------------------------------------------------------------------------ multi-host
 
 
-def _wait_for(coordinator: str, timeout_s: float, process_id: int, num_processes: int) -> None:
-    import socket
-
-    host, _, port = coordinator.rpartition(":")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-                return
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"coordinator: process {process_id} of {num_processes} could not join the run at {coordinator!r} "
-                    f"within {timeout_s} s (nothing answers there: {e}). Start process 0 with the same --coordinator "
-                    "and --num-processes, on the coordinator's host, and check that the port is reachable.") from e
-            time.sleep(0.5)
-
-
-def initialize_distributed(coordinator: str, num_processes: int, process_id: int, *, timeout_s: int = 120) -> None:
+def initialize_distributed(coordinator: str, num_processes: int, process_id: int, *, timeout_s: int = 120,
+                           heartbeat_timeout_s: float = 30.0) -> None:
     """Join a multi-process run: `jax.distributed.initialize`, one call per process, before
     any other JAX call. On CPU the collectives go through gloo. Every process must give
     the same `coordinator` ("host:port" of process 0) and `num_processes`; a process that
-    cannot join within `timeout_s` seconds fails instead of hanging."""
+    cannot join within `timeout_s` seconds fails instead of hanging.
+
+    Process 0 also hosts a roll call at the coordinator's port + 1 (`mlem_jax._roll_call`):
+    an id given twice, or missing at the timeout, is one `RuntimeError` line in every
+    process; and once running, a process that dies (or is silent for `heartbeat_timeout_s`)
+    stops every other one within that time with one line naming it on stderr and exit
+    status 1, instead of the runtime's C++ abort minutes later."""
+    from mlem_jax._roll_call import roll_call
+
     if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
             or not coordinator.rpartition(":")[2].isdigit():
         raise ValueError(f"coordinator: expected 'host:port' (the address of process 0), got {coordinator!r}.")
@@ -199,8 +199,10 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
         raise ValueError(f"num_processes: expected a positive integer, got {num_processes!r}.")
     if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
         raise ValueError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id!r}.")
-    if process_id != 0:  # the runtime aborts the process when the coordinator never answers: look first
-        _wait_for(coordinator, timeout_s, process_id, num_processes)
+    if not heartbeat_timeout_s > 0:
+        raise ValueError(f"heartbeat_timeout_s: expected a positive number of seconds, got {heartbeat_timeout_s!r}.")
+    # the runtime aborts every process on a duplicate id or a coordinator that never answers: look first
+    start_watching = roll_call(coordinator, num_processes, process_id, timeout_s, heartbeat_timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
@@ -211,3 +213,4 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
             f"coordinator: process {process_id} of {num_processes} could not join the run at {coordinator!r} within "
             f"{timeout_s} s ({first[:200]}). Start every process with the same --coordinator and --num-processes, "
             "process 0 on the coordinator's host, and check that the port is reachable.") from e
+    start_watching()

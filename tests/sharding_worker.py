@@ -4,6 +4,8 @@ process group are fixed when JAX starts.
     python sharding_worker.py sample | train CKPT            one process
     python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
     python sharding_worker.py join PORT PID NPROC            initialize only (error checks)
+    python sharding_worker.py lose PORT PID NPROC            process 1 is killed after the join; the others
+                                                             run collectives until the roll call stops them
     python sharding_worker.py levels CKPT                    levels side by side; restore CKPT here
 """
 
@@ -56,11 +58,28 @@ def leaves(tree):
 
 
 def main(mode):
-    if mode in ("spmd", "join"):  # before anything touches the XLA backend
+    if mode in ("spmd", "join", "lose"):  # before anything touches the XLA backend
         from mlem_jax.sharding import initialize_distributed
 
-        timeout = 5 if mode == "join" else 120
-        initialize_distributed(f"localhost:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]), timeout_s=timeout)
+        timeout = {"join": 20, "lose": 120}.get(mode, 120)
+        initialize_distributed(f"localhost:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]), timeout_s=timeout,
+                               heartbeat_timeout_s=10)
+    if mode == "lose":
+        import os
+        import signal
+        import time
+
+        from jax.experimental import multihost_utils
+
+        print("JOINED", flush=True)
+        if jax.process_index() == 1:
+            time.sleep(2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 600:  # the survivor: blocked in collectives once its peer is gone
+            multihost_utils.process_allgather(jnp.ones(2))
+            time.sleep(0.2)
+        return
     out = {"devices": jax.device_count(), "processes": jax.process_count(), "process": jax.process_index()}
     keys, lk = jax.random.split(jax.random.key(0), KEYS), jax.random.key(LEVEL_KEY)
     if mode == "sample":

@@ -170,6 +170,33 @@ def test_a_process_without_its_coordinator_fails_in_time():
     assert "coordinator: process 1 of 2 could not join the run" in proc.stderr
 
 
+def test_the_same_process_id_twice_is_one_line_in_every_process():
+    """Ids 0, 1, 1 of 3: the roll call refuses the duplicate before `jax.distributed` (whose
+    runtime would abort every process with a C++ stack) with one line naming the id."""
+    port = free_port()
+    codes, _, errs = run_processes(lambda p: [sys.executable, WORKER, "join", port, str(min(p, 1)), "3"], n=3,
+                                   devices=1)
+    assert all(c != 0 for c in codes), codes
+    for e in errs:
+        assert "process id 1 was given twice" in e, e[-2000:]
+        assert "Check failure" not in e and "F1" not in e.splitlines()[-1]
+
+
+def test_a_peer_killed_mid_run_stops_the_survivor_with_one_line_in_bounded_time():
+    """Process 1 of 2 is killed (SIGKILL) after the join while process 0 runs collectives: process 0
+    exits with status 1 and one line naming process 1, well before the runtime's own timeout."""
+    import time
+
+    port = free_port()
+    t0 = time.monotonic()
+    codes, outs, errs = run_processes(lambda p: [sys.executable, WORKER, "lose", port, str(p), "2"], devices=1)
+    took = time.monotonic() - t0
+    assert codes[1] == -9 and codes[0] == 1, (codes, errs[0][-2000:])
+    last = errs[0].strip().splitlines()[-1]
+    assert last.startswith("error: process 1 of 2 (") and "was lost mid-run" in last, errs[0][-2000:]
+    assert "JOINED" in outs[0] and took < 100 * min(LOAD, 4.0), took
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
      "--process-id: expected 0 <= process_id < num_processes = 2, got 2."),

@@ -225,7 +225,8 @@ def join_run(args) -> bool:
         name, _, text = str(e).partition(": ")
         raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
     except RuntimeError as e:
-        raise CLIError(f"--{e}") from e
+        name, _, text = str(e).partition(": ")
+        raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
     return True
 
 
