@@ -5,6 +5,7 @@ timed with compilation separated."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -124,7 +125,7 @@ def check_labels(family, labels, guidance, batch_size: int):
 
 def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling="independent",
            probability_flow: bool = False, progress: bool = False, coins: str = "iid", solver: str = "em",
-           control: str | None = None, labels=None, guidance=0.0) -> SampleResult:
+           control: str | None = None, labels=None, guidance=0.0, coin_plans: int = 1) -> SampleResult:
     """`solver` on the last of `levels` when `probs` is None, else the same solver with the
     multilevel estimator (`Multilevel`) over `levels` (indices into the family, cheapest
     first). Sample i uses key fold_in(key(seed), i) for its prior draw and noise, so the
@@ -136,11 +137,24 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
 
     A conditional family takes `labels` (one int, or one per sample; -1: no class) as the
     levels' `args`, and `guidance` (a weight w or a function w(t)) guides every level
-    (`guidance.guided`: each call then runs the network twice)."""
+    (`guidance.guided`: each call then runs the network twice).
+
+    `coin_plans` splits the batch into that many consecutive chunks, run one after another,
+    each with its own level key (chunk c: fold_in(level key, c); chunk 0's is the key of
+    `coin_plans=1`): within a chunk the samples share one plan of level coins, which is what
+    lets a level that does not fire be skipped for the whole chunk, and across chunks the
+    plans are independent, so that a statistic of the batch (a FID) averages over several
+    coin plans instead of resting on one. Sample i keeps its prior draw and noise whatever
+    the split; `evaluations` is then the mean over the plans."""
     from mlem_jax import Multilevel
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
     labels = check_labels(family, labels, guidance, batch_size)
+    if isinstance(coin_plans, bool) or not isinstance(coin_plans, (int, np.integer)) or coin_plans < 1:
+        raise ValueError(f"coin_plans: expected a positive integer, got {coin_plans!r}.")
+    if batch_size % coin_plans:
+        raise ValueError(f"coin_plans: {coin_plans} does not divide batch_size={batch_size}; every plan serves an "
+                         f"equal chunk (try coin_plans={math.gcd(batch_size, coin_plans)}).")
     run = solver_function(family.sde, solver, ts, probability_flow=probability_flow, progress=progress)
     chosen = solver_levels(family, levels, solver, probability_flow, guidance)
     sde = family.sde
@@ -160,9 +174,12 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
 
     from mlem_jax.sharding import sharded_sampler
 
-    inputs = (keys, level_key) if labels is None else (keys, level_key, labels)
-    (images, evals), t_compile, t_run = sharded_sampler(one).timed(*inputs)
-    images = np.asarray(images)
+    size = batch_size // coin_plans
+    chunks = [(keys[c * size:(c + 1) * size], jax.random.fold_in(level_key, c) if c else level_key)
+              + (() if labels is None else (labels[c * size:(c + 1) * size],)) for c in range(coin_plans)]
+    outs, t_compile, t_run = sharded_sampler(one).timed_chunks(chunks)
+    images = np.concatenate([np.asarray(o[0]) for o in outs])
+    evals = np.mean([np.asarray(o[1][0], float) for o in outs], axis=0) if coin_plans > 1 else np.asarray(outs[0][1][0])
     bad = ~np.isfinite(images.reshape(images.shape[0], -1)).all(axis=1)
     if bad.any():
         raise FloatingPointError(
@@ -178,4 +195,4 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
         import warnings
 
         warnings.warn(range_message(images, share), SampleRangeWarning, stacklevel=2)
-    return SampleResult(images, np.asarray(evals[0]), t_compile, t_run, share)
+    return SampleResult(images, evals, t_compile, t_run, share)
