@@ -47,6 +47,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/family_costs.py --quick
 	$(PY) benchmarks/learn_cost.py --quick
 	$(PY) benchmarks/guided_fmnist16.py --quick --out benchmarks/out/guided_quick
+	$(PY) benchmarks/envelope_fmnist16.py --quick --out benchmarks/out/envelope_quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
@@ -58,6 +59,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/solver_calibration.py --out docs/figures/solver_calibration
 	$(PY) benchmarks/sharding_throughput.py --out docs/figures
 	$(PY) benchmarks/fmnist16.py --out docs/figures/fmnist16
+	$(PY) benchmarks/envelope_fmnist16.py --out docs/figures/envelope_fmnist16
 
 ## fmnist16-weights: retrain the committed Fashion-MNIST family (about 50 min on 2 cores)
 fmnist16-weights: $(STAMP)

@@ -18,6 +18,7 @@ Phases (each finished run is appended to OUT/runs.jsonl at once; a rerun skips w
    two evaluation counts, with iid coins at budgets top / 2 and top / 4, stratified coins and the
    cached control variate at top / 2; probabilities from `calibration_report` (statistics at the
    sampler's model calls, propagated weighting, FLOP costs); one coin plan per chunk of 125 samples.
+   (`ml_pilots=False` in the config runs them straight on all samples instead.)
 6. multilevel full: the non-dominated multilevel pilots on all samples. Their front is compared with
    the envelope at the envelope's FID at 10, 20 and 50 evaluations of the top network.
 
@@ -70,7 +71,8 @@ FULL = dict(samples=1000, pilot=500, chunk=125, evals=(5, 10, 20, 50, 100), grid
             classifier_steps=1500, targets=(10, 20, 50), slack=2.0)
 QUICK = dict(samples=16, pilot=8, chunk=4, evals=(2, 4), grid_level=0, grid_evals=2,
              ml_evals={"ode": (4,), "sde": (4,)}, speedups=(2.0,), bootstrap=5, pilots=16, bins=2,
-             classifier_steps=20, targets=(2, 4), slack=2.0, samplers=("em", "ddim"), grids=("uniform", "logsnr"))
+             classifier_steps=20, targets=(2, 4), slack=2.0, samplers=("em", "ddim"), grids=("uniform", "logsnr"),
+             variants=("iid", "cached"))
 
 
 def grid(sde, name: str, steps: int):
@@ -277,11 +279,17 @@ def experiment(exp, cfg, progress=True):
         sets = [list(range(K))] + ([chosen] if chosen != list(range(K)) else [])
         variants = [("iid", None, sp) for sp in cfg["speedups"]] + [("stratified", None, cfg["speedups"][0]),
                                                                     ("iid", "cached", cfg["speedups"][0])]
+        if "variants" in cfg:  # --quick: fewer
+            variants = [v for v in variants if (v[1] or v[0]) in cfg["variants"]]
         for levels, e, (coins, control, sp) in tqdm(list(itertools.product(sets, evals, variants)),
                                                      desc=f"multilevel pilots ({s})", disable=not progress):
-            ml_pilots.append(exp.run(dict(phase="ml-pilot", sampler=s, grid=g, levels=levels,
-                                          steps=steps_for(s, e), samples=cfg["pilot"], probs_kind="calibrated",
-                                          coins=coins, control=control, speedup=sp)))
+            pilot = cfg.get("ml_pilots", True)
+            ml_pilots.append(exp.run(dict(phase="ml-pilot" if pilot else "ml-full", sampler=s, grid=g,
+                                          levels=levels, steps=steps_for(s, e),
+                                          samples=cfg["pilot"] if pilot else cfg["samples"],
+                                          probs_kind="calibrated", coins=coins, control=control, speedup=sp)))
+    if not cfg.get("ml_pilots", True):  # run straight on all samples
+        return dict(best_grid=best_grid, pilots=pilots, full=full, ml_pilots=[], ml_full=ml_pilots)
     keep = [r for r in ml_pilots if not dominated(r, ml_pilots, cfg["slack"])]
     ml_full = [exp.run(dict({k: r[k] for k in ("sampler", "grid", "levels", "steps", "probs_kind", "coins",
                                                "control", "speedup")}, phase="ml-full", samples=cfg["samples"]))
@@ -312,6 +320,16 @@ def summarise(exp, runs, cfg) -> dict:
             row[cost] = dict(envelope=env, envelope_how=how_e, multilevel=got, multilevel_how=how_m,
                              speedup=None if env is None or got is None else env / got)
         rows.append(row)
+    at_own = []  # every multilevel run on its front: what the envelope pays for that run's FID
+    for r in sorted(ml, key=lambda r: r["gflop"]):
+        if any(q["fid"] < r["fid"] and q["gflop"] <= r["gflop"] for q in ml if q is not r):
+            continue
+        row = dict(run=r["key"], fid=r["fid"], fid_se=r["fid_se"])
+        for cost, _ in COSTS:
+            env, how = cost_to_reach([q[cost] for q in full], [q["fid"] for q in full], r["fid"])
+            row[cost] = dict(envelope=env, envelope_how=how, multilevel=r[cost],
+                             speedup=None if env is None else env / r[cost])
+        at_own.append(row)
     best_per_level = {}
     for k, s in enumerate(exp.summary):
         rs = [r for r in full if r["levels"] == [k]] or [r for r in runs["pilots"] if r["levels"] == [k]]
@@ -319,7 +337,7 @@ def summarise(exp, runs, cfg) -> dict:
             b = min(rs, key=lambda r: r["fid"])
             best_per_level[f"nf={s['nf']}"] = dict(fid=b["fid"], fid_se=b["fid_se"], sampler=b["sampler"],
                                                    steps=b["steps"], gflop=b["gflop"], phase=b["phase"])
-    return dict(rows=rows, best_per_level=best_per_level)
+    return dict(rows=rows, at_multilevel_fid=at_own, best_per_level=best_per_level)
 
 
 def name_of(exp, r) -> str:
@@ -333,7 +351,9 @@ def markdown(exp, result) -> str:
     L = [f"# The envelope experiment, {result['family']}", "", f"device: {result['device']}", "",
          f"command: `{result['command']}`", "", "best grid per sampler (pilot, "
          f"nf={exp.summary[exp.cfg['grid_level']]['nf']}, {exp.cfg['grid_evals']} evaluations): "
-         + ", ".join(f"{s}: {g}" for s, g in result["best_grid"].items()), ""]
+         + ", ".join(f"{s}: {g}" for s, g in result["best_grid"].items()), "",
+         f"data floor: {result['data_floor']['images']} training images (no sampler) score FID "
+         f"{result['data_floor']['fid']:.2f} ± {result['data_floor']['fid_se']:.2f} against the same reference", ""]
     L += ["## Speedup of the multilevel front over the envelope at equal FID", "",
           "Target: the envelope's FID at n evaluations of the top network (the best FID any single-network run "
           "reaches at that cost). Each cell: the cost of the envelope / the multilevel front to reach the target; "
@@ -342,14 +362,29 @@ def markdown(exp, result) -> str:
           + " |", "|---|---|" + "---|---|" * len(COSTS)]
     for row in result["summary"]["rows"]:
         cells = []
+        def side(value, how):
+            return how if value is None else (f"<= {value:.3g}" if how == "at most" else f"{value:.3g}")
+
         for cost, _ in COSTS:
             c = row[cost]
-            if c["speedup"] is None:
-                cells += [f"{c['envelope_how']} / {c['multilevel_how']}", "n/a"]
-            else:
-                cells += [f"{c['envelope']:.3g} / {c['multilevel']:.3g}",
-                          f"{c['speedup']:.2f}x" + (" (slower)" if c["speedup"] < 1 else "")]
+            cells.append(f"{side(c['envelope'], c['envelope_how'])} / {side(c['multilevel'], c['multilevel_how'])}")
+            cells.append("n/a" if c["speedup"] is None else
+                         f"{c['speedup']:.2f}x" + (" (slower)" if c["speedup"] < 1 else ""))
         L.append(f"| {row['top_evaluations']} | {row['target_fid']:.2f} | " + " | ".join(cells) + " |")
+    L += ["", "## At the FID of each run on the multilevel front", "",
+          "The cost the envelope pays for the FID that run reached, against the run's own cost.", "",
+          "| multilevel run | FID | ± | " + " | ".join(f"{h}: envelope / multilevel | speedup" for _, h in COSTS)
+          + " |", "|---|---|---|" + "---|---|" * len(COSTS)]
+    for row in result["summary"].get("at_multilevel_fid", []):
+        cells = []
+        for cost, _ in COSTS:
+            c = row[cost]
+            cells.append(f"{'<= ' if c['envelope_how'] == 'at most' else ''}"
+                         f"{c['envelope']:.3g} / {c['multilevel']:.3g}" if c["envelope"] is not None
+                         else f"not reached / {c['multilevel']:.3g}")
+            cells.append("n/a" if c["speedup"] is None else
+                         f"{c['speedup']:.2f}x" + (" (slower)" if c["speedup"] < 1 else ""))
+        L.append(f"| {row['run']} | {row['fid']:.2f} | {row['fid_se']:.2f} | " + " | ".join(cells) + " |")
     L += ["", "## Each network at its best (full runs where run, else pilots)", "",
           "| level | best FID | ± | sampler | steps | GFLOP/sample |", "|---|---|---|---|---|---|"]
     for lv, b in result["summary"]["best_per_level"].items():
@@ -395,6 +430,13 @@ def plot(exp, result, path):
                 xs.append(r[cost])
                 ys.append(best)
         ax.step(xs, ys, where="post", c="gray", lw=1, label="envelope")
+        floor = result.get("data_floor", {}).get("fid")
+        if floor:
+            ax.axhline(floor, c="gray", ls=":", lw=1, label="training images (floor)")
+        good = [r[cost] for r in result["runs"]["full"] + ml if np.isfinite(r["fid"]) and r["fid"] < 50]
+        if good:  # the region where samples look like data; the untrained-looking cheap levels are off the top
+            ax.set_xlim(min(good) / 1.5, max(good) * 1.5)
+            ax.set_ylim(0.7 * (floor or 1.0), 50)
         ax.set(xscale="log", yscale="log", xlabel=label, ylabel="FID (classifier features)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -452,6 +494,10 @@ def main(argv=None):
                            steps=cfg["classifier_steps"], progress=False)
     print(f"classifier: test accuracy {clf.test_accuracy:.3f}", flush=True)
     exp = Experiment(family, cfg, clf.features, clf.features(test_x), args.out)
+    # the floor: `samples` training images (no sampler) against the same reference
+    idx = np.random.default_rng(0).choice(len(train_x), min(cfg["samples"], len(train_x)), replace=False)
+    floor = frechet_distance(clf.features(train_x[idx]), exp.reference, num_bootstrap=cfg["bootstrap"])
+    print(f"data floor: {len(idx)} training images score FID {floor.value:.2f} ± {floor.stderr:.2f}", flush=True)
     print("levels: " + ", ".join(f"nf={s['nf']} {s['gflop']:.4f} GFLOP, {1000 * exp.seconds[k]:.2f} ms/sample"
                                  for k, s in enumerate(exp.summary)), flush=True)
     runs = experiment(exp, cfg, progress=not (args.quick or args.no_progress))
@@ -459,7 +505,8 @@ def main(argv=None):
                   device=device_description(), command="python " + " ".join(["benchmarks/envelope_fmnist16.py",
                                                                              *(argv or sys.argv[1:])]),
                   config={k: v for k, v in cfg.items()}, classifier_accuracy=clf.test_accuracy, levels=exp.summary,
-                  level_seconds_per_sample=exp.seconds.tolist(), best_grid=runs["best_grid"], runs=runs)
+                  level_seconds_per_sample=exp.seconds.tolist(), best_grid=runs["best_grid"], runs=runs,
+                  data_floor=dict(fid=floor.value, fid_se=floor.stderr, images=len(idx)))
     result["summary"] = summarise(exp, runs, cfg)
     with open(os.path.join(args.out, "envelope.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
