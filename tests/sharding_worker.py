@@ -3,7 +3,7 @@ process group are fixed when JAX starts.
 
     python sharding_worker.py sample | train CKPT            one process
     python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
-    python sharding_worker.py join PORT PID NPROC            initialize only (error checks)
+    python sharding_worker.py join PORT PID NPROC [TIMEOUT]  initialize only (error checks; TIMEOUT s, default 20)
     python sharding_worker.py lose PORT PID NPROC            process 1 is killed after the join; the others
                                                              run collectives until the roll call stops them
     python sharding_worker.py levels CKPT                    levels side by side; restore CKPT here
@@ -61,7 +61,7 @@ def main(mode):
     if mode in ("spmd", "join", "lose"):  # before anything touches the XLA backend
         from mlem_jax.sharding import initialize_distributed
 
-        timeout = {"join": 20, "lose": 120}.get(mode, 120)
+        timeout = int(sys.argv[5]) if mode == "join" and len(sys.argv) > 5 else {"join": 20}.get(mode, 120)
         initialize_distributed(f"localhost:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]), timeout_s=timeout,
                                heartbeat_timeout_s=10)
     if mode == "lose":

@@ -174,8 +174,9 @@ def test_the_same_process_id_twice_is_one_line_in_every_process():
     """Ids 0, 1, 1 of 3: the roll call refuses the duplicate before `jax.distributed` (whose
     runtime would abort every process with a C++ stack) with one line naming the id."""
     port = free_port()
-    codes, _, errs = run_processes(lambda p: [sys.executable, WORKER, "join", port, str(min(p, 1)), "3"], n=3,
-                                   devices=1)
+    # a long join timeout: on a loaded machine the three interpreters start seconds apart
+    codes, _, errs = run_processes(lambda p: [sys.executable, WORKER, "join", port, str(min(p, 1)), "3", "120"],
+                                   n=3, devices=1)
     assert all(c != 0 for c in codes), codes
     for e in errs:
         assert "process id 1 was given twice" in e, e[-2000:]
