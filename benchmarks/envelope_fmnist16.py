@@ -50,8 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mlem_jax.diffusion.classifier import train_classifier  # noqa: E402
-from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, read_local  # noqa: E402
+from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN  # noqa: E402
 from mlem_jax.diffusion.family import combine_families, load_family  # noqa: E402
 from mlem_jax.diffusion.metrics import frechet_distance  # noqa: E402
 from mlem_jax.diffusion.samplers import CALLS_PER_STEP  # noqa: E402
@@ -59,7 +58,7 @@ from mlem_jax.diffusion.sampling import sample, solver_function, solver_levels  
 from mlem_jax.diffusion.sde import karras_grid, logsnr_grid, quadratic_grid, uniform_grid  # noqa: E402
 from mlem_jax.diffusion.unet import family_summary  # noqa: E402
 
-from _common import device_description  # noqa: E402
+from _common import device_description, fashion_mnist_and_classifier, tiny_family  # noqa: E402
 from image_analysis import cost_to_reach  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -451,18 +450,6 @@ def plot(exp, result, path):
     return path
 
 
-def quick_family(path):
-    """A tiny untrained family (CI): the pipeline, not the figures."""
-    from mlem_jax.diffusion import VP
-    from mlem_jax.diffusion.family import save_family
-    from mlem_jax.diffusion.unet import UNet, init_params
-
-    models = [UNet(nf=nf, ch_mult=(1, 2)) for nf in (4, 8)]
-    save_family(path, models, [init_params(m, jax.random.key(i), (16, 16, 1)) for i, m in enumerate(models)], VP(),
-                "eps", (16, 16, 1))
-    return path
-
-
 def default_family():
     """The five levels nf 4..64 from the committed weights (runs/fmnist16x5/family)."""
     stem = os.path.join(ROOT, "runs", "fmnist16x5", "family")
@@ -488,15 +475,10 @@ def main(argv=None):
         p.error(f"--source-dir: Fashion-MNIST not found in {args.source_dir!r} "
                 "(apt-get install dataset-fashion-mnist).")
     os.makedirs(args.out, exist_ok=True)
-    stem = quick_family(os.path.join(args.out, "quick_family")) if args.quick else (args.family or default_family())
+    stem = tiny_family(os.path.join(args.out, "quick_family")) if args.quick else (args.family or default_family())
     family = load_family(stem)
-    train_x, train_y = read_local("fashion_mnist", args.source_dir, "train", 16, with_labels=True)
-    test_x, test_y = read_local("fashion_mnist", args.source_dir, "test", 16, with_labels=True)
-    if args.quick:
-        train_x, train_y, test_x, test_y = train_x[:1000], train_y[:1000], test_x[:200], test_y[:200]
-    clf = train_classifier(train_x, train_y, test_x[:2000], test_y[:2000], jax.random.key(3),
-                           steps=cfg["classifier_steps"], progress=False)
-    print(f"classifier: test accuracy {clf.test_accuracy:.3f}", flush=True)
+    train_x, train_y, test_x, test_y, clf = fashion_mnist_and_classifier(args.source_dir, args.quick,
+                                                                         cfg["classifier_steps"])
     exp = Experiment(family, cfg, clf.features, clf.features(test_x), args.out)
     # the floor: `samples` training images (no sampler) against the same reference
     idx = np.random.default_rng(0).choice(len(train_x), min(cfg["samples"], len(train_x)), replace=False)

@@ -43,8 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mlem_jax.diffusion.classifier import train_classifier  # noqa: E402
-from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, read_local  # noqa: E402
+from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN  # noqa: E402
 from mlem_jax.diffusion.family import load_family  # noqa: E402
 from mlem_jax.diffusion.guidance import guided_passes  # noqa: E402
 from mlem_jax.diffusion.metrics import frechet_distance  # noqa: E402
@@ -52,7 +51,7 @@ from mlem_jax.diffusion.sampling import sample, solver_levels  # noqa: E402
 from mlem_jax.diffusion.sde import logsnr_grid  # noqa: E402
 from mlem_jax.diffusion.unet import family_summary  # noqa: E402
 
-from _common import device_description  # noqa: E402
+from _common import device_description, fashion_mnist_and_classifier, tiny_family  # noqa: E402
 from image_analysis import cost_to_reach  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -204,18 +203,6 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quick_family(path):
-    """A tiny untrained conditional family (CI has no trained weights to spare): the pipeline, not the figures."""
-    from mlem_jax.diffusion import VP
-    from mlem_jax.diffusion.family import save_family
-    from mlem_jax.diffusion.unet import UNet, init_params
-
-    models = [UNet(nf=nf, ch_mult=(1, 2), num_classes=10) for nf in (4, 8)]
-    save_family(path, models, [init_params(m, jax.random.key(i), (16, 16, 1)) for i, m in enumerate(models)], VP(),
-                "eps", (16, 16, 1), extra={"num_classes": 10})
-    return path
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny untrained family and 16 samples (CI)")
@@ -234,16 +221,11 @@ def main(argv=None):
         p.error(f"--source-dir: Fashion-MNIST not found in {args.source_dir!r} "
                 "(apt-get install dataset-fashion-mnist).")
     os.makedirs(args.out, exist_ok=True)
-    family = load_family(quick_family(os.path.join(args.out, "quick_family")) if args.quick else args.family)
+    family = load_family(tiny_family(os.path.join(args.out, "quick_family"), 10) if args.quick else args.family)
     if not family.num_classes:
         p.error(f"--family: {args.family} is unconditional; train one with make fmnist16-cond-weights.")
-    train_x, train_y = read_local("fashion_mnist", args.source_dir, "train", 16, with_labels=True)
-    test_x, test_y = read_local("fashion_mnist", args.source_dir, "test", 16, with_labels=True)
-    if args.quick:
-        train_x, train_y, test_x, test_y = train_x[:1000], train_y[:1000], test_x[:200], test_y[:200]
-    clf = train_classifier(train_x, train_y, test_x[:2000], test_y[:2000], jax.random.key(3),
-                           steps=cfg["classifier_steps"], progress=False)
-    print(f"classifier: test accuracy {clf.test_accuracy:.3f}", flush=True)
+    train_x, train_y, test_x, test_y, clf = fashion_mnist_and_classifier(args.source_dir, args.quick,
+                                                                         cfg["classifier_steps"])
     reference = clf.features(test_x)
     labels = (np.arange(cfg["samples"]) % family.num_classes).astype(np.int32)
     summary = family_summary(family.models, family.params, family.image_shape)

@@ -12,7 +12,8 @@ process 0 runs on the coordinator's host at `port + 1`:
   `bye` at a normal exit. A connection that closes without `bye` (a killed process: the kernel
   closes its sockets at once) or stays silent for `heartbeat_timeout_s` is a lost process: every
   survivor prints one line naming it and exits with status 1 (`os._exit`: a collective that waits
-  on the lost process cannot be interrupted otherwise). Losing process 0 is the same for the others.
+  on the lost process cannot be interrupted otherwise). Process 0 watches every connection (closed
+  or silent); the others watch process 0's connection (closed), so losing process 0 stops them too.
 """
 
 from __future__ import annotations
@@ -158,9 +159,8 @@ class _Server:
 class _Client:
     """Every other process's side: claim the id, then beat and listen."""
 
-    def __init__(self, host: str, port: int, process_id: int, num_processes: int, deadline: float,
-                 heartbeat_timeout_s: float):
-        self.n, self.timeout = num_processes, heartbeat_timeout_s
+    def __init__(self, host: str, port: int, process_id: int, num_processes: int, deadline: float):
+        self.n = num_processes
         while True:
             try:
                 self.conn = socket.create_connection((host.strip("[]"), port), timeout=2)
@@ -201,7 +201,6 @@ class _Client:
             time.sleep(BEAT_S)
 
     def _listen(self):
-        self.conn.settimeout(None)
         try:
             msg = _line(self.f)
         except OSError:
@@ -226,7 +225,7 @@ def roll_call(coordinator: str, num_processes: int, process_id: int, timeout_s: 
         if num_processes > 1:
             party.gather(deadline)
     else:
-        party = _Client(host, int(port) + 1, process_id, num_processes, deadline, heartbeat_timeout_s)
+        party = _Client(host, int(port) + 1, process_id, num_processes, deadline)
 
     def start_watching():
         if num_processes > 1:
