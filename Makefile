@@ -48,6 +48,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/learn_cost.py --quick
 	$(PY) benchmarks/guided_fmnist16.py --quick --out benchmarks/out/guided_quick
 	$(PY) benchmarks/envelope_fmnist16.py --quick --out benchmarks/out/envelope_quick
+	$(PY) benchmarks/best_samplers.py --quick --out benchmarks/out/best_samplers_quick
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)

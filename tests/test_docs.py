@@ -23,7 +23,8 @@ def test_block_runs(code):
 PACKAGES = ["mlem_jax", "mlem_jax.calibrate", "mlem_jax.diffusion"]  # implementation elsewhere, re-exported
 PUBLIC_MODULES = ["mlem_jax.sharding", "mlem_jax.equal_error", "mlem_jax.plotting", "mlem_jax.timing"] + [
     f"mlem_jax.diffusion.{m}" for m in ("classifier", "coupled", "data", "family", "folder", "images", "metrics",
-                                        "parameterization", "sampling", "sde", "train", "unet", "guidance")]
+                                        "parameterization", "sampling", "sde", "train", "unet", "guidance",
+                                        "equal_error")]
 
 
 def _undocumented(where, attr, obj):

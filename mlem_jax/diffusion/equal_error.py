@@ -1,0 +1,239 @@
+"""The best single-network sampler against the best multilevel sampler at equal coupled
+error: the comparison behind `mlem-jax demo`.
+
+The error is pathwise. Every run starts from the same prior draws x_T, and its error is the
+RMS difference per pixel (`metrics.coupled_error`) from the top network's probability-flow
+ODE solved finely from the same x_T (DPM-Solver++(3M), `reference_steps` log-SNR steps).
+It measures discretisation, the coin noise of a multilevel run, and, for a lower network,
+its distance from the top network. A lower network alone therefore has a floor that no
+number of steps removes. The multilevel estimator removes that floor in the mean: D^base
+plus (D^top - D^base) / p on the steps whose coin fires. Stratified coins fire the top
+exactly m times, spread evenly over the grid (p = m / N on every step), so the coin noise
+falls about like 1 / m rather than 1 / sqrt(m).
+
+1. Target: the top network with `sampler` on its `grid` at `steps`, on the main batch. Its
+   error is the target.
+2. Single-network side: the cheapest run (modelled seconds) whose error is at most the
+   target, among every network x `samplers` x `step_ladder`.
+3. Multilevel side: a pilot batch with its own prior draws and its own reference. For every
+   lower network as the base and every step count in `ml_step_ladder`, the fewest firings
+   m of the top whose pilot error is at most the pilot's target (bisection). The cheapest
+   of these, in modelled seconds, is run on the main batch. Where it misses 1.1 times the
+   single-network side's error there, m grows by half (at m = N every step runs both
+   networks, which is the top network's sampler plus a wasted base); the result says how
+   many times.
+
+Costs: modelled seconds (evaluations x each level's seconds per sample, timed once at the
+batch size), GFLOP (evaluations x XLA FLOPs), and, for the two sides, their own measured
+seconds (the best of `repeats` calls after compilation). The speedup is the ratio of
+measured seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax import Multilevel
+from mlem_jax.diffusion.metrics import Estimate, coupled_error
+from mlem_jax.diffusion.samplers import CALLS_PER_STEP, SAMPLERS
+from mlem_jax.diffusion.sde import logsnr_grid, uniform_grid
+
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "dpm++3m": "DPM-Solver++(3M)"}
+
+
+class Run(NamedTuple):
+    """One sampler run on a batch: what ran, its coupled error and its costs per sample."""
+
+    levels: tuple  # family indices, cheapest first; one index: a single network
+    sampler: str
+    steps: int
+    firings: int  # firings of the top level (multilevel), 0 for a single network
+    error: Estimate
+    evaluations: np.ndarray  # (len(levels),) per sample
+    gflop: float  # per sample
+    modelled_seconds: float  # per sample: evaluations x level seconds
+    seconds: float = float("nan")  # measured for the whole batch (the two sides only)
+    images: np.ndarray | None = None
+
+    def describe(self, nfs: Sequence[int]) -> str:
+        name = f"{SAMPLER_NAMES.get(self.sampler, self.sampler)}, {self.steps} steps"
+        if len(self.levels) == 1:
+            return f"{name}, nf={nfs[self.levels[0]]} only"
+        return (f"multilevel {name}, nf={nfs[self.levels[0]]} + nf={nfs[self.levels[-1]]} "
+                f"fired {self.firings} times")
+
+
+class Comparison(NamedTuple):
+    """The target run, the single-network side, the multilevel side, every single-network
+    run, the pilot's multilevel candidates, and how often the firings grew on the main batch."""
+
+    target: Run
+    single: Run
+    multilevel: Run
+    singles: list
+    pilot: list
+    stepped_up: int
+    level_seconds: np.ndarray
+    level_gflop: np.ndarray
+
+    @property
+    def speedup(self) -> float:
+        """Measured seconds of the single-network side over the multilevel side's."""
+        return self.single.seconds / self.multilevel.seconds
+
+    @property
+    def flop_ratio(self) -> float:
+        return self.single.gflop / self.multilevel.gflop
+
+
+def _grid(sde, sampler: str, steps: int):
+    return uniform_grid(steps) if sampler == "ddim" else logsnr_grid(sde, steps)
+
+
+class _Batch:
+    """Prior draws, the reference, and one compiled program per (levels, sampler, steps)."""
+
+    def __init__(self, family, batch_size: int, seed: int, reference_steps: int, coin_plans: int):
+        self.family, self.sde, self.plans = family, family.sde, coin_plans
+        self.denoisers = family.denoisers()
+        keys = jax.random.split(jax.random.key(seed), batch_size)
+        self.y0 = jax.vmap(lambda k: self.sde.prior_sample(k, tuple(family.image_shape)))(keys)
+        self.level_key = jax.random.key(seed + 1_000_003)
+        self.programs = {}
+        top = len(self.denoisers) - 1
+        ref = self.program((top,), "dpm++3m", reference_steps)
+        self.reference = np.asarray(ref(self.y0, None, None)[0])
+
+    def program(self, levels: tuple, sampler: str, steps: int) -> Callable:
+        key = (levels, sampler, steps)
+        if key not in self.programs:
+            ts = _grid(self.sde, sampler, steps)
+            solve, sde = SAMPLERS[sampler], self.sde
+            chosen = [self.denoisers[k] for k in levels]
+            if len(levels) == 1:
+                def one(y, lk, probs):
+                    return solve(chosen[0], sde, y, ts), jnp.full((1,), CALLS_PER_STEP[sampler] * steps)
+            else:
+                def one(y, lk, probs):
+                    sol = solve(Multilevel(chosen, probs, coins="stratified", level_key=lk), sde, y, ts)
+                    return sol.y, sol.evaluations
+
+            self.programs[key] = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+        return self.programs[key]
+
+    def images(self, levels: tuple, sampler: str, steps: int, firings: int):
+        """(images, evaluations per sample): a multilevel run in `plans` chunks, each its own coin plan."""
+        fn = self.program(levels, sampler, steps)
+        if len(levels) == 1:
+            y, ev = fn(self.y0, None, None)
+            return y, np.asarray(ev[0], float)
+        # p = m / N on every step with stratified coins: exactly m firings, one per stretch of N / m steps
+        probs = jnp.array([1.0] + [firings / steps] * (len(levels) - 1))
+        chunks = np.array_split(np.arange(self.y0.shape[0]), self.plans)
+        outs = [fn(self.y0[c], jax.random.fold_in(self.level_key, i), probs) for i, c in enumerate(chunks)]
+        y = jnp.concatenate([o[0] for o in outs])
+        ev = sum(np.asarray(o[1][0], float) * len(c) for o, c in zip(outs, chunks))  # every chunk's counts, per sample
+        return y, ev / self.y0.shape[0]
+
+
+def level_seconds(denoisers, image_shape, batch_size: int, repeats: int = 3) -> np.ndarray:
+    """Seconds per sample of one evaluation of each denoiser at `batch_size` (median of `repeats`)."""
+    from mlem_jax.timing import time_calls
+
+    x = jnp.zeros((batch_size, *image_shape))
+    out = []
+    for d in denoisers:
+        f = jax.jit(jax.vmap(d, in_axes=(None, 0, None)))
+        out.append(time_calls(f, 0.5, x, None, repeats=repeats).seconds / batch_size)
+    return np.array(out)
+
+
+def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", batch_size: int = 32,
+                          pilot_size: int = 16, seed: int = 0, reference_steps: int = 100,
+                          samplers: Sequence[str] = ("dpm++2m", "dpm++3m", "ddim"),
+                          step_ladder: Sequence[int] = (5, 6, 8, 10, 12, 15, 20),
+                          ml_step_ladder: Sequence[int] = (10, 15, 20, 30), coin_plans: int = 4,
+                          repeats: int = 2, max_step_ups: int = 4,
+                          log: Callable[[str], None] = lambda s: None,
+                          stage: Callable[[str], None] = lambda s: None) -> Comparison:
+    """The best single-network sampler against the best multilevel sampler at the coupled
+    error of the top network with `sampler` at `steps` (see the module docstring).
+    `stage(name)` is called as each stage starts: what a progress bar shows."""
+    from mlem_jax.diffusion.unet import family_summary
+    from mlem_jax.timing import time_calls
+
+    if len(family.models) < 2:
+        raise ValueError(f"family: the comparison needs at least two levels, got {len(family.models)}.")
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler: expected one of {sorted(SAMPLER_NAMES)}, got {sampler!r}.")
+    for name, v, low in (("steps", steps, 2), ("batch_size", batch_size, 2), ("pilot_size", pilot_size, 2),
+                         ("coin_plans", coin_plans, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+            raise ValueError(f"{name}: expected an integer of at least {low}, got {v!r}.")
+    if batch_size % coin_plans or pilot_size % coin_plans:
+        raise ValueError(f"coin_plans: {coin_plans} must divide batch_size={batch_size} and pilot_size={pilot_size}.")
+    top = len(family.models) - 1
+    gflop = np.array([s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
+    secs = level_seconds(family.denoisers(), tuple(family.image_shape), batch_size)
+
+    def run(batch, levels, name, n, m=0):
+        y, ev = batch.images(levels, name, n, m)
+        idx = list(levels)
+        return Run(tuple(levels), name, n, m, coupled_error(y, batch.reference), ev, float(ev @ gflop[idx]),
+                   float(ev @ secs[idx]), images=np.asarray(y))
+
+    stage("reference")
+    main = _Batch(family, batch_size, seed, reference_steps, coin_plans)
+    stage("single networks")
+    target = run(main, (top,), sampler, steps)
+    log(f"target: the top network with {SAMPLER_NAMES[sampler]} at {steps} steps, coupled error "
+        f"{target.error.value:.4f}")
+    singles = [target] + [run(main, (k,), s, n) for k in range(top + 1) for s in samplers for n in step_ladder
+                          if (k, s, n) != (top, sampler, steps)]
+    ok = [r for r in singles if r.error.value <= target.error.value]
+    single = min(ok, key=lambda r: r.modelled_seconds)
+
+    stage("multilevel pilot")
+    pilot = _Batch(family, pilot_size, seed + 1, reference_steps, coin_plans)
+    goal = run(pilot, (top,), sampler, steps).error.value
+    tried, best = [], []
+    for base in range(top):
+        for n in ml_step_ladder:
+            lo, hi, found = 1, n, None  # the error falls with m; find the least m meeting the goal
+            while lo <= hi:
+                m = (lo + hi) // 2
+                r = run(pilot, (base, top), sampler, n, m)
+                tried.append(r)
+                if r.error.value <= goal:
+                    found, hi = r, m - 1
+                else:
+                    lo = m + 1
+            if found is not None:
+                best.append(found)
+    # none reached it (a family whose coin noise never falls that low): the closest one, which the main batch steps up
+    choice = min(best, key=lambda r: r.modelled_seconds) if best else min(tried, key=lambda r: r.error.value)
+    log(f"pilot ({pilot_size} samples, target {goal:.4f}): {len(tried)} multilevel runs; chose "
+        f"{choice.describe([m.nf for m in family.models])} (pilot error {choice.error.value:.4f})")
+
+    stage("timing both sides")
+    t = time_calls(lambda: main.images(single.levels, single.sampler, single.steps, 0)[0], repeats=repeats,
+                   statistic="min")
+    single = single._replace(seconds=t.seconds)
+    stepped, m = 0, choice.firings
+    while True:
+        t = time_calls(lambda: main.images(choice.levels, choice.sampler, choice.steps, m)[0], repeats=repeats,
+                       statistic="min")
+        ml = run(main, choice.levels, choice.sampler, choice.steps, m)._replace(seconds=t.seconds)
+        if ml.error.value <= 1.1 * single.error.value or m >= choice.steps or stepped >= max_step_ups:
+            break
+        stepped += 1
+        m = min(choice.steps, math.ceil(1.5 * m))
+        log(f"  main batch: multilevel error {ml.error.value:.4f} > 1.1 x {single.error.value:.4f}; "
+            f"{m} firings")
+    return Comparison(target, single, ml, singles, tried, stepped, secs, gflop)
+

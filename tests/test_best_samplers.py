@@ -1,0 +1,47 @@
+"""compare_best_samplers on the tiny trained family: the multilevel runs are what they say
+(exact firing counts, m = N is the top network), and the comparison's sides obey its rules."""
+
+import numpy as np
+import pytest
+
+from mlem_jax.diffusion.equal_error import _Batch, compare_best_samplers
+from mlem_jax.diffusion.family import load_family
+
+
+@pytest.fixture(scope="module")
+def family(trained):
+    return load_family(str(trained / "family"))
+
+
+def test_firings_are_exact_and_firing_every_step_is_the_top_network(family):
+    b = _Batch(family, 4, 0, 8, coin_plans=2)
+    for m in (1, 2, 3):
+        _, ev = b.images((0, 1), "dpm++2m", 6, m)
+        np.testing.assert_array_equal(ev, [6, m])  # base every step, the top exactly m times
+    y_ml, _ = b.images((0, 1), "dpm++2m", 6, 6)
+    y_top, ev = b.images((1,), "dpm++2m", 6, 0)
+    np.testing.assert_array_equal(ev, [6])
+    # D^1 + (D^2 - D^1) / 1 on every step: the top network's sampler, up to rounding
+    np.testing.assert_allclose(np.asarray(y_ml), np.asarray(y_top), atol=1e-4)
+
+
+def test_the_comparison_keeps_its_rules(family):
+    c = compare_best_samplers(family, steps=4, batch_size=8, pilot_size=4, reference_steps=8, step_ladder=(2, 4),
+                              ml_step_ladder=(4, 6), samplers=("dpm++2m", "ddim"), coin_plans=2, repeats=1)
+    assert c.single.error.value <= c.target.error.value  # the single side reaches the target
+    # the cheapest single run that reaches it
+    assert c.single.modelled_seconds == min(r.modelled_seconds for r in c.singles
+                                            if r.error.value <= c.target.error.value)
+    ml = c.multilevel
+    assert len(ml.levels) == 2 and 1 <= ml.firings <= ml.steps
+    assert ml.error.value <= 1.1 * c.single.error.value or ml.firings == ml.steps or c.stepped_up == 4
+    assert c.speedup == pytest.approx(c.single.seconds / ml.seconds) and np.isfinite(c.speedup)
+    assert c.flop_ratio == pytest.approx(c.single.gflop / ml.gflop)
+    assert ml.gflop == pytest.approx(float(ml.evaluations @ c.level_gflop[list(ml.levels)]))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(steps=1), "steps"), (dict(sampler="em"), "sampler"),
+                                       (dict(batch_size=9, coin_plans=2), "coin_plans")])
+def test_bad_arguments_name_themselves(family, kw, match):
+    with pytest.raises(ValueError, match=match):
+        compare_best_samplers(family, **kw)
