@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.2
 
-.PHONY: demo test lint docs bench bench-quick fmnist16-weights fmnist16-cond-weights fmnist16-nf64-weights fmnist16x5 clean
+.PHONY: demo test lint docs bench bench-quick fmnist16-weights fmnist16-cond-weights fmnist16-nf64-weights demo-family fmnist16x5 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-## demo: the main job: EM against ML-EM on the shipped digits family (writes out/demo.png and out/demo.npz)
+## demo: the main job: the best single-network sampler against the best multilevel one at equal error, on the shipped Fashion-MNIST family (writes out/demo.png and out/demo.npz)
 demo: $(STAMP)
 	$(VENV)/bin/mlem-jax demo
 
@@ -33,7 +33,7 @@ docs: $(STAMP)
 
 ## bench-quick: every benchmark in its --quick mode (what CI runs)
 bench-quick: $(STAMP)
-	$(VENV)/bin/mlem-jax demo --steps 20 --batch-size 16 --pilot-size 16 --no-progress --out benchmarks/out/demo_quick
+	$(VENV)/bin/mlem-jax demo --steps 4 --batch-size 8 --pilot-size 4 --no-progress --out benchmarks/out/demo_quick
 	$(PY) benchmarks/toy_complexity.py --quick
 	$(PY) benchmarks/overhead.py --quick
 	$(PY) benchmarks/calibrated_probabilities.py --quick
@@ -78,16 +78,20 @@ fmnist16-cond-weights: $(STAMP)
 	cp runs/fmnist16_cond/family.npz benchmarks/weights/fmnist16_cond.npz
 	cp runs/fmnist16_cond/family.json benchmarks/weights/fmnist16_cond.json
 
-## fmnist16-nf64-weights: train the fifth level (nf=64, same recipe; about 2 h on 2 cores)
+## fmnist16-nf64-weights: train the fifth level (nf=64, same recipe; about 2 h on 2 cores), then the demo family
 fmnist16-nf64-weights: $(STAMP)
 	$(PY) -c "from mlem_jax.diffusion.data import prepare_local as p; p('fashion_mnist', '/usr/share/datasets/fashion-mnist', 'data/tfds')"
 	$(VENV)/bin/mlem-jax train --dataset fashion_mnist --data-dir data/tfds --image-size 16 --nfs 64 --steps 2000 --batch-size 128 --seed 0 --out runs/fmnist16_nf64 --no-progress
-	cp runs/fmnist16_nf64/family.npz benchmarks/weights/fmnist16_nf64.npz
-	cp runs/fmnist16_nf64/family.json benchmarks/weights/fmnist16_nf64.json
+	$(MAKE) demo-family NF64=runs/fmnist16_nf64/family
+
+## demo-family: the demo's shipped family mlem_jax/assets/fmnist16_demo: nf=16 of benchmarks/weights/fmnist16 + the nf=64 top (NF64, default: the shipped one)
+NF64 ?= mlem_jax/assets/fmnist16_demo
+demo-family: $(STAMP)
+	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', '$(NF64)'], 'mlem_jax/assets/fmnist16_demo', nfs=(16, 64))"
 
 ## fmnist16x5: the five-level families nf 4..64 and 8..64 from the committed weights, then the CPU experiment on 8..64 (about 55 min on 2 cores; the GPU runs are in docs/figures/fmnist16x5/COMMAND)
 fmnist16x5: $(STAMP)
-	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', 'benchmarks/weights/fmnist16_nf64'], 'runs/fmnist16x5/family'); c(['benchmarks/weights/fmnist16', 'benchmarks/weights/fmnist16_nf64'], 'runs/fmnist16x4_8/family', nfs=(8, 16, 32, 64))"
+	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', 'mlem_jax/assets/fmnist16_demo'], 'runs/fmnist16x5/family', nfs=(4, 8, 16, 32, 64)); c(['benchmarks/weights/fmnist16', 'mlem_jax/assets/fmnist16_demo'], 'runs/fmnist16x4_8/family', nfs=(8, 16, 32, 64))"
 	$(PY) benchmarks/fmnist16.py --raw-data --family runs/fmnist16x4_8/family --name fmnist16x4_8_cpu --no-ode --out docs/figures/fmnist16x5 --set "couplings=('independent',)" "geometric_steps=()" "small_steps=(200,)" "em_steps=(25, 50, 100)" "stitch_steps=(50, 100)" "stitch_fractions=(0.3,)" "mlem_steps=(50, 100)" "equal_batch=False"
 
 clean:

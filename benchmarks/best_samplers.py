@@ -1,6 +1,6 @@
 """The best single-network sampler against the best multilevel sampler at equal coupled error
 (`mlem_jax.diffusion.equal_error.compare_best_samplers`) on Fashion-MNIST 16x16 nf=16 + nf=64
-(built from the committed weights), the pairing with the largest cost ratio of the family.
+(the demo's shipped family, `mlem_jax/assets/fmnist16_demo`), every single-network run in the table.
 
     python benchmarks/best_samplers.py --out docs/figures/best_samplers
     python benchmarks/best_samplers.py --quick      # CI: a tiny untrained family
@@ -18,7 +18,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mlem_jax.diffusion.equal_error import compare_best_samplers  # noqa: E402
-from mlem_jax.diffusion.family import combine_families, load_family  # noqa: E402
+from mlem_jax.diffusion.family import demo_family_path, load_family  # noqa: E402
 
 from _common import device_description, tiny_family  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="the target: the top network's DPM-Solver++(2M) steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--pilot-size", type=int, default=32)
-    p.add_argument("--out", default="benchmarks/out/best_samplers", help="tables and json (the family goes to runs/)")
+    p.add_argument("--out", default="benchmarks/out/best_samplers", help="tables and json")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.quick:
@@ -39,10 +39,7 @@ def main(argv=None):
         kw = dict(steps=4, batch_size=8, pilot_size=4, reference_steps=8, step_ladder=(2, 4), ml_step_ladder=(4,),
                   samplers=("dpm++2m",), coin_plans=2, repeats=1)
     else:
-        stem = os.path.join(os.path.dirname(HERE), "runs", "best_samplers", "family_16_64")  # untracked
-        w = os.path.join(HERE, "weights")
-        combine_families([os.path.join(w, "fmnist16"), os.path.join(w, "fmnist16_nf64")], stem, nfs=(16, 64))
-        fam = load_family(stem)
+        fam = load_family(demo_family_path())  # nf=16 + nf=64, shipped for the demo
         kw = dict(steps=args.steps, batch_size=args.batch_size, pilot_size=args.pilot_size)
     nfs = [m.nf for m in fam.models]
     t0 = time.perf_counter()

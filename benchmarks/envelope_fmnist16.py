@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN  # noqa: E402
-from mlem_jax.diffusion.family import combine_families, load_family  # noqa: E402
+from mlem_jax.diffusion.family import combine_families, demo_family_path, load_family  # noqa: E402
 from mlem_jax.diffusion.metrics import frechet_distance  # noqa: E402
 from mlem_jax.diffusion.samplers import CALLS_PER_STEP  # noqa: E402
 from mlem_jax.diffusion.sampling import sample, solver_function, solver_levels  # noqa: E402
@@ -454,8 +454,8 @@ def default_family():
     """The five levels nf 4..64 from the committed weights (runs/fmnist16x5/family)."""
     stem = os.path.join(ROOT, "runs", "fmnist16x5", "family")
     if not os.path.exists(stem + ".npz"):
-        w = os.path.join(HERE, "weights")
-        combine_families([os.path.join(w, "fmnist16"), os.path.join(w, "fmnist16_nf64")], stem)
+        # nf 4..32 from the committed family, the nf=64 top from the demo's shipped one
+        combine_families([os.path.join(HERE, "weights", "fmnist16"), demo_family_path()], stem, nfs=(4, 8, 16, 32, 64))
     return stem
 
 

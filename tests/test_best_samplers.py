@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from mlem_jax.diffusion.equal_error import _Batch, compare_best_samplers
+from mlem_jax.diffusion.equal_error import _Batch, compare_best_samplers, planned_runs
 from mlem_jax.diffusion.family import load_family
 
 
@@ -26,8 +26,18 @@ def test_firings_are_exact_and_firing_every_step_is_the_top_network(family):
 
 
 def test_the_comparison_keeps_its_rules(family):
-    c = compare_best_samplers(family, steps=4, batch_size=8, pilot_size=4, reference_steps=8, step_ladder=(2, 4),
-                              ml_step_ladder=(4, 6), samplers=("dpm++2m", "ddim"), coin_plans=2, repeats=1)
+    kw = dict(steps=4, batch_size=8, pilot_size=4, reference_steps=8, step_ladder=(2, 3, 4, 6),
+              ml_step_ladder=(4, 6), samplers=("dpm++2m", "ddim"), coin_plans=2, repeats=1)
+    ticks = []
+    c = compare_best_samplers(family, tick=lambda: ticks.append(1), **kw)
+    assert len(ticks) == len(c.singles) + 1 + len(c.pilot) + 1 + c.stepped_up  # every sampler run ticks once
+    assert len(c.singles) + 1 + len(c.pilot) + 1 <= planned_runs(family, **kw)
+    # skipping the runs that cannot win changes neither side, only the tables
+    lean = compare_best_samplers(family, exhaustive=False, **kw)
+    assert len(lean.singles) + len(lean.pilot) < len(c.singles) + len(c.pilot)
+    for a, b in ((c.single, lean.single), (c.multilevel, lean.multilevel)):
+        assert (a.levels, a.sampler, a.steps, a.firings) == (b.levels, b.sampler, b.steps, b.firings)
+        assert a.error.value == pytest.approx(b.error.value, rel=1e-6)
     assert c.single.error.value <= c.target.error.value  # the single side reaches the target
     # the cheapest single run that reaches it
     assert c.single.modelled_seconds == min(r.modelled_seconds for r in c.singles

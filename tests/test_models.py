@@ -164,6 +164,8 @@ def test_combine_families(tmp_path):
     assert [m.nf for m in fam.models] == [4, 16]
     assert fam.meta["sources"]["16"]["command"] == "make big"
     np.testing.assert_array_equal(fam.params[1]["Conv_0"]["kernel"], load_family(big).params[0]["Conv_0"]["kernel"])
+    again = load_family(combine_families([small, path], str(tmp_path / "again"), nfs=(8, 16)))
+    assert again.meta["sources"]["16"]["command"] == "make big"  # a combined family passes on where a level came from
     odd = make((32,), "odd", shape=(16, 16, 1))
     with pytest.raises(ValueError, match="image_shape"):
         combine_families([small, odd], str(tmp_path / "bad"))

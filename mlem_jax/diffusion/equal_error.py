@@ -25,8 +25,10 @@ falls about like 1 / m rather than 1 / sqrt(m).
 
 Costs: modelled seconds (evaluations x each level's seconds per sample, timed once at the
 batch size), GFLOP (evaluations x XLA FLOPs), and, for the two sides, their own measured
-seconds (the best of `repeats` calls after compilation). The speedup is the ratio of
-measured seconds.
+seconds (the best of `repeats` rounds after compilation, the two sides interleaved in every
+round). The error of a multilevel run averages `coin_plans` coin plans, one per slice of the
+batch; its timing runs the whole batch on one plan, as a user would (every plan fires the top
+exactly m times, so every plan costs the same). The speedup is the ratio of measured seconds.
 """
 
 from __future__ import annotations
@@ -126,15 +128,17 @@ class _Batch:
             self.programs[key] = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
         return self.programs[key]
 
-    def images(self, levels: tuple, sampler: str, steps: int, firings: int):
-        """(images, evaluations per sample): a multilevel run in `plans` chunks, each its own coin plan."""
+    def images(self, levels: tuple, sampler: str, steps: int, firings: int, plans: int | None = None):
+        """(images, evaluations per sample): a multilevel run in `plans` chunks (default: the
+        batch's), each its own coin plan. Its cost does not depend on the plan (exactly
+        `firings` of the top), so one plan for the whole batch is what a timing calls."""
         fn = self.program(levels, sampler, steps)
         if len(levels) == 1:
             y, ev = fn(self.y0, None, None)
             return y, np.asarray(ev[0], float)
         # p = m / N on every step with stratified coins: exactly m firings, one per stretch of N / m steps
         probs = jnp.array([1.0] + [firings / steps] * (len(levels) - 1))
-        chunks = np.array_split(np.arange(self.y0.shape[0]), self.plans)
+        chunks = np.array_split(np.arange(self.y0.shape[0]), plans or self.plans)
         outs = [fn(self.y0[c], jax.random.fold_in(self.level_key, i), probs) for i, c in enumerate(chunks)]
         y = jnp.concatenate([o[0] for o in outs])
         ev = sum(np.asarray(o[1][0], float) * len(c) for o, c in zip(outs, chunks))  # every chunk's counts, per sample
@@ -158,14 +162,25 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
                           samplers: Sequence[str] = ("dpm++2m", "dpm++3m", "ddim"),
                           step_ladder: Sequence[int] = (5, 6, 8, 10, 12, 15, 20),
                           ml_step_ladder: Sequence[int] = (10, 15, 20, 30), coin_plans: int = 4,
-                          repeats: int = 2, max_step_ups: int = 4,
+                          repeats: int = 2, max_step_ups: int = 4, exhaustive: bool = True,
+                          skip_far: float | None = None,
                           log: Callable[[str], None] = lambda s: None,
-                          stage: Callable[[str], None] = lambda s: None) -> Comparison:
+                          stage: Callable[[str], None] = lambda s: None,
+                          tick: Callable[[], None] = lambda: None) -> Comparison:
     """The best single-network sampler against the best multilevel sampler at the coupled
     error of the top network with `sampler` at `steps` (see the module docstring).
-    `stage(name)` is called as each stage starts: what a progress bar shows."""
+
+    With `exhaustive=False`, runs that cannot change either side are skipped: a (network,
+    sampler) stops climbing `step_ladder` at its first run that reaches the target or that
+    costs as much as the target (which reaches it), and a bisection stops once every m left
+    costs more than a multilevel candidate already found. Both sides are the same; the
+    tables of `singles` and `pilot` are shorter. With `skip_far=c`, a lower network whose
+    finest run cheaper than the target (with `sampler`) has an error above c x the target's is
+    not searched further: a heuristic (a lower network's distance from the top is a floor that
+    fewer steps rarely undercut), off by default.
+    `stage(name)` is called as each stage starts and `tick()` after every sampler run: what
+    a progress bar shows (`planned_runs` gives the total to expect)."""
     from mlem_jax.diffusion.unet import family_summary
-    from mlem_jax.timing import time_calls
 
     if len(family.models) < 2:
         raise ValueError(f"family: the comparison needs at least two levels, got {len(family.models)}.")
@@ -184,8 +199,10 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     def run(batch, levels, name, n, m=0):
         y, ev = batch.images(levels, name, n, m)
         idx = list(levels)
-        return Run(tuple(levels), name, n, m, coupled_error(y, batch.reference), ev, float(ev @ gflop[idx]),
-                   float(ev @ secs[idx]), images=np.asarray(y))
+        out = Run(tuple(levels), name, n, m, coupled_error(y, batch.reference), ev, float(ev @ gflop[idx]),
+                  float(ev @ secs[idx]), images=np.asarray(y))
+        tick()
+        return out
 
     stage("reference")
     main = _Batch(family, batch_size, seed, reference_steps, coin_plans)
@@ -193,8 +210,28 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     target = run(main, (top,), sampler, steps)
     log(f"target: the top network with {SAMPLER_NAMES[sampler]} at {steps} steps, coupled error "
         f"{target.error.value:.4f}")
-    singles = [target] + [run(main, (k,), s, n) for k in range(top + 1) for s in samplers for n in step_ladder
-                          if (k, s, n) != (top, sampler, steps)]
+    singles = [target]
+    for k in range(top + 1):
+        if skip_far is not None and k < top:  # its finest affordable run first: is it anywhere near the target?
+            n = max([n for n in step_ladder if CALLS_PER_STEP[sampler] * n * secs[k] < target.modelled_seconds],
+                    default=None)
+            if n is not None:
+                probe = run(main, (k,), sampler, n)
+                singles.append(probe)
+                if probe.error.value > skip_far * target.error.value:
+                    log(f"nf={family.models[k].nf} alone: coupled error {probe.error.value:.4f} at {n} steps, more "
+                        f"than {skip_far:g} x the target; its other runs are skipped")
+                    continue
+        for s in samplers:
+            for n in sorted(step_ladder):
+                if not exhaustive and CALLS_PER_STEP[s] * n * secs[k] >= target.modelled_seconds:
+                    break  # no cheaper than the target, which reaches the target
+                done = [r for r in singles if (r.levels, r.sampler, r.steps) == ((k,), s, n)]
+                r = done[0] if done else run(main, (k,), s, n)
+                if not done:
+                    singles.append(r)
+                if not exhaustive and r.error.value <= target.error.value:
+                    break
     ok = [r for r in singles if r.error.value <= target.error.value]
     single = min(ok, key=lambda r: r.modelled_seconds)
 
@@ -202,10 +239,14 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     pilot = _Batch(family, pilot_size, seed + 1, reference_steps, coin_plans)
     goal = run(pilot, (top,), sampler, steps).error.value
     tried, best = [], []
+    calls = CALLS_PER_STEP[sampler]
     for base in range(top):
-        for n in ml_step_ladder:
+        for n in sorted(ml_step_ladder):
             lo, hi, found = 1, n, None  # the error falls with m; find the least m meeting the goal
             while lo <= hi:
+                cheapest = min((b.modelled_seconds for b in best), default=math.inf)
+                if not exhaustive and calls * (n * secs[base] + lo * secs[top]) >= cheapest:
+                    break  # every m left costs more than a candidate already found
                 m = (lo + hi) // 2
                 r = run(pilot, (base, top), sampler, n, m)
                 tried.append(r)
@@ -220,20 +261,50 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     log(f"pilot ({pilot_size} samples, target {goal:.4f}): {len(tried)} multilevel runs; chose "
         f"{choice.describe([m.nf for m in family.models])} (pilot error {choice.error.value:.4f})")
 
-    stage("timing both sides")
-    t = time_calls(lambda: main.images(single.levels, single.sampler, single.steps, 0)[0], repeats=repeats,
-                   statistic="min")
-    single = single._replace(seconds=t.seconds)
+    stage("multilevel on the main batch")
     stepped, m = 0, choice.firings
     while True:
-        t = time_calls(lambda: main.images(choice.levels, choice.sampler, choice.steps, m)[0], repeats=repeats,
-                       statistic="min")
-        ml = run(main, choice.levels, choice.sampler, choice.steps, m)._replace(seconds=t.seconds)
+        ml = run(main, choice.levels, choice.sampler, choice.steps, m)
         if ml.error.value <= 1.1 * single.error.value or m >= choice.steps or stepped >= max_step_ups:
             break
         stepped += 1
         m = min(choice.steps, math.ceil(1.5 * m))
         log(f"  main batch: multilevel error {ml.error.value:.4f} > 1.1 x {single.error.value:.4f}; "
             f"{m} firings")
-    return Comparison(target, single, ml, singles, tried, stepped, secs, gflop)
+    stage("timing both sides")
+    t_single, t_ml = time_pair(lambda: main.images(single.levels, single.sampler, single.steps, 0)[0],
+                               lambda: main.images(ml.levels, ml.sampler, ml.steps, ml.firings, plans=1)[0],
+                               repeats)
+    return Comparison(target, single._replace(seconds=t_single), ml._replace(seconds=t_ml), singles, tried, stepped,
+                      secs, gflop)
 
+
+def time_pair(a: Callable, b: Callable, repeats: int = 2) -> tuple:
+    """Measured seconds of `a()` and of `b()`: one untimed call of each, then `repeats`
+    rounds timing a then b, and the best of each. Interleaving puts both sides under the same
+    load, which on a shared machine drifts between calls."""
+    import time
+
+    best = [math.inf, math.inf]
+    for fn in (a, b):
+        jax.block_until_ready(fn())
+    for _ in range(max(1, int(repeats))):
+        for i, fn in enumerate((a, b)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
+
+
+def planned_runs(family, *, steps: int = 10, sampler: str = "dpm++2m",
+                 samplers: Sequence[str] = ("dpm++2m", "dpm++3m", "ddim"),
+                 step_ladder: Sequence[int] = (5, 6, 8, 10, 12, 15, 20),
+                 ml_step_ladder: Sequence[int] = (10, 15, 20, 30), **_) -> int:
+    """At most how many sampler runs `compare_best_samplers` makes with these arguments before
+    any step-up (exactly that many with `exhaustive=True`, less where a bisection ends early):
+    the total of a progress bar."""
+    top = len(family.models) - 1
+    singles = len(family.models) * len(samplers) * len(set(step_ladder))
+    singles += 0 if (sampler in samplers and steps in step_ladder) else 1  # the target
+    bisections = sum(math.floor(math.log2(n)) + 1 for n in ml_step_ladder)
+    return singles + 1 + top * bisections + 1  # + the pilot's target, + the main batch's multilevel run

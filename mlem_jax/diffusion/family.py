@@ -215,6 +215,13 @@ def shipped_family_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits16")
 
 
+def demo_family_path() -> str:
+    """The two-level Fashion-MNIST 16x16 family that ships inside the package for
+    `mlem-jax demo`: levels of `benchmarks/weights/fmnist16` and the separately trained
+    nf=64 top (float16; how each was trained is in its .json)."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "fmnist16_demo")
+
+
 def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None = None) -> str:
     """Write one family made of the levels of several (for example a new, larger level
     trained on its own with the same recipe), cheapest first; `nfs` selects levels by
@@ -238,10 +245,14 @@ def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None =
     widths = [nf for nf, *_ in levels]
     if widths != sorted(set(widths)):
         raise ValueError(f"nfs: the combined levels must have distinct increasing widths, got {widths}.")
-    sources = {str(nf): {"family": p, "command": next(f.meta.get("command") for q, f in zip(paths, families) if q == p),
-                         "held_out_loss": next(f.meta.get("held_out_loss", {}).get(str(nf))
-                                               for q, f in zip(paths, families) if q == p)}
-               for nf, _, _, p in levels}
+    def source(nf, p):
+        f = families[paths.index(p)]
+        if str(nf) in f.meta.get("sources", {}):  # itself combined: where that level came from
+            return f.meta["sources"][str(nf)]
+        return {"family": p, "command": f.meta.get("command"),
+                "held_out_loss": f.meta.get("held_out_loss", {}).get(str(nf))}
+
+    sources = {str(nf): source(nf, p) for nf, _, _, p in levels}
     extra = {"sources": sources, "dataset": first.meta.get("dataset"),
              "held_out_loss": {k: v["held_out_loss"] for k, v in sources.items()}}
     return save_family(out, [m for _, m, _, _ in levels], [prm for _, _, prm, _ in levels], first.sde,
