@@ -100,13 +100,14 @@ def _grid(sde, sampler: str, steps: int):
 class _Batch:
     """Prior draws, the reference, and one compiled program per (levels, sampler, steps)."""
 
-    def __init__(self, family, batch_size: int, seed: int, reference_steps: int, coin_plans: int):
+    def __init__(self, family, batch_size: int, seed: int, reference_steps: int, coin_plans: int,
+                 programs: dict | None = None, denoisers: tuple | None = None):
         self.family, self.sde, self.plans = family, family.sde, coin_plans
-        self.denoisers = family.denoisers()
+        self.denoisers = denoisers or family.denoisers()
         keys = jax.random.split(jax.random.key(seed), batch_size)
         self.y0 = jax.vmap(lambda k: self.sde.prior_sample(k, tuple(family.image_shape)))(keys)
         self.level_key = jax.random.key(seed + 1_000_003)
-        self.programs = {}
+        self.programs = {} if programs is None else programs  # shared by batches: one compilation per shape
         top = len(self.denoisers) - 1
         ref = self.program((top,), "dpm++3m", reference_steps)
         self.reference = np.asarray(ref(self.y0, None, None)[0])
@@ -205,7 +206,8 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
         return out
 
     stage("reference")
-    main = _Batch(family, batch_size, seed, reference_steps, coin_plans)
+    programs, denoisers = {}, family.denoisers()
+    main = _Batch(family, batch_size, seed, reference_steps, coin_plans, programs, denoisers)
     stage("single networks")
     target = run(main, (top,), sampler, steps)
     log(f"target: the top network with {SAMPLER_NAMES[sampler]} at {steps} steps, coupled error "
@@ -236,7 +238,7 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     single = min(ok, key=lambda r: r.modelled_seconds)
 
     stage("multilevel pilot")
-    pilot = _Batch(family, pilot_size, seed + 1, reference_steps, coin_plans)
+    pilot = _Batch(family, pilot_size, seed + 1, reference_steps, coin_plans, programs, denoisers)
     goal = run(pilot, (top,), sampler, steps).error.value
     tried, best = [], []
     calls = CALLS_PER_STEP[sampler]
