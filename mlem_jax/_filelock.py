@@ -1,5 +1,7 @@
-"""An exclusive lock on an output folder: FOLDER/.lock, created with O_EXCL and holding the
-owner's host name and pid, so that two writers (trainers) cannot write the same checkpoints.
+"""An exclusive lock on an output folder: FOLDER/.lock, created atomically with the owner's
+host name and pid in it (a hard link of a written file, which fails if the lock exists; where
+the file system has no hard links, O_EXCL), so that two writers (trainers) cannot write the
+same checkpoints.
 
 A lock left by a process that is gone is taken over, under a second, short-lived lock
 (FOLDER/.lock.takeover, also created with O_EXCL): the taker reads the lock again under it and
@@ -57,9 +59,26 @@ class DirectoryLock:
     def acquire(self) -> "DirectoryLock":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         me = socket.gethostname()
+        # the lock appears with its owner already written (a hard link of a finished file): a
+        # lock created empty and written after could be read, empty, as a dead owner's
+        mine = f"{self.path}.{me}.{os.getpid()}"
+        with open(mine, "w") as f:
+            f.write(f"{me} {os.getpid()}")
+        try:
+            return self._acquire(mine, me)
+        finally:
+            os.remove(mine)
+
+    def _acquire(self, mine: str, me: str) -> "DirectoryLock":
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                try:
+                    os.link(mine, self.path)
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links here: create, then write (a reader may see it empty)
+                    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                        f.write(f"{me} {os.getpid()}")
             except FileExistsError:
                 owner = _owner(self.path)
                 if owner is None:  # released meanwhile
@@ -75,8 +94,6 @@ class DirectoryLock:
                                    f"output folder (remove {self.path} if that process is gone).")
                 self._take_over(owner)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{me} {os.getpid()}")
             return self
         raise LockHeld(f"could not take the lock {self.path}.")
 

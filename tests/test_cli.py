@@ -66,6 +66,8 @@ def test_shipped_weights_load_and_sample_in_range(tmp_path):
         (["sample", "--probs", "1", "0.5"], "--probs: expected"),
         (["sample", "--levels", "9"], "--levels"),
         (["sample", "--calibration", "/nonexistent.json"], "--calibration"),
+        (["demo", "--batch-size", "6"], "--batch-size: expected a multiple of 4"),
+        (["demo", "--steps", "1"], "--steps: expected at least 2"),
     ],
 )
 def test_error_paths(argv, message, capsys):

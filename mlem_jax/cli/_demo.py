@@ -48,13 +48,13 @@ def run(args):
     from mlem_jax.diffusion.family import demo_family_path
     from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
 
-    args.overwrite = True  # rerunning the demo replaces its own outputs
-    png, npz = output_files(args, "demo", (".png", ".npz"))  # before any compute
     if args.steps < 2:
         raise CLIError(f"--steps: expected at least 2, got {args.steps}.")
     for name, v in (("--batch-size", args.batch_size), ("--pilot-size", args.pilot_size)):
         if v % 4 or v < 4:
             raise CLIError(f"{name}: expected a multiple of 4 (the samples split into 4 coin plans), got {v}.")
+    args.overwrite = True  # rerunning the demo replaces its own outputs
+    png, npz = output_files(args, "demo", (".png", ".npz"))  # before any compute
     family = family_arg(args.family or demo_family_path())
     if len(family.models) < 2:
         raise CLIError(f"--family: the demo needs at least two levels, got {len(family.models)}.")
