@@ -72,13 +72,7 @@ class DirectoryLock:
     def _acquire(self, mine: str, me: str) -> "DirectoryLock":
         for _ in range(3):
             try:
-                try:
-                    os.link(mine, self.path)
-                except FileExistsError:
-                    raise
-                except OSError:  # no hard links here: create, then write (a reader may see it empty)
-                    with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                        f.write(f"{me} {os.getpid()}")
+                self._create(mine, me)
             except FileExistsError:
                 owner = _owner(self.path)
                 if owner is None:  # released meanwhile
@@ -96,6 +90,16 @@ class DirectoryLock:
                 continue
             return self
         raise LockHeld(f"could not take the lock {self.path}.")
+
+    def _create(self, mine: str, me: str) -> None:
+        """Make the lock a hard link of `mine`; FileExistsError if it exists."""
+        try:
+            os.link(mine, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links on this file system: create, then write (a reader may see it empty)
+            with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(f"{me} {os.getpid()}")
 
     def _take_over(self, stale: tuple[str, int]) -> None:
         """Remove the lock if it still names the dead owner `stale`, under the takeover lock."""

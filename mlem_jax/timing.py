@@ -3,6 +3,7 @@ apart, then `repeats` further calls, each waited for with `jax.block_until_ready
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -34,3 +35,18 @@ def time_calls(fn: Callable, *args, repeats: int = 5, statistic: str = "median")
         out = jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return Timing(out, first, float(np.median(times) if statistic == "median" else np.min(times)))
+
+
+def time_pair(a: Callable, b: Callable, repeats: int = 2) -> tuple:
+    """Measured seconds of `a()` and of `b()`: one untimed call of each, then `repeats`
+    rounds timing a then b, and the best of each. Interleaving puts both sides under the same
+    load, which on a shared machine drifts between calls."""
+    best = [math.inf, math.inf]
+    for fn in (a, b):
+        jax.block_until_ready(fn())
+    for _ in range(max(1, int(repeats))):
+        for i, fn in enumerate((a, b)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]

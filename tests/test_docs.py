@@ -78,3 +78,22 @@ def test_time_calls_makes_one_first_call_then_the_repeats():
     assert len(calls) == 4 and t.output == 2.0 and t.first_seconds >= 0 and t.seconds >= 0
     with pytest.raises(ValueError, match="statistic: expected 'median' or 'min'"):
         time_calls(fn, 1.0, statistic="mean")
+
+
+def test_time_pair_interleaves_the_two_sides_and_keeps_the_best_of_each():
+    import time
+
+    from mlem_jax.timing import time_pair
+
+    calls = []
+
+    def side(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+            return 0.0
+        return fn
+
+    t_a, t_b = time_pair(side("a", 0.01), side("b", 0.03), repeats=3)
+    assert calls == ["a", "b"] * 4  # one untimed call of each, then 3 rounds of a then b
+    assert 0.01 <= t_a and 0.03 <= t_b  # a sleep lasts at least its seconds

@@ -182,6 +182,7 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     `stage(name)` is called as each stage starts and `tick()` after every sampler run: what
     a progress bar shows (`planned_runs` gives the total to expect)."""
     from mlem_jax.diffusion.unet import family_summary
+    from mlem_jax.timing import time_pair
 
     if len(family.models) < 2:
         raise ValueError(f"family: the comparison needs at least two levels, got {len(family.models)}.")
@@ -279,23 +280,6 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
                                repeats)
     return Comparison(target, single._replace(seconds=t_single), ml._replace(seconds=t_ml), singles, tried, stepped,
                       secs, gflop)
-
-
-def time_pair(a: Callable, b: Callable, repeats: int = 2) -> tuple:
-    """Measured seconds of `a()` and of `b()`: one untimed call of each, then `repeats`
-    rounds timing a then b, and the best of each. Interleaving puts both sides under the same
-    load, which on a shared machine drifts between calls."""
-    import time
-
-    best = [math.inf, math.inf]
-    for fn in (a, b):
-        jax.block_until_ready(fn())
-    for _ in range(max(1, int(repeats))):
-        for i, fn in enumerate((a, b)):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best[0], best[1]
 
 
 def planned_runs(family, *, steps: int = 10, sampler: str = "dpm++2m",

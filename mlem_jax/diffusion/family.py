@@ -210,16 +210,19 @@ def _read_level(k: int, cfg: dict, arrays: dict, shape, base: str):
     return model, params
 
 
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
+
+
 def shipped_family_path() -> str:
     """The pretrained digits family that ships inside the package."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "digits16")
+    return os.path.join(_ASSETS, "digits16")
 
 
 def demo_family_path() -> str:
     """The two-level Fashion-MNIST 16x16 family that ships inside the package for
     `mlem-jax demo`: levels of `benchmarks/weights/fmnist16` and the separately trained
     nf=64 top (float16; how each was trained is in its .json)."""
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "fmnist16_demo")
+    return os.path.join(_ASSETS, "fmnist16_demo")
 
 
 def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None = None) -> str:
