@@ -31,24 +31,22 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-## bench-quick: every benchmark in its --quick mode (what CI runs)
+## bench-quick: every benchmark in its --quick mode (what CI runs), two at a time (the output of each printed whole when it ends); QUICK_JOBS=1 runs them one after another
+QUICK_JOBS ?= 2
+# the longest first, so that two queues end together
+QUICK_RUNS := fmnist16 envelope_fmnist16 toy_complexity calibrated_probabilities solver_calibration guided_fmnist16 demo \
+	sharding_throughput best_samplers parallel_levels fid_resolution family_costs learn_cost cached_coins overhead diffrax_route
+QUICK_ARGS_fmnist16 := --raw-data --no-ode
+QUICK_ARGS_guided_fmnist16 := --out benchmarks/out/guided_quick
+QUICK_ARGS_envelope_fmnist16 := --out benchmarks/out/envelope_quick
+QUICK_ARGS_best_samplers := --out benchmarks/out/best_samplers_quick
+.PHONY: $(addprefix quick/,$(QUICK_RUNS))
 bench-quick: $(STAMP)
+	$(MAKE) --no-print-directory -j$(QUICK_JOBS) --output-sync=target $(addprefix quick/,$(QUICK_RUNS))
+quick/demo: $(STAMP)
 	$(VENV)/bin/mlem-jax demo --steps 4 --batch-size 8 --pilot-size 4 --no-progress --out benchmarks/out/demo_quick
-	$(PY) benchmarks/toy_complexity.py --quick
-	$(PY) benchmarks/overhead.py --quick
-	$(PY) benchmarks/calibrated_probabilities.py --quick
-	$(PY) benchmarks/diffrax_route.py --quick
-	$(PY) benchmarks/cached_coins.py --quick
-	$(PY) benchmarks/solver_calibration.py --quick
-	$(PY) benchmarks/sharding_throughput.py --quick
-	$(PY) benchmarks/parallel_levels.py --quick
-	$(PY) benchmarks/fmnist16.py --quick --raw-data --no-ode
-	$(PY) benchmarks/fid_resolution.py --quick
-	$(PY) benchmarks/family_costs.py --quick
-	$(PY) benchmarks/learn_cost.py --quick
-	$(PY) benchmarks/guided_fmnist16.py --quick --out benchmarks/out/guided_quick
-	$(PY) benchmarks/envelope_fmnist16.py --quick --out benchmarks/out/envelope_quick
-	$(PY) benchmarks/best_samplers.py --quick --out benchmarks/out/best_samplers_quick
+$(addprefix quick/,$(filter-out demo,$(QUICK_RUNS))): quick/%: $(STAMP)
+	$(PY) benchmarks/$*.py --quick $(QUICK_ARGS_$*)
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)
