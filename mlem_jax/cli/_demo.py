@@ -99,7 +99,7 @@ def run(args):
               "below compare unequal errors")
     held = "the multilevel error at most 1.1x the single network's" if equal else "UNEQUAL errors, see the note above"
     print(f"  single / multilevel, {held}: "
-          f"{c.speedup:.2f}x in measured seconds (best of 3, interleaved), "
+          f"{c.speedup:.2f}x in measured seconds (best of {kw['repeats']}, interleaved), "
           f"{c.flop_ratio:.2f}x in FLOPs (XLA cost analysis x evaluations), "
           f"{s.modelled_seconds / ml.modelled_seconds:.2f}x in modelled seconds (evaluations x each level's "
           f"seconds per sample: {', '.join(f'nf={n}: {1e3 * t:.2f} ms' for n, t in zip(nfs, c.level_seconds))})")

@@ -43,5 +43,5 @@ for m in (2, 3, 4, 5):
         p = alloc(w, m)
         chunks = np.array_split(np.arange(64), 4)
         outs = [prog(main.y0[c], jax.random.fold_in(main.level_key, i), schedule(p)) for i, c in enumerate(chunks)]
-        y = jnp.concatenate([o.y for o in outs]); ev = np.mean([np.asarray(o.evaluations)[1] for o in outs])
+        y = jnp.concatenate([o.y for o in outs]); ev = np.mean(np.concatenate([np.asarray(o.evaluations)[:, 1] for o in outs]))  # top firings per sample
         print(f"m={m} {name:8s} firings {ev:.2f} error {coupled_error(y, main.reference)}  p={np.round(p, 2)}", flush=True)
