@@ -43,10 +43,12 @@ QUICK_ARGS_best_samplers := --out benchmarks/out/best_samplers_quick
 .PHONY: $(addprefix quick/,$(QUICK_RUNS))
 bench-quick: $(STAMP)
 	$(MAKE) --no-print-directory -j$(QUICK_JOBS) --output-sync=target $(addprefix quick/,$(QUICK_RUNS))
+# each quick run prints its command, then the wall time it took
+timed = @echo '$(1)'; start=$$(date +%s); $(1) && echo "$@: $$(( $$(date +%s) - start )) s"
 quick/demo: $(STAMP)
-	$(VENV)/bin/mlem-jax demo --steps 4 --batch-size 8 --pilot-size 4 --no-progress --out benchmarks/out/demo_quick
+	$(call timed,$(VENV)/bin/mlem-jax demo --steps 4 --batch-size 8 --pilot-size 4 --no-progress --out benchmarks/out/demo_quick)
 $(addprefix quick/,$(filter-out demo,$(QUICK_RUNS))): quick/%: $(STAMP)
-	$(PY) benchmarks/$*.py --quick $(QUICK_ARGS_$*)
+	$(call timed,$(PY) benchmarks/$*.py --quick $(QUICK_ARGS_$*))
 
 ## bench: the full benchmarks; figures go to docs/figures
 bench: $(STAMP)

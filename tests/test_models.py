@@ -7,6 +7,7 @@ import pytest
 
 from mlem_jax import multilevel_euler_maruyama
 from mlem_jax.diffusion import VP, reverse_diffusion, reverse_drift, uniform_grid
+from mlem_jax.diffusion.classifier import Classifier
 from mlem_jax.diffusion.data import procedural
 from mlem_jax.diffusion.train import (
     TrainConfig,
@@ -17,7 +18,15 @@ from mlem_jax.diffusion.train import (
     train,
     train_family,
 )
-from mlem_jax.diffusion.unet import UNet, family_summary, init_params, nnx_apply, score_model, unet_family
+from mlem_jax.diffusion.unet import (
+    UNet,
+    compiled_init,
+    family_summary,
+    init_params,
+    nnx_apply,
+    score_model,
+    unet_family,
+)
 
 TINY = dict(ch_mult=(1, 2), num_res_blocks=1)
 
@@ -32,6 +41,18 @@ def test_family_maps_images_to_images():
     summary = family_summary(family, params, shape)
     assert summary[1]["params"] > 3 * summary[0]["params"]
     assert summary[1]["gflop"] > 3 * summary[0]["gflop"] > 0
+
+
+@pytest.mark.parametrize("module, inputs", [
+    (UNet(nf=4, ch_mult=(1,), attn_resolutions=(4,), num_classes=3), (jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,)))),
+    (Classifier(3, 8), (jnp.zeros((1, 8, 8, 1)),))])
+def test_compiled_init_is_flax_init_bit_for_bit(module, inputs):
+    """compiled_init compiles flax's init as one program at a low optimisation level: the same values."""
+    eager = module.init(jax.random.key(3), *inputs)
+    compiled = compiled_init(module, jax.random.key(3), *inputs)
+    assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(compiled)
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(compiled)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_attention_variant_builds():

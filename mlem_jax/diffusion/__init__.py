@@ -46,7 +46,7 @@ _LAZY = {
     "sampling": ("SampleResult", "SampleRangeWarning", "sample", "solver_function", "solver_levels", "outside_range"),
     "train": ("TrainConfig", "TrainState", "History", "dsm_loss", "train_family", "save_checkpoint",
               "restore_checkpoint", "load_level"),
-    "unet": ("UNet", "unet_family", "init_params", "count_params", "forward_flops", "family_summary",
+    "unet": ("UNet", "unet_family", "init_params", "compiled_init", "count_params", "forward_flops", "family_summary",
              "score_model", "denoiser_model", "nnx_apply"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}

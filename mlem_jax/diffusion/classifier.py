@@ -14,6 +14,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from mlem_jax.diffusion.unet import compiled_init
+
 
 class Classifier(nn.Module):
     """A small convolutional classifier whose penultimate layer gives the features of the
@@ -76,7 +78,7 @@ def train_classifier(images, labels, test_images, test_labels, key, steps: int =
     num_classes = int(max(labels.max(), np.max(test_labels)) + 1)
     model = Classifier(num_classes, width)
     init_key, data_key = jax.random.split(key)
-    params = model.init(init_key, jnp.zeros((1, *images.shape[1:])))
+    params = compiled_init(model, init_key, jnp.zeros((1, *images.shape[1:])))
     opt = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
     opt_state = opt.init(params)
 
