@@ -43,6 +43,13 @@ def test_sliced_wasserstein_exact_in_one_dimension_and_zero_on_itself():
     expect = np.sqrt(np.mean((np.sort(a[:, 0]) - np.sort(b[:, 0])) ** 2))
     assert np.isclose(sliced_wasserstein(a, b, jax.random.key(0), 8), expect, rtol=1e-5)
     assert sliced_wasserstein(a, a, jax.random.key(0)) == 0.0
+    # unequal sizes: both quantile functions (linear between the levels (i + 0.5) / n, flat
+    # beyond them) on the common grid of max(N, M) levels
+    c = rng.normal(1.0, 2.0, size=(37, 1))
+    levels = (np.arange(50) + 0.5) / 50
+    qa = np.interp(levels, (np.arange(50) + 0.5) / 50, np.sort(a[:, 0]))
+    qc = np.interp(levels, (np.arange(37) + 0.5) / 37, np.sort(c[:, 0]))
+    assert np.isclose(sliced_wasserstein(a, c, jax.random.key(0), 8), np.sqrt(np.mean((qa - qc) ** 2)), rtol=1e-5)
 
 
 def test_sliced_wasserstein_between_shifted_gaussians():
