@@ -81,7 +81,7 @@ class Config:
 
 QUICK = Config(samples=16, coupled_samples=8, chunk=16, em_steps=(4, 8), targets=(4, 8), small_steps=(8,),
                stitch_fractions=(0.5,), stitch_steps=(8,), couplings=("independent",), geometric_steps=(8,),
-               mlem_steps=(8, 16), mlem_cost_ratios=(0.5,), ode_steps=(4, 8), heun_steps=(2, 4), ode_ref_steps=16,
+               mlem_steps=(8,), mlem_cost_ratios=(0.5,), ode_steps=(4, 8), heun_steps=(2, 4), ode_ref_steps=16,
                ode_mlem_steps=(16,), ode_mlem_cost_ratios=(0.5,), stats_trajectories=6,
                learn_groups=(2, 2), stats_steps=8, stats_bins=2,
                heldout=64, loss_images=64, classifier_steps=30, grid_cost_steps=8, bootstrap=10,

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from mlem_jax.cli import _calibrate, main  # noqa: E402 (after the path)
 
-TINY = ["--nfs", "4", "8", "--ch-mult", "1", "2", "--batch-size", "16", "--no-progress"]
+TINY = ["--nfs", "4", "8", "--ch-mult", "2", "--batch-size", "16", "--no-progress"]
 CHECK_RANGE = _calibrate._check_range
 
 

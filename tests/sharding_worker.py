@@ -39,7 +39,7 @@ def tiny_training():
     from mlem_jax.diffusion.train import TrainConfig
     from mlem_jax.diffusion.unet import UNet
 
-    return UNet(nf=4, ch_mult=(1, 2)), procedural(jax.random.key(0), 64, (8, 8, 1)), \
+    return UNet(nf=4, ch_mult=(2,)), procedural(jax.random.key(0), 64, (8, 8, 1)), \
         TrainConfig(steps=4, batch_size=16, warmup_steps=2)
 
 
@@ -118,7 +118,7 @@ def main(mode):
         from mlem_jax.diffusion.unet import UNet
 
         _, x, cfg = tiny_training()
-        family = [UNet(nf=4, ch_mult=(1, 2))] * 2  # twice the "train" mode's level: one reference for both
+        family = [UNet(nf=4, ch_mult=(2,))] * 2  # twice the "train" mode's level: one reference for both
         side_by_side = train_family(family, x, cfg, progress=False, parallel=True)
         out["loss_parallel"] = [[loss for _, loss in h.train] for _, h in side_by_side]
         out["parallel_devices"] = [sorted(d.id for d in jax.tree_util.tree_leaves(s.params)[0].sharding.device_set)

@@ -29,7 +29,7 @@ def test_celeba_script_end_to_end_on_mock_data(tmp_path):
     out = tmp_path / "celeba"
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
         result = celeba64.main(["--data-dir", str(tmp_path / "tfds"), "--out", str(out), "--nfs", "4", "8",
-                                "--ch-mult", "1", "2", "--image-size", "16", "--train-steps", "3",
+                                "--ch-mult", "2", "--image-size", "16", "--train-steps", "3",
                                 "--batch-size", "8", "--tiny", "--no-progress",
                                 # one grid per method: the script's own wiring is under test here;
                                 # bench-quick runs the experiment's full quick grid on Fashion-MNIST

@@ -139,7 +139,7 @@ def test_the_readme_command_lines_run_as_written(tmp_path, capsys, monkeypatch):
     lines = [re.sub(r"\s+#.*", "", line).strip() for line in block.replace("\\\n", " ").splitlines()]
     lines = [line for line in lines if line.startswith("mlem-jax ") and line != "mlem-jax demo"]
     assert [line.split()[1] for line in lines] == ["train", "calibrate", "sample", "sample", "calibrate", "sample"]
-    tiny = {"train": ["--nfs", "4", "8", "--ch-mult", "1", "2", "--batch-size", "16", "--no-progress"],
+    tiny = {"train": ["--nfs", "4", "8", "--ch-mult", "2", "--batch-size", "16", "--no-progress"],
             "calibrate": ["--trajectories", "6", "--bins", "2", "--no-progress"],
             "sample": ["--batch-size", "2", "--no-progress"]}
     monkeypatch.chdir(tmp_path)

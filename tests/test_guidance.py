@@ -24,7 +24,7 @@ CLASSES = 3
 @pytest.fixture(scope="module")
 def levels():
     """Two untrained conditional UNets (random weights; the algebra does not need training)."""
-    models = [UNet(nf=nf, ch_mult=(1, 2), num_classes=CLASSES) for nf in (4, 8)]
+    models = [UNet(nf=nf, ch_mult=(2,), num_classes=CLASSES) for nf in (4, 8)]
     params = [_perturbed(init_params(m, jax.random.key(i), SHAPE), i) for i, m in enumerate(models)]
     return models, params
 
@@ -171,7 +171,7 @@ def test_a_conditional_family_samples_per_sample_labels_and_refuses_bad_ones(con
 
 
 def test_guidance_on_an_unconditional_family_is_an_error(tmp_path):
-    models = [UNet(nf=4, ch_mult=(1, 2))]
+    models = [UNet(nf=4, ch_mult=(2,))]
     path = str(tmp_path / "plain")
     save_family(path, models, [init_params(models[0], jax.random.key(0), SHAPE)], SDE, "eps", SHAPE)
     f = load_family(path)
@@ -183,7 +183,7 @@ def test_guidance_on_an_unconditional_family_is_an_error(tmp_path):
 
 
 def test_label_dropout_trains_the_null_class():
-    model = UNet(nf=4, ch_mult=(1, 2), num_classes=CLASSES)
+    model = UNet(nf=4, ch_mult=(2,), num_classes=CLASSES)
     x = np.asarray(jax.random.uniform(jax.random.key(0), (64, *SHAPE), minval=-1, maxval=1), np.float32)
     y = np.asarray(jax.random.randint(jax.random.key(1), (64,), 0, CLASSES), np.int32)
     params = _perturbed(init_params(model, jax.random.key(2), SHAPE), 2)  # the zero output layer passes no gradient
@@ -203,7 +203,7 @@ def test_label_dropout_trains_the_null_class():
     with pytest.raises(ValueError, match=r"train_labels: expected labels in \[0, 3\)"):
         train(model, x, TrainConfig(steps=1, batch_size=16), SDE, train_labels=y + 1, progress=False)
     with pytest.raises(ValueError, match="train_labels: this UNet is unconditional"):
-        train(UNet(nf=4, ch_mult=(1, 2)), x, TrainConfig(steps=1, batch_size=16), SDE, train_labels=y,
+        train(UNet(nf=4, ch_mult=(2,)), x, TrainConfig(steps=1, batch_size=16), SDE, train_labels=y,
               progress=False)
 
 
