@@ -159,7 +159,10 @@ def null_as_last(labels, num_classes: int, batch: int):
 
 
 def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
-    """Refuse widths that are not positive integers or not divisible by the GroupNorm groups."""
+    """Refuse widths that are not positive integers or not divisible by the GroupNorm groups, and
+    groups of one channel in every block: each block adds the time (and label) embedding as one
+    value per channel and normalises right after, over each group, which removes a per-channel
+    constant when a group is one channel, so such a network would not depend on t at all."""
     if int(nf) != nf or nf < 1:
         raise ValueError(f"nf: expected a positive integer width, got {nf!r}.")
     bad = [nf * m for m in ch_mult if (nf * m) % groups]
@@ -168,6 +171,13 @@ def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
             f"nf: width {nf} with ch_mult={tuple(ch_mult)} gives channel counts "
             f"{[nf * m for m in ch_mult]}, not all divisible by num_groups={groups} (GroupNorm); "
             f"use num_groups=None to pick a valid count ({default_groups(nf, ch_mult)} here)."
+        )
+    if all(nf * m == groups for m in ch_mult):
+        raise ValueError(
+            f"num_groups: {groups} GroupNorm groups of one channel each in every block (nf={nf}, "
+            f"ch_mult={tuple(ch_mult)}): the norm after each block's time embedding removes it, so the network "
+            f"would ignore t and the class label; use a channel multiplier of 2 or more (ch_mult=(2,)), a "
+            f"wider nf, or fewer groups (num_groups={max(1, groups // 2)})."
         )
 
 
