@@ -177,7 +177,7 @@ def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
             f"num_groups: {groups} GroupNorm groups of one channel each in every block (nf={nf}, "
             f"ch_mult={tuple(ch_mult)}): the norm after each block's time embedding removes it, so the network "
             f"would ignore t and the class label; use a channel multiplier of 2 or more (ch_mult=(2,)), a "
-            f"wider nf, or fewer groups (num_groups={max(1, groups // 2)})."
+            f"wider nf" + (f", or fewer groups (num_groups={groups // 2})." if groups > 1 else ".")
         )
 
 
