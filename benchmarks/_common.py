@@ -14,7 +14,9 @@ from mlem_jax.timing import time_calls
 def device_description() -> str:
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", d.platform)
-    return f"{d.platform} ({kind}), {os.cpu_count()} CPU cores, jax {jax.__version__}, {platform.python_version()}"
+    flags = os.environ.get("XLA_FLAGS", "").strip()  # e.g. a lower optimisation level: said beside the timings
+    return (f"{d.platform} ({kind}), {os.cpu_count()} CPU cores, jax {jax.__version__}, {platform.python_version()}"
+            + (f", XLA_FLAGS={flags}" if flags else ""))
 
 
 def median_time(fn, *args, repeats: int = 5) -> float:

@@ -69,6 +69,8 @@ def run(args):
           f"cheapest multilevel one (a lower base every step + nf={nfs[-1]} on m stratified firings) at the coupled "
           f"error of nf={nfs[-1]} with {top} at {args.steps} steps (RMS per pixel from nf={nfs[-1]}'s ODE "
           f"solved on {kw['reference_steps']} steps, same prior draws)", flush=True)
+    if os.environ.get("XLA_FLAGS", "").strip():  # e.g. CI's quick run at a lower optimisation level
+        print(f"  XLA_FLAGS={os.environ['XLA_FLAGS'].strip()}: the timings below are under these flags", flush=True)
     bar = tqdm(total=planned_runs(family, **kw), desc="demo", disable=args.no_progress, unit="run",
                bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}")
     def log(s):
