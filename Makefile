@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.2
 
-.PHONY: demo test lint docs bench bench-quick fmnist16-weights fmnist16-cond-weights fmnist16-nf64-weights demo-family fmnist16x5 clean
+.PHONY: demo test lint docs bench bench-quick testbed-mixture testbed-ladder fmnist16-weights fmnist16-cond-weights fmnist16-nf64-weights demo-family fmnist16x5 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -102,6 +102,16 @@ demo-family: $(STAMP)
 fmnist16x5: $(STAMP)
 	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', 'mlem_jax/assets/fmnist16_demo'], 'runs/fmnist16x5/family', nfs=(4, 8, 16, 32, 64)); c(['benchmarks/weights/fmnist16', 'mlem_jax/assets/fmnist16_demo'], 'runs/fmnist16x4_8/family', nfs=(8, 16, 32, 64))"
 	$(PY) benchmarks/fmnist16.py --raw-data --family runs/fmnist16x4_8/family --name fmnist16x4_8_cpu --no-ode --out docs/figures/fmnist16x5 --set "couplings=('independent',)" "geometric_steps=()" "small_steps=(200,)" "em_steps=(25, 50, 100)" "stitch_steps=(50, 100)" "stitch_fractions=(0.3,)" "mlem_steps=(50, 100)" "equal_batch=False"
+
+## testbed-mixture: refit the exact testbed's Gaussian mixture (256 components, rank 12) to Fashion-MNIST 16x16 from Debian's files, bit for bit the shipped mlem_jax/assets/fmnist16_mixture.npz (about 15 s)
+testbed-mixture: $(STAMP)
+	$(PY) -c "from mlem_jax.diffusion.mixture import fashion_mnist_mixture as f, save_mixture as s; s(f(), 'mlem_jax/assets/fmnist16_mixture.npz')"
+
+## testbed-ladder: retrain the testbed's five MLP levels against the exact denoiser (resumable; about 1 h on 2 cores), then ship them
+testbed-ladder: $(STAMP)
+	$(PY) benchmarks/testbed_ladder.py --out runs/testbed_ladder --max-steps 12000 --no-progress
+	mkdir -p mlem_jax/assets/fmnist16_ladder
+	cp runs/testbed_ladder/ladder.npz runs/testbed_ladder/ladder.json mlem_jax/assets/fmnist16_ladder/
 
 clean:
 	rm -rf $(VENV) benchmarks/out .pytest_cache site .jax_cache

@@ -41,6 +41,8 @@ _LAZY = {
     "folder": ("load_images",),
     "family": ("Family", "save_family", "load_family", "shipped_family_path", "combine_families"),
     "images": ("to_grid", "save_png", "side_by_side", "with_caption"),
+    "ladder": ("MLPDenoiser", "LadderConfig", "Ladder", "train_ladder", "load_ladder", "save_ladder", "mlp_flops"),
+    "mixture": ("GaussianMixture", "fit_mixture", "fashion_mnist_mixture", "save_mixture", "load_mixture"),
     "metrics": ("Estimate", "coupled_error", "frechet_distance", "frechet_gaussian", "kernel_distance",
                 "paired_frechet", "sliced_wasserstein"),
     "sampling": ("SampleResult", "SampleRangeWarning", "sample", "solver_function", "solver_levels", "outside_range"),
