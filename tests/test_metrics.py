@@ -8,13 +8,17 @@ from mlem_jax.diffusion.classifier import train_classifier
 from mlem_jax.diffusion.metrics import kernel_distance, sliced_wasserstein
 
 
-def test_kernel_distance_is_unbiased_with_an_honest_standard_error():
+@pytest.mark.parametrize("bandwidth", [None, 1.5], ids=["cubic", "gaussian"])
+def test_kernel_distance_is_unbiased_with_an_honest_standard_error(bandwidth):
     # two distributions on five points: the exact MMD^2 is (p - q)' K (p - q)
     rng = np.random.default_rng(0)
     pts = rng.normal(size=(5, 3))
     p, q = np.array([0.3, 0.2, 0.2, 0.2, 0.1]), np.array([0.1, 0.2, 0.2, 0.2, 0.3])
-    exact = (p - q) @ ((pts @ pts.T / 3 + 1) ** 3) @ (p - q)
-    est = [kernel_distance(pts[rng.choice(5, 20, p=p)], pts[rng.choice(5, 30, p=q)]) for _ in range(1000)]
+    sq = np.sum((pts[:, None] - pts[None]) ** 2, -1)
+    K = (pts @ pts.T / 3 + 1) ** 3 if bandwidth is None else np.exp(-sq / (2 * bandwidth**2))
+    exact = (p - q) @ K @ (p - q)
+    est = [kernel_distance(pts[rng.choice(5, 20, p=p)], pts[rng.choice(5, 30, p=q)], bandwidth)
+           for _ in range(1000)]
     values = np.array([e.value for e in est])
     assert abs(values.mean() - exact) < 4 * values.std(ddof=1) / np.sqrt(values.size)
     # the jackknife standard error matches the spread across replicates (it is known to be
@@ -34,6 +38,8 @@ def test_kernel_distance_errors():
         kernel_distance(np.zeros((5, 4)), np.zeros((5, 3)))
     with pytest.raises(ValueError, match="at least 3 samples"):
         kernel_distance(np.zeros((2, 4)), np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="bandwidth: expected None"):
+        kernel_distance(np.zeros((5, 4)), np.zeros((5, 4)), bandwidth=0.0)
 
 
 def test_sliced_wasserstein_exact_in_one_dimension_and_zero_on_itself():

@@ -170,3 +170,13 @@ def test_ladder_trains_resumes_and_loads(tmp_path):
     for d_trained, d_loaded in zip(ladder.denoisers(VP(), m.shape), back.denoisers(VP(), m.shape)):
         np.testing.assert_allclose(d_loaded(0.5, x), d_trained(0.5, x), atol=2e-2)
     assert mlp_flops(16, 8, 1) == 2 * (16 * 8 + 2 * 64 + 8 * 16)
+
+
+def test_plateau_rule():
+    from mlem_jax.diffusion.ladder import _plateau
+
+    cfg = LadderConfig(patience=2, min_improvement=0.01)
+    assert not _plateau([1.0, 0.5], cfg)  # too few evaluations to judge
+    assert not _plateau([1.0, 0.9, 0.8], cfg)  # still falling by more than 1%
+    assert _plateau([1.0, 0.995, 0.999], cfg)  # the last two bettered 1.0 by less than 1%
+    assert _plateau([0.5, 0.6, 0.7], cfg)  # rising

@@ -39,16 +39,30 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-def kernel_distance(features_a, features_b) -> Estimate:
-    """Unbiased MMD^2 between two samples under k(x, y) = (x.y / d + 1)^3, with the
-    two-sample jackknife standard error. features: (N, d) and (M, d), N, M >= 3."""
+def kernel_distance(features_a, features_b, bandwidth: float | None = None) -> Estimate:
+    """Unbiased MMD^2 between two samples, with the two-sample jackknife standard error.
+
+    Args:
+      features_a: (N, d) (or (N, ...), flattened), N >= 3.
+      features_b: (M, d), M >= 3.
+      bandwidth: None for KID's cubic kernel k(x, y) = (x.y / d + 1)^3 (matches the first
+        three moments only); a length b > 0 for the Gaussian kernel exp(-|x - y|^2 / (2 b^2)),
+        which is characteristic: its MMD is zero only for equal distributions (a proper
+        two-sample statistic). Fix b once (say, the median distance within the reference
+        set) to compare several samples against one reference."""
     X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     if X.shape[1] != Y.shape[1]:
         raise ValueError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
     n, m, d = X.shape[0], Y.shape[0], X.shape[1]
     if n < 3 or m < 3:
         raise ValueError(f"features_a, features_b: need at least 3 samples each, got {n} and {m}.")
-    k = lambda A, B: (A @ B.T / d + 1.0) ** 3
+    if bandwidth is None:
+        k = lambda A, B: (A @ B.T / d + 1.0) ** 3
+    elif not (np.isfinite(bandwidth) and bandwidth > 0):
+        raise ValueError(f"bandwidth: expected None (the cubic kernel) or a length > 0, got {bandwidth!r}.")
+    else:
+        sq = lambda A: np.sum(A**2, 1)
+        k = lambda A, B: np.exp(-np.maximum(sq(A)[:, None] + sq(B)[None] - 2 * A @ B.T, 0.0) / (2 * bandwidth**2))
     Kxx, Kyy, Kxy = k(X, X), k(Y, Y), k(X, Y)
     np.fill_diagonal(Kxx, 0.0)
     np.fill_diagonal(Kyy, 0.0)
