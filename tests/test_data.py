@@ -190,3 +190,68 @@ def test_folder_and_array_errors_name_the_file(tmp_path):
         load_images(str(tmp_path / "c.npy"))
     with pytest.raises(ValueError, match=r"has no labels"):
         load_images(str(tmp_path / "a.npy"), with_labels=True)
+
+
+def test_folder_skips_hidden_entries_follows_linked_classes_and_scales_16_bit(tmp_path):
+    """Round 4: a hidden .ipynb_checkpoints/ folder is not a class, a symlinked class folder is
+    read, an empty class folder takes no label, and a 16-bit gradient keeps its gradient."""
+    from PIL import Image
+
+    from mlem_jax.diffusion.folder import load_images
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "imgs"
+    for cls in ("bird", "cat"):
+        for i in range(5):
+            _png(root / cls / f"{i}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    _png(root / ".ipynb_checkpoints" / "0-checkpoint.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    _png(root / "bird" / ".hidden.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    (root / "box").mkdir()  # empty, between bird and cat: must not shift cat's label
+    elsewhere = tmp_path / "dogs"
+    for i in range(5):
+        _png(elsewhere / f"{i}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    (root / "dog").symlink_to(elsewhere, target_is_directory=True)
+    x, y = load_images(str(root), "all", with_labels=True)
+    assert x.shape == (15, 4, 4, 1)
+    assert sorted(np.bincount(y).tolist()) == [5, 5, 5] and y.max() == 2  # bird 0, cat 1, dog 2
+    gradient = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
+    (tmp_path / "deep").mkdir()
+    for i in range(10):
+        Image.fromarray(gradient).save(tmp_path / "deep" / f"{i}.png")
+    g = load_images(str(tmp_path / "deep"), "all")[0, ..., 0].ravel()
+    np.testing.assert_allclose(g, np.round(gradient.ravel() / 65535 * 255) / 127.5 - 1, atol=1e-6)
+    assert np.all(np.diff(g) > 0)
+
+
+def test_damaged_arrays_and_labels_are_named(tmp_path):
+    from mlem_jax.diffusion.folder import load_images
+
+    arr = np.random.default_rng(4).integers(0, 256, (20, 6, 6), dtype=np.uint8)
+    np.savez(tmp_path / "ok.npz", images=arr)
+    raw = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "truncated.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=r"truncated.npz' cannot be read .*damaged or truncated"):
+        load_images(str(tmp_path / "truncated.npz"))
+    np.savez(tmp_path / "frac.npz", images=arr, labels=np.linspace(0, 1.9, 20))
+    with pytest.raises(ValueError, match=r"not whole numbers"):
+        load_images(str(tmp_path / "frac.npz"), with_labels=True)
+    np.savez(tmp_path / "whole.npz", images=arr, labels=(np.arange(20) % 2).astype(np.float32))
+    assert load_images(str(tmp_path / "whole.npz"), "all", with_labels=True)[1].tolist()[:3] == [0, 1, 0]
+    f = (arr / 255.0).astype(np.float32)
+    f[3, 1, 2] = np.nan
+    np.save(tmp_path / "nan.npy", f)
+    with pytest.raises(ValueError, match=r"1 pixels that are NaN or infinite \(the first at index \(3, 1, 2, 0\)\)"):
+        load_images(str(tmp_path / "nan.npy"))
+
+
+def test_truncated_and_mismatched_idx_files_are_named(tmp_path):
+    import gzip
+
+    data.write_idx(str(tmp_path / "train-images-idx3-ubyte.gz"), np.zeros((5, 28, 28), np.uint8))
+    data.write_idx(str(tmp_path / "train-labels-idx1-ubyte.gz"), np.zeros((7,), np.uint8))
+    with pytest.raises(ValueError, match=r"holds 5 images but .* holds 7 labels"):
+        data.read_local("fashion_mnist", str(tmp_path), "train")
+    raw = gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 100)
+    (tmp_path / "cut.gz").write_bytes(raw[:-10])
+    with pytest.raises(ValueError, match=r"cut.gz: cannot be read .*truncated"):
+        data.read_idx(str(tmp_path / "cut.gz"))

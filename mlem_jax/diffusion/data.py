@@ -176,12 +176,20 @@ def _local_short(name):
 def read_idx(path: str) -> np.ndarray:
     """An MNIST-style idx file (optionally gzipped)."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated.") from e
+    if len(data) < 4:
+        raise ValueError(f"{path}: too short ({len(data)} bytes) to be an idx file.")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte idx file.")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    if len(data) - 4 - 4 * ndim != int(np.prod(shape)):
+        raise ValueError(f"{path}: the header says {shape} bytes of data, the file holds {len(data) - 4 - 4 * ndim}; "
+                         "it is truncated or damaged.")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -205,8 +213,11 @@ def _find(source_dir, stem):
 
 def _mnist_like(source_dir, split):
     prefix = "train" if split == "train" else "t10k"
-    x = read_idx(_find(source_dir, f"{prefix}-images-idx3-ubyte"))
-    y = read_idx(_find(source_dir, f"{prefix}-labels-idx1-ubyte"))
+    xp, yp = _find(source_dir, f"{prefix}-images-idx3-ubyte"), _find(source_dir, f"{prefix}-labels-idx1-ubyte")
+    x, y = read_idx(xp), read_idx(yp)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"source_dir: {xp} holds {x.shape[0]} images but {yp} holds {y.shape[0]} labels; one of "
+                         "the two files is from another split or damaged.")
     return x[..., None], y
 
 

@@ -3,8 +3,11 @@
 * A folder: every `.png`, `.jpg`, `.jpeg` (any case) below it. Images are centre-cropped to
   a square and resized to `image_size` (antialiased); without `image_size` they must all
   have one size. Grey images stay one channel unless some image is colour, then all are
-  RGB (alpha is dropped). Labels are the names of the first-level subfolders, sorted
-  (images directly in the folder get none).
+  RGB (alpha is dropped); 16-bit images are scaled by their depth (65535 is white), not
+  clipped. Hidden entries (names starting with '.', such as `.ipynb_checkpoints/`) are
+  skipped at every depth; a class folder that is a symbolic link is followed (one level, so
+  a link loop cannot recurse). Labels are the names of the first-level subfolders that hold
+  images, sorted (images directly in the folder get none; an empty folder takes no label).
 * An array: `.npy` of shape (N, H, W) or (N, H, W, C), uint8 in [0, 255] or floats in
   [-1, 1] / [0, 1]; `.npz` with an `images` member (and optionally `labels`).
 
@@ -54,9 +57,25 @@ def load_images(path: str, split: str = "train", image_size: int | None = None, 
     return x
 
 
+def _image_files(folder: str) -> list:
+    """Every image file below `folder`, hidden entries skipped, first-level links to folders
+    followed (deeper links are not, so that a loop cannot recurse)."""
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():  # follows a symlinked class folder
+            for root, dirs, names in os.walk(entry.path):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                files += [os.path.join(root, f) for f in names
+                          if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES)]
+        elif entry.name.lower().endswith(IMAGE_SUFFIXES):
+            files.append(entry.path)
+    return sorted(files)
+
+
 def _read_folder(folder: str, image_size: int | None):
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(folder) for f in names
-                   if f.lower().endswith(IMAGE_SUFFIXES))
+    files = _image_files(folder)
     if not files:
         raise ValueError(f"dataset: the folder {folder!r} holds no images (.png, .jpg, .jpeg, searched "
                          "recursively).")
@@ -68,7 +87,9 @@ def _read_folder(folder: str, image_size: int | None):
             with Image.open(f) as im:
                 im.load()
                 images.append(im.copy())
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"dataset: {f} is too large to decode safely ({e}); resize it first.") from e
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError on bad chunks
             raise ValueError(f"dataset: {f} is not a readable image ({type(e).__name__}: {e}).") from e
     colour = any(im.mode not in ("L", "1", "I", "I;16", "F", "LA") for im in images)
     arrays = [_to_array(im, "RGB" if colour else "L", image_size) for im in images]
@@ -92,6 +113,9 @@ def _read_folder(folder: str, image_size: int | None):
 def _to_array(im, mode: str, image_size: int | None) -> np.ndarray:
     from PIL import Image
 
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scale by the depth (convert("L") would clip)
+        depth = np.asarray(im).astype(np.float64) / 65535.0
+        im = Image.fromarray(np.clip(np.round(depth * 255.0), 0, 255).astype(np.uint8), "L")
     im = im.convert(mode)
     if image_size is not None:
         w, h = im.size
@@ -103,6 +127,8 @@ def _to_array(im, mode: str, image_size: int | None) -> np.ndarray:
 
 
 def _read_array(path: str, image_size: int | None):
+    import zipfile
+
     try:
         if path.lower().endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
@@ -116,8 +142,9 @@ def _read_array(path: str, image_size: int | None):
         if str(e).startswith("dataset:"):
             raise
         raise ValueError(f"dataset: {path!r} cannot be read as an array ({e}).") from e
-    except OSError as e:
-        raise ValueError(f"dataset: {path!r} cannot be read ({e}).") from e
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"dataset: {path!r} cannot be read ({type(e).__name__}: {e}); the file is damaged or "
+                         "truncated.") from e
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[0] == 0:
@@ -125,6 +152,12 @@ def _read_array(path: str, image_size: int | None):
                          "(N, H, W, C) with C = 1 or 3.")
     if labels is not None and labels.shape != (x.shape[0],):
         raise ValueError(f"dataset: {path!r} has labels of shape {labels.shape}, expected ({x.shape[0]},).")
+    if labels is not None and not np.issubdtype(labels.dtype, np.integer):
+        whole = np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(
+            labels == np.round(labels))
+        if not whole:
+            raise ValueError(f"dataset: {path!r} has labels of dtype {labels.dtype} that are not whole numbers "
+                             f"(for example {labels.ravel()[:3].tolist()}); expected integer class indices.")
     x = _scaled(x, path)
     if image_size is not None and (x.shape[1], x.shape[2]) != (image_size, image_size):
         import jax
@@ -144,8 +177,13 @@ def _scaled(x: np.ndarray, path: str) -> np.ndarray:
         return x.astype(np.float32) / 127.5 - 1.0
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"dataset: {path!r} has pixels of dtype {x.dtype}; expected uint8 or floating point.")
-    lo, hi = float(np.nanmin(x)), float(np.nanmax(x))
-    if not np.all(np.isfinite(x)) or lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"dataset: {path!r} has {int(bad.sum())} pixels that are NaN or infinite (the first at "
+                         f"index {first}); remove or repair those images.")
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
         raise ValueError(f"dataset: {path!r} has float pixels in [{lo:.3g}, {hi:.3g}]; expected [0, 1] or "
                          "[-1, 1] (or uint8).")
     return (2.0 * x - 1.0) if lo >= 0.0 else x.astype(np.float32)
