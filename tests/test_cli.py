@@ -65,6 +65,7 @@ def test_shipped_weights_load_and_sample_in_range(tmp_path):
         (["sample", "--family", "/nonexistent/family"], "--family"),
         (["sample", "--probs", "1", "0.5"], "--probs: expected"),
         (["sample", "--levels", "9"], "--levels"),
+        (["sample", "--em", "--probs", "1", "0.5"], "--probs: --em samples the last of --levels alone"),
         (["sample", "--calibration", "/nonexistent.json"], "--calibration"),
         (["demo", "--batch-size", "6"], "--batch-size: expected a multiple of 4"),
         (["demo", "--steps", "1"], "--steps: expected at least 2"),
@@ -288,3 +289,31 @@ def test_a_full_disk_is_refused_before_training_and_one_line_during_it(tmp_path,
     assert main(["train", "--dataset", "procedural", "--steps", "2", "--out", str(out), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "(No space left on device)" in err[0] and "--resume" in err[0]
+
+
+@pytest.mark.parametrize("solver, grid", [("em", "uniform"), ("heun", "uniform"), ("ddim", "logsnr"),
+                                          ("dpm++3m", "logsnr"), ("sde-dpm++2m", "logsnr"), ("edm-heun", "karras")])
+def test_sample_default_grid_follows_the_solver(solver, grid):
+    import argparse
+
+    from mlem_jax.cli._sample import ADOPTED, adopt_calibration
+
+    args = argparse.Namespace(calibration=None, **{k: None for k in ADOPTED})
+    args.solver = solver
+    adopt_calibration(args, None)
+    assert args.grid == grid and args.steps == 100
+    args = argparse.Namespace(calibration=None, **{k: None for k in ADOPTED})
+    args.solver, args.grid = solver, "quadratic"  # a grid given on the command line is kept
+    adopt_calibration(args, None)
+    assert args.grid == "quadratic"
+
+
+def test_sample_refuses_levels_out_of_order():
+    from mlem_jax.diffusion import uniform_grid
+    from mlem_jax.diffusion.sampling import sample
+
+    fam = load_family(shipped_family_path())
+    with pytest.raises(ValueError, match=r"levels: expected distinct indices from cheapest to dearest.*\[0, 1\]"):
+        sample(fam, [1, 0], uniform_grid(4), 0, 2, probs=[1.0, 0.5])
+    with pytest.raises(ValueError, match=r"levels: expected indices in 0\.\.3"):
+        sample(fam, [5], uniform_grid(4), 0, 2)

@@ -53,13 +53,21 @@ def add_parser(sub):
     for action in s._actions:  # taken from --calibration when not given: the default applies only without one
         if action.dest in ADOPTED:
             action.default = None
-            action.help += f" (default: {ADOPTED[action.dest]}, or what --calibration was made for)"
+            default = ADOPTED[action.dest]
+            if action.dest == "grid":
+                default = "log-SNR for ddim and the DPM-Solvers, Karras for EDM, uniform for em and heun"
+            action.help += f" (default: {default}, or what --calibration was made for)"
     s.set_defaults(func=run)
 
 
 # the settings a calibration file records, and their defaults without one
-ADOPTED = {"steps": 100, "grid": "uniform", "coins": "iid", "coupling": "independent", "solver": "em",
+ADOPTED = {"steps": 100, "grid": "the solver's", "coins": "iid", "coupling": "independent", "solver": "em",
            "control": "none"}
+GRID_OF_SOLVER = {"em": "uniform", "heun": "uniform", "ddim": "logsnr", "dpm++2m": "logsnr", "dpm++3m": "logsnr",
+                  "sde-dpm++2m": "logsnr", "edm-euler": "karras", "edm-heun": "karras"}
+"""The grid each solver is designed for, the default of --grid: log-SNR steps for the
+exponential integrators (Lu et al. 2022), Karras' for EDM (Karras et al. 2022), uniform for
+Euler-Maruyama and Heun."""
 
 
 def adopt_calibration(args, family) -> None:
@@ -68,8 +76,10 @@ def adopt_calibration(args, family) -> None:
     file is refused, naming both values."""
     if args.calibration is None:
         for name, value in ADOPTED.items():
-            if getattr(args, name) is None:
+            if getattr(args, name) is None and name != "grid":
                 setattr(args, name, value)
+        if args.grid is None:
+            args.grid = GRID_OF_SOLVER.get(args.solver, "uniform")
         return
     from mlem_jax.calibrate import load_calibration
 
@@ -124,6 +134,9 @@ def run(args):
     family = family_arg(args.family)
     adopt_calibration(args, family)
     levels = level_indices(family, args.levels)
+    if args.em and args.probs is not None:
+        raise CLIError("--probs: --em samples the last of --levels alone, so level probabilities have no use; drop "
+                       "--probs, or drop --em to sample with the multilevel estimator.")
     probs = None if args.em else probabilities(args, levels, family)
     ts = time_grid(family, args.steps, args.grid)
     labels = labels_of(args, family)

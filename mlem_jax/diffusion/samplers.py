@@ -14,7 +14,10 @@ h_i = lambda_{t_i} - lambda_{t_{i-1}} > 0:
   order 2 replaces D_{i-1} by (1 + 1/(2r)) D_{i-1} - D_{i-2} / (2r), r = h_{i-1} / h_i
   (Algorithm 2); order 3 adds the second divided difference with the exact phi functions
   phi_2 = (e^{-h} - 1)/h + 1, phi_3 = phi_2 / h - 1/2 (the 3M form of k-diffusion). The
-  first steps use the orders their history allows (1, then 2); no lower order at the end.
+  first steps use the orders their history allows (1, then 2), and a step whose earlier
+  step is less than `MIN_STEP_RATIO` of its length in lambda drops to order 1 (3M: order 2
+  where only the step before that is short). That happens at the end of uniform-in-t grids,
+  where the last step spans most of the log-SNR range; on log-SNR grids no order is lowered.
 * `sde_dpm_solver_pp` (the 2M SDE solver, midpoint form, eta = 1):
       x_i = (sigma_i / sigma_{i-1}) e^{-h} x_{i-1} + alpha_i (1 - e^{-2h}) [D_{i-1} + (D_{i-1} - D_{i-2}) / (2r)]
             + sigma_i sqrt(1 - e^{-2h}) z_i.
@@ -38,6 +41,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mlem_jax import _noise, _validate
 from mlem_jax._multilevel import Multilevel, model_calls
@@ -46,11 +50,34 @@ from mlem_jax._stepping import axpy, combine, integrate
 __all__ = ["ddim", "dpm_solver_pp", "sde_dpm_solver_pp", "edm_euler", "edm_heun", "SAMPLERS"]
 
 
+def _check_noise_grid(sde, ts):
+    """A concrete grid must run from noise to data (strictly decreasing) at noise levels > 0:
+    the samplers take log(std) and divide by it. A traced grid is checked by the caller."""
+    if not _validate.is_concrete(ts):
+        return
+    t = np.asarray(ts, np.float64)
+    if np.any(np.diff(t) >= 0):
+        raise ValueError(f"ts: the diffusion samplers integrate from noise to data, so the grid must be strictly "
+                         f"decreasing; got {np.round(t[:4], 6).tolist()}... Reverse it (ts[::-1]) or build it with "
+                         "uniform_grid / logsnr_grid / karras_grid.")
+    with jax.ensure_compile_time_eval():  # the grid is concrete: evaluate std now, even inside a jit trace
+        std = sde.std(jnp.asarray(ts))
+    if not _validate.is_concrete(std):  # an SDE whose parameters are traced
+        return
+    std = np.asarray(std, np.float64)
+    if np.any(~(std > 0)):
+        i = int(np.argmax(~(std > 0)))
+        raise ValueError(f"ts: the noise level std(t) is {std[i]:g} at ts[{i}] = {t[i]:g}; the samplers need "
+                         "std(t) > 0 at every grid time (their log-SNR is infinite at zero noise). End the grid at a "
+                         "small positive time such as 1e-3.")
+
+
 def _prepare(denoiser, sde, x, ts, key, args, call_times=None):
     ts = _validate.check_ts(ts)
     x = _validate.check_y0(x)
     if not hasattr(sde, "alpha") or not hasattr(sde, "std"):
         raise TypeError(f"sde: expected an SDE with alpha(t) and std(t) (VP, SubVP, VE), got {type(sde).__name__}.")
+    _check_noise_grid(sde, ts)
     call_times = ts[:-1] if call_times is None else call_times
     if isinstance(denoiser, Multilevel) and denoiser.control is not None and denoiser.control_scale is None:
         # corrections of D grow like sigma / alpha (D = (x - sigma eps) / alpha): cache them in those units
@@ -70,9 +97,17 @@ def _run(step, x, ts, state0, calls, desc, saveat, callback, progress, check_fin
     return calls.result(y, state[0])
 
 
+MIN_STEP_RATIO = 0.5
+"""DPM-Solver++ lowers a step's order where a previous step in lambda is shorter than this
+fraction of the current one: the multistep difference then extrapolates a slope measured
+over a short baseline across a long step (coefficients 1 / (2r) and more), which amplifies
+the data prediction's errors. On a log-SNR grid every ratio is 1 and nothing changes."""
+
+
 def _multistep_weights(order, n, h, h1, h2):
     """Weights (w0, w1, w2) of D_{i-1}, D_{i-2}, D_{i-3} in DPM-Solver++'s data term, using
-    the highest order (up to `order`) that the history of step n allows."""
+    the highest order (up to `order`) that the history of step n allows, lowered where the
+    step ratios fall below `MIN_STEP_RATIO` (the uniform grid's final steps, for example)."""
     c = -jnp.expm1(-h)
     r0 = jnp.where(n >= 1, h1, h) / h
     r1 = jnp.where(n >= 2, h2, h) / h
@@ -84,6 +119,8 @@ def _multistep_weights(order, n, h, h1, h2):
     b = -phi2 * r0 / (r0 + r1) + 2 * phi3 / (r0 + r1)  # coefficient of (D_{i-2} - D_{i-3}) / r1
     w_third = (c + a / r0, -a / r0 + b / r1, -b / r1)
     used = jnp.minimum(order, n + 1)
+    used = jnp.where((n >= 1) & (r0 < MIN_STEP_RATIO), 1, used)
+    used = jnp.where((used == 3) & (r1 < MIN_STEP_RATIO), 2, used)
     pick = lambda i: jnp.where(used >= 3, w_third[i], jnp.where(used == 2, w_second[i], w_first[i]))
     return pick(0), pick(1), pick(2)
 

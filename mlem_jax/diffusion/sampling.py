@@ -94,6 +94,23 @@ def solver_levels(family, levels, solver: str, probability_flow: bool = False, g
     return tuple(guided(f, guidance) for f in chosen)
 
 
+def check_levels(family, levels) -> list:
+    """`levels` as a list of level indices into `family`, refused unless they are distinct,
+    in range and cheapest first (increasing): the multilevel estimator's corrections telescope
+    from the first to the last, so an unsorted list would sample the wrong level."""
+    K = len(family.models)
+    try:
+        idx = [int(k) for k in levels]
+    except (TypeError, ValueError):
+        raise TypeError(f"levels: expected a sequence of level indices (0..{K - 1}), got {levels!r}.") from None
+    if not idx or any(not 0 <= k < K for k in idx):
+        raise ValueError(f"levels: expected indices in 0..{K - 1} (the family has {K} levels), got {idx}.")
+    if idx != sorted(set(idx)):
+        raise ValueError(f"levels: expected distinct indices from cheapest to dearest (increasing), got {idx}; "
+                         f"write levels={sorted(set(idx))}.")
+    return idx
+
+
 def check_labels(family, labels, guidance, batch_size: int):
     """The per-sample labels (batch_size,) int32 (or None), after refusing labels or guidance an
     unconditional family cannot take, labels outside its classes, and guidance without labels."""
@@ -150,6 +167,7 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
     labels = check_labels(family, labels, guidance, batch_size)
+    levels = check_levels(family, levels)
     if isinstance(coin_plans, bool) or not isinstance(coin_plans, (int, np.integer)) or coin_plans < 1:
         raise ValueError(f"coin_plans: expected a positive integer, got {coin_plans!r}.")
     if batch_size % coin_plans:

@@ -131,8 +131,10 @@ for _cls in (VP, SubVP, VE):
 def _check_grid(n: int, t_min: float, t_max: float) -> None:
     if int(n) != n or n < 1:
         raise ValueError(f"num_steps: expected a positive integer, got {n!r}.")
-    if not 0 <= t_min < t_max:
-        raise ValueError(f"t_min: expected 0 <= t_min < t_max = {t_max}, got {t_min}.")
+    if not 0 < t_min < t_max:
+        hint = (" At t = 0 the noise level is zero, where the samplers' log-SNR and the score are infinite; use a "
+                "small positive t_min such as 1e-3 (the default) or 1e-5.") if t_min == 0 else ""
+        raise ValueError(f"t_min: expected 0 < t_min < t_max = {t_max}, got {t_min}.{hint}")
 
 
 def uniform_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
