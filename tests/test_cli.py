@@ -251,6 +251,31 @@ def test_an_interrupted_training_says_what_was_kept(tmp_path, capsys, monkeypatc
                    "continue with the same command and --resume."]
 
 
+def test_sigterm_during_training_unwinds_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """A real SIGTERM to this process while train runs: one line, status 143, the lock on --out
+    released (a second train on the same --out may start), and the handler restored after."""
+    import os
+    import signal
+
+    import mlem_jax.diffusion.train as train
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train, "train_family", terminated)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "procedural", "--steps", "2", "--out", str(out), *TINY]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mlem-jax train: terminated (SIGTERM); the checkpoints written so far are kept in "
+                   f"{out / 'checkpoints'}; continue with the same command and --resume."]
+    assert signal.getsignal(signal.SIGTERM) is before
+    from mlem_jax._filelock import DirectoryLock
+
+    DirectoryLock(str(out)).acquire().release()  # the lock was released
+
+
 def test_train_on_a_folder_of_your_own_images(tmp_path, capsys):
     from PIL import Image
 

@@ -11,6 +11,8 @@ One module per subcommand (`_train`, `_sample`, `_calibrate`, `_demo`), each wit
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 from mlem_jax.cli import _calibrate, _demo, _sample, _train
@@ -28,13 +30,39 @@ def build_parser() -> Parser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, a scheduler or `docker stop` sends), raised where the program
+    is, so that it unwinds like Ctrl-C: locks released, partial outputs removed."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
-    """Run `mlem-jax ARGV`; returns the exit status (0 done, 1 out of memory, 2 bad input, 130 interrupted)."""
+    """Run `mlem-jax ARGV`; returns the exit status (0 done, 1 out of memory, 2 bad input, 130 interrupted
+    by Ctrl-C, 143 terminated by SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        args.func(args)
+        with _sigterm_unwinds():
+            args.func(args)
+    except Terminated:
+        print(f"mlem-jax {args.command}: terminated (SIGTERM); {_what_was_kept(args)}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"mlem-jax {args.command}: interrupted; {_what_was_kept(args)}", file=sys.stderr)
         return 130
