@@ -2,9 +2,12 @@
 only when the new one is complete), and JSON reads whose failures name the file.
 
 `atomic_path(path)` yields a temporary name in the same folder, created exclusively (it
-never follows a planted symlink or reuses another writer's file), and renames it onto
-`path` when the block ends without an error; on any error, an interrupt included, the
-temporary file is removed and `path` is left as it was.
+never follows a planted symlink or reuses another writer's file), flushes it to disk
+(`fsync`) and renames it onto `path` when the block ends without an error; on any error, an
+interrupt included, the temporary file is removed and `path` is left as it was. With
+`exclusive=True` the file is put in place only if `path` does not exist at that moment (a
+hard link, which fails on an existing name), so that two runs writing one output cannot
+silently replace each other: the second gets `FileExistsError`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import tempfile
 
 
 @contextlib.contextmanager
-def atomic_path(path: str):
-    """A temporary path to write; renamed onto `path` on success, removed on failure."""
+def atomic_path(path: str, exclusive: bool = False):
+    """A temporary path to write; put in place at `path` on success (replacing it, or with
+    `exclusive`, only if `path` does not exist then), removed on failure."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path)[:64] + ".", suffix=".tmp")
@@ -24,14 +28,52 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600, widened to what open() would have given
-        os.replace(tmp, path)
+        _fsync(tmp)
+        if exclusive:
+            _place_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _place_exclusive(tmp: str, path: str) -> None:
+    """Move `tmp` to `path` unless `path` exists: a hard link fails atomically on an existing
+    name; where the file system has no hard links, the check and the rename are two steps."""
+    taken = FileExistsError(f"{path} appeared while this run computed (another run wrote it); nothing was written "
+                            "over it.")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise taken from None
+    except OSError:
+        if os.path.lexists(path):
+            raise taken from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (changing it, even for
+    a moment, races with other threads creating files, such as orbax's)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -34,9 +34,11 @@ class Calibration(NamedTuple):
 
 
 def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: str = "iid",
-                     coupling: str = "independent", solver: str = "em", control: str | None = None, **meta) -> str:
+                     coupling: str = "independent", solver: str = "em", control: str | None = None,
+                     exclusive: bool = False, **meta) -> str:
     """Write a schedule (PiecewiseConstant or constant array) with the grid, coins, solver and
-    control variate it was made for, atomically, as JSON."""
+    control variate it was made for, atomically, as JSON. With `exclusive`, a file that exists
+    at write time is not replaced (`FileExistsError`)."""
     import json
     import os
 
@@ -51,7 +53,7 @@ def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     from mlem_jax._atomic import atomic_path
 
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path, exclusive=exclusive) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1, default=lambda x: np.asarray(x).tolist())
     return path
 

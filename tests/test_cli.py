@@ -342,3 +342,34 @@ def test_sample_refuses_levels_out_of_order():
         sample(fam, [1, 0], uniform_grid(4), 0, 2, probs=[1.0, 0.5])
     with pytest.raises(ValueError, match=r"levels: expected indices in 0\.\.3"):
         sample(fam, [5], uniform_grid(4), 0, 2)
+
+
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(trained, capsys):
+    family = str(trained / "family")
+    argv = ["sample", "--family", family, "--steps", "2", "--batch-size", "2", "--no-progress", "--overwrite"]
+    assert main([*argv, "--out", family]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an input of this run (--family" in err[0] and "--overwrite or not" in err[0]
+    assert os.path.exists(family + ".npz") and load_family(family).models
+
+
+def test_a_sample_output_written_meanwhile_by_another_run_is_kept(trained, tmp_path, capsys, monkeypatch):
+    """The existing-output check runs again at write time: a file that appeared during the
+    compute is not replaced, and neither of this run's two outputs is left behind."""
+    import mlem_jax.diffusion.sampling as sampling
+
+    real = sampling.sample
+    out = tmp_path / "s"
+
+    def another_run_finishes_first(*args, **kwargs):
+        result = real(*args, **kwargs)
+        (tmp_path / "s.npz").write_bytes(b"the other run's samples")
+        return result
+
+    monkeypatch.setattr(sampling, "sample", another_run_finishes_first)
+    assert main(["sample", "--family", str(trained / "family"), "--steps", "2", "--batch-size", "2",
+                 "--no-progress", "--out", str(out)]) == 2
+    err = [e for e in capsys.readouterr().err.strip().splitlines() if "warning" not in e]  # the tiny family's range
+    assert len(err) == 1 and "s.npz appeared while this run computed" in err[0]
+    assert (tmp_path / "s.npz").read_bytes() == b"the other run's samples"
+    assert sorted(os.listdir(tmp_path)) == ["s.npz"]

@@ -230,3 +230,30 @@ def test_writes_are_atomic_and_never_follow_a_planted_temporary_name(tmp_path):
             raise RuntimeError("boom")
     assert load_calibration(str(path)).steps == 10
     assert sorted(os.listdir(tmp_path)) == ["c.json", "c.json.tmp", "victim"]
+
+
+def test_exclusive_writes_never_replace_a_file_that_appeared_and_the_umask_is_not_touched(tmp_path, monkeypatch):
+    """Two runs on one output: with exclusive=True the second write finds the first's file and
+    fails, leaving it whole and no temporary file; the mode follows the umask, read without
+    calling os.umask (which would race with other threads)."""
+    import os
+
+    from mlem_jax._atomic import atomic_path
+    from mlem_jax.calibrate import load_calibration, save_calibration
+
+    path = tmp_path / "same.json"
+    save_calibration(str(path), jnp.array([1.0, 0.5]), levels=[4, 8], steps=10, grid="uniform", exclusive=True)
+    with pytest.raises(FileExistsError, match="appeared while this run computed"):
+        save_calibration(str(path), jnp.array([1.0, 0.25]), levels=[4, 8], steps=20, grid="uniform", exclusive=True)
+    assert load_calibration(str(path)).steps == 10 and os.listdir(tmp_path) == ["same.json"]
+    save_calibration(str(path), jnp.array([1.0, 0.25]), levels=[4, 8], steps=20, grid="uniform")  # replaces
+    assert load_calibration(str(path)).steps == 20
+    mask = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda m: (_ for _ in ()).throw(AssertionError("umask changed")))
+        with atomic_path(str(tmp_path / "m.txt")) as tmp:
+            open(tmp, "w").write("x")
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+    assert os.stat(tmp_path / "m.txt").st_mode & 0o777 == 0o640

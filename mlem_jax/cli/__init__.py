@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"mlem-jax {args.command}: interrupted; {_what_was_kept(args)}", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as e:
         print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # XLA's out-of-memory error: one line and what to do

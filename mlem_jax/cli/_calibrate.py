@@ -179,7 +179,7 @@ def _match_em(args, family, nfs, t0):
         raise CLIError(f"--family: {str(e).removeprefix('family: ')} Pass --skip-range-check to search anyway.") from e
     path = save_calibration(
         args.out, found.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="stratified",
-        coupling=found.config.coupling, command=command_line(args),
+        coupling=found.config.coupling, command=command_line(args), exclusive=not args.overwrite,
         made_by=f"search_configuration: the cheapest stratified configuration whose coupled error on "
                 f"{args.trajectories} pilot samples is at most 1.05 x EM's (EM error {found.em_error:.4f})",
         tried=found.tried)
@@ -218,6 +218,7 @@ def _closed_form(args, family, drifts, ts, y0, keys, nfs, t0):
     made_by += f"; statistics at the model calls of {args.solver}"
     path = save_calibration(args.out, report.probs, levels=nfs, steps=args.steps, grid=args.grid, coins=args.coins,
                             coupling=args.coupling, solver=args.solver, control=control, command=command_line(args),
+                            exclusive=not args.overwrite,
                             made_by=made_by,
                             predicted_error=report.predicted_error, predicted_speedup=report.em_cost / report.mlem_cost,
                             cost_unit=report.cost_unit)
@@ -290,7 +291,8 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
           f"(EM {args.steps * costs[-1]:.4g}, {speedup:g}x less)")
     path = save_calibration(
         args.out, res.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="iid", coupling=args.coupling,
-        command=command_line(args), cost_unit="flops", predicted_speedup=speedup, predicted_error=rms,
+        command=command_line(args), exclusive=not args.overwrite, cost_unit="flops", predicted_speedup=speedup,
+        predicted_error=rms,
         made_by=(f"learn_probabilities from the closed form: {args.learn_steps} SGD steps (Adam 0.05) on the "
                  "coupled MSE against EM at a "
                  f"FLOP budget of EM / {speedup:g}, score-function gradients; {args.trajectories} pooled starts"),

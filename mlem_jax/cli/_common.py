@@ -136,16 +136,17 @@ def command_line(args) -> str:
     return "mlem-jax " + " ".join(shlex.quote(a) for a in args.argv)
 
 
-def write_samples(paths, images, extra):
+def write_samples(paths, images, extra, overwrite: bool = False):
     """The image grid (PNG) and the arrays (npz) at `paths` = (png, npz), each written atomically; on a
-    failure (a full disk, ...) neither is left behind and the error is one line naming the file."""
+    failure (a full disk, ...) neither is left behind and the error is one line naming the file. Without
+    `overwrite`, a file that another run wrote while this one computed is not replaced."""
     from mlem_jax._atomic import atomic_path
     from mlem_jax.diffusion.images import save_png, to_grid
 
     png, npz = paths
     with writing(png, npz):
-        save_png(png, to_grid(images), scale=4)
-        with atomic_path(npz) as tmp, open(tmp, "wb") as f:
+        save_png(png, to_grid(images), scale=4, exclusive=not overwrite)
+        with atomic_path(npz, exclusive=not overwrite) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, images=images, **extra)
     return png, npz
 
@@ -156,6 +157,12 @@ def writing(*paths):
     written before the failure are removed, so that no partial output is left."""
     try:
         yield
+    except FileExistsError as e:  # another run's output appeared at write time: keep it, remove ours
+        for path in paths:
+            if path not in str(e):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        raise CLIError(f"--out: {e} Choose another --out, or pass --overwrite to replace it.") from e
     except OSError as e:
         for path in paths:
             with contextlib.suppress(OSError):
@@ -189,11 +196,32 @@ def output_files(args, default_name: str, suffixes) -> list[str]:
         if len(os.path.abspath(path).encode()) > _limit(path, "PC_PATH_MAX", 4096):
             raise CLIError(f"--out: the path of {path[:40]}... is longer than this file system allows; choose "
                            "a shorter --out.")
+    inputs = _input_files(args)
+    for path in paths:
+        if os.path.realpath(path) in inputs:
+            raise CLIError(f"--out: {path} is an input of this run ({inputs[os.path.realpath(path)]}); writing there "
+                           "would destroy it, --overwrite or not. Choose another --out.")
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not getattr(args, "overwrite", False):
         raise CLIError(f"--out: {existing[0]} already exists (an earlier run's output?); pass --overwrite to "
                        "replace it, or choose another --out.")
     return paths
+
+
+def _input_files(args) -> dict:
+    """The files this run reads (their real paths), each with the flag that names it."""
+    found = {}
+    family = getattr(args, "family", None)
+    if family:
+        stem = family[: -len(".npz")] if family.endswith(".npz") else family[: -len(".json")] \
+            if family.endswith(".json") else family
+        for suffix in (".npz", ".json", ".calibration.json"):
+            found[os.path.realpath(stem + suffix)] = f"--family {family}"
+    for flag in ("calibration", "dataset"):
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and value:
+            found[os.path.realpath(value)] = f"--{flag} {value}"
+    return found
 
 
 def _limit(path, name, default):

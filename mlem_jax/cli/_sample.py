@@ -168,7 +168,8 @@ def run(args):
     if jax.process_index() != 0:  # every process holds the whole batch; process 0 writes it
         return
     extra = {} if labels is None else {"labels": labels, "guidance": args.guidance}
-    png, npz = write_samples(paths, res.images, {"evaluations": res.evaluations, "levels_nf": nfs, **extra})
+    png, npz = write_samples(paths, res.images, {"evaluations": res.evaluations, "levels_nf": nfs, **extra},
+                             overwrite=args.overwrite)
     where = f", {jax.process_count()} processes" if multiprocess else ""
     print(f"{method}: {args.batch_size} samples, {args.steps} steps, levels nf={nfs}, {jax.device_count()} "
           f"device(s){where}")

@@ -21,9 +21,9 @@ def to_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
     return grid
 
 
-def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
+def save_png(path: str, grid: np.ndarray, scale: int = 1, exclusive: bool = False) -> str:
     """Write an image grid (uint8, H x W x C) as a PNG, each pixel repeated `scale` times;
-    returns the path."""
+    returns the path. With `exclusive`, an existing file is not replaced (`FileExistsError`)."""
     from PIL import Image
 
     g = grid[..., 0] if grid.shape[-1] == 1 else grid
@@ -32,7 +32,7 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1) -> str:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     from mlem_jax._atomic import atomic_path
 
-    with atomic_path(path) as tmp:  # whole or not at all
+    with atomic_path(path, exclusive=exclusive) as tmp:  # whole or not at all
         img.save(tmp, format="PNG")
     return path
 
