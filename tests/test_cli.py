@@ -141,6 +141,19 @@ def test_train_refuses_silent_restarts_duplicate_levels_and_a_held_lock(tmp_path
     assert "another trainer (pid" in capsys.readouterr().err
     (out / ".lock").write_text("999999999")  # a dead one: taken over
     assert main(argv + ["--overwrite"]) == 0 and not (out / ".lock").exists()
+    capsys.readouterr()
+    # round 4: a resume with other --nfs, or a family without checkpoints, is not replaced silently
+    before = (out / "family.json").read_bytes()
+    assert main([*argv, "--resume", "--nfs", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nfs: " in err[0] and "holds a family with nf=[4, 8]" in err[0], err
+    import shutil
+
+    shutil.rmtree(out / "checkpoints")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a trained family (nf=[4, 8])" in err[0], err
+    assert (out / "family.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("seed", [str(2**64), "-1"])

@@ -52,6 +52,28 @@ def add_parser(sub):
     t.set_defaults(func=run)
 
 
+def _check_existing_family(args):
+    """A family already in --out is replaced only with --overwrite: without --resume it would be
+    lost to a new run, and a --resume with other --nfs would rewrite it with other levels."""
+    from mlem_jax._atomic import read_json
+
+    path = os.path.join(args.out, "family.json")
+    if args.overwrite or not os.path.exists(path):
+        return
+    try:
+        nfs = [int(level["nf"]) for level in read_json(path, f"--out: {path} is")["levels"]]
+    except (KeyError, TypeError, ValueError):
+        raise CLIError(f"--out: {path} is not a family file this version can read; pass --overwrite to replace it, "
+                       "or choose another --out.") from None
+    if not args.resume and not os.path.isdir(os.path.join(args.out, "checkpoints")):  # (with them, train refuses)
+        raise CLIError(f"--out: {args.out} already holds a trained family (nf={nfs}); pass --resume to continue it, "
+                       "--overwrite to replace it, or choose another --out.")
+    if nfs != list(args.nfs):
+        raise CLIError(f"--nfs: {args.out} holds a family with nf={nfs}; resuming with --nfs "
+                       f"{' '.join(map(str, args.nfs))} would replace it. Pass --nfs {' '.join(map(str, nfs))} to "
+                       "continue it, or choose another --out.")
+
+
 def _check_free_space(out: str, family, image_shape) -> None:
     """Refuse before training when the disk under `out` cannot hold the checkpoints: per level, two kept
     steps of parameters, EMA and Adam's two moments (float32), plus the family file."""
@@ -99,6 +121,7 @@ def run(args):
     check_out(os.path.join(args.out, "family.json"))
     if len(set(args.nfs)) != len(args.nfs):
         raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
+    _check_existing_family(args)
     try:
         family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult), num_classes=num_classes)
     except ValueError as e:
