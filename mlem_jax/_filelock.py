@@ -1,53 +1,26 @@
-"""An exclusive lock on an output folder: FOLDER/.lock, created atomically with the owner's
-host name and pid in it (a hard link of a written file, which fails if the lock exists; where
-the file system has no hard links, O_EXCL), so that two writers (trainers) cannot write the
-same checkpoints.
+"""An exclusive lock on an output folder, FOLDER/.lock, held with `fcntl.flock` so that two
+writers (trainers) cannot write the same checkpoints.
 
-A lock left by a process that is gone is taken over, under a second, short-lived lock
-(FOLDER/.lock.takeover, also created with O_EXCL): the taker reads the lock again under it and
-removes it only if it is still the stale one, so two takers cannot both succeed. Liveness can only
-be judged on the lock's own host: a lock from another host is never taken over (the error says
-which host and pid hold it, and to remove the file if that trainer is gone)."""
+The kernel holds the lock for the process and drops it when the process ends, however it
+ends (kill -9 included): there is no pid to judge alive, so no stale lock to take over, and
+a container restarted with the same host name and pid is not refused. The file holds the
+owner's host and pid only to say who holds it. On release the file is removed while still
+locked; an acquirer that locked a file which was removed meanwhile (it checks the inode)
+starts again, so a release and an acquire cannot both end up "holding" different files.
+
+`flock` on NFS is emulated with byte-range locks (Linux 2.6.12 and later), which the server
+coordinates between hosts; on file systems with no locking at all, `acquire` raises.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
-import time
 
 
 class LockHeld(RuntimeError):
     """Another live process holds the lock (or it could not be taken)."""
-
-
-TAKEOVER_STALE_S = 60.0  # a takeover lock older than this was left by a taker that died mid-takeover
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _owner(path: str) -> tuple[str, int] | None:
-    """(host, pid) written in the lock, None if it is gone; a lock from before hosts were recorded (a bare
-    pid) is this host's, an unreadable one (host '', pid 0)."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        return "", 0
-    host, _, pid = text.rpartition(" ")
-    try:
-        return (host or socket.gethostname()), int(pid or 0)
-    except ValueError:
-        return "", 0
 
 
 class DirectoryLock:
@@ -55,77 +28,46 @@ class DirectoryLock:
 
     def __init__(self, folder: str):
         self.path = os.path.join(folder, ".lock")
+        self._fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        me = socket.gethostname()
-        # the lock appears with its owner already written (a hard link of a finished file): a
-        # lock created empty and written after could be read, empty, as a dead owner's
-        mine = f"{self.path}.{me}.{os.getpid()}"
-        with open(mine, "w") as f:
-            f.write(f"{me} {os.getpid()}")
-        try:
-            return self._acquire(mine, me)
-        finally:
-            os.remove(mine)
-
-    def _acquire(self, mine: str, me: str) -> "DirectoryLock":
-        for _ in range(3):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                self._create(mine, me)
-            except FileExistsError:
-                owner = _owner(self.path)
-                if owner is None:  # released meanwhile
-                    continue
-                host, pid = owner
-                folder = os.path.dirname(self.path)
-                if host and host != me:
-                    raise LockHeld(f"a trainer on host {host} (pid {pid}) holds {self.path}, and whether it is alive "
-                                   f"cannot be judged from {me}; wait for it, use another output folder, or remove "
-                                   f"{self.path} if that trainer is gone.")
-                if pid and _alive(pid):
-                    raise LockHeld(f"another trainer (pid {pid}) is writing {folder}; wait for it or use another "
-                                   f"output folder (remove {self.path} if that process is gone).")
-                self._take_over(owner)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _read(fd)
+                os.close(fd)
+                raise LockHeld(f"another trainer ({owner or 'owner unknown'}) is writing {os.path.dirname(self.path)}; "
+                               "wait for it or use another output folder.") from None
+            except OSError as e:
+                os.close(fd)
+                raise LockHeld(f"could not lock {self.path} ({e.strerror or e}): this file system may not support "
+                               "locks; use an output folder on a local disk.") from e
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # released (and removed) between our open and our lock: try the new file
+                os.close(fd)
                 continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}".encode(), 0)
+            self._fd = fd
             return self
         raise LockHeld(f"could not take the lock {self.path}.")
 
-    def _create(self, mine: str, me: str) -> None:
-        """Make the lock a hard link of `mine`; FileExistsError if it exists."""
-        try:
-            os.link(mine, self.path)
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links on this file system: create, then write (a reader may see it empty)
-            with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(f"{me} {os.getpid()}")
-
-    def _take_over(self, stale: tuple[str, int]) -> None:
-        """Remove the lock if it still names the dead owner `stale`, under the takeover lock."""
-        guard = self.path + ".takeover"
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                if time.time() - os.path.getmtime(guard) > TAKEOVER_STALE_S:
-                    os.remove(guard)  # its taker died in the middle: the next attempt proceeds
-            except FileNotFoundError:
-                pass
-            time.sleep(0.05)  # another process is taking over: look again
+    def release(self) -> None:
+        if self._fd is None:
             return
         try:
-            os.close(fd)
-            if _owner(self.path) == stale:  # still the dead owner's lock, not a new one taken meanwhile
-                os.remove(self.path)
-        finally:
-            os.remove(guard)
-
-    def release(self) -> None:
-        try:
-            os.remove(self.path)
+            os.remove(self.path)  # while still locked: a waiting acquirer sees the inode change
         except FileNotFoundError:
             pass
+        finally:
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
 
     def __enter__(self):
         return self.acquire()
@@ -133,3 +75,10 @@ class DirectoryLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+def _read(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
