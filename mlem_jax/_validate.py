@@ -199,7 +199,15 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
     its values: finite, in (0, 1], p_1 = 1, non-increasing for the nested coupling."""
     if callable(probs):
         fn = probs
-        out = jax.eval_shape(fn, ts[0])
+        try:
+            out = jax.eval_shape(fn, ts[0])
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError) as e:
+            raise TypeError(
+                "probs: the schedule p(t) branches on t with Python control flow (`if t < ...`), but the "
+                "solvers call it with a traced t inside jit and scan. Write it with jnp.where (for example "
+                "lambda t: jnp.where(t < 0.5, jnp.array([1.0, 0.2]), jnp.array([1.0, 0.05]))) or use "
+                f"PiecewiseConstant. ({type(e).__name__})"
+            ) from None
         if out.shape != (num_levels,):
             raise ValueError(
                 f"probs: the schedule must return one probability per level, shape "

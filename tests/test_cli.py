@@ -388,3 +388,18 @@ def test_a_sample_output_written_meanwhile_by_another_run_is_kept(trained, tmp_p
     assert len(err) == 1 and "s.npz appeared while this run computed" in err[0]
     assert (tmp_path / "s.npz").read_bytes() == b"the other run's samples"
     assert sorted(os.listdir(tmp_path)) == ["s.npz"]
+
+
+def test_a_backend_that_cannot_start_is_one_line(capsys, monkeypatch):
+    """What JAX raises for JAX_PLATFORMS=gpu on a machine without one (measured: "Unable to
+    initialize backend 'rocm': ..."), as one line naming the variable, status 2."""
+    import mlem_jax.cli._sample as sample_cli
+
+    def no_backend(args):
+        raise RuntimeError("Unable to initialize backend 'cuda': no CUDA devices found (set JAX_PLATFORMS='' ...)")
+
+    monkeypatch.setattr(sample_cli, "run", no_backend)
+    monkeypatch.setenv("JAX_PLATFORMS", "gpu")
+    assert main(["sample"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "JAX_PLATFORMS='gpu' asks for a backend" in err[0] and "unset JAX_PLATFORMS" in err[0]

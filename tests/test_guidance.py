@@ -131,6 +131,11 @@ def test_labels_out_of_range_are_an_error_also_under_jit(levels):
         d(0.5, x, 1.0)
     with pytest.raises(ValueError, match="weight: expected a finite guidance weight"):
         guided(d, -1.0)
+    with pytest.raises(ValueError, match=r"weight: w\(t\) = -2 at t = 0; expected a finite guidance weight"):
+        guided(d, lambda t: -2.0)  # round 4: a function is checked like a constant
+    with pytest.raises(ValueError, match=r"weight: w\(t\) = -1 at t = 0.5"):
+        guided(d, lambda t: jnp.where(t < 0.5, 1.0, -1.0))
+    assert callable(guided(d, lambda t: jnp.where(t < 0.7, 2.0, 0.0)))
     with pytest.raises(ValueError, match="args: a guided level needs the class label"):
         guided(d, 1.0)(0.5, x, None)
     unconditional = UNet(nf=4, ch_mult=(1, 2))

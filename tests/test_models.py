@@ -326,6 +326,9 @@ def test_load_family_refuses_files_that_do_not_belong_together(tmp_path):
     np.savez(stem + ".npz", **{**members, "level0/Conv_0/bias": np.array([None, 1], object)})
     with pytest.raises(ValueError, match=r"member 'level0/Conv_0/bias' of .*fam.npz cannot be read"):
         load_family(stem)
+    np.savez(stem + ".npz", **{**members, "meta/sde": np.frombuffer(b"\xff\xfe{", np.uint8)})  # round 4
+    with pytest.raises(ValueError, match=r"fam.npz has a damaged 'meta/sde' record \(UnicodeDecodeError"):
+        load_family(stem)
     np.savez(stem + ".npz", **members)
     assert [m.nf for m in load_family(stem).models] == [4, 8]
     # NaN weights

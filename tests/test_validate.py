@@ -257,3 +257,12 @@ def test_exclusive_writes_never_replace_a_file_that_appeared_and_the_umask_is_no
         monkeypatch.undo()
         os.umask(mask)
     assert os.stat(tmp_path / "m.txt").st_mode & 0o777 == 0o640
+
+
+def test_a_schedule_with_python_branches_on_t_is_one_teaching_error():
+    def branching(t):
+        return jnp.array([1.0, 0.2]) if t < 0.5 else jnp.array([1.0, 0.05])
+
+    with pytest.raises(TypeError, match=r"probs: the schedule p\(t\) branches on t with Python control.*jnp.where"):
+        mlem(probs=branching)
+    assert mlem(probs=lambda t: jnp.where(t < 0.5, jnp.array([1.0, 0.2]), jnp.array([1.0, 0.05]))).y.shape == (3,)

@@ -69,7 +69,14 @@ def main(argv=None) -> int:
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as e:
         print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # XLA's out-of-memory error: one line and what to do
+    except Exception as e:  # XLA's out-of-memory error, a backend that is not there: one line and what to do
+        if isinstance(e, RuntimeError) and "Unable to initialize backend" in str(e):
+            import os
+
+            print(f"mlem-jax {args.command}: error: JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r} asks for a "
+                  f"backend this machine cannot start ({str(e).splitlines()[0][:160]}); unset JAX_PLATFORMS to use "
+                  "what is available, or install the jax build for that accelerator.", file=sys.stderr)
+            return 2
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         size = getattr(args, "batch_size", None)

@@ -113,9 +113,15 @@ def load_family(path: str) -> Family:
         trained = arrays["meta/image_shape"].tolist()
         raise ValueError(f"family: {base}.npz was trained on images of shape {trained}, but "
                          f"{base}.json says {shape}; the two files do not belong together.")
-    if "meta/sde" in arrays and json.loads(arrays["meta/sde"].tobytes().decode()) != dict(meta["sde"]):
-        raise ValueError(f"family: {base}.npz was trained with the SDE {arrays['meta/sde'].tobytes().decode()}, but "
-                         f"{base}.json says {meta['sde']}; the two files do not belong together.")
+    if "meta/sde" in arrays:
+        try:
+            trained_sde = json.loads(arrays["meta/sde"].tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"family: {base}.npz has a damaged 'meta/sde' record ({type(e).__name__}: {e}); the file "
+                             "is damaged or not written by save_family.") from e
+        if trained_sde != dict(meta["sde"]):
+            raise ValueError(f"family: {base}.npz was trained with the SDE {trained_sde}, but {base}.json says "
+                             f"{meta['sde']}; the two files do not belong together.")
     stored = sorted({n.split("/", 1)[0] for n in arrays if n.startswith("level")})
     expected = [f"level{k}" for k in range(len(meta["levels"]))]
     if sorted(stored) != sorted(expected):

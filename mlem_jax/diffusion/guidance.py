@@ -35,6 +35,24 @@ def guided_passes(weight, guide=None) -> int:
     return 1 if (not callable(weight) and guide is None and float(weight) == 0.0) else 2
 
 
+def _check_weight_function(weight: Callable) -> None:
+    """A w(t) that is negative or not finite on a probe grid of [0, 1] is refused like a constant
+    one; a w(t) that cannot be evaluated outside a trace is left to the run."""
+    import numpy as np
+
+    try:
+        with jax.ensure_compile_time_eval():
+            probe = jnp.linspace(0.0, 1.0, 65)
+            values = np.asarray(jax.vmap(lambda t: jnp.asarray(weight(t), jnp.float32))(probe), np.float64)
+    except Exception:  # a weight that needs a trace (or branches on t) is checked by its own use
+        return
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"weight: w(t) = {values.ravel()[i]:g} at t = {float(probe[i]):g}; expected a finite "
+                         "guidance weight >= 0 at every time (0: no guidance).")
+
+
 def guided(denoiser: Callable, weight: float | Callable, *, guide: Callable | None = None,
            null_args: Any = NULL_LABEL) -> Callable:
     """The guided level `D_w(t, x, args) = (1 + w) D(t, x, args) - w D(t, x, null_args)`.
@@ -65,6 +83,8 @@ def guided(denoiser: Callable, weight: float | Callable, *, guide: Callable | No
             raise ValueError(f"weight: expected a finite guidance weight >= 0 (0: no guidance), got {w0}.")
         if w0 == 0.0 and guide is None:
             return denoiser
+    else:
+        _check_weight_function(weight)
 
     def weight_at(t):
         return jnp.asarray(weight(t) if callable(weight) else weight, jnp.result_type(float))
