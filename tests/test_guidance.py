@@ -136,6 +136,13 @@ def test_labels_out_of_range_are_an_error_also_under_jit(levels):
     with pytest.raises(ValueError, match=r"weight: w\(t\) = -1 at t = 0.5"):
         guided(d, lambda t: jnp.where(t < 0.5, 1.0, -1.0))
     assert callable(guided(d, lambda t: jnp.where(t < 0.7, 2.0, 0.0)))
+    from flax.errors import ScopeParamShapeError
+
+    def other_shape(t, x, a):  # what a level of another image shape raises when called
+        raise ScopeParamShapeError("kernel", "/Conv_0", (3, 3, 3, 4), (3, 3, 1, 4))
+
+    with pytest.raises(ValueError, match=r"guide: the guide level's parameters do not fit the samples"):
+        guided(d, 1.0, guide=other_shape)(0.5, x, 0)
     with pytest.raises(ValueError, match="args: a guided level needs the class label"):
         guided(d, 1.0)(0.5, x, None)
     unconditional = UNet(nf=4, ch_mult=(1, 2))

@@ -53,6 +53,17 @@ def _check_weight_function(weight: Callable) -> None:
                          "guidance weight >= 0 at every time (0: no guidance).")
 
 
+def _call_guide(guide, t, x, args):
+    from flax.errors import ScopeParamShapeError
+
+    try:
+        return guide(t, x, args)
+    except ScopeParamShapeError as e:
+        raise ValueError(f"guide: the guide level's parameters do not fit the samples (shape {tuple(x.shape)}): it "
+                         "belongs to a model of another image shape or channel count. Autoguidance needs a weaker "
+                         f"level of the same family. (flax: {str(e).splitlines()[0][:160]})") from None
+
+
 def guided(denoiser: Callable, weight: float | Callable, *, guide: Callable | None = None,
            null_args: Any = NULL_LABEL) -> Callable:
     """The guided level `D_w(t, x, args) = (1 + w) D(t, x, args) - w D(t, x, null_args)`.
@@ -94,7 +105,7 @@ def guided(denoiser: Callable, weight: float | Callable, *, guide: Callable | No
             raise ValueError("args: a guided level needs the class label as args (an int per sample); got None.")
         w = weight_at(t)
         if guide is not None:
-            cond, other = denoiser(t, x, args), guide(t, x, args)
+            cond, other = denoiser(t, x, args), _call_guide(guide, t, x, args)
         else:
             both = jax.tree_util.tree_map(lambda a, n: jnp.stack([jnp.asarray(a), jnp.broadcast_to(
                 jnp.asarray(n, jnp.asarray(a).dtype), jnp.shape(a))]), args, null_args)
