@@ -214,6 +214,16 @@ def test_folder_skips_hidden_entries_follows_linked_classes_and_scales_16_bit(tm
     x, y = load_images(str(root), "all", with_labels=True)
     assert x.shape == (15, 4, 4, 1)
     assert sorted(np.bincount(y).tolist()) == [5, 5, 5] and y.max() == 2  # bird 0, cat 1, dog 2
+    from mlem_jax.diffusion.folder import class_names
+
+    assert class_names(str(root)) == ["bird", "cat", "dog"]  # what train writes into the family as class_names
+    import argparse
+
+    from mlem_jax.cli._train import _class_names
+
+    assert _class_names(argparse.Namespace(dataset=str(root), conditional=True)) == {
+        "class_names": ["bird", "cat", "dog"]}
+    assert _class_names(argparse.Namespace(dataset=str(root), conditional=False)) == {}
     gradient = np.linspace(0, 65535, 16).astype(np.uint16).reshape(4, 4)
     (tmp_path / "deep").mkdir()
     for i in range(10):

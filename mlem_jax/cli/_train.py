@@ -52,6 +52,14 @@ def add_parser(sub):
     t.set_defaults(func=run)
 
 
+def _class_names(args) -> dict:
+    """For a conditional family trained on a folder: {"class_names": [...]}, label i's folder name."""
+    from mlem_jax.diffusion.folder import class_names
+
+    names = class_names(args.dataset) if args.conditional else None
+    return {"class_names": names} if names else {}
+
+
 def _check_existing_family(args):
     """A family already in --out is replaced only with --overwrite: without --resume it would be
     lost to a new run, and a --resume with other --nfs would rewrite it with other levels."""
@@ -170,7 +178,8 @@ def run(args):
                            train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
                                                      "held_out_loss": {str(k): v for k, v in losses.items()},
                                                      "train_seconds": sum(h.seconds for _, h in results),
-                                                     **({"num_classes": num_classes} if num_classes else {})})
+                                                     **({"num_classes": num_classes} if num_classes else {}),
+                                                     **_class_names(args)})
     for nf, loss in losses.items():
         print(f"  nf={nf:3d}: held-out DSM loss " + ("n/a (no new steps)" if loss is None else f"{loss:.4f}"))
     print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")

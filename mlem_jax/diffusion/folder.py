@@ -74,6 +74,18 @@ def _image_files(folder: str) -> list:
     return sorted(files)
 
 
+def class_names(path: str) -> list | None:
+    """The class names of a folder dataset in label order (label i is `class_names(path)[i]`): the
+    sorted first-level subfolders that hold images. None for an array file or a folder whose
+    images are not all in class folders."""
+    if not os.path.isdir(path):
+        return None
+    rel = [os.path.relpath(f, path) for f in _image_files(path)]
+    if not rel or not all(os.sep in r for r in rel):
+        return None
+    return sorted({r.split(os.sep)[0] for r in rel})
+
+
 def _read_folder(folder: str, image_size: int | None):
     files = _image_files(folder)
     if not files:
