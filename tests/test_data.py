@@ -265,3 +265,28 @@ def test_truncated_and_mismatched_idx_files_are_named(tmp_path):
     (tmp_path / "cut.gz").write_bytes(raw[:-10])
     with pytest.raises(ValueError, match=r"cut.gz: cannot be read .*truncated"):
         data.read_idx(str(tmp_path / "cut.gz"))
+
+
+def test_damaged_and_huge_pngs_are_named(tmp_path, monkeypatch):
+    """PIL's SyntaxError (a damaged chunk) and DecompressionBombError (a 14000x14000 PNG) are
+    one ValueError naming the file (the bomb reproduced by lowering PIL's pixel limit)."""
+    from PIL import Image
+
+    from mlem_jax.diffusion.folder import load_images
+
+    for i in range(10):
+        _png(tmp_path / "imgs" / f"{i}.png", np.zeros((8, 8), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8x8 = 64 > 2 x 10: PIL refuses to decode
+    with pytest.raises(ValueError, match=r"0.png is too large to decode safely"):
+        load_images(str(tmp_path / "imgs"))
+    monkeypatch.undo()
+    real_open = Image.open
+
+    def damaged(path, *a, **k):
+        if str(path).endswith("3.png"):
+            raise SyntaxError("broken PNG file (bad header checksum in b'tEXt')")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(Image, "open", damaged)
+    with pytest.raises(ValueError, match=r"3.png is not a readable image \(SyntaxError: broken PNG"):
+        load_images(str(tmp_path / "imgs"))
