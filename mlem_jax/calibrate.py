@@ -16,15 +16,25 @@
 5. `calibration_report`: all of the above in the layout of the MLMC test report
    (Giles' mlmc_test), plus a plot of V_k(t) and p_k(t).
 6. `learn_probabilities`: the paper's SGD on p_k(t) with score-function gradients.
+7. `level_diagnostics`: before any sampling, from held-out predictions: each level's loss,
+   the spread of each pair against its loss gap (nested errors or added noise), gamma with
+   an irreducible loss, and the levels worth keeping.
 
 The implementation lives in private modules, one concept each (`_costs`, `_statistics`,
 `_closed_form`, `_stratified`, `_gamma`, `_report`, `_calibration_file`, `_learning`,
-`_flops`), and is re-exported here; this module's `__all__` is its public surface.
+`_flops`, `_diagnostics`), and is re-exported here; this module's `__all__` is its public surface.
 """
 
 from mlem_jax._calibration_file import Calibration, check_calibration_use, load_calibration, save_calibration
 from mlem_jax._closed_form import calibrated_probabilities, check_bins
 from mlem_jax._costs import LevelCosts, check_cost_order, level_costs
+from mlem_jax._diagnostics import (
+    LevelDiagnostics,
+    Measured,
+    PairDiagnostic,
+    format_diagnostics,
+    level_diagnostics,
+)
 from mlem_jax._flops import flops_of
 from mlem_jax._gamma import GammaFit, fit_gamma
 from mlem_jax._learning import (
@@ -52,6 +62,11 @@ __all__ = [
     "coupled_error_gradient",
     "fit_gamma",
     "flops_of",
+    "format_diagnostics",
+    "level_diagnostics",
+    "LevelDiagnostics",
+    "Measured",
+    "PairDiagnostic",
     "format_report",
     "GammaFit",
     "learn_probabilities",
