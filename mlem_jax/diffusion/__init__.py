@@ -22,15 +22,19 @@ from mlem_jax.diffusion.parameterization import (
     score_from_output,
     target_from_noise,
 )
-from mlem_jax.diffusion.samplers import SAMPLERS, ddim, dpm_solver_pp, edm_euler, edm_heun, sde_dpm_solver_pp
+from mlem_jax.diffusion.samplers import SAMPLERS, ddim, dpm_solver_pp, edm_euler, edm_heun, sde_dpm_solver_pp, unipc
 from mlem_jax.diffusion.sde import (
     VE,
     VP,
     AbstractSDE,
+    Flow,
     SubVP,
     karras_grid,
     logsnr_grid,
     quadratic_grid,
+    resolution_shift,
+    shift_times,
+    stretch_to_terminal,
     uniform_grid,
 )
 
@@ -70,6 +74,10 @@ def __dir__():
 
 __all__ = [
     "AbstractSDE",
+    "Flow",
+    "resolution_shift",
+    "shift_times",
+    "stretch_to_terminal",
     "PARAMETERIZATIONS",
     "SubVP",
     "VE",
@@ -82,6 +90,7 @@ __all__ = [
     "sde_dpm_solver_pp",
     "edm_euler",
     "edm_heun",
+    "unipc",
     "denoised_from_output",
     "network_denoiser",
     "network_score",

@@ -76,9 +76,10 @@ def _check_sde(cfg, where: str) -> None:
         raise ValueError(f"family: {where} has sde {cfg!r}; expected an object such as "
                          '{"kind": "VP", "beta_min": 0.1, "beta_max": 20.0}.')
     kind = cfg.get("kind")
-    names = {"VP": ("beta_min", "beta_max"), "SubVP": ("beta_min", "beta_max"), "VE": ("sigma_min", "sigma_max")}
+    names = {"VP": ("beta_min", "beta_max"), "SubVP": ("beta_min", "beta_max"), "VE": ("sigma_min", "sigma_max"),
+             "Flow": ()}
     if kind not in names:
-        raise ValueError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP' or 'VE'.")
+        raise ValueError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP', 'VE' or 'Flow'.")
     unknown = sorted(set(cfg) - {"kind", *names[kind]})
     if unknown:
         raise ValueError(f"family: {where} has a {kind} SDE with unknown fields {unknown}; expected {names[kind]}.")
@@ -86,6 +87,8 @@ def _check_sde(cfg, where: str) -> None:
         value = cfg.get(name)
         if name in cfg and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"family: {where} has {name} = {value!r} ({type(value).__name__}); expected a number.")
+    if kind == "Flow":
+        return
     if kind in ("VP", "SubVP"):
         lo, hi = cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0)
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi):

@@ -5,6 +5,11 @@ With x_t = alpha x_0 + std eps, a network may predict
 * "score": the score grad log p_t(x_t);         score = output
 * "x0":    the clean data x_0;                  score = (alpha x0 - x) / std^2
 * "v":     v = alpha eps - std x_0;             eps = (std x + alpha v) / (alpha^2 + std^2)
+  (the VP v-prediction of Salimans and Ho, 2022);
+* "flow":  the velocity u = alpha' x_0 + std' eps = d x_t / dt along the path (for the
+  flow schedule, u = eps - x_0); x_0 = (std' x - std u) / (alpha std' - std alpha'), with
+  the derivatives of alpha(t) and std(t) taken by forward-mode autodiff, so it holds for any
+  schedule (for `Flow`, x_0 = x - t u).
 
 Every function here takes (t, x) first, as every callable of the library does ((t, x, args);
 docs/api.md). `network_score` / `network_denoiser` turn a network `network(t, x, args) -> output`
@@ -21,9 +26,10 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
-PARAMETERIZATIONS = ("eps", "score", "x0", "v")
+PARAMETERIZATIONS = ("eps", "score", "x0", "v", "flow")
 
 
 def _check(parameterization: str) -> None:
@@ -54,8 +60,23 @@ def score_from_output(sde, parameterization: str, t, x, output):
     return _score(sde, parameterization, t, x, output)
 
 
+def _rates(sde, t):
+    """(alpha, std, alpha', std') at t, the derivatives by forward-mode autodiff."""
+    t = jnp.asarray(t, jnp.result_type(float))
+    alpha, d_alpha = jax.jvp(sde.alpha, (t,), (jnp.ones_like(t),))
+    std, d_std = jax.jvp(sde.std, (t,), (jnp.ones_like(t),))
+    return alpha, std, d_alpha, d_std
+
+
+def _x0_from_velocity(sde, t, x, u):
+    alpha, std, d_alpha, d_std = _rates(sde, t)
+    return (d_std * x - std * u) / (alpha * d_std - std * d_alpha)
+
+
 def _score(sde, parameterization, t, x, output):
     alpha, std = sde.alpha(t), sde.std(t)
+    if parameterization == "flow":
+        return (alpha * _x0_from_velocity(sde, t, x, output) - x) / std**2
     if parameterization == "eps":
         return -output / std
     if parameterization == "score":
@@ -73,6 +94,8 @@ def denoised_from_output(sde, parameterization: str, t, x, output):
     t, output = _old_order("denoised_from_output", "(sde, parameterization, t, x, output)", t, x, output)
     if parameterization == "x0":
         return output
+    if parameterization == "flow":
+        return _x0_from_velocity(sde, t, x, output)
     alpha, std = sde.alpha(t), sde.std(t)
     return (x + std**2 * _score(sde, parameterization, t, x, output)) / alpha
 
@@ -97,6 +120,8 @@ def network_denoiser(sde, parameterization: str, network: Callable) -> Callable:
         out = network(t, x, args)
         if parameterization == "x0":
             return out
+        if parameterization == "flow":
+            return _x0_from_velocity(sde, t, x, out)
         return (x + sde.std(t) ** 2 * _score(sde, parameterization, t, x, out)) / sde.alpha(t)
 
     return denoiser
@@ -126,6 +151,9 @@ def target_from_noise(sde, parameterization: str, t, x0, eps):
         return -eps / std
     if parameterization == "x0":
         return x0
+    if parameterization == "flow":
+        _, _, d_alpha, d_std = _rates(sde, t)
+        return d_alpha * x0 + d_std * eps
     return alpha * eps - std * x0
 
 

@@ -21,6 +21,9 @@ h_i = lambda_{t_i} - lambda_{t_{i-1}} > 0:
 * `sde_dpm_solver_pp` (the 2M SDE solver, midpoint form, eta = 1):
       x_i = (sigma_i / sigma_{i-1}) e^{-h} x_{i-1} + alpha_i (1 - e^{-2h}) [D_{i-1} + (D_{i-1} - D_{i-2}) / (2r)]
             + sigma_i sqrt(1 - e^{-2h}) z_i.
+* `unipc` (Zhao et al. 2023, arXiv 2302.04867), data prediction, variants bh1 / bh2: a
+  multistep predictor (UniP) of order p and a corrector (UniC) that raises it to p + 1 using
+  the model call the next step makes anyway at the predicted point, so one call per step.
 * `edm_euler`, `edm_heun` (Karras et al. 2022, arXiv 2206.00364): Euler and Heun on
   d(x/alpha)/d s = (x/alpha - D) / s in s = sigma / alpha. Euler is DDIM written another
   way; Heun makes two model calls per step, on every step (the grid ends at t_min > 0, so
@@ -47,7 +50,7 @@ from mlem_jax import _noise, _validate
 from mlem_jax._multilevel import Multilevel, model_calls
 from mlem_jax._stepping import axpy, combine, integrate
 
-__all__ = ["ddim", "dpm_solver_pp", "sde_dpm_solver_pp", "edm_euler", "edm_heun", "SAMPLERS"]
+__all__ = ["ddim", "dpm_solver_pp", "sde_dpm_solver_pp", "edm_euler", "edm_heun", "unipc", "SAMPLERS"]
 
 
 def _check_noise_grid(sde, ts):
@@ -223,6 +226,103 @@ def edm_heun(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args:
     return _run(step, x, ts, (calls.state0,), calls, "EDM Heun", saveat, callback, progress, check_finite)
 
 
+def _unipc_weights(lam, k, p, variant):
+    """Weights of UniPC's step k (from ts[k] to ts[k+1]) of order p in {1, 2, 3}, in the data
+    prediction form of the reference implementation (`multistep_uni_pc_bh_update`):
+
+        x_pred = (s1 / s0) x - a1 (e^{-h} - 1) D_k - a1 B(h) sum_i rho^p_i (D_{k-i} - D_k) / r_i,
+        x_corr = (s1 / s0) x - a1 (e^{-h} - 1) D_k - a1 B(h) [sum_i rho^c_i (D_{k-i} - D_k) / r_i
+                                                           + rho^c_p (D_{k+1} - D_k)],
+
+    with h = lambda_{k+1} - lambda_k, r_i = (lambda_{k-i} - lambda_k) / h, B(h) = -h (bh1) or
+    e^{-h} - 1 (bh2), and rho from R rho = b, R_{ji} = r_i^(j-1), b_j = j! phi_{j+1}(-h) (-h)^? / B(h)
+    as built below (rho^p_1 = 1/2 at p = 2 and rho^c = 1/2 at p = 1, as in the reference).
+    Returns (pred, corr): pred = (w_k, w_{k-1}, w_{k-2}) for D_k, D_{k-1}, D_{k-2}, and corr
+    the same plus the weight of D_{k+1}; the factor -a1 B(h) is folded in by the caller."""
+    h = lam[k + 1] - lam[k]
+    hh = -h
+    r1 = (lam[jnp.maximum(k - 1, 0)] - lam[k]) / h
+    r2 = (lam[jnp.maximum(k - 2, 0)] - lam[k]) / h
+    b_h = hh if variant == "bh1" else jnp.expm1(hh)
+    phi = jnp.expm1(hh) / hh - 1.0
+    b, fact = [], 1.0
+    for j in range(1, 4):
+        b.append(phi * fact / b_h)
+        fact *= j + 1
+        phi = phi / hh - 1.0 / fact
+    zero = 0.0 * h
+
+    def from_rho(rho, rs):  # sum_i rho_i (D_{k-i} - D_k) / r_i as weights of (D_k, D_{k-1}, D_{k-2})
+        w = [zero, zero, zero]
+        for i, (c, r) in enumerate(zip(rho, rs)):
+            w[i + 1] = w[i + 1] + c / r
+            w[0] = w[0] - c / r
+        return w
+
+    pred = {1: [zero, zero, zero], 2: from_rho([0.5], [r1])}
+    rho3 = jnp.linalg.solve(jnp.array([[1.0, 1.0], [r1, r2]]), jnp.stack([b[0], b[1]]))
+    pred[3] = from_rho([rho3[0], rho3[1]], [r1, r2])
+    corr = {1: ([zero, zero, zero], 0.5 + zero)}
+    rho_c2 = jnp.linalg.solve(jnp.array([[1.0, 1.0], [r1, 1.0]]), jnp.stack([b[0], b[1]]))
+    corr[2] = (from_rho([rho_c2[0]], [r1]), rho_c2[1])
+    rho_c3 = jnp.linalg.solve(jnp.array([[1.0, 1.0, 1.0], [r1, r2, 1.0], [r1**2, r2**2, 1.0]]),
+                              jnp.stack([b[0], b[1], b[2]]))
+    corr[3] = (from_rho([rho_c3[0], rho_c3[1]], [r1, r2]), rho_c3[2])
+    pick = lambda table: [jnp.where(p == 3, table[3][i], jnp.where(p == 2, table[2][i], table[1][i]))
+                          for i in range(3)]
+    wp = pick(pred)
+    wc = pick({q: corr[q][0] for q in corr})
+    wt = jnp.where(p == 3, corr[3][1], jnp.where(p == 2, corr[2][1], corr[1][1]))
+    return h, b_h, wp, wc, wt
+
+
+def unipc(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *, order: int = 2,
+          variant: str = "bh2", lower_order_final: bool = True, saveat: Any = None, callback: Callable | None = None,
+          progress: bool = False, check_finite: bool = False):
+    """UniPC (Zhao et al. 2023) on the probability-flow ODE: predictor order `order` (1-3) and
+    the UniC corrector, one model call per step (the corrector of step k uses the call step k + 1
+    makes at the predicted point; the last step has no corrector, as in the reference).
+
+    `variant`: "bh1" (B(h) = h, the reference's choice for unconditional sampling) or "bh2"
+    (B(h) = e^h - 1, for guided sampling and few steps). Orders lowered: step k uses order
+    min(order, k + 1) (the history it has) and, with `lower_order_final`, min(order, N - k)
+    (the reference's default), so the first and the last order - 1 steps are of lower order.
+    A `Multilevel` is accepted: every update is affine in the D values it uses."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"order: UniPC is implemented for orders 1, 2 and 3, got {order!r}.")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant: expected 'bh1' or 'bh2', got {variant!r}.")
+    ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
+    N = ts.shape[0] - 1
+    lam = jnp.log(sde.alpha(ts)) - jnp.log(sde.std(ts))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, x)
+
+    def order_at(k):
+        p = jnp.minimum(order, k + 1)
+        return jnp.minimum(p, N - k) if lower_order_final else p
+
+    def step(n, x, state):
+        calls_state, x_prev, d1, d2, d3 = state  # x_prev: the corrected start of step n - 1; d_i = D_{n-i}
+        d0, calls_state = calls.call(n, ts[n], x, calls_state)
+        # UniC: correct step n - 1 (t_{n-1} -> t_n) with the call just made at its predicted end
+        k = jnp.maximum(n - 1, 0)
+        h, b_h, _, wc, wt = _unipc_weights(lam, k, order_at(k), variant)
+        a1, s0, s1 = sde.alpha(ts[k + 1]), sde.std(ts[k]), sde.std(ts[k + 1])
+        corrected = combine((s1 / s0, x_prev), (-a1 * jnp.expm1(-h), d1),
+                            (-a1 * b_h * (wc[0] - wt), d1), (-a1 * b_h * wc[1], d2), (-a1 * b_h * wc[2], d3),
+                            (-a1 * b_h * wt, d0))
+        x = jax.tree_util.tree_map(lambda c, p: jnp.where(n >= 1, c, p), corrected, x)
+        # UniP: predict step n (t_n -> t_{n+1})
+        h, b_h, wp, _, _ = _unipc_weights(lam, n, order_at(n), variant)
+        a1, s0, s1 = sde.alpha(ts[n + 1]), sde.std(ts[n]), sde.std(ts[n + 1])
+        x1 = combine((s1 / s0, x), (-a1 * jnp.expm1(-h), d0), (-a1 * b_h * wp[0], d0), (-a1 * b_h * wp[1], d1),
+                     (-a1 * b_h * wp[2], d2))
+        return x1, (calls_state, x, d0, d1, d2)
+
+    return _run(step, x, ts, (calls.state0, x, zeros, zeros, zeros), calls, f"UniPC-{variant}({order})", saveat,
+                callback, progress, check_finite)
+
+
 SAMPLERS = {
     "ddim": ddim,
     "dpm++2m": lambda *a, **k: dpm_solver_pp(*a, order=2, **k),
@@ -230,9 +330,10 @@ SAMPLERS = {
     "sde-dpm++2m": sde_dpm_solver_pp,
     "edm-euler": edm_euler,
     "edm-heun": edm_heun,
+    "unipc": unipc,
 }
 """The samplers by their command-line names (`mlem-jax sample --solver`)."""
 
 CALLS_PER_STEP = {"em": 1, "heun": 2, "ddim": 1, "dpm++2m": 1, "dpm++3m": 1, "sde-dpm++2m": 1, "edm-euler": 1,
-                  "edm-heun": 2}
+                  "edm-heun": 2, "unipc": 1}
 """Model calls per step of each solver of `sampling.SOLVERS` (what a step costs in network evaluations)."""

@@ -6,6 +6,12 @@ x_t | x_0 ~ N(alpha(t) x_0, std(t)^2 I), and sampling grids as plain arrays.
 * sub-VP: as VP with g^2 = beta (1 - exp(-2 B(t))) and std^2 = (1 - alpha^2)^2.
 * VE (SMLD): sigma(t) = sigma_min (sigma_max / sigma_min)^t, f = 0,
   g = sigma sqrt(2 log(sigma_max / sigma_min)), alpha = 1, std^2 = sigma^2 - sigma_min^2.
+* Flow (rectified flow / flow matching, Lipman et al. 2023, Liu et al. 2023): the linear
+  path x_t = (1 - t) x_0 + t eps, alpha = 1 - t, std = t; its forward SDE has
+  f = -1 / (1 - t) and g^2 = 2 t / (1 - t), which diverge at t = 1, so its grids start at
+  `Flow.t_max` = 0.999 (where x_t is noise up to 0.001 x_0). Shifts (SD3's constant and
+  resolution-dependent ones, the terminal stretch) are maps of a grid's times:
+  `shift_times`, `resolution_shift`, `stretch_to_terminal`.
 
 Each SDE is a frozen dataclass registered as a pytree (its parameters are the leaves).
 """
@@ -119,7 +125,33 @@ class VE(AbstractSDE):
         return jax.random.normal(key, shape) * self.sigma_max
 
 
-for _cls in (VP, SubVP, VE):
+@dataclasses.dataclass(frozen=True)
+class Flow(AbstractSDE):
+    """The rectified-flow path x_t = (1 - t) x_0 + t eps (alpha = 1 - t, std = t), whose
+    velocity is u = eps - x_0. Samplers and grids take it like any SDE; start grids at
+    `t_max` = 0.999 (the default of `logsnr_grid` and `karras_grid` for it), where the
+    reverse SDE's drift and diffusion are still finite."""
+
+    t_max = 0.999
+
+    def drift_coeff(self, t):
+        return -1.0 / (1.0 - jnp.asarray(t, jnp.result_type(float)))
+
+    def diffusion(self, t):
+        t = jnp.asarray(t, jnp.result_type(float))
+        return jnp.sqrt(2.0 * t / (1.0 - t))
+
+    def alpha(self, t):
+        return 1.0 - jnp.asarray(t, jnp.result_type(float))
+
+    def std(self, t):
+        return jnp.asarray(t, jnp.result_type(float)) * 1.0
+
+    def prior_sample(self, key, shape):
+        return jax.random.normal(key, shape)
+
+
+for _cls in (VP, SubVP, VE, Flow):
     jax.tree_util.register_dataclass(
         _cls, data_fields=[f.name for f in dataclasses.fields(_cls)], meta_fields=[]
     )
@@ -169,9 +201,11 @@ def _noise_range(sde, t_min, t_max):
     return sig(t_min), sig(t_max)
 
 
-def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0, rho: float = 7.0) -> jax.Array:
+def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float | None = None, rho: float = 7.0) -> jax.Array:
     """Karras et al. (2022): noise levels sigma_i = (s_max^(1/rho) + i/n (s_min^(1/rho) -
-    s_max^(1/rho)))^rho in sigma = std/alpha, mapped back to times by bisection."""
+    s_max^(1/rho)))^rho in sigma = std/alpha, mapped back to times by bisection. `t_max`
+    defaults to the SDE's (1, or 0.999 for `Flow`)."""
+    t_max = sde.t_max if t_max is None else t_max
     _check_grid(num_steps, t_min, t_max)
     s_min, s_max = _noise_range(sde, t_min, t_max)
     i = np.arange(num_steps + 1) / num_steps
@@ -179,11 +213,50 @@ def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0, rh
     return _times_at_noise_levels(sde, target, t_min, t_max)
 
 
-def logsnr_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
+def logsnr_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float | None = None) -> jax.Array:
     """Times from t_max down to t_min at equally spaced half log-SNR lambda = log(alpha / std)
     (equivalently, log sigma equally spaced), the grid DPM-Solver++ is designed for (Lu et
-    al. 2022): every step has the same h = lambda_{i} - lambda_{i-1}."""
+    al. 2022): every step has the same h = lambda_{i} - lambda_{i-1}. `t_max` defaults to
+    the SDE's (1, or 0.999 for `Flow`)."""
+    t_max = sde.t_max if t_max is None else t_max
     _check_grid(num_steps, t_min, t_max)
     s_min, s_max = _noise_range(sde, t_min, t_max)
     target = np.exp(np.linspace(np.log(s_max), np.log(s_min), num_steps + 1))
     return _times_at_noise_levels(sde, target, t_min, t_max)
+
+
+# ----------------------------------------------------------------------- flow shifts
+
+
+def shift_times(ts, shift: float) -> jax.Array:
+    """The shifted times t' = shift t / (1 + (shift - 1) t) of a grid (SD3's timestep shift,
+    Esser et al. 2024; `FlaxFlowMatchScheduler` in maxdiffusion): shift > 1 spends more steps
+    at high noise. On the flow path it multiplies sigma / alpha = t / (1 - t) by `shift`, so a
+    log-SNR grid keeps its spacing and moves its ends."""
+    if not (np.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift: expected a finite shift > 0 (1: none), got {shift!r}.")
+    ts = jnp.asarray(ts)
+    return shift * ts / (1.0 + (shift - 1.0) * ts)
+
+
+def resolution_shift(num_tokens: int, min_tokens: int = 1024, max_tokens: int = 4096, min_mu: float = 0.95,
+                     max_mu: float = 2.05) -> float:
+    """SD3's resolution-dependent shift e^mu, mu linear in the number of image tokens from
+    `min_mu` at `min_tokens` to `max_mu` at `max_tokens` (t' = e^mu / (e^mu + 1/t - 1), which is
+    `shift_times` with shift = e^mu). The defaults are the figures of the issue that asked for it
+    (mu 0.95..2.05 over 1024..4096 tokens); FLUX uses 0.5..1.15 over 256..4096."""
+    if not num_tokens > 0 or not max_tokens > min_tokens:
+        raise ValueError(f"num_tokens: expected > 0 with max_tokens > min_tokens, got {num_tokens}, {min_tokens}, "
+                         f"{max_tokens}.")
+    mu = min_mu + (max_mu - min_mu) * (num_tokens - min_tokens) / (max_tokens - min_tokens)
+    return float(np.exp(mu))
+
+
+def stretch_to_terminal(ts, terminal: float) -> jax.Array:
+    """Stretch a decreasing grid so that it ends at `terminal`, keeping t_max: 1 - t is scaled
+    by (1 - terminal) / (1 - ts[-1]) (the terminal stretch of SD3.5 and Wan's schedulers)."""
+    ts = jnp.asarray(ts)
+    if not 0 < terminal < float(ts[0]):
+        raise ValueError(f"terminal: expected 0 < terminal < ts[0] = {float(ts[0])}, got {terminal!r}.")
+    one_minus = 1.0 - ts
+    return 1.0 - one_minus * (1.0 - terminal) / one_minus[-1]

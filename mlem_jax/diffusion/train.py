@@ -21,7 +21,7 @@ import optax
 
 from mlem_jax.diffusion.data import batches
 from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS, target_from_noise
-from mlem_jax.diffusion.sde import VE, VP, SubVP
+from mlem_jax.diffusion.sde import VE, VP, Flow, SubVP
 from mlem_jax.diffusion.unet import UNet, init_params
 
 
@@ -172,7 +172,7 @@ def sde_config(sde) -> dict:
 
 def sde_from_config(cfg: dict):
     """The SDE that `sde_config` describes."""
-    kinds = {"VP": VP, "SubVP": SubVP, "VE": VE}
+    kinds = {"VP": VP, "SubVP": SubVP, "VE": VE, "Flow": Flow}
     cfg = dict(cfg)
     return kinds[cfg.pop("kind")](**cfg)
 
