@@ -85,7 +85,7 @@ def time_grid(family, steps, grid):
         return karras_grid(family.sde, steps)
     if grid == "logsnr":
         return logsnr_grid(family.sde, steps)
-    return {"uniform": uniform_grid, "quadratic": quadratic_grid}[grid](steps)
+    return {"uniform": uniform_grid, "quadratic": quadratic_grid}[grid](steps, t_max=family.sde.t_max)
 
 
 def level_indices(family, levels):

@@ -27,7 +27,11 @@ def add_parser(sub):
     s.add_argument("--solver", choices=list(SOLVERS), default="em",
                    help="em / heun: Euler-Maruyama on the reverse SDE (--ode: the probability-flow ODE) / Heun on "
                         "the ODE; ddim, dpm++2m, dpm++3m, edm-euler, edm-heun: ODE samplers on the denoisers; "
-                        "sde-dpm++2m: SDE-DPM-Solver++(2M). All take the multilevel estimator.")
+                        "sde-dpm++2m: SDE-DPM-Solver++(2M); unipc: UniPC-bh2 of order 2 (its corrector reuses the next "
+                        "call). All take the multilevel estimator.")
+    s.add_argument("--shift", type=positive(float), default=None,
+                   help="shift the grid's times t -> s t / (1 + (s - 1) t) (SD3's timestep shift, for flow families: "
+                        "s > 1 spends more steps at high noise)")
     s.add_argument("--control", choices=["none", "cached", "extrapolated"], default="none",
                    help="control variate of the multilevel estimator: the last observed correction of each "
                         "level (unbiased with iid coins)")
@@ -64,7 +68,7 @@ def add_parser(sub):
 ADOPTED = {"steps": 100, "grid": "the solver's", "coins": "iid", "coupling": "independent", "solver": "em",
            "control": "none"}
 GRID_OF_SOLVER = {"em": "uniform", "heun": "uniform", "ddim": "logsnr", "dpm++2m": "logsnr", "dpm++3m": "logsnr",
-                  "sde-dpm++2m": "logsnr", "edm-euler": "karras", "edm-heun": "karras"}
+                  "sde-dpm++2m": "logsnr", "edm-euler": "karras", "edm-heun": "karras", "unipc": "logsnr"}
 """The grid each solver is designed for, the default of --grid: log-SNR steps for the
 exponential integrators (Lu et al. 2022), Karras' for EDM (Karras et al. 2022), uniform for
 Euler-Maruyama and Heun."""
@@ -139,6 +143,10 @@ def run(args):
                        "--probs, or drop --em to sample with the multilevel estimator.")
     probs = None if args.em else probabilities(args, levels, family)
     ts = time_grid(family, args.steps, args.grid)
+    if args.shift is not None:
+        from mlem_jax.diffusion.sde import shift_times
+
+        ts = shift_times(ts, args.shift)
     labels = labels_of(args, family)
     paths = output_files(args, "samples", (".png", ".npz"))  # after the arguments, before any compute
     if args.ode and args.solver != "em":

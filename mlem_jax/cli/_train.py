@@ -31,6 +31,10 @@ def add_parser(sub):
                    help="base widths of the levels, increasing")
     t.add_argument("--ch-mult", type=positive(int), nargs="+", default=[1, 2, 2],
                    help="channel multipliers per resolution")
+    t.add_argument("--schedule", choices=["vp", "flow"], default="vp",
+                   help="vp: the VP SDE with eps-prediction and uniform times; flow: the rectified-flow path "
+                        "x_t = (1 - t) x_0 + t eps with velocity prediction u = eps - x_0 and logit-normal times "
+                        "(flow matching)")
     t.add_argument("--steps", type=positive(int), default=2000, help="training steps per level")
     t.add_argument("--batch-size", type=positive(int), default=128, help="training batch size")
     t.add_argument("--learning-rate", type=positive(float), default=2e-3, help="Adam learning rate after warm-up")
@@ -109,7 +113,7 @@ def run(args):
 
     from mlem_jax.diffusion.data import load_dataset
     from mlem_jax.diffusion.family import save_family
-    from mlem_jax.diffusion.sde import VP
+    from mlem_jax.diffusion.sde import VP, Flow
     from mlem_jax.diffusion.train import TrainConfig, train_family
     from mlem_jax.diffusion.unet import unet_family
 
@@ -134,9 +138,13 @@ def run(args):
         family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult), num_classes=num_classes)
     except ValueError as e:
         raise CLIError(f"--nfs: {e}") from e
+    flow = args.schedule == "flow"
+    sde = Flow() if flow else VP()
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-                         label_dropout=args.label_dropout if args.conditional else 0.0)
+                         label_dropout=args.label_dropout if args.conditional else 0.0,
+                         parameterization="flow" if flow else "eps",
+                         time_sampling="logit-normal" if flow else "uniform")
     if args.parallel_levels and multiprocess:
         raise CLIError("--parallel-levels: trains levels side by side on one process's devices; a multi-process "
                        "run trains them one after another over every device.")
@@ -157,7 +165,7 @@ def run(args):
     t0 = time.perf_counter()
     with exclusive(args.out) if primary else contextlib.nullcontext():
         try:
-            results = train_family(family, train_x, config, VP(), test_x, os.path.join(args.out, "checkpoints"),
+            results = train_family(family, train_x, config, sde, test_x, os.path.join(args.out, "checkpoints"),
                                    resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
                                    mesh=mesh, parallel=args.parallel_levels, train_labels=train_y,
                                    test_labels=test_y)
@@ -174,7 +182,8 @@ def run(args):
         if not primary:  # process 0 writes the family
             return
         command = command_line(args)
-        path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], VP(), "eps",
+        path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], sde,
+                           config.parameterization,
                            train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
                                                      "held_out_loss": {str(k): v for k, v in losses.items()},
                                                      "train_seconds": sum(h.seconds for _, h in results),

@@ -51,7 +51,7 @@ def range_message(images, share: float) -> str:
             "too few steps for it.")
 
 
-SOLVERS = ("em", "heun", "ddim", "dpm++2m", "dpm++3m", "sde-dpm++2m", "edm-euler", "edm-heun")
+SOLVERS = ("em", "heun", "ddim", "dpm++2m", "dpm++3m", "sde-dpm++2m", "edm-euler", "edm-heun", "unipc")
 """What `sample(..., solver=)` and `mlem-jax sample --solver` take: EM and Heun on the
 family's drifts (EM on the reverse SDE, or on the probability-flow ODE with
 `probability_flow=True`; Heun always on the ODE), the others on its denoisers."""

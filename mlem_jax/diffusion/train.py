@@ -41,6 +41,7 @@ class TrainConfig(NamedTuple):
     parameterization: str = "eps"
     t_min: float = 1e-3
     label_dropout: float = 0.0  # conditional models: the share of labels replaced by the null class -1 (for CFG)
+    time_sampling: str = "uniform"  # or "logit-normal": t = sigmoid(n), n ~ N(0, 1) (SD3's flow-matching recipe)
 
 
 class TrainState(NamedTuple):
@@ -68,8 +69,21 @@ RESUME_FIELDS = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "em
                  "parameterization", "t_min", "label_dropout")
 
 
+TIME_SAMPLINGS = ("uniform", "logit-normal")
+
+
+def sample_times(key, num: int, t_min: float = 1e-3, time_sampling: str = "uniform"):
+    """Training times in [t_min, 1]: uniform, or logit-normal t = sigmoid(n), n ~ N(0, 1) (Esser et
+    al. 2024's choice for rectified flows: more weight on the middle of the path), clipped to t_min."""
+    if time_sampling == "uniform":
+        return jax.random.uniform(key, (num,), minval=t_min, maxval=1.0)
+    if time_sampling == "logit-normal":
+        return jnp.clip(jax.nn.sigmoid(jax.random.normal(key, (num,))), t_min, 1.0)
+    raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {time_sampling!r}.")
+
+
 def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3,
-             labels=None, label_dropout: float = 0.0):
+             labels=None, label_dropout: float = 0.0, time_sampling: str = "uniform"):
     """Denoising score matching loss of `model` (any linen module with `__call__(x, t)`, t of shape (B,))
     on the batch x0 (B, ...): the mean squared error of its output against `target_from_noise`.
 
@@ -77,7 +91,7 @@ def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t
     the null class -1 with probability `label_dropout`: the one network then learns both the
     conditional and the unconditional denoiser that classifier-free guidance contrasts."""
     kt, kn, kd = jax.random.split(key, 3)
-    t = jax.random.uniform(kt, (x0.shape[0],), minval=t_min, maxval=1.0)
+    t = sample_times(kt, x0.shape[0], t_min, time_sampling)
     eps = jax.random.normal(kn, x0.shape, x0.dtype)
     tb = t.reshape((-1,) + (1,) * (x0.ndim - 1))  # images (B, H, W, C) or any (B, ...)
     xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
@@ -121,8 +135,8 @@ def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
         x0, labels = batch if isinstance(batch, tuple) else (batch, None)
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         loss, grads = jax.value_and_grad(dsm_loss)(
-            state.params, model, sde, x0, key, config.parameterization, config.t_min, labels, config.label_dropout
-        )
+            state.params, model, sde, x0, key, config.parameterization, config.t_min, labels, config.label_dropout,
+            config.time_sampling)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
@@ -134,7 +148,8 @@ def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
 
 def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches: int = 4, labels=None) -> float:
     """Held-out DSM loss with fixed noise (the same at every call); conditional on `labels` when given."""
-    f = jax.jit(lambda p, x, k, y: dsm_loss(p, model, sde, x, k, config.parameterization, config.t_min, y))
+    f = jax.jit(lambda p, x, k, y: dsm_loss(p, model, sde, x, k, config.parameterization, config.t_min, y,
+                                            time_sampling=config.time_sampling))
     bs = min(config.batch_size, images.shape[0])
     losses = []
     for i in range(num_batches):
@@ -422,6 +437,8 @@ def _check_training(model, train_images, config: TrainConfig, resume: bool, over
     """The image shape, after refusing a bad recipe, images the model cannot take or a batch beyond the data."""
     if config.parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
+    if config.time_sampling not in TIME_SAMPLINGS:
+        raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {config.time_sampling!r}.")
     if config.steps < 1:
         raise ValueError(f"steps: expected a positive number of training steps, got {config.steps}.")
     if not 0.0 <= config.label_dropout < 1.0:
