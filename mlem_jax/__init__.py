@@ -57,7 +57,13 @@ __all__ = [
     "planned_evaluations",
 ]
 
-__version__ = "0.1.0"
+try:  # the one version string is pyproject.toml's
+    from importlib.metadata import PackageNotFoundError as _NotInstalled
+    from importlib.metadata import version as _version
+
+    __version__ = _version("mlem-jax")
+except _NotInstalled:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 
 
 def __getattr__(name):

@@ -140,7 +140,7 @@ def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
+        ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)  # decay e + (1 - decay) p
         return TrainState(state.step + 1, params, ema, opt_state, state.key), loss
 
     return step
