@@ -1,31 +1,28 @@
-"""The exact testbed: every level x sampler x steps against the true flow, and the multilevel
-estimator inside the best samplers, at targets tied to the top level's own floor.
+"""The exact testbed: the ladder against the truth, every level x sampler x steps, and the
+multilevel estimator inside the best samplers at targets tied to the top level's own floor.
 
-Ground truth: the Fashion-MNIST 16x16 Gaussian mixture (mlem_jax.diffusion.mixture) has an
-exact denoiser, so the probability-flow ODE of the *data* can be solved finely from each
-prior draw (DPM-Solver++(3M), `--truth-steps` log-SNR steps). Every error below is the RMS
-per coordinate of a sampler's output against that truth, from the same prior draws
-(pathwise). A level's floor is its own fine ODE (DPM-Solver++(2M), `--floor-steps`) against
-the truth: no number of steps of that level does better in the mean.
+Ground truth: the Fashion-MNIST 16x16 Gaussian mixture has an exact denoiser, so the data's
+probability-flow ODE is solved finely from each prior draw (mlem_jax.diffusion.testbed).
+Errors: pathwise RMS against the truth (ODE samplers), and MMD^2 with a Gaussian kernel against
+the truth's samples (every sampler, the stochastic ones included). A level's floor is its own
+fine ODE against the truth. Targets: tau x the top level's floor, tau in 1.1, 1.25, 1.5, 2.
 
-Targets are tau x the top level's floor (tau in 1.1, 1.25, 1.5, 2). For each target:
-- single network: the cheapest (FLOPs) run of any level x sampler x steps whose error is at
-  most the target;
-- multilevel: the cheapest run of base level b + the top (and b + the level below the top + the
-  top) with stratified coins firing the top m times in N steps (p = m / N; the middle level
-  2m times), chosen by bisection on m, on the same prior draws with `--plans` coin plans;
-  its error is then re-measured on fresh coin plans, and it must be at most 1.1 x the single
-  network's error there to count.
-Costs: FLOPs per sample (dense layers), and seconds measured in the same run (both sides
-timed interleaved, best of 3). The ratio is single over multilevel: below 1 is slower.
+For each metric and target, within each family of samplers (ODE; stochastic, where the paper's
+EM against ML-EM sits): the cheapest single-network run (every level x sampler x steps) and the
+cheapest multilevel run (base + top, or base + the level below the top + top; stratified coins
+firing the top m times in N steps, m by bisection on 4 coin plans). The multilevel run is then
+re-measured on fresh coin plans, and with iid and iid + cached coins at the same probabilities.
+Costs: FLOPs per sample, and both sides' seconds measured in the same run (interleaved, best of
+3). Ratios are single over multilevel: below 1 is slower.
 
-    python benchmarks/testbed.py --out docs/figures/testbed            # about 15 min on 2 cores
+    python benchmarks/testbed.py --out docs/figures/testbed            # about 20 min on 2 cores
     python benchmarks/testbed.py --quick --out benchmarks/out/testbed_quick
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,154 +32,88 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax import Multilevel
-from mlem_jax.diffusion.ladder import load_ladder
-from mlem_jax.diffusion.metrics import kernel_distance
-from mlem_jax.diffusion.mixture import load_mixture
-from mlem_jax.diffusion.samplers import CALLS_PER_STEP, SAMPLERS
-from mlem_jax.diffusion.sde import VP, logsnr_grid, uniform_grid
-from mlem_jax.timing import time_pair
+from mlem_jax.calibrate import format_diagnostics, level_diagnostics
+from mlem_jax.diffusion.ladder import _preconditioning, heldout_set, load_ladder
+from mlem_jax.diffusion.testbed import STOCHASTIC, Testbed, best_multilevel, time_runs
 
-NAMES = {"ddim": "DDIM", "dpm++2m": "DPM-Solver++(2M)", "dpm++3m": "DPM-Solver++(3M)", "edm-heun": "EDM Heun"}
 TARGETS = (1.1, 1.25, 1.5, 2.0)
 
 
-def grid(sde, sampler, n):
-    return uniform_grid(n) if sampler == "ddim" else logsnr_grid(sde, n)
+def ladder_report(tb, log):
+    """Each level's held-out error against the exact denoiser, the nestedness of every pair and
+    gamma (level_diagnostics on the training's held-out draws, exact target)."""
+    cfg = tb.ladder.config
+    scaled, s, target = heldout_set(tb.mixture, tb.sde, cfg)
+    c_in, c_skip, c_out = _preconditioning(s[:, None], cfg.sigma_data)
+    outs = [np.asarray(m.apply(p, c_in * scaled, jnp.log(s) / 4)) for m, p in zip(tb.ladder.modules(),
+                                                                                   tb.ladder.params)]
+    d = level_diagnostics(np.stack(outs), np.asarray((target - c_skip * scaled) / c_out),
+                          covariate=np.log(np.asarray(s)), bands=4, costs=tb.level_flops, exact_target=True)
+    log(format_diagnostics(d, [f"width {w}" for w in tb.widths]))
+    log("held-out error per band of log s (rows: bands from low to high noise; columns: levels):")
+    for b in range(d.band_losses.shape[0]):
+        log(f"  [{d.band_edges[b]:.2f}, {d.band_edges[b + 1]:.2f}): " + "  ".join(f"{v:.4f}" for v in d.band_losses[b]))
+    return d
 
 
-def rms(y, ref):
-    return float(jnp.sqrt(jnp.mean((y - ref) ** 2)))
-
-
-class Bench:
-    def __init__(self, ladder_path, n, seed, truth_steps, log):
-        self.log = log
-        self.mixture = load_mixture()
-        self.sde = VP()
-        self.ladder = load_ladder(ladder_path)
-        self.dim = self.mixture.dim
-        self.levels = self.ladder.denoisers(self.sde, (self.dim,))
-        self.flops = np.array(self.ladder.flops(self.dim), float)
-        self.widths = self.ladder.config.widths
-        self.y0 = jax.random.normal(jax.random.key(seed), (n, self.dim))
-        self.level_key = jax.random.key(seed + 1)
-        exact = self.mixture.denoiser(self.sde)
-        flat_exact = lambda t, x, a=None: exact(t, x.reshape(-1, *self.mixture.shape)).reshape(x.shape)
-        t0 = time.time()
-        fine, coarse = logsnr_grid(self.sde, truth_steps), logsnr_grid(self.sde, truth_steps // 2)
-        solve = jax.jit(lambda y, ts: SAMPLERS["dpm++3m"](flat_exact, self.sde, y, ts))
-        self.truth = solve(self.y0, fine)
-        half = solve(self.y0, coarse)
-        log(f"truth: exact denoiser, DPM-Solver++(3M) at {truth_steps} log-SNR steps ({time.time() - t0:.0f} s); "
-            f"it differs from {truth_steps // 2} steps by {rms(half, self.truth):.2e} RMS")
-        t = np.asarray(self.truth, np.float64)
-        d2 = np.sum(t**2, 1)[:, None] + np.sum(t**2, 1)[None] - 2 * t @ t.T
-        self.bandwidth = float(np.sqrt(np.median(d2[np.triu_indices(len(t), 1)])))
-        fresh = self.mixture.sample(jax.random.key(seed + 2), n).reshape(n, -1)
-        zero = kernel_distance(fresh, self.truth, self.bandwidth)
-        log(f"distribution metric: MMD^2 with a Gaussian kernel (bandwidth {self.bandwidth:.3f}, the truth's median "
-            f"distance) against the truth's samples; fresh mixture draws score {zero.value:.2e} +- {zero.stderr:.1e}")
-        self.programs = {}
-
-    def program(self, levels, sampler, n, coins="stratified", control=None):
-        key = (levels, sampler, n, coins, control)
-        if key not in self.programs:
-            ts = grid(self.sde, sampler, n)
-            solve = SAMPLERS[sampler]
-            chosen = [self.levels[k] for k in levels]
-            if len(levels) == 1:
-                f = lambda y, lk, probs: (solve(chosen[0], self.sde, y, ts),
-                                          jnp.full((1,), CALLS_PER_STEP[sampler] * n, jnp.int32))
-            else:
-                def f(y, lk, probs):
-                    sol = solve(Multilevel(chosen, probs, coins=coins, control=control, level_key=lk), self.sde, y, ts)
-                    return sol.y, sol.evaluations
-            self.programs[key] = jax.jit(f)
-        return self.programs[key]
-
-    def single(self, k, sampler, n):
-        y, ev = self.program((k,), sampler, n)(self.y0, None, None)
-        return dict(levels=[k], sampler=sampler, steps=n, error=rms(y, self.truth), mmd=self.mmd(y),
-                    flops=float(ev[0] * self.flops[k]), evaluations=[int(ev[0])])
-
-    def mmd(self, y):
-        return kernel_distance(y, self.truth, self.bandwidth).value
-
-    def multilevel(self, levels, sampler, n, m, plans, salt=0, coins="stratified", control=None):
-        """Error over `plans` coin plans (one per slice of the batch) and mean evaluations."""
-        probs = jnp.array([1.0] + [min(1.0, m * 2 ** (len(levels) - 2 - i) / n) for i in range(len(levels) - 1)])
-        f = self.program(tuple(levels), sampler, n, coins, control)
-        chunks = np.array_split(np.arange(self.y0.shape[0]), plans)
-        ys, evs = [], []
-        for i, c in enumerate(chunks):
-            y, ev = f(self.y0[c], jax.random.fold_in(self.level_key, 1000 * salt + i), probs)
-            ys.append(y)
-            evs.append(np.asarray(ev, float))
-        ev = np.mean(evs, 0)
-        y = jnp.concatenate(ys)
-        return dict(levels=list(levels), sampler=sampler, steps=n, firings=m, coins=coins, control=control,
-                    error=rms(y, self.truth), mmd=self.mmd(y), flops=float(ev @ self.flops[list(levels)]),
-                    evaluations=ev.tolist())
-
-
-def describe(run, widths):
-    name = f"{NAMES.get(run['sampler'], run['sampler'])} {run['steps']} steps"
-    if len(run["levels"]) == 1:
-        return f"w={widths[run['levels'][0]]} alone, {name}"
-    ws = "+".join(str(widths[k]) for k in run["levels"])
-    extra = "" if run.get("coins", "stratified") == "stratified" else f", {run['coins']} coins"
-    return f"multilevel w={ws}, {name}, top fired {run['firings']}x{extra}"
-
-
-def compare_at(b, singles, subsets, ml_steps, metric, tau, floor, a, log):
-    """The cheapest single network and the cheapest multilevel run (dpm++2m, stratified coins,
-    bisection on the top's firings) whose `metric` is at most tau x floor."""
-    w = b.widths
+def compare(tb, singles, metric, tau, floor, family, ml_samplers, ml_steps, plans, log, tick, cap=None):
+    """Best single against best multilevel within a family of samplers at tau x floor."""
+    w = tb.widths
     target = tau * floor
     label = "pathwise error" if metric == "error" else "MMD^2"
-    ok = [r for r in singles if r[metric] <= target]
-    log(f"\ntarget {tau} x the top's floor in {label} = {target:.4g}:")
+    pool = [r for r in singles if (r.sampler in STOCHASTIC) == (family == "stochastic")]
+    ok = [r for r in pool if r.metric(metric) <= target]
+    log(f"\n[{family}] target {tau} x the top's floor in {label} = {target:.4g}:")
     if not ok:
-        log("  no single-network run reaches it")
+        log("  no single-network run of this family reaches it")
         return None
-    single = min(ok, key=lambda r: r["flops"])
-    cands = []
-    for sub in subsets:
-        for n in ml_steps:
-            if n * b.flops[sub[0]] >= single["flops"]:
-                break
-            lo, hi, found = 1, n, None
-            while lo <= hi:
-                m = (lo + hi) // 2
-                r = b.multilevel(sub, "dpm++2m", n, m, a.plans)
-                if r[metric] <= target:
-                    found, hi = r, m - 1
-                else:
-                    lo = m + 1
-            if found is not None:
-                cands.append(found)
-    row = dict(metric=metric, tau=tau, target=target, single=single, candidates=len(cands))
-    log(f"  single:     {describe(single, w)}: {label} {single[metric]:.4g} (pathwise {single['error']:.4f}), "
-        f"{single['flops'] / 1e6:.2f} MFLOP")
+    single = min(ok, key=lambda r: r.flops)
+    K = len(tb.levels) - 1
+    subsets = [(k, K) for k in range(K)] + [(k, K - 1, K) for k in range(K - 1)]
+    cands = [best_multilevel(tb, target, metric, subsets, s, ml_steps[s], single.flops if cap is None else cap, plans,
+                             tick=tick) for s in ml_samplers]
+    cands = [c for c in cands if c is not None]
+    row = dict(family=family, metric=metric, tau=tau, target=target, single=single._asdict())
+    log(f"  single:     {single.describe(w)}: {label} {single.metric(metric):.4g}, {single.flops / 1e6:.3f} MFLOP")
     if not cands:
-        log("  multilevel: no candidate cheaper than the single network reaches the target")
+        log("  multilevel: no run cheaper than the single network reaches the target")
         return row
-    ml = min(cands, key=lambda r: r["flops"])
-    check = b.multilevel(ml["levels"], ml["sampler"], ml["steps"], ml["firings"], a.plans, salt=1)
-    probs = jnp.array([1.0] + [min(1.0, ml["firings"] * 2 ** (len(ml["levels"]) - 2 - i) / ml["steps"])
-                               for i in range(len(ml["levels"]) - 1)])
-    t_s, t_m = time_pair(
-        lambda: b.program(tuple(single["levels"]), single["sampler"], single["steps"])(b.y0, None, None)[0],
-        lambda: b.program(tuple(ml["levels"]), "dpm++2m", ml["steps"])(b.y0, b.level_key, probs)[0], 3)
-    row.update(multilevel=ml, check=check, seconds_single=t_s, seconds_multilevel=t_m)
-    held = "" if check[metric] <= 1.1 * single[metric] else "; fresh plans miss 1.1x the single side"
-    log(f"  multilevel: {describe(ml, w)}: {label} {ml[metric]:.4g} (fresh coin plans {check[metric]:.4g}{held}), "
-        f"{ml['flops'] / 1e6:.2f} MFLOP")
-    slower = "; below 1x is slower" if single["flops"] < ml["flops"] or t_s < t_m else ""
-    log(f"  gain at equal {label}: {single['flops'] / ml['flops']:.2f}x in FLOPs, {t_s / t_m:.2f}x in measured "
-        f"seconds ({t_s:.3f} s against {t_m:.3f} s for {a.batch_size} samples){slower}")
+    ml = min(cands, key=lambda r: r.flops)
+    fresh = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, plans, salt=1)
+    iid = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, plans, salt=1, coins="iid")
+    cached = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, plans, salt=1, coins="iid", control="cached")
+    t_s, t_m = time_runs(tb, single, ml)
+    row.update(multilevel=ml._asdict(), fresh=fresh._asdict(), iid=iid._asdict(), cached=cached._asdict(),
+               seconds_single=t_s, seconds_multilevel=t_m)
+    held = "" if fresh.metric(metric) <= 1.1 * single.metric(metric) else " (misses 1.1x the single side)"
+    log(f"  multilevel: {ml.describe(w)}: {label} {ml.metric(metric):.4g}; fresh coin plans "
+        f"{fresh.metric(metric):.4g}{held}; iid coins {iid.metric(metric):.4g}, iid + cached "
+        f"{cached.metric(metric):.4g} (same probabilities); {ml.flops / 1e6:.3f} MFLOP")
+    slower = "; below 1x is slower" if single.flops < ml.flops or t_s < t_m else ""
+    log(f"  gain at equal {label}: {single.flops / ml.flops:.2f}x in FLOPs, {t_s / t_m:.2f}x in measured seconds "
+        f"({1e3 * t_s:.1f} ms against {1e3 * t_m:.1f} ms for {tb.y0.shape[0]} samples){slower}")
     return row
+
+
+def plot(rows, path):
+    from mlem_jax.plotting import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family in ("ode", "stochastic"):
+        for metric, style in (("error", "-o"), ("mmd", "--s")):
+            pts = [(r["tau"], r["single"]["flops"] / r["multilevel"]["flops"]) for r in rows
+                   if r["family"] == family and r["metric"] == metric and "multilevel" in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{family}, {'pathwise' if metric == 'error' else 'MMD^2'}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("target / the top level's floor")
+    ax.set_ylabel("gain in FLOPs (single / multilevel)")
+    ax.set_title("exact testbed: best single against best multilevel")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -190,20 +121,25 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ladder", default=None, help="a ladder folder (default: the shipped one)")
     p.add_argument("--out", default="docs/figures/testbed")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--truth-steps", type=int, default=400)
-    p.add_argument("--floor-steps", type=int, default=200)
+    p.add_argument("--truth-steps", type=int, default=200)
+    p.add_argument("--floor-steps", type=int, default=100)
     p.add_argument("--plans", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    ode, sto = ("ddim", "dpm++2m", "dpm++3m", "unipc", "edm-heun"), ("sde-dpm++2m", "em")
+    steps = {"ddim": (4, 6, 8, 12, 16, 24, 32, 48, 64), "em": (25, 50, 100, 200, 400)}
+    steps.update({s: (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) for s in ("dpm++2m", "dpm++3m", "unipc")})
+    steps.update({"edm-heun": (3, 4, 6, 8, 12, 16), "sde-dpm++2m": (8, 12, 16, 24, 32, 48, 64, 100)})
+    ml_steps = {"dpm++2m": (6, 8, 12, 16, 24, 32), "unipc": (6, 8, 12, 16, 24, 32),
+                "sde-dpm++2m": (12, 16, 24, 32, 48, 64, 100), "em": (50, 100, 200, 400)}
+    targets = TARGETS
     if a.quick:
-        a.batch_size, a.truth_steps, a.floor_steps = 16, 60, 40
-        samplers, steps = ("dpm++2m", "ddim"), (4, 8, 16)
-        ml_steps = (8, 16)
-    else:
-        samplers, steps = ("ddim", "dpm++2m", "dpm++3m", "edm-heun"), (4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
-        ml_steps = (8, 12, 16, 24, 32, 48)
+        a.batch_size, a.truth_steps, a.floor_steps, a.plans = 16, 40, 20, 2
+        ode, sto, targets = ("dpm++2m", "unipc"), ("sde-dpm++2m",), (1.25,)
+        steps = {"dpm++2m": (4, 8), "unipc": (4, 8), "sde-dpm++2m": (8, 16)}
+        ml_steps = {"dpm++2m": (8,), "unipc": (8,), "sde-dpm++2m": (16,)}
     os.makedirs(a.out, exist_ok=True)
     logf = open(os.path.join(a.out, "testbed.log"), "w", encoding="utf-8")
 
@@ -215,45 +151,58 @@ def main(argv=None):
     start = time.time()
     log(f"$ python {' '.join(sys.argv)}")
     log(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-    b = Bench(a.ladder, a.batch_size, a.seed, a.truth_steps, log)
-    K = len(b.levels) - 1
-    w = b.widths
-    hist = [h[-1]["error"] for h in b.ladder.history]
-    fine = [b.single(k, "dpm++2m", a.floor_steps) for k in range(K + 1)]
-    floors, floors_mmd = [r["error"] for r in fine], [r["mmd"] for r in fine]
-    log("\nlevels (held-out error: |F - F*|^2 per coordinate, log s uniform; floors: the level's own fine ODE "
-        "against the truth)")
-    log("| width | MFLOP/call | held-out error | pathwise floor | MMD^2 floor |")
-    log("|---|---|---|---|---|")
+    ladder = load_ladder(a.ladder)
+    if a.quick:  # the two cheapest levels, so that CI compiles little
+        ladder = ladder._replace(config=dataclasses.replace(ladder.config, widths=ladder.config.widths[:2]),
+                                 params=ladder.params[:2], history=ladder.history[:2])
+    tb = Testbed(ladder, a.batch_size, a.seed, a.truth_steps)
+    fresh = tb.mixture.sample(jax.random.key(a.seed + 3), a.batch_size).reshape(a.batch_size, -1)
+    log(f"truth: the exact denoiser's ODE, DPM-Solver++(3M) at {a.truth_steps} log-SNR steps; it differs from "
+        f"{a.truth_steps // 2} steps by {tb.truth_check:.2e} RMS. MMD^2 bandwidth {tb.bandwidth:.3f}; fresh mixture "
+        f"draws score {tb.mmd(fresh):.2e} (the statistic's noise at this batch)")
+    K = len(tb.levels) - 1
+    diag = ladder_report(tb, log)
+    floors = [tb.single(k, "dpm++2m", a.floor_steps) for k in range(K + 1)]
+    log(f"\nfloors (each level's DPM-Solver++(2M) at {a.floor_steps} steps against the truth):")
+    log("| width | MFLOP/call | pathwise floor | MMD^2 floor |")
+    log("|---|---|---|---|")
+    for k, r in enumerate(floors):
+        log(f"| {tb.widths[k]} | {tb.level_flops[k] / 1e6:.3f} | {r.error:.4f} | {r.mmd:.2e} |")
+    e = np.array([r.error for r in floors])
+    if K >= 1 and np.all(np.diff(e) < 0):
+        slope = np.polyfit(np.log(tb.level_flops), np.log(e), 1)[0]
+        log(f"pathwise floor ~ FLOPs^{slope:.2f}: gamma_path = {-1 / slope:.2f} (the paper's regime needs > 2); "
+            f"adjacent floor ratios {', '.join(f'{x:.2f}' for x in e[:-1] / e[1:])}")
+    singles, n_runs = [], [0]
+    tick = lambda: n_runs.__setitem__(0, n_runs[0] + 1)
     for k in range(K + 1):
-        log(f"| {w[k]} | {b.flops[k] / 1e6:.3f} | {hist[k]:.4g} | {floors[k]:.4f} | {floors_mmd[k]:.2e} |")
-    gam = np.polyfit(np.log(b.flops), np.log(np.array(floors)), 1)[0]
-    gam_h = np.polyfit(np.log(b.flops), np.log(np.sqrt(hist)), 1)[0]
-    log(f"slopes of log error against log FLOPs: pathwise floor {gam:.2f} (gamma_path = {-1 / gam:.2f}), "
-        f"held-out RMS {gam_h:.2f} (gamma = {-1 / gam_h:.2f}); the paper's regime needs gamma > 2")
-
-    singles = []
-    for k in range(K + 1):
-        for s in samplers:
-            for n in steps:
-                singles.append(b.single(k, s, n))
-    log(f"\n{len(singles)} single-network runs ({time.time() - start:.0f} s so far)")
-    top_best = {s: [r["error"] for r in singles if r["levels"] == [K] and r["sampler"] == s] for s in samplers}
-    log("top level's error by steps: " + "; ".join(f"{NAMES[s]}: " + ", ".join(f"{e:.3f}" for e in v)
-                                                  for s, v in top_best.items()) + f" (steps {steps})")
-
-    subsets = [(k, K) for k in range(K)] + [(k, K - 1, K) for k in range(K - 1)]
-    results = []
-    for metric, floor in (("error", floors[K]), ("mmd", floors_mmd[K])):
-        for tau in TARGETS:
-            row = compare_at(b, singles, subsets, ml_steps, metric, tau, floor, a, log)
-            if row is not None:
-                results.append(row)
+        for s in ode + sto:
+            for n in steps[s]:
+                singles.append(tb.single(k, s, n))
+    log(f"\n{len(singles)} single-network runs ({time.time() - start:.0f} s so far). The top level by steps:")
+    for s in ode + sto:
+        rs = [r for r in singles if r.levels == (K,) and r.sampler == s]
+        log(f"  {s}: " + ", ".join(f"{r.steps}: {r.error:.3f} / {r.mmd:.1e}" for r in rs) + " (pathwise / MMD^2)")
+    rows = []
+    for metric, floor in (("error", floors[K].error), ("mmd", floors[K].mmd)):
+        for tau in targets:
+            cap = np.inf if a.quick else None  # CI runs the multilevel search even where it cannot win
+            row = compare(tb, singles, metric, tau, floor, "ode", [s for s in ("dpm++2m", "unipc") if s in ode],
+                          ml_steps, a.plans, log, tick, cap)
+            rows.append(row) if row else None
+            if metric == "mmd" and sto:
+                row = compare(tb, singles, metric, tau, floor, "stochastic", list(sto), ml_steps, a.plans, log, tick,
+                              cap)
+                rows.append(row) if row else None
     with open(os.path.join(a.out, "testbed.json"), "w", encoding="utf-8") as f:
-        json.dump(dict(widths=list(w), flops=b.flops.tolist(), heldout=hist, floors=floors, floors_mmd=floors_mmd,
-                       singles=singles,
-                       targets=results, args=vars(a)), f, indent=1)
-    log(f"\ntestbed: {time.time() - start:.0f} s")
+        json.dump(dict(widths=list(tb.widths), flops=tb.level_flops.tolist(),
+                       heldout=[m.value for m in diag.losses], nested=[dict(a=q.a, b=q.b, ratio=q.ratio)
+                                                                        for q in diag.pairs],
+                       floors=[r._asdict() for r in floors], singles=[r._asdict() for r in singles], targets=rows,
+                       args=vars(a)), f, indent=1)
+    if rows and not a.quick:
+        plot(rows, os.path.join(a.out, "testbed_gain.png"))
+    log(f"\n{n_runs[0]} multilevel runs; testbed: {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":
