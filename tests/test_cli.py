@@ -94,7 +94,8 @@ def test_demo_compares_at_equal_error(trained, tmp_path, capsys):
     assert main(["demo", "--family", str(trained / "family"), "--steps", "4", "--batch-size", "8",
                  "--pilot-size", "4", "--out", str(out), "--no-progress"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    m = re.fullmatch(r"equal-error speedup: (\d+\.\d\d)x \(EM error (\d+\.\d{4}), ML-EM error (\d+\.\d{4})\)"
+    m = re.fullmatch(r"equal-error speedup: (\d+\.\d\d)x \(single-network error (\d+\.\d{4}), multilevel error "
+                     r"(\d+\.\d{4})\)"
                      r"( slower: the multilevel sampler took longer than the single network at this error)?", lines[-1])
     assert m, lines[-1]
     speedup, a, b = map(float, m.groups()[:3])

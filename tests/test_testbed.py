@@ -180,3 +180,32 @@ def test_plateau_rule():
     assert not _plateau([1.0, 0.9, 0.8], cfg)  # still falling by more than 1%
     assert _plateau([1.0, 0.995, 0.999], cfg)  # the last two bettered 1.0 by less than 1%
     assert _plateau([0.5, 0.6, 0.7], cfg)  # rising
+
+
+def test_demo_on_the_testbed_compares_at_equal_error_against_the_truth(tmp_path, capsys, monkeypatch):
+    """`mlem-jax demo` on a tiny ladder of the shipped mixture, with short step ladders: both
+    sides run against the truth, the figures are written, and the last line gives the speedup
+    with the multilevel error within 1.1x of the single network's (or says it is unequal)."""
+    import re
+
+    from mlem_jax.cli import _demo_testbed, main
+
+    m = load_mixture()
+    cfg = LadderConfig(widths=(8, 16), depth=1, max_steps=40, eval_every=20, eval_size=64, batch_size=32)
+    train_ladder(m, VP(), cfg, str(tmp_path / "ladder"), progress=False, log=lambda s: None)
+    monkeypatch.setattr(_demo_testbed, "SINGLE_STEPS", (3, 6))
+    monkeypatch.setattr(_demo_testbed, "ML_STEPS", (6,))
+    monkeypatch.setattr(_demo_testbed, "TAUS", (2.0,))
+    out = tmp_path / "demo"
+    assert main(["demo", "--ladder", str(tmp_path / "ladder"), "--batch-size", "8", "--target", "2",
+                 "--out", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    match = re.fullmatch(r"equal-error speedup: (\d+\.\d\d)x \(single-network error (\d+\.\d{4}), multilevel error "
+                         r"(\d+\.\d{4})\)( slower: .*)?", lines[-1])
+    assert match, lines[-1]
+    speedup, a, b = map(float, match.groups()[:3])
+    assert (b <= 1.1 * a + 1e-4) or any("UNEQUAL" in line for line in lines)
+    assert (match.group(4) is not None) == (round(speedup, 2) < 1)
+    assert (tmp_path / "demo.png").exists() and (tmp_path / "demo.npz").exists()
+    d = np.load(tmp_path / "demo.npz")
+    assert d["truth"].shape == d["single"].shape == (8, 256)
