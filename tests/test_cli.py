@@ -404,3 +404,15 @@ def test_a_backend_that_cannot_start_is_one_line(capsys, monkeypatch):
     assert main(["sample"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "JAX_PLATFORMS='gpu' asks for a backend" in err[0] and "unset JAX_PLATFORMS" in err[0]
+
+
+def test_advise_on_the_shipped_family(tmp_path, capsys):
+    """`mlem-jax advise` on the shipped digits family: each level's held-out loss, every adjacent
+    pair's ratio, gamma and a verdict, written to advise.txt with a plot."""
+    out = tmp_path / "adv"
+    assert main(["advise", "--draws", "256", "--out", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out loss per level" in text and "ratio" in text and text.count("verdict:") == 1
+    assert (out / "advise.txt").read_text().startswith("256 held-out draws")
+    assert (out / "advise.png").exists()
+    assert main(["advise", "--data", str(tmp_path / "missing.npy"), "--out", str(out), "--no-progress"]) == 2

@@ -4,6 +4,7 @@
     mlem-jax train --dataset digits --nfs 4 8 16 32 --steps 2000 --out runs/digits16
     mlem-jax calibrate --family runs/digits16/family --out runs/digits16/calibration.json
     mlem-jax sample --family runs/digits16/family --calibration runs/digits16/calibration.json
+    mlem-jax advise --family runs/digits16/family   # does the top level add accuracy, or only noise?
 
 One module per subcommand (`_train`, `_sample`, `_calibrate`, `_demo`), each with its
 `add_parser(subparsers)` and `run(args)`; shared flags, checks and writers are in `_common`.
@@ -15,7 +16,7 @@ import contextlib
 import signal
 import sys
 
-from mlem_jax.cli import _calibrate, _demo, _sample, _train
+from mlem_jax.cli import _advise, _calibrate, _demo, _sample, _train
 from mlem_jax.cli._common import CLIError, Parser
 
 __all__ = ["CLIError", "build_parser", "main"]
@@ -25,7 +26,7 @@ def build_parser() -> Parser:
     """The argument parser of `mlem-jax`, one subparser per subcommand."""
     p = Parser(prog="mlem-jax", description="Sample diffusion models with the Multilevel Euler-Maruyama method.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (_train, _sample, _calibrate, _demo):
+    for command in (_train, _sample, _calibrate, _demo, _advise):
         command.add_parser(sub)
     return p
 
