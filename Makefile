@@ -95,14 +95,14 @@ fmnist16-nf64-weights: $(STAMP)
 	$(VENV)/bin/mlem-jax train --dataset fashion_mnist --data-dir data/tfds --image-size 16 --nfs 64 --steps 2000 --batch-size 128 --seed 0 --out runs/fmnist16_nf64 --no-progress
 	$(MAKE) demo-family NF64=runs/fmnist16_nf64/family
 
-## demo-family: the demo's shipped family mlem_jax/assets/fmnist16_demo: nf=16 of benchmarks/weights/fmnist16 + the nf=64 top (NF64, default: the shipped one)
-NF64 ?= mlem_jax/assets/fmnist16_demo
+## demo-family: the demo's shipped family benchmarks/weights/fmnist16_demo: nf=16 of benchmarks/weights/fmnist16 + the nf=64 top (NF64, default: the shipped one)
+NF64 ?= benchmarks/weights/fmnist16_demo
 demo-family: $(STAMP)
-	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', '$(NF64)'], 'mlem_jax/assets/fmnist16_demo', nfs=(16, 64))"
+	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', '$(NF64)'], 'benchmarks/weights/fmnist16_demo', nfs=(16, 64))"
 
 ## fmnist16x5: the five-level families nf 4..64 and 8..64 from the committed weights, then the CPU experiment on 8..64 (about 55 min on 2 cores; the GPU runs are in docs/figures/fmnist16x5/COMMAND)
 fmnist16x5: $(STAMP)
-	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', 'mlem_jax/assets/fmnist16_demo'], 'runs/fmnist16x5/family', nfs=(4, 8, 16, 32, 64)); c(['benchmarks/weights/fmnist16', 'mlem_jax/assets/fmnist16_demo'], 'runs/fmnist16x4_8/family', nfs=(8, 16, 32, 64))"
+	$(PY) -c "from mlem_jax.diffusion.family import combine_families as c; c(['benchmarks/weights/fmnist16', 'benchmarks/weights/fmnist16_demo'], 'runs/fmnist16x5/family', nfs=(4, 8, 16, 32, 64)); c(['benchmarks/weights/fmnist16', 'benchmarks/weights/fmnist16_demo'], 'runs/fmnist16x4_8/family', nfs=(8, 16, 32, 64))"
 	$(PY) benchmarks/fmnist16.py --raw-data --family runs/fmnist16x4_8/family --name fmnist16x4_8_cpu --no-ode --out docs/figures/fmnist16x5 --set "couplings=('independent',)" "geometric_steps=()" "small_steps=(200,)" "em_steps=(25, 50, 100)" "stitch_steps=(50, 100)" "stitch_fractions=(0.3,)" "mlem_steps=(50, 100)" "equal_batch=False"
 
 ## testbed-mixture: refit the exact testbed's Gaussian mixture (256 components, rank 12) to Fashion-MNIST 16x16 from Debian's files, bit for bit the shipped mlem_jax/assets/fmnist16_mixture.npz (about 15 s)

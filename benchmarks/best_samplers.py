@@ -1,6 +1,6 @@
 """The best single-network sampler against the best multilevel sampler at equal coupled error
 (`mlem_jax.diffusion.equal_error.compare_best_samplers`) on Fashion-MNIST 16x16 nf=16 + nf=64
-(the demo's shipped family, `mlem_jax/assets/fmnist16_demo`), every single-network run in the table.
+(the demo's shipped family, `benchmarks/weights/fmnist16_demo`), every single-network run in the table.
 
     python benchmarks/best_samplers.py --out docs/figures/best_samplers
     python benchmarks/best_samplers.py --quick      # CI: a tiny untrained family

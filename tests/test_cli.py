@@ -416,3 +416,13 @@ def test_advise_on_the_shipped_family(tmp_path, capsys):
     assert (out / "advise.txt").read_text().startswith("256 held-out draws")
     assert (out / "advise.png").exists()
     assert main(["advise", "--data", str(tmp_path / "missing.npy"), "--out", str(out), "--no-progress"]) == 2
+
+
+def test_the_package_ships_about_ten_megabytes_of_weights():
+    """What ships inside the package: the digits family, the testbed's mixture and ladder (float16)."""
+    import glob
+
+    assets = os.path.join(os.path.dirname(shipped_family_path()))
+    total = sum(os.path.getsize(f) for f in glob.glob(os.path.join(assets, "**", "*"), recursive=True)
+                if os.path.isfile(f))
+    assert total < 12e6, total

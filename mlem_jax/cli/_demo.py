@@ -25,7 +25,7 @@ def add_parser(sub):
     d.add_argument("--family", default=None,
                    help="an image family instead of the testbed: the comparison at the coupled error of its top "
                         "network with DPM-Solver++(2M) at --steps (the earlier demo; the shipped one is "
-                        "mlem_jax/assets/fmnist16_demo)")
+                        "benchmarks/weights/fmnist16_demo)")
     d.add_argument("--steps", type=positive(int), default=8,
                    help="with --family: the target is the top network with DPM-Solver++(2M) on this many log-SNR "
                         "steps")

@@ -228,10 +228,11 @@ def shipped_family_path() -> str:
 
 
 def demo_family_path() -> str:
-    """The two-level Fashion-MNIST 16x16 family that ships inside the package for
-    `mlem-jax demo`: levels of `benchmarks/weights/fmnist16` and the separately trained
-    nf=64 top (float16; how each was trained is in its .json)."""
-    return os.path.join(_ASSETS, "fmnist16_demo")
+    """The two-level Fashion-MNIST 16x16 UNet family of the earlier demo (`mlem-jax demo --family`):
+    levels of `benchmarks/weights/fmnist16` and the separately trained nf=64 top (float16; how
+    each was trained is in its .json). It lives in the repository's `benchmarks/weights`, not in
+    the package (whose shipped weights are the digits family and the exact testbed)."""
+    return os.path.join(os.path.dirname(os.path.dirname(_ASSETS)), "benchmarks", "weights", "fmnist16_demo")
 
 
 def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None = None) -> str:
