@@ -56,14 +56,19 @@ def ladder_report(tb, log):
     return d
 
 
-def compare(tb, singles, metric, tau, floor, family, ml_samplers, ml_steps, plans, log, tick, cap=None):
+def compare(tb, singles, metric, tau, floor, family, ml_samplers, ml_steps, plans, log, tick, cap=None, noise=None):
     """Best single against best multilevel within a family of samplers at tau x floor."""
     w = tb.widths
     target = tau * floor
-    label = "pathwise error" if metric == "error" else "MMD^2"
+    label = {"error": "pathwise error", "mmd": "MMD^2", "w1": "log-density W1"}[metric]
     pool = [r for r in singles if (r.sampler in STOCHASTIC) == (family == "stochastic")]
     ok = [r for r in pool if r.metric(metric) <= target]
     log(f"\n[{family}] target {tau} x the top's floor in {label} = {target:.4g}:")
+    noise = noise or {}
+    if floor <= noise.get(metric, 0.0):
+        log(f"  the top's floor ({floor:.3g}) is within the metric's noise at this batch ({noise[metric]:.2g}, fresh "
+            "mixture draws against the truth): the metric cannot resolve the top level, no comparison")
+        return None
     if not ok:
         log("  no single-network run of this family reaches it")
         return None
@@ -101,11 +106,11 @@ def plot(rows, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for family in ("ode", "stochastic"):
-        for metric, style in (("error", "-o"), ("mmd", "--s")):
+        for metric, style in (("error", "-o"), ("w1", "--s"), ("mmd", ":^")):
             pts = [(r["tau"], r["single"]["flops"] / r["multilevel"]["flops"]) for r in rows
                    if r["family"] == family and r["metric"] == metric and "multilevel" in r]
             if pts:
-                ax.plot(*zip(*pts), style, label=f"{family}, {'pathwise' if metric == 'error' else 'MMD^2'}")
+                ax.plot(*zip(*pts), style, label=f"{family}, {metric}")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("target / the top level's floor")
     ax.set_ylabel("gain in FLOPs (single / multilevel)")
@@ -156,18 +161,22 @@ def main(argv=None):
         ladder = ladder._replace(config=dataclasses.replace(ladder.config, widths=ladder.config.widths[:2]),
                                  params=ladder.params[:2], history=ladder.history[:2])
     tb = Testbed(ladder, a.batch_size, a.seed, a.truth_steps)
-    fresh = tb.mixture.sample(jax.random.key(a.seed + 3), a.batch_size).reshape(a.batch_size, -1)
+    x0 = tb.mixture.sample(jax.random.key(a.seed + 3), a.batch_size).reshape(a.batch_size, -1)
+    a_, s_ = tb._marginal
+    fresh = a_ * x0 + s_ * jax.random.normal(jax.random.key(a.seed + 4), x0.shape)  # exact draws of p_{t_min}
+    noise = {"mmd": abs(tb.mmd(fresh)), "w1": tb.w1(fresh)}
     log(f"truth: the exact denoiser's ODE, DPM-Solver++(3M) at {a.truth_steps} log-SNR steps; it differs from "
-        f"{a.truth_steps // 2} steps by {tb.truth_check:.2e} RMS. MMD^2 bandwidth {tb.bandwidth:.3f}; fresh mixture "
-        f"draws score {tb.mmd(fresh):.2e} (the statistic's noise at this batch)")
+        f"{a.truth_steps // 2} steps by {tb.truth_check:.2e} RMS. Exact draws of p_t_min against the truth (each "
+        f"metric's noise at this batch): MMD^2 {noise['mmd']:.2e} (bandwidth {tb.bandwidth:.3f}), log-density W1 "
+        f"{noise['w1']:.3g}")
     K = len(tb.levels) - 1
     diag = ladder_report(tb, log)
     floors = [tb.single(k, "dpm++2m", a.floor_steps) for k in range(K + 1)]
     log(f"\nfloors (each level's DPM-Solver++(2M) at {a.floor_steps} steps against the truth):")
-    log("| width | MFLOP/call | pathwise floor | MMD^2 floor |")
-    log("|---|---|---|---|")
+    log("| width | MFLOP/call | pathwise floor | MMD^2 floor | log-density W1 floor |")
+    log("|---|---|---|---|---|")
     for k, r in enumerate(floors):
-        log(f"| {tb.widths[k]} | {tb.level_flops[k] / 1e6:.3f} | {r.error:.4f} | {r.mmd:.2e} |")
+        log(f"| {tb.widths[k]} | {tb.level_flops[k] / 1e6:.3f} | {r.error:.4f} | {r.mmd:.2e} | {r.w1:.3g} |")
     e = np.array([r.error for r in floors])
     if K >= 1 and np.all(np.diff(e) < 0):
         slope = np.polyfit(np.log(tb.level_flops), np.log(e), 1)[0]
@@ -182,17 +191,18 @@ def main(argv=None):
     log(f"\n{len(singles)} single-network runs ({time.time() - start:.0f} s so far). The top level by steps:")
     for s in ode + sto:
         rs = [r for r in singles if r.levels == (K,) and r.sampler == s]
-        log(f"  {s}: " + ", ".join(f"{r.steps}: {r.error:.3f} / {r.mmd:.1e}" for r in rs) + " (pathwise / MMD^2)")
+        log(f"  {s}: " + ", ".join(f"{r.steps}: {r.error:.3f} / {r.mmd:.1e} / {r.w1:.3g}" for r in rs)
+            + " (pathwise / MMD^2 / log-density W1)")
     rows = []
-    for metric, floor in (("error", floors[K].error), ("mmd", floors[K].mmd)):
+    for metric, floor in (("error", floors[K].error), ("w1", floors[K].w1), ("mmd", floors[K].mmd)):
         for tau in targets:
             cap = np.inf if a.quick else None  # CI runs the multilevel search even where it cannot win
             row = compare(tb, singles, metric, tau, floor, "ode", [s for s in ("dpm++2m", "unipc") if s in ode],
-                          ml_steps, a.plans, log, tick, cap)
+                          ml_steps, a.plans, log, tick, cap, noise)
             rows.append(row) if row else None
-            if metric == "mmd" and sto:
+            if metric != "error" and sto:
                 row = compare(tb, singles, metric, tau, floor, "stochastic", list(sto), ml_steps, a.plans, log, tick,
-                              cap)
+                              cap, noise)
                 rows.append(row) if row else None
     with open(os.path.join(a.out, "testbed.json"), "w", encoding="utf-8") as f:
         json.dump(dict(widths=list(tb.widths), flops=tb.level_flops.tolist(),
