@@ -134,9 +134,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     ode, sto = ("ddim", "dpm++2m", "dpm++3m", "unipc", "edm-heun"), ("sde-dpm++2m", "em")
-    steps = {"ddim": (4, 6, 8, 12, 16, 24, 32, 48, 64), "em": (25, 50, 100, 200, 400)}
-    steps.update({s: (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) for s in ("dpm++2m", "dpm++3m", "unipc")})
-    steps.update({"edm-heun": (3, 4, 6, 8, 12, 16), "sde-dpm++2m": (8, 12, 16, 24, 32, 48, 64, 100)})
+    steps = {"ddim": (4, 8, 16, 32, 64), "em": (25, 50, 100, 200, 400), "dpm++3m": (3, 4, 6, 8, 12, 16, 24)}
+    steps.update({s: (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) for s in ("dpm++2m", "unipc")})
+    steps.update({"edm-heun": (3, 4, 6, 8, 12, 16), "sde-dpm++2m": (8, 16, 32, 64, 100)})
     ml_steps = {"dpm++2m": (6, 8, 12, 16, 24, 32), "unipc": (6, 8, 12, 16, 24, 32),
                 "sde-dpm++2m": (12, 16, 24, 32, 48, 64, 100), "em": (50, 100, 200, 400)}
     targets = TARGETS

@@ -67,6 +67,13 @@ class Run(NamedTuple):
         return f"multilevel widths {ws}, {name}, top fired {self.firings} times"
 
 
+MAX_PROGRAMS = 96
+"""Compiled programs kept at once: the full benchmark compiles several hundred, and with all of
+them alive XLA's CPU backend ran out of memory maps ("LLVM compilation error: Cannot allocate
+memory") after about 300; runs already made are kept as `Run`s, so a cleared program costs only
+a recompilation if it is asked for again."""
+
+
 def grid(sde, sampler: str, steps: int):
     return uniform_grid(steps) if sampler in ("ddim", "em") else logsnr_grid(sde, steps)
 
@@ -135,6 +142,9 @@ class Testbed:
         """f(y, noise_keys, level_key, probs) -> (outputs, evaluations per level), jitted."""
         key = (levels, sampler, steps, coins, control)
         if key not in self.programs:
+            if len(self.programs) >= MAX_PROGRAMS:  # each compiled program holds memory maps: release them
+                self.programs.clear()
+                jax.clear_caches()
             self.programs[key] = jax.jit(self._solver(levels, sampler, steps, coins, control))
         return self.programs[key]
 
