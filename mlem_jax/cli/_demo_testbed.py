@@ -113,7 +113,8 @@ def run_testbed(args, png: str, npz: str):
     print(f"  single / multilevel, {held}: {speedup:.2f}x in measured seconds (best of 3, interleaved, "
           f"{jax_device()}), {single.flops / ml.flops:.2f}x in FLOPs")
     for tau, s, m in gains:
-        ratio = f"{s.flops / m.flops:.2f}x in FLOPs" if m is not None else "no multilevel run is cheaper"
+        ratio = (f"{s.flops / m.flops:.2f}x in FLOPs (on the search's coin plans)" if m is not None
+                 else "no multilevel run is cheaper")
         print(f"    at {tau} x the floor: single {s.describe(w)} ({s.flops / 1e6:.3f} MFLOP); {ratio}")
     print(f"  for comparison, {IMAGE_FAMILY_LINE}")
     import jax.numpy as jnp
