@@ -122,11 +122,12 @@ def run_testbed(args, png: str, npz: str):
     def grid(y):
         return to_grid(np.asarray(jnp.reshape(y[:16], (-1, *tb.mixture.shape))))
 
+    y_single, y_ml = tb.outputs(single)[0], tb.outputs(ml, plans=1)[0]
     panels = [with_caption(grid(tb.truth), ["the truth: exact denoiser", "fine ODE, same prior draws", ""]),
-              with_caption(grid(tb.outputs(single)[0]), [f"single: width {w[single.levels[0]]}",
+              with_caption(grid(y_single), [f"single: width {w[single.levels[0]]}",
                                                          f"{SAMPLER_NAMES[single.sampler]} {single.steps} steps",
                                                          f"err {single.error:.3f}, {single.flops / 1e6:.2f} MFLOP"]),
-              with_caption(grid(tb.outputs(ml, plans=1)[0]), [f"multilevel {w[ml.levels[0]]}+{w[ml.levels[-1]]}, "
+              with_caption(grid(y_ml), [f"multilevel {w[ml.levels[0]]}+{w[ml.levels[-1]]}, "
                                                               f"{ml.steps} steps", f"top fired {ml.firings}x",
                                                               f"err {ml.error:.3f}, {ml.flops / 1e6:.2f} MFLOP"])]
     plot = os.path.splitext(png)[0] + "_gain.png"
@@ -135,8 +136,8 @@ def run_testbed(args, png: str, npz: str):
         from mlem_jax._atomic import atomic_path
 
         with atomic_path(npz) as tmp, open(tmp, "wb") as f:
-            np.savez_compressed(f, truth=np.asarray(tb.truth), single=np.asarray(tb.outputs(single)[0]),
-                                multilevel=np.asarray(tb.outputs(ml, plans=1)[0]),
+            np.savez_compressed(f, truth=np.asarray(tb.truth), single=np.asarray(y_single),
+                                multilevel=np.asarray(y_ml),
                                 single_levels=np.array(single.levels), multilevel_levels=np.array(ml.levels),
                                 multilevel_evaluations=np.array(ml.evaluations))
         _plot_gains(gains, w, plot)
