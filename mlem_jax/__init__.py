@@ -8,6 +8,7 @@ from mlem_jax._diffrax import (
     check_multilevel_solver,
     multilevel_diffeqsolve,
 )
+from mlem_jax._errors import InputError
 from mlem_jax._multilevel import BiasedEstimatorWarning, Multilevel
 from mlem_jax._probabilities import (
     FixedFirings,
@@ -42,6 +43,7 @@ __all__ = [
     "BiasedEstimatorWarning",
     "StepInfo",
     "BatchedLevelKeyWarning",
+    "InputError",
     "correction_costs",
     "geometric_probabilities",
     "injected_variance",

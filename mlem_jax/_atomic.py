@@ -16,6 +16,8 @@ import contextlib
 import os
 import tempfile
 
+from mlem_jax._errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str, exclusive: bool = False):
@@ -88,7 +90,7 @@ def read_json(path: str, prefix: str):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except UnicodeDecodeError as e:
-        raise ValueError(f"{prefix} not UTF-8 text ({e.reason} at byte {e.start}); the file is damaged or not "
+        raise InputError(f"{prefix} not UTF-8 text ({e.reason} at byte {e.start}); the file is damaged or not "
                          "what it should be.") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{prefix} not valid JSON ({e}); it may be truncated.") from e
+        raise InputError(f"{prefix} not valid JSON ({e}); it may be truncated.") from e

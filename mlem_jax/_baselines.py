@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mlem_jax import _validate
+from mlem_jax._errors import InputError
 from mlem_jax._multilevel import Multilevel, model_calls
 from mlem_jax._solvers import Drift, PyTree
 from mlem_jax._stepping import axpy, combine, integrate
@@ -43,7 +44,7 @@ def heun(
     the result a `MultilevelSolution`.
     """
     if diffusion is not None:
-        raise ValueError(
+        raise InputError(
             "diffusion: heun integrates ODEs only (pass diffusion=None); Heun's method is not "
             "a consistent scheme for Ito SDEs. Use euler_maruyama for an SDE."
         )

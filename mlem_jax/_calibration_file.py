@@ -9,6 +9,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax._probabilities import (
     PiecewiseConstant,
 )
@@ -61,34 +62,34 @@ def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: 
 def _check_calibration_values(record: dict, path: str) -> None:
     for field in ("levels", "edges", "values", "steps", "grid"):
         if field not in record:
-            raise ValueError(f"calibration {path}: missing the field {field!r}; write the file with "
+            raise InputError(f"calibration {path}: missing the field {field!r}; write the file with "
                              "mlem-jax calibrate (or mlem_jax.calibrate.save_calibration).")
     if not isinstance(record["levels"], list) or not record["levels"]:
-        raise ValueError(f"calibration {path}: levels must be a non-empty list (the nf of each level), got "
+        raise InputError(f"calibration {path}: levels must be a non-empty list (the nf of each level), got "
                          f"{record['levels']!r}.")
     try:
         edges = np.asarray(record["edges"], np.float64)
         values = np.asarray(record["values"], np.float64)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"calibration {path}: edges and values must be numbers ({e}).") from e
+        raise InputError(f"calibration {path}: edges and values must be numbers ({e}).") from e
     K = len(record["levels"])
     if values.ndim != 2 or values.shape[1] != K or edges.shape != (values.shape[0] + 1,):
-        raise ValueError(f"calibration {path}: expected values of shape (bins, {K}) and bins + 1 edges, got "
+        raise InputError(f"calibration {path}: expected values of shape (bins, {K}) and bins + 1 edges, got "
                          f"values {values.shape} and {edges.shape[0]} edges.")
     if not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
-        raise ValueError(f"calibration {path}: the bin edges must be finite and increasing, got {edges.tolist()}.")
+        raise InputError(f"calibration {path}: the bin edges must be finite and increasing, got {edges.tolist()}.")
     if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values > 1):
-        raise ValueError(f"calibration {path}: every probability must lie in (0, 1]; got min {np.nanmin(values):.3g}, "
+        raise InputError(f"calibration {path}: every probability must lie in (0, 1]; got min {np.nanmin(values):.3g}, "
                          f"max {np.nanmax(values):.3g}" + (" and NaN" if np.isnan(values).any() else "") + ".")
     if np.any(values[:, 0] != 1):
-        raise ValueError(f"calibration {path}: the first level must have probability 1, got {values[:, 0].min():.3g}.")
+        raise InputError(f"calibration {path}: the first level must have probability 1, got {values[:, 0].min():.3g}.")
     if record.get("coupling", "independent") == "nested" and np.any(np.diff(values, axis=1) > 0):
-        raise ValueError(f"calibration {path}: the nested coupling needs non-increasing probabilities.")
+        raise InputError(f"calibration {path}: the nested coupling needs non-increasing probabilities.")
     if record.get("coins", "iid") not in ("iid", "stratified"):
-        raise ValueError(f"calibration {path}: coins must be 'iid' or 'stratified', got {record['coins']!r}.")
+        raise InputError(f"calibration {path}: coins must be 'iid' or 'stratified', got {record['coins']!r}.")
     steps = record["steps"]
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"calibration {path}: steps must be an integer in [1, {MAX_STEPS}], got {steps!r}.")
+        raise InputError(f"calibration {path}: steps must be an integer in [1, {MAX_STEPS}], got {steps!r}.")
     _check_choice(record, path, "grid", GRIDS, None)
     _check_choice(record, path, "coupling", ("independent", "nested"), "independent")
     _check_choice(record, path, "control", (None, "cached", "extrapolated"), None)
@@ -103,7 +104,7 @@ SOLVER_NAMES = ("em", "heun", "ddim", "dpm++2m", "dpm++3m", "sde-dpm++2m", "edm-
 def _check_choice(record, path, field, choices, default):
     value = record.get(field, default)
     if isinstance(value, bool) or value not in choices:
-        raise ValueError(f"calibration {path}: {field} must be one of {list(choices)}, got {value!r}.")
+        raise InputError(f"calibration {path}: {field} must be one of {list(choices)}, got {value!r}.")
 
 
 def load_calibration(path: str) -> Calibration:
@@ -114,7 +115,7 @@ def load_calibration(path: str) -> Calibration:
         raise FileNotFoundError(f"calibration {path}: file not found (write one with mlem-jax calibrate).")
     record = read_json(path, f"calibration {path}:")
     if not isinstance(record, dict):
-        raise ValueError(f"calibration {path}: expected a JSON object.")
+        raise InputError(f"calibration {path}: expected a JSON object.")
     _check_calibration_values(record, path)
     probs = PiecewiseConstant(jnp.asarray(record["edges"], jnp.float32), jnp.asarray(record["values"], jnp.float32))
     known = ("levels", "edges", "values", "steps", "grid", "coins", "coupling")
@@ -144,7 +145,7 @@ def check_calibration_use(cal: Calibration, path: str, *, levels, steps: int, gr
     if coupling != cal.coupling:
         problems.append(f"coupling={cal.coupling!r} (sampling coupling={coupling!r})")
     if problems:
-        raise ValueError(
+        raise InputError(
             f"calibration {path}: made for " + "; ".join(problems) + ". Its probabilities are chosen for that "
             "setting; recalibrate (mlem-jax calibrate) or sample with the setting it was made for."
         )

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._costs import check_cost_order
+from mlem_jax._errors import InputError
 from mlem_jax._probabilities import (
     PiecewiseConstant,
     correction_costs,
@@ -19,7 +20,7 @@ def check_bins(stats: LevelStatistics) -> None:
     bins for the grid and stride) instead of failing later on their NaN variances."""
     empty = int(np.sum(np.asarray(stats.bin_weights) == 0))
     if empty:
-        raise ValueError(f"num_bins: {empty} of the {len(stats.bin_weights)} time bins hold no point where the "
+        raise InputError(f"num_bins: {empty} of the {len(stats.bin_weights)} time bins hold no point where the "
                          "levels were evaluated (too many bins for the grid and stride); use fewer bins, more "
                          "steps or a smaller stride, or a constant schedule (time_dependent=False).")
 
@@ -52,16 +53,16 @@ def calibrated_probabilities(
     the first call, where the cache fires every level, charged in full.
     """
     if control not in (None, "cached"):
-        raise ValueError(f"control: expected None or 'cached', got {control!r}.")
+        raise InputError(f"control: expected None or 'cached', got {control!r}.")
     if control is not None and stats.residuals is None:
-        raise ValueError("control: these statistics hold no residuals against the cache; measure them with "
+        raise InputError("control: these statistics hold no residuals against the cache; measure them with "
                          f"level_statistics(..., control={control!r}).")
     if time_dependent:
         check_bins(stats)
     costs = np.asarray(costs, np.float64)
     K = np.shape(stats.variances)[1]
     if costs.shape != (K,):
-        raise ValueError(f"costs: expected one cost per level ({K} levels in the statistics), got {costs.size}.")
+        raise InputError(f"costs: expected one cost per level ({K} levels in the statistics), got {costs.size}.")
     check_cost_order(costs, "costs")
     Ct = correction_costs(costs, coupling)
     if time_dependent:
@@ -82,7 +83,7 @@ def calibrated_probabilities(
     if R is not None and budget is not None:
         first_call = float(np.sum(Ct[1:]))  # the first call fires every level: charged in full
         if not budget - first_call > num_steps * Ct[0]:
-            raise ValueError(f"budget: {budget:.4g} per trajectory does not cover the cheapest level on every call "
+            raise InputError(f"budget: {budget:.4g} per trajectory does not cover the cheapest level on every call "
                              f"({num_steps} x {Ct[0]:.4g}) plus the first call, where the cache fires every level "
                              f"({first_call:.4g}); raise the budget.")
         budget = budget - first_call

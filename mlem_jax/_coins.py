@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 Coins = Literal["iid", "stratified"]
 Coupling = Literal["independent", "nested"]
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -59,7 +61,7 @@ def level_coins(key: jax.Array, probs: jax.Array, coupling: Coupling = "independ
     elif coupling == "nested":
         u = jax.random.uniform(key, (), probs.dtype)
     else:
-        raise ValueError(f"coupling: expected 'independent' or 'nested', got {coupling!r}.")
+        raise InputError(f"coupling: expected 'independent' or 'nested', got {coupling!r}.")
     return u < probs
 
 

@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax._flops import flops_of
 from mlem_jax.timing import time_calls
 
@@ -29,7 +30,7 @@ def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) 
     """
     drifts = tuple(drifts)
     if not drifts:
-        raise ValueError("drifts: expected at least one drift function.")
+        raise InputError("drifts: expected at least one drift function.")
     seconds, flops = [], []
     for f in drifts:
         seconds.append(time_calls(jax.jit(f), t, y, args, repeats=repeats).seconds)

@@ -28,6 +28,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax._gamma import GammaFit, fit_gamma
 
 
@@ -95,10 +96,10 @@ def level_diagnostics(outputs, target, *, covariate=None, bands: int = 4, costs=
     out = np.asarray(outputs, np.float64)
     y = np.asarray(target, np.float64)
     if out.ndim < 2 or out.shape[1:] != y.shape:
-        raise ValueError(f"outputs: expected (K, N, ...) predictions of target's shape {y.shape}, got {out.shape}.")
+        raise InputError(f"outputs: expected (K, N, ...) predictions of target's shape {y.shape}, got {out.shape}.")
     K, N = out.shape[:2]
     if N < 3:
-        raise ValueError(f"target: expected at least 3 held-out draws, got {N}.")
+        raise InputError(f"target: expected at least 3 held-out draws, got {N}.")
     out, y = out.reshape(K, N, -1), y.reshape(N, -1)
     per_draw = np.mean((out - y[None]) ** 2, -1)  # (K, N)
     losses = tuple(_mean(per_draw[k]) for k in range(K))
@@ -107,7 +108,7 @@ def level_diagnostics(outputs, target, *, covariate=None, bands: int = 4, costs=
     else:
         cov = np.asarray(covariate, np.float64).reshape(-1)
         if cov.shape != (N,):
-            raise ValueError(f"covariate: expected one value per draw, shape ({N},), got {cov.shape}.")
+            raise InputError(f"covariate: expected one value per draw, shape ({N},), got {cov.shape}.")
         edges = np.quantile(cov, np.linspace(0, 1, bands + 1))
         band = np.clip(np.searchsorted(edges, cov, side="right") - 1, 0, bands - 1)
     band_losses = np.array([[per_draw[k, band == b].mean() if np.any(band == b) else np.nan for k in range(K)]
@@ -133,7 +134,7 @@ def level_diagnostics(outputs, target, *, covariate=None, bands: int = 4, costs=
     if costs is not None:
         c = np.asarray(costs, np.float64)
         if c.shape != (K,):
-            raise ValueError(f"costs: expected one cost per level, shape ({K},), got {c.shape}.")
+            raise InputError(f"costs: expected one cost per level, shape ({K},), got {c.shape}.")
         try:
             gamma = fit_gamma(c, np.array([m.value for m in losses]), offset=not exact_target, power=2.0)
         except ValueError:  # too few levels, or losses that do not fall with cost

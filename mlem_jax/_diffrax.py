@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from mlem_jax._coins import Coins, Coupling, level_coins, probabilities_on_grid, stratified_coins
+from mlem_jax._errors import InputError
 from mlem_jax._multilevel import multilevel_drift
 from mlem_jax._validate import (
     check_coins,
@@ -82,7 +83,7 @@ class MultilevelDrift(diffrax.AbstractTerm):
         check_key(key, "key")
         self.key = key
         if coins == "stratified" and ts is None:
-            raise ValueError(
+            raise InputError(
                 "ts: coins='stratified' plans the firings over the whole grid, so the term needs the "
                 "grid: pass ts=... (the times of diffrax.StepTo(ts), or t0 + dt0 * jnp.arange(N + 1) "
                 "for diffrax.ConstantStepSize())."
@@ -137,7 +138,7 @@ class MultilevelDrift(diffrax.AbstractTerm):
     def is_vf_expensive(self, t0, t1, y, args):
         # Every Runge-Kutta solver (Heun, Midpoint, Tsit5, Dopri5, ...) asks this before
         # its stages; Euler and MultilevelEuler never do. Refuse at trace time.
-        raise ValueError(
+        raise InputError(
             "solver: a Runge-Kutta solver (such as diffrax.Heun) evaluates a MultilevelDrift at "
             "several stages per step; each evaluation draws new coins, which silently biases "
             "ML-EM. Use mlem_jax.MultilevelEuler() (or diffrax.Euler())."
@@ -210,13 +211,13 @@ def check_multilevel_solver(solver, stepsize_controller) -> None:
     """Refuse what would silently change ML-EM: several drift evaluations per step, or
     adaptive steps (whose error estimates are meaningless for a randomized drift)."""
     if not isinstance(solver, _ONE_EVALUATION):
-        raise ValueError(
+        raise InputError(
             f"solver: {type(solver).__name__} evaluates the drift more than once per step (or is not "
             "a plain Euler step); with a MultilevelDrift each evaluation draws new coins, which "
             "silently biases the scheme. Use mlem_jax.MultilevelEuler() (or diffrax.Euler())."
         )
     if not isinstance(stepsize_controller, _FIXED_STEPS):
-        raise ValueError(
+        raise InputError(
             f"stepsize_controller: {type(stepsize_controller).__name__} adapts the step from error "
             "estimates, which a randomized drift makes meaningless; use diffrax.ConstantStepSize() "
             "with dt0, or diffrax.StepTo(ts)."
@@ -238,7 +239,7 @@ def check_grid(term: MultilevelDrift, t0, t1, dt0, stepsize_controller) -> None:
         what = f"a constant step dt0={dt0}"
     ok = ok and np.isclose(float(t0), ts[0]) and np.isclose(float(t1), ts[-1])
     if not ok:
-        raise ValueError(
+        raise InputError(
             f"ts: the MultilevelDrift was built for a grid of {ts.size - 1} steps from {ts[0]:g} to "
             f"{ts[-1]:g}, but the solve uses {what} from t0={float(t0):g} to t1={float(t1):g}; its "
             "coins are planned per step of that grid. Solve with stepsize_controller="

@@ -7,6 +7,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 
 class GammaFit(NamedTuple):
     """error ~ offset + scale * cost^(-power / gamma); [low, high] is the confidence
@@ -39,13 +41,13 @@ def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confid
     c = np.asarray(costs, np.float64)
     e = np.asarray(errors, np.float64)
     if c.shape != e.shape or c.ndim != 1:
-        raise ValueError(f"costs, errors: expected two 1-D arrays of the same length, got {c.shape} and {e.shape}.")
+        raise InputError(f"costs, errors: expected two 1-D arrays of the same length, got {c.shape} and {e.shape}.")
     need = 4 if offset else 3
     if c.size < need:
-        raise ValueError(f"costs: fitting gamma{' with an offset' if offset else ''} needs at least {need} points, "
+        raise InputError(f"costs: fitting gamma{' with an offset' if offset else ''} needs at least {need} points, "
                          f"got {c.size}.")
     if np.any(~np.isfinite(c)) or np.any(c <= 0) or np.any(~np.isfinite(e)) or np.any(e <= 0):
-        raise ValueError("costs, errors: expected finite positive values.")
+        raise InputError("costs, errors: expected finite positive values.")
 
     return (_fit_with_offset if offset else _fit_log_log)(c, e, power, confidence)
 
@@ -58,7 +60,7 @@ def _fit_log_log(c, e, power, confidence) -> GammaFit:
     resid = np.log(e) - A @ coef
     slope = coef[1]
     if slope >= 0:
-        raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
+        raise InputError("errors: they do not decrease with the cost, so gamma is undefined.")
     dof = x.size - 2
     s2 = resid @ resid / max(dof, 1)
     se = math.sqrt(s2 * np.linalg.inv(A.T @ A)[1, 1])
@@ -86,7 +88,7 @@ def _fit_with_offset(c, e, power, confidence) -> GammaFit:
     grid = np.exp(np.linspace(np.log(0.2), np.log(50.0), 3000)) * power
     sse = np.array([sse_at(g)[0] for g in grid])
     if not np.isfinite(sse).any():
-        raise ValueError("errors: they do not decrease with the cost, so gamma is undefined.")
+        raise InputError("errors: they do not decrease with the cost, so gamma is undefined.")
     i = int(np.argmin(sse))
     lo_i, hi_i = max(i - 1, 0), min(i + 1, grid.size - 1)
     fine = np.linspace(grid[lo_i], grid[hi_i], 401)

@@ -46,6 +46,7 @@ import numpy as np
 
 from mlem_jax import _validate
 from mlem_jax._coins import level_coins
+from mlem_jax._errors import InputError
 from mlem_jax._probabilities import PiecewiseConstant, correction_costs, schedule_values
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
 
@@ -171,26 +172,26 @@ def _check_inputs(drifts, y0s, ts, costs, num_bins, coupling, group_size, num_gr
     ts = _validate.check_ts(ts)
     coupling = _validate.check_coupling(coupling)
     if len(drifts) < 2:
-        raise ValueError(f"drifts: learning probabilities needs at least 2 levels, got {len(drifts)}.")
+        raise InputError(f"drifts: learning probabilities needs at least 2 levels, got {len(drifts)}.")
     leaves = jax.tree_util.tree_leaves(y0s)
     if not leaves or any(jnp.ndim(x) < 1 for x in leaves):
-        raise ValueError("y0s: expected a batch of initial states with a leading axis (one per path).")
+        raise InputError("y0s: expected a batch of initial states with a leading axis (one per path).")
     pool = int(jnp.shape(leaves[0])[0])
     if pool < 1:
-        raise ValueError("y0s: expected at least one initial state.")
+        raise InputError("y0s: expected at least one initial state.")
     c = np.asarray(costs, np.float64)
     if c.shape != (len(drifts),) or np.any(~np.isfinite(c)) or np.any(c <= 0):
-        raise ValueError(f"costs: expected one finite positive cost per level ({len(drifts)}), got {costs!r}.")
+        raise InputError(f"costs: expected one finite positive cost per level ({len(drifts)}), got {costs!r}.")
     if not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-        raise ValueError(f"num_bins: expected a positive integer, got {num_bins!r}.")
+        raise InputError(f"num_bins: expected a positive integer, got {num_bins!r}.")
     if num_bins > ts.shape[0] - 1:
-        raise ValueError(f"num_bins: {num_bins} bins for {ts.shape[0] - 1} steps would leave bins without steps; "
+        raise InputError(f"num_bins: {num_bins} bins for {ts.shape[0] - 1} steps would leave bins without steps; "
                          f"use at most {ts.shape[0] - 1}.")
     if not isinstance(num_groups, (int, np.integer)) or num_groups < 2:
-        raise ValueError(f"num_groups: expected an integer >= 2 (the baseline of a group is the mean of the "
+        raise InputError(f"num_groups: expected an integer >= 2 (the baseline of a group is the mean of the "
                          f"others), got {num_groups!r}.")
     if not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise ValueError(f"group_size: expected a positive integer, got {group_size!r}.")
+        raise InputError(f"group_size: expected a positive integer, got {group_size!r}.")
     return ts, coupling, pool, c
 
 
@@ -262,8 +263,12 @@ def learn_probabilities(
       num_bins: time bins of the schedule; coupling: "independent" or "nested".
       steps: optimisation steps, each on `num_groups` groups of `group_size` paths.
       optimizer: an optax optimizer on the logits (default optax.adam(0.05)).
-      init: initial schedule ((K,) or (num_bins, K) values, or a PiecewiseConstant);
-        default p_k = 0.3^(k-1).
+      init: initial schedule ((K,) or (num_bins, K) values, or a PiecewiseConstant).
+        Default: the closed-form allocation for iid coins (`calibrated_probabilities` on
+        `level_statistics` of the pool, `num_bins` bins) at the budget, or, with a
+        `cost_weight`, at the cost of p_k = 0.3^(k-1); p_k = 0.3^(k-1) itself when the pool
+        has fewer than 6 starts. A flat start needs many more steps to find a schedule that
+        varies in time (measured: 1.82x the optimal variance after 300 steps).
       average: fraction of the last steps whose schedules are averaged into the result.
       remat: recompute each drift's internals in the backward pass (`jax.checkpoint`)
         instead of storing them for every step and path: without it, 100 steps of 32
@@ -277,14 +282,16 @@ def learn_probabilities(
     import optax
 
     start = time.perf_counter()
-    drifts = tuple(jax.checkpoint(f) for f in drifts) if remat else tuple(drifts)
+    plain = tuple(drifts)
+    drifts = tuple(jax.checkpoint(f) for f in drifts) if remat else plain
     ts, coupling, pool, level_cost = _check_inputs(drifts, y0s, ts, costs, num_bins, coupling, group_size,
                                                    num_groups)
     corr = correction_costs(level_cost, coupling)
     _check_learning(budget, cost_weight, steps, min_probability, average, ts.shape[0] - 1, corr)
     edges = time_bins(ts, num_bins)
-    init_values = np.broadcast_to(schedule_values(0.3 ** np.arange(len(drifts)) if init is None else init),
-                                  (num_bins, len(drifts)))
+    if init is None:
+        init = _closed_form_start(plain, diffusion, y0s, ts, key, args, level_cost, budget, num_bins, coupling)
+    init_values = np.broadcast_to(schedule_values(init), (num_bins, len(drifts)))
     logits = logits_from_probabilities(init_values, coupling, min_probability)
     optimizer = optax.adam(0.05) if optimizer is None else optimizer
 
@@ -320,9 +327,31 @@ def learn_probabilities(
         import warnings
 
         warnings.warn(f"learn_probabilities: {message}; the schedule is not the optimum yet: run more steps (steps=), "
-                      "or start from the closed form (init=calibrated_probabilities(...), what mlem-jax calibrate "
-                      "--learn does).", NotConvergedWarning, stacklevel=2)
+                      "or start from the closed form (init=None, the default when the pool has at least 6 starts).",
+                      NotConvergedWarning, stacklevel=2)
     return LearnedProbabilities(learned, hist, time.perf_counter() - start)
+
+
+def _closed_form_start(drifts, diffusion, y0s, ts, key, args, costs, budget, num_bins, coupling):
+    """The default start of `learn_probabilities` (see its `init`)."""
+    import warnings
+
+    from mlem_jax._closed_form import calibrated_probabilities
+    from mlem_jax._statistics import level_statistics
+
+    geometric = 0.3 ** np.arange(len(drifts))
+    pool = jax.tree_util.tree_leaves(y0s)[0].shape[0]
+    if pool < 6:
+        return geometric
+    if budget is None:  # a cost weight: the closed-form shape at the geometric start's cost
+        budget = (ts.shape[0] - 1) * float(np.sum(geometric * correction_costs(costs, coupling)))
+    keys = jax.random.split(jax.random.fold_in(key, 7), pool)
+    stats = level_statistics(drifts, diffusion, y0s, ts, keys, args, num_bins=num_bins)
+    with warnings.catch_warnings():  # a start only: its predicted noise is what the learning improves on
+        warnings.simplefilter("ignore", UserWarning)
+        closed = calibrated_probabilities(stats, costs, float(stats.step_size), budget=budget,
+                                          num_steps=int(stats.num_calls), coupling=coupling)
+    return schedule_values(closed)  # over the same increasing equal time bins as `time_bins`
 
 
 class NotConvergedWarning(UserWarning):
@@ -357,25 +386,25 @@ def unsettled(history: LearningHistory, z: float = 3.0, drift: float = 0.1) -> s
 def _check_learning(budget, cost_weight, steps, min_probability, average, num_steps, corr):
     """Refuse a budget that buys nothing or everything, a bad weight, step count, floor or average."""
     if (budget is None) == (cost_weight is None):
-        raise ValueError("budget, cost_weight: give exactly one (a cost per trajectory to hold, or a fixed "
+        raise InputError("budget, cost_weight: give exactly one (a cost per trajectory to hold, or a fixed "
                          "weight lambda of the expected cost in the objective).")
     if budget is not None:
         floor = num_steps * corr[0]
         if not (np.isfinite(budget) and budget > floor):
-            raise ValueError(f"budget: {budget!r} per trajectory is not above the cost of the cheapest level alone "
+            raise InputError(f"budget: {budget!r} per trajectory is not above the cost of the cheapest level alone "
                              f"({num_steps} steps x {corr[0]:.4g} = {floor:.4g}); raise the budget or use fewer steps.")
         full = num_steps * corr.sum()
         if budget >= full:
-            raise ValueError(f"budget: {budget:.4g} per trajectory pays for every level at every step "
+            raise InputError(f"budget: {budget:.4g} per trajectory pays for every level at every step "
                              f"({full:.4g}); there is nothing to learn: use p = 1 (or EM with the finest level).")
     elif not (np.isfinite(cost_weight) and cost_weight > 0):
-        raise ValueError(f"cost_weight: expected a finite positive weight, got {cost_weight!r}.")
+        raise InputError(f"cost_weight: expected a finite positive weight, got {cost_weight!r}.")
     if not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps: expected a positive number of optimisation steps, got {steps!r}.")
+        raise InputError(f"steps: expected a positive number of optimisation steps, got {steps!r}.")
     if not 0 < min_probability < 1:
-        raise ValueError(f"min_probability: expected a value in (0, 1), got {min_probability!r}.")
+        raise InputError(f"min_probability: expected a value in (0, 1), got {min_probability!r}.")
     if not 0 < average <= 1:
-        raise ValueError(f"average: expected a fraction in (0, 1], got {average!r}.")
+        raise InputError(f"average: expected a fraction in (0, 1], got {average!r}.")
 
 
 def _descend(loss, optimizer, logits, weight, steps, progress) -> LearningHistory:

@@ -45,6 +45,7 @@ from mlem_jax._coins import (
     stratified_coins,
     stratified_fixed_firings,
 )
+from mlem_jax._errors import InputError
 from mlem_jax._probabilities import FixedFirings
 
 PyTree = Any
@@ -99,7 +100,7 @@ class Multilevel:
         object.__setattr__(self, "coins", _validate.check_coins(self.coins))
         object.__setattr__(self, "coupling", _validate.check_coupling(self.coupling))
         if self.control not in CONTROLS:
-            raise ValueError(f"control: expected None, 'cached' or 'extrapolated', got {self.control!r}.")
+            raise InputError(f"control: expected None, 'cached' or 'extrapolated', got {self.control!r}.")
         if self.control is not None and self.coins == "stratified":
             warnings.warn(
                 f"Multilevel: control={self.control!r} with coins='stratified' is biased (a stratified coin depends "
@@ -357,7 +358,7 @@ def _probe_calls(probe: CallProbe, call_times, y0, args, name) -> ModelCalls:
     offsets = jnp.zeros(num_calls) if probe.offsets is None else probe.offsets  # None: only record
     scalar = not isinstance(offsets, (tuple, list, dict)) and jnp.ndim(offsets) == 1
     if scalar and jnp.shape(offsets) != (num_calls,):
-        raise ValueError(f"offsets: expected one offset per model call ({num_calls}), got shape "
+        raise InputError(f"offsets: expected one offset per model call ({num_calls}), got shape "
                          f"{jnp.shape(offsets)}.")
     states0 = jax.tree_util.tree_map(lambda a: jnp.zeros((num_calls, *jnp.shape(a)), jnp.result_type(a)), y0)
 

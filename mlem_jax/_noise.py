@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mlem_jax import _validate
+from mlem_jax._errors import InputError
 
 
 class BrownianSource(NamedTuple):
@@ -81,7 +82,7 @@ def _path_source(path, y0, ts) -> BrownianSource:
     if jax.tree_util.tree_structure(out) != treedef or any(
         o.shape != jnp.shape(y) for o, y in zip(jax.tree_util.tree_leaves(out), leaves)
     ):
-        raise ValueError(
+        raise InputError(
             "key: the Brownian path's increments must be shaped like y0; build it with "
             "shape=y0.shape (or a pytree of jax.ShapeDtypeStruct like y0)."
         )
@@ -102,7 +103,7 @@ def _increments_source(key, y0, ts) -> BrownianSource | None:
     if floating and jax.tree_util.tree_structure(key) == treedef:
         for a, y in zip(inc_leaves, leaves):
             if tuple(a.shape) != (n_steps, *jnp.shape(y)):
-                raise ValueError(
+                raise InputError(
                     f"key: precomputed Brownian increments must have shape "
                     f"(len(ts) - 1, *y0.shape) = {(n_steps, *jnp.shape(y))}, got {tuple(a.shape)}."
                 )

@@ -24,13 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 
 def _check_positive(x, name):
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 1 or x.size == 0:
-        raise ValueError(f"{name}: expected a non-empty 1-D array, one value per level, got shape {x.shape}.")
+        raise InputError(f"{name}: expected a non-empty 1-D array, one value per level, got shape {x.shape}.")
     if np.any(~np.isfinite(x)) or np.any(x <= 0):
-        raise ValueError(f"{name}: expected finite positive values, got {x}.")
+        raise InputError(f"{name}: expected finite positive values, got {x}.")
     return x
 
 
@@ -45,7 +47,7 @@ def correction_costs(level_costs, coupling: str = "independent") -> np.ndarray:
         return c + np.concatenate([[0.0], c[:-1]])
     if coupling == "nested":
         return c
-    raise ValueError(f"coupling: expected 'independent' or 'nested', got {coupling!r}.")
+    raise InputError(f"coupling: expected 'independent' or 'nested', got {coupling!r}.")
 
 
 def optimal_probabilities(
@@ -84,7 +86,7 @@ def optimal_probabilities(
     free[:, 1:] = True
     if target_variance is not None:
         if not target_variance > 0:
-            raise ValueError(f"target_variance: expected a positive variance, got {target_variance}.")
+            raise InputError(f"target_variance: expected a positive variance, got {target_variance}.")
         multiplier = lambda free: h * root[free].sum() / (target_variance + h * (w[:, None] * v)[free].sum())
     else:
         multiplier = _budget_multiplier(budget, num_steps, c, w, root)
@@ -106,34 +108,34 @@ def _check_allocation(variances, costs, step_size, bin_weights, target_variance,
     one_bin = v.ndim == 1
     v = np.atleast_2d(v)
     if v.ndim != 2 or v.shape[1] == 0:
-        raise ValueError(f"variances: expected shape (K,) or (bins, K), got {np.shape(variances)}.")
+        raise InputError(f"variances: expected shape (K,) or (bins, K), got {np.shape(variances)}.")
     if np.any(np.isnan(v)) or np.any(~np.isfinite(v)) or np.any(v[:, 1:] <= 0):
-        raise ValueError(
+        raise InputError(
             "variances: expected finite positive variances of the level corrections, got "
             f"{np.array2string(np.asarray(variances), precision=3)}. A zero variance means two "
             "levels are identical: drop one of them."
         )
     c = _check_positive(costs, "costs")
     if c.shape != (v.shape[1],):
-        raise ValueError(f"costs: expected one cost per level ({v.shape[1]}), got {c.size}.")
+        raise InputError(f"costs: expected one cost per level ({v.shape[1]}), got {c.size}.")
     if not step_size > 0:
-        raise ValueError(f"step_size: expected a positive step, got {step_size}.")
+        raise InputError(f"step_size: expected a positive step, got {step_size}.")
     w = np.full(v.shape[0], 1.0 / v.shape[0]) if bin_weights is None else np.asarray(bin_weights, np.float64)
     if w.shape != (v.shape[0],) or np.any(w < 0) or not np.isclose(w.sum(), 1.0):
-        raise ValueError(f"bin_weights: expected {v.shape[0]} non-negative weights summing to 1, got {w}.")
+        raise InputError(f"bin_weights: expected {v.shape[0]} non-negative weights summing to 1, got {w}.")
     if (target_variance is None) == (budget is None):
-        raise ValueError("target_variance, budget: give exactly one of them.")
+        raise InputError("target_variance, budget: give exactly one of them.")
     return v, c, w, one_bin
 
 
 def _budget_multiplier(budget, num_steps, c, w, root):
     """lambda(free levels) that spends `budget` per trajectory, the clamped levels paid in full."""
     if num_steps is None or num_steps < 1:
-        raise ValueError("num_steps: a budget per trajectory needs the number of steps.")
+        raise InputError("num_steps: a budget per trajectory needs the number of steps.")
     per_step = float(budget) / num_steps
     floor = c[0]
     if not per_step > floor:
-        raise ValueError(
+        raise InputError(
             f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level "
             f"alone ({num_steps} steps x {c[0]:.4g} = {num_steps * c[0]:.4g}); raise the budget "
             "or use fewer steps."
@@ -143,7 +145,7 @@ def _budget_multiplier(budget, num_steps, c, w, root):
         clamped_cost = floor + (w[:, None] * c[None, :] * (~free))[:, 1:].sum()
         lam = (per_step - clamped_cost) / root[free].sum()
         if lam <= 0:
-            raise ValueError(f"budget: {budget:.4g} cannot pay for the levels that must run.")
+            raise InputError(f"budget: {budget:.4g} cannot pay for the levels that must run.")
         return lam
 
     return multiplier
@@ -182,14 +184,14 @@ class PiecewiseConstant(_Bins):
         shape_e, shape_v = getattr(edges, "shape", None), getattr(values, "shape", None)
         if shape_e is not None and shape_v is not None and len(shape_e) == 1:  # not a batch of schedules
             if len(shape_v) != 2 or shape_v[0] != shape_e[0] - 1:
-                raise ValueError(
+                raise InputError(
                     f"values: expected one row of probabilities per bin, shape ({shape_e[0] - 1}, K) for "
                     f"{shape_e[0]} edges, got shape {tuple(shape_v)}.")
             from mlem_jax._validate import is_concrete
 
             concrete = isinstance(edges, (np.ndarray, jax.Array)) and is_concrete(edges)  # not ArgInfo, tracers
             if concrete and not np.all(np.diff(np.asarray(edges, np.float64)) > 0):
-                raise ValueError(f"edges: expected strictly increasing bin edges, got "
+                raise InputError(f"edges: expected strictly increasing bin edges, got "
                                  f"{np.array2string(np.asarray(edges), precision=4)}.")
         return super().__new__(cls, edges, values)
 
@@ -223,7 +225,7 @@ def geometric_probabilities(num_levels: int, ratio: float) -> np.ndarray:
     """p_k = ratio^(k-1): the simple schedule of the paper (about 0.21 is optimal at
     gamma = 2.5 for a dyadic hierarchy, see docs/method.md)."""
     if num_levels < 1:
-        raise ValueError(f"num_levels: expected at least 1, got {num_levels}.")
+        raise InputError(f"num_levels: expected at least 1, got {num_levels}.")
     if not 0 < ratio <= 1:
-        raise ValueError(f"ratio: expected a value in (0, 1], got {ratio}.")
+        raise InputError(f"ratio: expected a value in (0, 1], got {ratio}.")
     return ratio ** np.arange(num_levels, dtype=np.float64)

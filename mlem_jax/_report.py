@@ -11,6 +11,7 @@ import numpy as np
 
 from mlem_jax._closed_form import calibrated_probabilities
 from mlem_jax._costs import LevelCosts, level_costs
+from mlem_jax._errors import InputError
 from mlem_jax._gamma import GammaFit, fit_gamma
 from mlem_jax._probabilities import (
     PiecewiseConstant,
@@ -112,7 +113,7 @@ def calibration_report(
     if target_variance is None and budget is None and target_error is None:
         speedup = 4.0 if speedup is None else speedup
         if not speedup > 0:
-            raise ValueError(f"speedup: expected a positive factor, got {speedup}.")
+            raise InputError(f"speedup: expected a positive factor, got {speedup}.")
         # never below the cheapest level on every call (and, with a cache, its first call's firings)
         first_call = float(np.sum(correction_costs(basis, coupling)[1:])) if control is not None else 0.0
         budget = max(em_cost / speedup, num_steps * basis[0] * 1.05 + first_call)
@@ -160,16 +161,16 @@ def _warn_if_noise(predicted, y0) -> None:
 
 def _check_targets(coins, control, target_variance, budget, speedup, target_error) -> None:
     if sum(x is not None for x in (target_variance, budget, speedup, target_error)) > 1:
-        raise ValueError("target_variance, budget, speedup, target_error: give at most one of them.")
+        raise InputError("target_variance, budget, speedup, target_error: give at most one of them.")
     if coins not in ("iid", "stratified"):
-        raise ValueError(f"coins: expected 'iid' or 'stratified', got {coins!r}.")
+        raise InputError(f"coins: expected 'iid' or 'stratified', got {coins!r}.")
     if control is not None and coins != "iid":
-        raise ValueError(f"control: {control!r} is unbiased with coins='iid' only (a stratified coin depends on "
+        raise InputError(f"control: {control!r} is unbiased with coins='iid' only (a stratified coin depends on "
                          "earlier firings); calibrate coins='iid' with it, or stratified coins without it.")
     if coins == "iid" and target_error is not None:
-        raise ValueError("target_error: for iid coins give target_variance (nu^2 = T * error^2 per unit time).")
+        raise InputError("target_error: for iid coins give target_variance (nu^2 = T * error^2 per unit time).")
     if coins == "stratified" and target_variance is not None:
-        raise ValueError(
+        raise InputError(
             "target_variance: the injected variance describes iid coins; for coins='stratified' give "
             "target_error (the coupled RMS error per state component), a budget or a speedup."
         )
@@ -178,16 +179,16 @@ def _check_targets(coins, control, target_variance, budget, speedup, target_erro
 def _cost_basis(costs, cost_unit, drifts, ts, y0, args):
     """(costs, the basis the allocation uses, whether they were measured here)."""
     if cost_unit not in ("seconds", "flops"):
-        raise ValueError(f"cost_unit: expected 'seconds' or 'flops', got {cost_unit!r}.")
+        raise InputError(f"cost_unit: expected 'seconds' or 'flops', got {cost_unit!r}.")
     measured = costs is None
     if measured:
         batched = [jax.vmap(f, in_axes=(None, 0, None)) for f in drifts]
         costs = level_costs(batched, ts[0], y0, args)
     basis = np.asarray(costs.seconds if cost_unit == "seconds" else costs.flops, np.float64)
     if basis.shape != (len(drifts),):
-        raise ValueError(f"costs: expected one cost per level ({len(drifts)} drifts), got {basis.size}.")
+        raise InputError(f"costs: expected one cost per level ({len(drifts)} drifts), got {basis.size}.")
     if np.any(~np.isfinite(basis)) or np.any(basis <= 0):
-        raise ValueError(f"costs: the {cost_unit} of every level must be positive and finite, got {basis}.")
+        raise InputError(f"costs: the {cost_unit} of every level must be positive and finite, got {basis}.")
     return costs, basis, measured
 
 

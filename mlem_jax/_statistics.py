@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax._multilevel import CallProbe, ProbeRecord
 from mlem_jax._solvers import euler_maruyama
 from mlem_jax._validate import check_drifts, check_ts
@@ -170,11 +171,11 @@ def level_statistics(
     keys = jnp.asarray(keys)
     num_traj = keys.shape[0]
     if num_traj < 6:
-        raise ValueError(f"keys: expected at least 6 trajectories for the statistics, got {num_traj}.")
+        raise InputError(f"keys: expected at least 6 trajectories for the statistics, got {num_traj}.")
     first = jax.tree_util.tree_map(lambda a: a[0], y0)
     drifts = check_drifts(drifts, ts[0], first, args)
     if num_bins < 1:
-        raise ValueError(f"num_bins: expected a positive number of bins, got {num_bins}.")
+        raise InputError(f"num_bins: expected a positive number of bins, got {num_bins}.")
     _check_statistics_options(control, stride, weighting)
     solver = _default_solver(diffusion, ts, args) if solver is None else solver
     propagated = weighting == "propagated"
@@ -199,13 +200,13 @@ def level_statistics(
 
 def _check_statistics_options(control, stride, weighting) -> None:
     if control not in (None, "cached"):
-        raise ValueError(f"control: the statistics cover control=None and 'cached', got {control!r} (an "
+        raise InputError(f"control: the statistics cover control=None and 'cached', got {control!r} (an "
                          "extrapolated cache depends on two gaps; calibrate it as 'cached' and compare by sampling).")
     if control is not None and stride != 1:
-        raise ValueError(f"stride: the residuals against the cache need the levels at every model call; pass "
+        raise InputError(f"stride: the residuals against the cache need the levels at every model call; pass "
                          f"stride=1 with control={control!r}, got {stride}.")
     if weighting not in ("linear", "propagated"):
-        raise ValueError(f"weighting: expected 'linear' or 'propagated', got {weighting!r}.")
+        raise InputError(f"weighting: expected 'linear' or 'propagated', got {weighting!r}.")
 
 
 def _flatten(tree):

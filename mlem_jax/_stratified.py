@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._closed_form import check_bins
+from mlem_jax._errors import InputError
 from mlem_jax._multilevel import Multilevel
 from mlem_jax._probabilities import (
     PiecewiseConstant,
@@ -75,7 +76,7 @@ def _scale_for_cost(cost_of, target, low=1e-6, high=1e6) -> float:
 
 def _check_budget(budget, num_steps, costs) -> None:
     if not budget > num_steps * costs[0]:
-        raise ValueError(
+        raise InputError(
             f"budget: {budget:.4g} per trajectory is not above the cost of the cheapest level alone "
             f"({num_steps} steps x {costs[0]:.4g} = {num_steps * costs[0]:.4g}); raise the budget."
         )
@@ -156,15 +157,15 @@ def stratified_probabilities(
     ts = check_ts(ts)
     coupling = check_coupling(coupling)
     if (target_error is None) == (budget is None):
-        raise ValueError("target_error, budget: give exactly one of them.")
+        raise InputError("target_error, budget: give exactly one of them.")
     if target_error is not None and not target_error > 0:
-        raise ValueError(f"target_error: expected a positive RMS error, got {target_error}.")
+        raise InputError(f"target_error: expected a positive RMS error, got {target_error}.")
     if num_pilots < 2:
-        raise ValueError(f"num_pilots: expected at least 2 pilot runs to interpolate between, got {num_pilots}.")
+        raise InputError(f"num_pilots: expected at least 2 pilot runs to interpolate between, got {num_pilots}.")
     drifts = tuple(drifts)
     costs = np.asarray(costs, np.float64)
     if costs.shape != (len(drifts),) or np.any(~np.isfinite(costs)) or np.any(costs <= 0):
-        raise ValueError(f"costs: expected {len(drifts)} positive finite costs, one per level, got {costs}.")
+        raise InputError(f"costs: expected {len(drifts)} positive finite costs, one per level, got {costs}.")
     num_steps = int(ts.shape[0] - 1) if stats.num_calls is None else int(stats.num_calls)  # model calls
     if budget is not None:
         _check_budget(budget, num_steps, costs)
@@ -213,7 +214,7 @@ def _coupled_pilot(solver, drifts, coupling, y0, keys, num_groups):
     groups = min(num_groups, num_traj)
     used = num_traj - num_traj % groups
     if used < 2 * groups:
-        raise ValueError(f"keys: expected at least {2 * groups} trajectories for {groups} pilot groups, got "
+        raise InputError(f"keys: expected at least {2 * groups} trajectories for {groups} pilot groups, got "
                          f"{num_traj}.")
     per_group = lambda a: jnp.reshape(a[:used], (groups, used // groups, *a.shape[1:]))
     y_groups = jax.tree_util.tree_map(per_group, y0)
@@ -241,7 +242,7 @@ def _scale_for_error(target_error, log_l, log_e) -> float:
     if target_error >= np.exp(log_e[0]):
         return float(np.exp(log_l[0]))
     if target_error < np.exp(log_e[-1]):
-        raise ValueError(
+        raise InputError(
             f"target_error: {target_error:.3g} is below the coupled error of every pilot (the most "
             f"expensive reached {np.exp(log_e[-1]):.3g}); sample with EM on the finest level, or use "
             "more steps."

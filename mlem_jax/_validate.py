@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 SMALL_PROBABILITY = 1e-6
 COUPLINGS = ("independent", "nested")
 COIN_SCHEMES = ("iid", "stratified")
@@ -38,12 +40,12 @@ def check_ts(ts: Any) -> jax.Array:
     except TypeError as e:
         raise TypeError(f"ts: expected a 1-D array of times, got {type(ts).__name__}.") from e
     if ts.ndim != 1:
-        raise ValueError(
+        raise InputError(
             f"ts: expected a 1-D array of times, got shape {ts.shape}. "
             "Pass the time grid itself, for example jnp.linspace(0.0, 1.0, 101)."
         )
     if ts.shape[0] < 2:
-        raise ValueError(
+        raise InputError(
             f"ts: expected at least 2 times (a start and an end), got {ts.shape[0]}."
         )
     if not jnp.issubdtype(ts.dtype, jnp.floating):
@@ -51,10 +53,10 @@ def check_ts(ts: Any) -> jax.Array:
     if is_concrete(ts):
         d = np.diff(np.asarray(ts))
         if not np.all(np.isfinite(np.asarray(ts))):
-            raise ValueError("ts: contains NaN or infinite times.")
+            raise InputError("ts: contains NaN or infinite times.")
         if not (np.all(d > 0) or np.all(d < 0)):
             bad = int(np.argmax(~((d > 0) if d[0] > 0 else (d < 0))))
-            raise ValueError(
+            raise InputError(
                 "ts: expected a strictly monotone grid (all increasing, or all decreasing "
                 f"for sampling backwards in time); the step from ts[{bad}]={float(ts[bad])} "
                 f"to ts[{bad + 1}]={float(ts[bad + 1])} breaks it."
@@ -100,7 +102,7 @@ def check_y0(y0: Any) -> Any:
 
 def check_coupling(coupling: Any) -> str:
     if coupling not in COUPLINGS:
-        raise ValueError(
+        raise InputError(
             f"coupling: expected one of {COUPLINGS}, got {coupling!r}. 'independent' draws "
             "one coin per level (the paper's scheme); 'nested' draws one uniform per step."
         )
@@ -109,7 +111,7 @@ def check_coupling(coupling: Any) -> str:
 
 def check_coins(coins: Any) -> str:
     if coins not in COIN_SCHEMES:
-        raise ValueError(
+        raise InputError(
             f"coins: expected one of {COIN_SCHEMES}, got {coins!r}. 'iid' draws fresh coins at "
             "every step (the paper's scheme); 'stratified' spreads each level's firings evenly "
             "in time (same marginals, strong order 1)."
@@ -132,7 +134,7 @@ def check_drifts(drifts: Any, t0: Any, y0: Any, args: Any) -> tuple[Callable, ..
             f"drifts: expected a sequence of drift functions, got {type(drifts).__name__}."
         ) from e
     if len(drifts) == 0:
-        raise ValueError("drifts: expected at least one drift function, got an empty sequence.")
+        raise InputError("drifts: expected at least one drift function, got an empty sequence.")
     for k, f in enumerate(drifts):
         if not callable(f):
             raise TypeError(f"drifts[{k}]: expected a callable f(t, y, args), got {type(f).__name__}.")
@@ -146,14 +148,14 @@ def check_drift(drift: Any, t0: Any, y0: Any, args: Any, name: str = "drift") ->
     out = jax.eval_shape(drift, t0, y0, args)
     y_struct = jax.tree_util.tree_structure(y0)
     if jax.tree_util.tree_structure(out) != y_struct:
-        raise ValueError(
+        raise InputError(
             f"{name}: its output must have the pytree structure of y0; got {_describe(out)} "
             f"for y0 of {_describe(jax.eval_shape(lambda: y0))}."
         )
     for o, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(y0)):
         y = jnp.asarray(y) if not hasattr(y, "shape") else y
         if o.shape != y.shape or o.dtype != y.dtype:
-            raise ValueError(
+            raise InputError(
                 f"{name}: its output must match y0 leaf by leaf in shape and dtype; got "
                 f"{o.dtype}{list(o.shape)} where y0 has {y.dtype}{list(y.shape)}. A drift "
                 "returns dy/dt for one state, shaped like that state."
@@ -178,7 +180,7 @@ def check_diffusion(diffusion: Any, t0: Any, y0: Any, args: Any) -> None:
         (g,) = jax.tree_util.tree_leaves(out)
         pairs = [(g, y) for y in y_leaves]
     else:
-        raise ValueError(
+        raise InputError(
             f"diffusion: its output must be one array or a pytree like y0; got {_describe(out)}."
         )
     for g, y in pairs:
@@ -187,7 +189,7 @@ def check_diffusion(diffusion: Any, t0: Any, y0: Any, args: Any) -> None:
         except ValueError:
             ok = False
         if not ok:
-            raise ValueError(
+            raise InputError(
                 f"diffusion: its output of shape {tuple(g.shape)} does not broadcast to the state "
                 f"shape {tuple(y.shape)}. mlem-jax uses diagonal noise: return a scalar, or an "
                 "array broadcastable to y (for example shape (1,) * y.ndim)."
@@ -209,7 +211,7 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
                 f"PiecewiseConstant. ({type(e).__name__})"
             ) from None
         if out.shape != (num_levels,):
-            raise ValueError(
+            raise InputError(
                 f"probs: the schedule must return one probability per level, shape "
                 f"({num_levels},), got shape {out.shape}."
             )
@@ -224,7 +226,7 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
         return _checked_when_run(fn, values, coupling)
     p = jnp.asarray(probs)
     if p.shape != (num_levels,):
-        raise ValueError(
+        raise InputError(
             f"probs: expected one probability per level, shape ({num_levels},) for "
             f"{num_levels} drifts, got shape {p.shape}."
         )
@@ -246,7 +248,7 @@ def _check_coverage(probs, ts) -> None:
     lo, hi = t.min(), t.max()
     slack = 1e-5 * max(hi - lo, 1e-12)
     if edges[0] > lo + slack or edges[-1] < hi - slack:
-        raise ValueError(
+        raise InputError(
             f"probs: the schedule's edges cover [{edges[0]:.6g}, {edges[-1]:.6g}], but the solver calls the "
             "model at times in "
             f"[{lo:.6g}, {hi:.6g}]; a schedule is made for the times it was calibrated on. Calibrate on this "
@@ -285,20 +287,20 @@ def probabilities_checked_at_call(p, coupling: str):
 def _check_prob_values(p: np.ndarray, coupling: str, name: str) -> None:
     """`p` has shape (num_times, K)."""
     if np.any(np.isnan(p)):
-        raise ValueError(f"{name}: contains NaN.")
+        raise InputError(f"{name}: contains NaN.")
     if np.any(p <= 0) or np.any(p > 1):
-        raise ValueError(
+        raise InputError(
             f"{name}: every probability must lie in (0, 1]; got min {p.min():.3g}, max "
             f"{p.max():.3g}. A level that should never run is better left out of drifts."
         )
     if np.any(p[:, 0] != 1):
-        raise ValueError(
+        raise InputError(
             f"{name}: the first (cheapest) level must have probability 1, got "
             f"{p[:, 0].min():.3g}. The estimator is f^1 + sum_k (B_k / p_k)(f^k - f^(k-1)); "
             "f^1 is the base that every step pays for."
         )
     if coupling == "nested" and np.any(np.diff(p, axis=1) > 0):
-        raise ValueError(
+        raise InputError(
             f"{name}: the nested coupling needs non-increasing probabilities "
             "(p_1 >= p_2 >= ... >= p_K), since level k fires when U < p_k; got "
             f"{np.array2string(p[np.argmax(np.any(np.diff(p, axis=1) > 0, axis=1))], precision=3)}. "
@@ -318,18 +320,18 @@ def check_saveat(saveat: Any, num_times: int) -> np.ndarray | None:
         return None
     if isinstance(saveat, str):
         if saveat != "all":
-            raise ValueError(f"saveat: expected None, 'all' or integer indices into ts, got {saveat!r}.")
+            raise InputError(f"saveat: expected None, 'all' or integer indices into ts, got {saveat!r}.")
         return np.arange(num_times)
     if not is_concrete(saveat):
         raise TypeError("saveat: the indices must be concrete (not traced); pass them as a static list.")
     idx = np.asarray(saveat)
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-        raise ValueError(f"saveat: expected a 1-D sequence of integer indices into ts, got {idx!r}.")
+        raise InputError(f"saveat: expected a 1-D sequence of integer indices into ts, got {idx!r}.")
     idx = np.where(idx < 0, idx + num_times, idx)
     if np.any(idx < 0) or np.any(idx >= num_times):
-        raise ValueError(f"saveat: indices must lie in [-{num_times}, {num_times}), got {saveat!r}.")
+        raise InputError(f"saveat: indices must lie in [-{num_times}, {num_times}), got {saveat!r}.")
     if np.any(np.diff(idx) <= 0):
-        raise ValueError(f"saveat: indices must be strictly increasing, got {saveat!r}.")
+        raise InputError(f"saveat: indices must be strictly increasing, got {saveat!r}.")
     return idx
 
 
@@ -340,20 +342,20 @@ def check_firings(firings: Any, num_levels: int, num_steps: int, coupling: str) 
     except (TypeError, ValueError) as e:
         raise TypeError(f"probs: FixedFirings.firings must be a sequence of integers, got {firings!r}.") from e
     if any(v != int(v) for v in values):
-        raise ValueError(f"probs: FixedFirings.firings must be whole numbers of firings, got {tuple(firings)}; round "
+        raise InputError(f"probs: FixedFirings.firings must be whole numbers of firings, got {tuple(firings)}; round "
                          "them yourself (the weights num_steps / firings depend on the exact count).")
     m = tuple(int(v) for v in values)
     if len(m) != num_levels - 1:
-        raise ValueError(
+        raise InputError(
             f"probs: FixedFirings gives the firings of levels 2..K, expected {num_levels - 1} values "
             f"for {num_levels} drifts, got {len(m)}."
         )
     if any(not 1 <= x <= num_steps for x in m):
-        raise ValueError(
+        raise InputError(
             f"probs: FixedFirings firings must lie in [1, {num_steps}] (the number of steps), got {m}."
         )
     if coupling == "nested" and any(b > a for a, b in zip(m, m[1:])):
-        raise ValueError(f"probs: the nested coupling needs non-increasing firings, got {m}.")
+        raise InputError(f"probs: the nested coupling needs non-increasing firings, got {m}.")
     return m
 
 

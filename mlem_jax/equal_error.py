@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import PiecewiseConstant
+from mlem_jax._errors import InputError
 from mlem_jax._stratified import _stratified_family
 from mlem_jax.calibrate import flops_of, level_costs, level_statistics
 from mlem_jax.diffusion.coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
@@ -110,7 +111,7 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
     samples noise) is a ValueError before the search.
     """
     if not isinstance(pilot_size, (int, np.integer)) or pilot_size < 6:
-        raise ValueError(f"pilot_size: expected at least 6 pilot samples (the level statistics need 6), got "
+        raise InputError(f"pilot_size: expected at least 6 pilot samples (the level statistics need 6), got "
                          f"{pilot_size!r}.")
     t_start = time.perf_counter()
     drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
@@ -132,7 +133,7 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
     ref, dw, y, _ = _reference_and_em(drifts, g, ts, ts_ref, pilot)
     target = coupled_error(y, ref).value
     if max_error is not None and not target <= max_error:
-        raise ValueError(f"family: EM's own coupled error on the pilot is {target:.3g} per pixel, beyond {max_error:g} "
+        raise InputError(f"family: EM's own coupled error on the pilot is {target:.3g} per pixel, beyond {max_error:g} "
                          "(half the data's range): the finest level samples noise, so the family looks undertrained "
                          "or the grid too coarse; nothing was searched.")
     log(f"pilot ({pilot_size} samples): EM error {target:.4f}; bisecting over {len(schedules)} configurations")
@@ -166,7 +167,7 @@ def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, s
     and EM", "ML-EM", "FLOPs"): what a progress bar shows.
     """
     if num_steps < 2 or batch_size < 2 or pilot_size < 2:
-        raise ValueError("num_steps, batch_size, pilot_size: expected at least 2 each.")
+        raise InputError("num_steps, batch_size, pilot_size: expected at least 2 each.")
     drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
     pilot_seconds = 0.0
     if probs is None:

@@ -28,6 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mlem_jax._errors import InputError
+
 
 def batch_mesh(devices=None) -> Mesh:
     """A 1-D mesh with axis "batch" over `devices` (default: `jax.devices()`, every device
@@ -194,13 +196,13 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
 
     if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
             or not coordinator.rpartition(":")[2].isdigit():
-        raise ValueError(f"coordinator: expected 'host:port' (the address of process 0), got {coordinator!r}.")
+        raise InputError(f"coordinator: expected 'host:port' (the address of process 0), got {coordinator!r}.")
     if not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"num_processes: expected a positive integer, got {num_processes!r}.")
+        raise InputError(f"num_processes: expected a positive integer, got {num_processes!r}.")
     if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id!r}.")
+        raise InputError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id!r}.")
     if not heartbeat_timeout_s > 0:
-        raise ValueError(f"heartbeat_timeout_s: expected a positive number of seconds, got {heartbeat_timeout_s!r}.")
+        raise InputError(f"heartbeat_timeout_s: expected a positive number of seconds, got {heartbeat_timeout_s!r}.")
     # the runtime aborts every process on a duplicate id or a coordinator that never answers: look first
     start_watching = roll_call(coordinator, num_processes, process_id, timeout_s, heartbeat_timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -10,6 +10,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 
 class Timing(NamedTuple):
     """The output of the last call, the first call's seconds (compilation included), and
@@ -25,7 +27,7 @@ def time_calls(fn: Callable, *args, repeats: int = 5, statistic: str = "median")
     by `statistic`, "median" (robust to a stray slow call) or "min" (the best the device
     does)."""
     if statistic not in ("median", "min"):
-        raise ValueError(f"statistic: expected 'median' or 'min', got {statistic!r}.")
+        raise InputError(f"statistic: expected 'median' or 'min', got {statistic!r}.")
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0

@@ -426,3 +426,51 @@ def test_the_package_ships_about_ten_megabytes_of_weights():
     total = sum(os.path.getsize(f) for f in glob.glob(os.path.join(assets, "**", "*"), recursive=True)
                 if os.path.isfile(f))
     assert total < 12e6, total
+
+
+def test_a_bug_is_not_reported_as_bad_input(monkeypatch, capsys):
+    """Only the library's own input errors (`InputError`, a ValueError) become the one-line exit 2;
+    a ValueError from anywhere else is a bug and keeps its traceback."""
+    from mlem_jax import InputError
+    from mlem_jax.cli import _sample
+
+    def bug(args):
+        np.ones(3) + np.ones(4)  # numpy's ValueError: operands could not be broadcast
+
+    monkeypatch.setattr(_sample, "run", bug)
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        main(["sample", "--family", "x", "--no-progress"])
+
+    def bad_input(args):
+        raise InputError("steps: expected a positive number of steps, got 0.")
+
+    monkeypatch.setattr(_sample, "run", bad_input)
+    assert main(["sample", "--family", "x", "--no-progress"]) == 2
+    assert capsys.readouterr().err == "mlem-jax sample: error: steps: expected a positive number of steps, got 0.\n"
+
+
+def test_a_damaged_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    """Array data of the only checkpoint overwritten: resuming ends in one line of at most a few hundred
+    characters naming the step and folder (tensorstore's error carries a 60-line spec), and orbax's
+    "Event loop is closed" callbacks (one per array) never reach the unraisable-exception hook."""
+    import gc
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    argv = ["train", "--dataset", "procedural", "--steps", "1", "--out", str(out), "--nfs", "4", "--ch-mult", "2",
+            "--batch-size", "8", "--no-progress"]
+    assert main(argv) == 0
+    for f in (out / "checkpoints" / "nf4" / "1" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"damaged" * 10)
+    capsys.readouterr()
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(repr(u.exc_value)))
+    assert main([*argv[:4], "2", *argv[5:], "--resume"]) == 2
+    time.sleep(0.5)  # the pending reads complete on tensorstore's threads
+    gc.collect()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and len(err[0]) < 700, err
+    assert "step 1" in err[0] and "is corrupt or incomplete" in err[0] and "nf4" in err[0]
+    assert not [s for s in seen if "Event loop is closed" in s], seen

@@ -92,13 +92,14 @@ def test_learning_with_a_budget_reaches_the_closed_form_optimum():
 
 def test_learning_with_a_cost_weight_reaches_its_closed_form():
     """Fixed lambda: minimising h^2 N sum V_k / p_k + lambda N sum p_k C~_k gives
-    p_k = h sqrt(V_k / (lambda C~_k)); same 1% tolerance on the exact objective."""
+    p_k = h sqrt(V_k / (lambda C~_k)); same 1% tolerance on the exact objective, from the flat start
+    0.3^(k-1) (the default closed-form start is already the optimum on these time-constant levels)."""
     C = correction_costs(COSTS, "independent")
     lam = H * H * V[1] / (0.35**2 * C[1])
     closed = np.concatenate([[1.0], H * np.sqrt(V[1:] / (lam * C[1:]))])
     r = learn_probabilities(affine_levels(np.zeros(3), OFFSETS), g, jnp.zeros(8), TS_N, jax.random.key(1),
                             costs=COSTS, cost_weight=lam, num_bins=2, steps=600, num_groups=16, group_size=1,
-                            progress=False)
+                            init=0.3 ** np.arange(3), progress=False)
     values = np.asarray(r.probs.values)
     objective = lambda v: offset_mse(v) + lam * (N / 2) * float(np.sum(np.asarray(v) * C))
     assert 1.0 <= objective(values) / objective(np.stack([closed, closed])) < 1.01, (values, closed)
@@ -201,3 +202,52 @@ def test_learning_warns_when_it_stops_early():
     with pytest.warns(NotConvergedWarning, match="learn_probabilities: .*run more steps"):
         learn_probabilities(affine_levels(A, B), g, jnp.full((16,), X0), TS_N, jax.random.key(3), costs=COSTS,
                             budget=120.0, num_bins=4, steps=24, optimizer=optax.adam(0.2), progress=False)
+
+
+def test_the_default_start_finds_a_schedule_that_varies_in_time():
+    """Offsets that grow in time, f^k = b_k t^3: V_k(t) = (b_k - b_{k-1})^2 t^6, so the best p_k
+    rises like t^3 per bin. At its defaults (closed-form start, 300 steps) the learned schedule's
+    exact error is within 10% of the optimum at the same cost (mean of 3 seeds; the steps' coin noise
+    moves it off the closed form's start); from the flat start 0.3^(k-1) the same 300 steps leave it
+    further off, at every seed (the review measured 1.82x on its problem), so the comparison can fail."""
+    b = np.array([0.0, 1.0, 1.5])
+    levels = tuple((lambda t, y, args, bk=bk: bk * t**3 + 0.0 * y) for bk in b)
+    nb, n = 4, 40
+    ts = jnp.linspace(0.0, 1.0, n + 1)
+    h, t_n = 1.0 / n, np.linspace(0.0, 1.0, n + 1)[:-1]
+    C = correction_costs(COSTS, "independent")
+    bins = np.minimum((t_n * nb).astype(int), nb - 1)
+    vk = np.diff(b, prepend=0.0)[None, 1:] ** 2 * t_n[:, None] ** 6  # (N, K-1)
+
+    def error(values):  # exact E D^2 = h^2 sum_n sum_k V_k(t_n) (1/p_k - 1)
+        return h * h * float(np.sum(vk * (1.0 / np.asarray(values)[bins, 1:] - 1.0)))
+
+    def cost(values):
+        return float(np.sum(np.asarray(values)[bins] @ C))
+
+    def optimum(budget):  # p_kb = sqrt(V_kb / C_k) / mu per bin, mu from the budget (no clamping here)
+        vb = np.stack([vk[bins == j].mean(0) for j in range(nb)])
+        shape = np.sqrt(vb / C[1:])
+        counts = np.bincount(bins, minlength=nb)
+        mu = float(np.sum(counts[:, None] * shape * C[1:])) / (budget - n * C[0])
+        return np.concatenate([np.ones((nb, 1)), shape / mu], axis=1)
+
+    budget = n * (C[0] + 0.2 * C[1] + 0.08 * C[2])
+    best = optimum(budget)
+    assert np.all(best <= 1) and cost(best) == pytest.approx(budget, rel=1e-9)
+    kw = dict(costs=COSTS, budget=budget, num_bins=nb, progress=False)
+    import warnings
+
+    ratios = []
+    for seed in (1, 2, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            learned = learn_probabilities(levels, g, jnp.zeros(16), ts, jax.random.key(seed), **kw)
+            flat = learn_probabilities(levels, g, jnp.zeros(16), ts, jax.random.key(seed), init=0.3 ** np.arange(3),
+                                       **kw)
+        for r in (learned, flat):
+            assert cost(r.probs.values) == pytest.approx(budget, rel=1e-5)
+        ratios.append([error(learned.probs.values) / error(best), error(flat.probs.values) / error(best)])
+    ratios = np.asarray(ratios)  # measured (seeds 1-3): 1.01-1.12 from the default start, 1.21-1.39 from the flat one
+    assert np.all(ratios[:, 0] < ratios[:, 1]), ratios
+    assert ratios[:, 0].mean() < 1.1 and ratios[:, 1].mean() > 1.2, ratios

@@ -16,6 +16,7 @@ import contextlib
 import signal
 import sys
 
+from mlem_jax._errors import InputError
 from mlem_jax.cli import _advise, _calibrate, _demo, _sample, _train
 from mlem_jax.cli._common import CLIError, Parser
 
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"mlem-jax {args.command}: interrupted; {_what_was_kept(args)}", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as e:
+    except (CLIError, InputError, FileNotFoundError, FileExistsError, ImportError, FloatingPointError) as e:
+        # the library's own input errors only: any other ValueError is a bug and keeps its traceback
         print(f"mlem-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # XLA's out-of-memory error, a backend that is not there: one line and what to do

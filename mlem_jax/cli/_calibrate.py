@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax.cli._common import (
     DATA_SCALE,
     CLIError,
@@ -175,7 +176,7 @@ def _match_em(args, family, nfs, t0):
     try:
         found = search_configuration(family, args.steps, args.trajectories, args.seed, log=log,
                                      max_error=None if args.skip_range_check else MAX_PILOT_ERROR)
-    except ValueError as e:
+    except InputError as e:
         raise CLIError(f"--family: {str(e).removeprefix('family: ')} Pass --skip-range-check to search anyway.") from e
     path = save_calibration(
         args.out, found.probs, levels=nfs, steps=args.steps, grid=args.grid, coins="stratified",
@@ -276,7 +277,7 @@ def _learn(args, family, drifts, ts, y0, nfs, t0):
                                       steps=args.learn_steps, group_size=group, init=init,
                                       num_groups=max(2, args.trajectories // group),
                                       progress=not args.no_progress)
-    except ValueError as e:
+    except InputError as e:
         raise CLIError(f"--learn: {e}") from e
     for w in caught:
         if issubclass(w.category, NotConvergedWarning):

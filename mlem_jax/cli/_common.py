@@ -10,6 +10,8 @@ import shlex
 
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 
 class CLIError(Exception):
     """A bad argument: printed as one line, exit status 2."""
@@ -249,7 +251,7 @@ def join_run(args) -> bool:
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as e:
+    except InputError as e:
         name, _, text = str(e).partition(": ")
         raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
     except RuntimeError as e:

@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from mlem_jax._atomic import atomic_path
+from mlem_jax._errors import InputError
 from mlem_jax.cli._common import CLIError, output_files, positive, seed, writing
 
 
@@ -75,7 +76,7 @@ def run(args):
 
         try:
             return run_testbed(args, png, npz)
-        except ValueError as e:
+        except InputError as e:
             raise CLIError(f"--{e}") from e
     family = family_arg(args.family or demo_family_path())
     if len(family.models) < 2:

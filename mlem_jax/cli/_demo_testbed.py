@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax.cli._common import writing
 
 SINGLE_STEPS = (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
@@ -50,7 +51,7 @@ def run_testbed(args, png: str, npz: str):
         try:
             ladder = load_ladder(args.ladder)
         except FileNotFoundError as e:
-            raise ValueError(f"ladder: {e}") from e
+            raise InputError(f"ladder: {e}") from e
         tb = Testbed(ladder, batch_size=args.batch_size, seed=args.seed, truth_steps=100)
         w, K = tb.widths, len(tb.levels) - 1
         print(f"mlem-jax demo: the exact testbed. {args.batch_size} samples of a Gaussian mixture fitted to "
@@ -83,7 +84,7 @@ def run_testbed(args, png: str, npz: str):
             gains.append((tau, single, ml))
         chosen = [g for g in gains if g[0] == args.target]
         if not chosen:
-            raise ValueError(f"target: no single-network run reaches {args.target} x the top's floor within "
+            raise InputError(f"target: no single-network run reaches {args.target} x the top's floor within "
                              f"{SINGLE_STEPS[-1]} steps; use a looser --target.")
         _, single, ml = chosen[0]
         stepped = 0

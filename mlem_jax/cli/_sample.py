@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mlem_jax._errors import InputError
 from mlem_jax.cli._common import (
     CLIError,
     common_flags,
@@ -125,7 +126,7 @@ def labels_of(args, family):
     labels = None if chosen is None else np.resize(np.asarray(chosen, np.int32), args.batch_size)
     try:
         checked = check_labels(family, labels, args.guidance, args.batch_size)
-    except ValueError as e:
+    except InputError as e:
         name, _, text = str(e).partition(": ")
         raise CLIError(f"{flag if name == 'labels' else '--guidance'}: {text}") from e
     return None if checked is None else np.asarray(checked)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import time
 
+from mlem_jax._errors import InputError
 from mlem_jax.cli._common import (
     CLIError,
     check_out,
@@ -136,7 +137,7 @@ def run(args):
     _check_existing_family(args)
     try:
         family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult), num_classes=num_classes)
-    except ValueError as e:
+    except InputError as e:
         raise CLIError(f"--nfs: {e}") from e
     flow = args.schedule == "flow"
     sde = Flow() if flow else VP()
@@ -175,7 +176,7 @@ def run(args):
             raise CLIError(f"--out: writing into {args.out} failed ({e.strerror or e}); the checkpoints written "
                            "before are kept: free space (or fix the folder) and rerun the same command with "
                            "--resume.") from e
-        except ValueError as e:  # a resume with another recipe, a batch larger than the data, ...
+        except InputError as e:  # a resume with another recipe, a batch larger than the data, ...
             name, _, text = str(e).partition(": ")
             raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
         losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}

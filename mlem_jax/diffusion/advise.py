@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._diagnostics import LevelDiagnostics, format_diagnostics, level_diagnostics
+from mlem_jax._errors import InputError
 
 __all__ = ["Advice", "family_diagnostics", "held_out_images", "verdict"]
 
@@ -47,14 +48,14 @@ def held_out_images(family, data: str | None = None, data_dir: str | None = None
 
     name = data or family.meta.get("dataset")
     if not name:
-        raise ValueError("data: the family records no dataset; pass the held-out images (a dataset name, a folder or "
+        raise InputError("data: the family records no dataset; pass the held-out images (a dataset name, a folder or "
                          "an .npy/.npz file).")
     size = family.image_shape[0]
     if name == "fashion_mnist" and data_dir is None:
         import os
 
         if not os.path.isdir(FASHION_MNIST_DEBIAN):
-            raise ValueError("data: fashion_mnist needs --data-dir (a prepared tfds dir) or Debian's files "
+            raise InputError("data: fashion_mnist needs --data-dir (a prepared tfds dir) or Debian's files "
                              "(apt-get install dataset-fashion-mnist).")
         return read_local("fashion_mnist", FASHION_MNIST_DEBIAN, "test", image_size=size)
     return load_dataset(name, "test", data_dir, size)
@@ -80,10 +81,10 @@ def family_diagnostics(family, images, *, draws: int = 2048, batch_size: int = 2
 
     x = np.asarray(images, np.float32)
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(family.image_shape):
-        raise ValueError(f"images: expected held-out images of shape (N, {', '.join(map(str, family.image_shape))}), "
+        raise InputError(f"images: expected held-out images of shape (N, {', '.join(map(str, family.image_shape))}), "
                          f"got {x.shape}.")
     if draws < 16:
-        raise ValueError(f"draws: expected at least 16 held-out draws, got {draws}.")
+        raise InputError(f"draws: expected at least 16 held-out draws, got {draws}.")
     k0, kt, ke = jax.random.split(jax.random.key(seed), 3)
     x0 = jnp.asarray(x)[jax.random.randint(k0, (draws,), 0, x.shape[0])]
     t = jax.random.uniform(kt, (draws,), minval=t_min, maxval=1.0)

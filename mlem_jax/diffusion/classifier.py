@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from mlem_jax._errors import InputError
 from mlem_jax.diffusion.unet import compiled_init
 
 
@@ -74,7 +75,7 @@ def train_classifier(images, labels, test_images, test_labels, key, steps: int =
     returns the model with its accuracy on the test images."""
     images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
     if images.ndim != 4 or labels.shape != (images.shape[0],):
-        raise ValueError(f"images, labels: expected (N, H, W, C) and (N,), got {images.shape} and {labels.shape}.")
+        raise InputError(f"images, labels: expected (N, H, W, C) and (N,), got {images.shape} and {labels.shape}.")
     num_classes = int(max(labels.max(), np.max(test_labels)) + 1)
     model = Classifier(num_classes, width)
     init_key, data_key = jax.random.split(key)

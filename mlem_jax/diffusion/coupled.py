@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax._errors import InputError
 
 
 class SharedNoise(NamedTuple):
@@ -44,7 +45,7 @@ def increments_on(noise: SharedNoise, ts) -> jax.Array:
     coarse = np.asarray(ts, np.float64)
     n_fine, n = fine.size - 1, coarse.size - 1
     if n < 1 or n_fine % n != 0 or not np.allclose(fine[:: n_fine // n], coarse, rtol=1e-5, atol=1e-7):
-        raise ValueError(
+        raise InputError(
             f"ts: a grid of {n} steps is not every r-th point of the shared noise's grid of {n_fine} steps; "
             "use grids whose step counts divide the fine one (for example uniform_grid(N) and "
             "uniform_grid(4 N))."

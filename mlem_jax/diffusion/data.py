@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 EMBEDDED = ("digits", "procedural")
 LOCAL_BUILDERS = {"mnist": "mlem_mnist", "fashion_mnist": "mlem_fashion_mnist", "cifar10": "mlem_cifar10"}
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
@@ -55,7 +57,7 @@ def _split(x, split, n_test):
         return x[-n_test:]
     if split == "all":
         return x
-    raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}.")
+    raise InputError(f"split: expected 'train', 'test' or 'all', got {split!r}.")
 
 
 def procedural(key, num: int, shape=(16, 16, 1), blobs: int = 3) -> np.ndarray:
@@ -78,7 +80,7 @@ def batches(images, batch_size: int, key, drop_last: bool = True) -> Iterator:
     arrays with one row per example (images, labels): the batches are then tuples, rows kept together."""
     n = (images[0] if isinstance(images, tuple) else images).shape[0]
     if batch_size < 1 or (drop_last and batch_size > n):
-        raise ValueError(f"batch_size: expected 1 <= batch_size <= {n} (the number of images), got {batch_size}.")
+        raise InputError(f"batch_size: expected 1 <= batch_size <= {n} (the number of images), got {batch_size}.")
     epoch = 0
     while True:
         order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
@@ -97,7 +99,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, i
     'fashion_mnist' and 'cifar10', any other prepared tfds name as is). With
     `with_labels=True`, returns (images, labels) (tfds datasets with a 'label' only)."""
     if with_labels and name in EMBEDDED:
-        raise ValueError(f"with_labels: the embedded dataset {name!r} has no labels; use a tfds dataset.")
+        raise InputError(f"with_labels: the embedded dataset {name!r} has no labels; use a tfds dataset.")
     labels = None
     if name not in EMBEDDED:
         from mlem_jax.diffusion.folder import is_image_source, load_images
@@ -110,7 +112,7 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, i
         x = procedural(jax.random.key(0 if split == "train" else 1), 512, (16, 16, 1))
     else:
         if data_dir is None:
-            raise ValueError(
+            raise InputError(
                 f"data_dir: dataset {name!r} is read from a prepared tfds data dir; pass data_dir "
                 f"(embedded datasets need none: {EMBEDDED})."
             )
@@ -143,7 +145,7 @@ def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None, 
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends
         known = sorted(set(LOCAL_BUILDERS) | set(LOCAL_BUILDERS.values()) | set(EMBEDDED))
-        raise ValueError(f"name: unknown dataset {name!r} ({type(e).__name__}); known here: {known} "
+        raise InputError(f"name: unknown dataset {name!r} ({type(e).__name__}); known here: {known} "
                          "or any tfds dataset prepared in data_dir.") from e
     if not builder.is_prepared():
         hint = (f"mlem_jax.diffusion.data.prepare_local({_local_short(name)!r}, source_dir, {data_dir!r})"
@@ -162,7 +164,7 @@ def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None, 
     if not with_labels:
         return to_unit_range(images)
     if n and "label" not in records[0]:
-        raise ValueError(f"with_labels: dataset {name!r} has no 'label' feature (it has {sorted(records[0])}).")
+        raise InputError(f"with_labels: dataset {name!r} has no 'label' feature (it has {sorted(records[0])}).")
     return to_unit_range(images), np.asarray([int(r["label"]) for r in records], np.int32)
 
 
@@ -180,15 +182,15 @@ def read_idx(path: str) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (EOFError, gzip.BadGzipFile, OSError) as e:
-        raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated.") from e
+        raise InputError(f"{path}: cannot be read ({type(e).__name__}: {e}); the file is damaged or truncated.") from e
     if len(data) < 4:
-        raise ValueError(f"{path}: too short ({len(data)} bytes) to be an idx file.")
+        raise InputError(f"{path}: too short ({len(data)} bytes) to be an idx file.")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file.")
+        raise InputError(f"{path}: not an unsigned-byte idx file.")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     if len(data) - 4 - 4 * ndim != int(np.prod(shape)):
-        raise ValueError(f"{path}: the header says {shape} bytes of data, the file holds {len(data) - 4 - 4 * ndim}; "
+        raise InputError(f"{path}: the header says {shape} bytes of data, the file holds {len(data) - 4 - 4 * ndim}; "
                          "it is truncated or damaged.")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -216,7 +218,7 @@ def _mnist_like(source_dir, split):
     xp, yp = _find(source_dir, f"{prefix}-images-idx3-ubyte"), _find(source_dir, f"{prefix}-labels-idx1-ubyte")
     x, y = read_idx(xp), read_idx(yp)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"source_dir: {xp} holds {x.shape[0]} images but {yp} holds {y.shape[0]} labels; one of "
+        raise InputError(f"source_dir: {xp} holds {x.shape[0]} images but {yp} holds {y.shape[0]} labels; one of "
                          "the two files is from another split or damaged.")
     return x[..., None], y
 
@@ -230,7 +232,7 @@ def _cifar10(source_dir, split):
             try:
                 d = _ArraysOnly(f, encoding="bytes").load()
             except pickle.UnpicklingError as e:
-                raise ValueError(f"source_dir: {path}: {e}") from e
+                raise InputError(f"source_dir: {path}: {e}") from e
         xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(np.asarray(d[b"labels"]))
     return np.concatenate(xs), np.concatenate(ys)
@@ -307,9 +309,9 @@ def read_local(name: str, source_dir: str, split: str = "train", image_size: int
     where tfds is not installed (a GPU image, say); `load_dataset` reads the same records
     from a prepared tfds dir, in tfds's order."""
     if name not in _READERS:
-        raise ValueError(f"name: {name!r} has no raw reader; expected one of {sorted(_READERS)}.")
+        raise InputError(f"name: {name!r} has no raw reader; expected one of {sorted(_READERS)}.")
     if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}.")
+        raise InputError(f"split: expected 'train' or 'test', got {split!r}.")
     if not os.path.isdir(source_dir):
         raise FileNotFoundError(f"source_dir: {source_dir!r} does not exist.")
     x, y = _READERS[name](source_dir, split)
@@ -325,7 +327,7 @@ def prepare_local(name: str, source_dir: str, data_dir: str, limit: int | None =
     under data_dir (no tensorflow, no network). `limit` keeps the first records of each
     split (for tests). Returns the tfds name to read it with."""
     if name not in LOCAL_BUILDERS:
-        raise ValueError(f"name: expected one of {sorted(LOCAL_BUILDERS)}, got {name!r}.")
+        raise InputError(f"name: expected one of {sorted(LOCAL_BUILDERS)}, got {name!r}.")
     if not os.path.isdir(source_dir):
         raise FileNotFoundError(f"source_dir: {source_dir!r} does not exist.")
     tfds = _tfds()
@@ -355,7 +357,7 @@ def celeba_64(images, key=None, crop: int = 140, size: int = 64) -> np.ndarray:
         x = x[None]
     N, H, W, C = x.shape
     if H < crop or W < crop:
-        raise ValueError(f"images: expected images of at least {crop}x{crop}, got {H}x{W}.")
+        raise InputError(f"images: expected images of at least {crop}x{crop}, got {H}x{W}.")
     top, left = (H - crop) // 2, (W - crop) // 2
     x = to_unit_range(x[:, top : top + crop, left : left + crop])
     x = jax.image.resize(jnp.asarray(x), (N, size, size, C), "linear", antialias=True)

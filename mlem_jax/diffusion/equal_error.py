@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import Multilevel
+from mlem_jax._errors import InputError
 from mlem_jax.diffusion.metrics import Estimate, coupled_error
 from mlem_jax.diffusion.samplers import CALLS_PER_STEP, SAMPLERS
 from mlem_jax.diffusion.sde import logsnr_grid, uniform_grid
@@ -185,15 +186,15 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     from mlem_jax.timing import time_pair
 
     if len(family.models) < 2:
-        raise ValueError(f"family: the comparison needs at least two levels, got {len(family.models)}.")
+        raise InputError(f"family: the comparison needs at least two levels, got {len(family.models)}.")
     if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"sampler: expected one of {sorted(SAMPLER_NAMES)}, got {sampler!r}.")
+        raise InputError(f"sampler: expected one of {sorted(SAMPLER_NAMES)}, got {sampler!r}.")
     for name, v, low in (("steps", steps, 2), ("batch_size", batch_size, 2), ("pilot_size", pilot_size, 2),
                          ("coin_plans", coin_plans, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-            raise ValueError(f"{name}: expected an integer of at least {low}, got {v!r}.")
+            raise InputError(f"{name}: expected an integer of at least {low}, got {v!r}.")
     if batch_size % coin_plans or pilot_size % coin_plans:
-        raise ValueError(f"coin_plans: {coin_plans} must divide batch_size={batch_size} and pilot_size={pilot_size}.")
+        raise InputError(f"coin_plans: {coin_plans} must divide batch_size={batch_size} and pilot_size={pilot_size}.")
     top = len(family.models) - 1
     gflop = np.array([s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
     secs = level_seconds(family.denoisers(), tuple(family.image_shape), batch_size)

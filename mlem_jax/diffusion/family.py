@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mlem_jax._errors import InputError
 from mlem_jax.diffusion.parameterization import reverse_drift
 from mlem_jax.diffusion.train import model_config, model_from_config, sde_config, sde_from_config
 from mlem_jax.diffusion.unet import UNet, denoiser_model, score_model
@@ -73,31 +74,31 @@ def save_family(path: str, models: Sequence[UNet], params: Sequence[Any], sde, p
 
 def _check_sde(cfg, where: str) -> None:
     if not isinstance(cfg, dict):
-        raise ValueError(f"family: {where} has sde {cfg!r}; expected an object such as "
+        raise InputError(f"family: {where} has sde {cfg!r}; expected an object such as "
                          '{"kind": "VP", "beta_min": 0.1, "beta_max": 20.0}.')
     kind = cfg.get("kind")
     names = {"VP": ("beta_min", "beta_max"), "SubVP": ("beta_min", "beta_max"), "VE": ("sigma_min", "sigma_max"),
              "Flow": ()}
     if kind not in names:
-        raise ValueError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP', 'VE' or 'Flow'.")
+        raise InputError(f"family: {where} has an unknown SDE kind {kind!r}; expected 'VP', 'SubVP', 'VE' or 'Flow'.")
     unknown = sorted(set(cfg) - {"kind", *names[kind]})
     if unknown:
-        raise ValueError(f"family: {where} has a {kind} SDE with unknown fields {unknown}; expected {names[kind]}.")
+        raise InputError(f"family: {where} has a {kind} SDE with unknown fields {unknown}; expected {names[kind]}.")
     for name in names[kind]:
         value = cfg.get(name)
         if name in cfg and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"family: {where} has {name} = {value!r} ({type(value).__name__}); expected a number.")
+            raise InputError(f"family: {where} has {name} = {value!r} ({type(value).__name__}); expected a number.")
     if kind == "Flow":
         return
     if kind in ("VP", "SubVP"):
         lo, hi = cfg.get("beta_min", 0.1), cfg.get("beta_max", 20.0)
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 <= lo < hi):
-            raise ValueError(f"family: {where} has a {kind} SDE with beta_min={lo}, beta_max={hi}; expected "
+            raise InputError(f"family: {where} has a {kind} SDE with beta_min={lo}, beta_max={hi}; expected "
                              "0 <= beta_min < beta_max.")
     else:
         lo, hi = cfg.get("sigma_min", 0.01), cfg.get("sigma_max", 50.0)
         if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
-            raise ValueError(f"family: {where} has a VE SDE with sigma_min={lo}, sigma_max={hi}; expected "
+            raise InputError(f"family: {where} has a VE SDE with sigma_min={lo}, sigma_max={hi}; expected "
                              "0 < sigma_min < sigma_max.")
 
 
@@ -114,26 +115,26 @@ def load_family(path: str) -> Family:
     arrays = _read_arrays(base + ".npz")
     if "meta/image_shape" in arrays and list(arrays["meta/image_shape"]) != list(shape):
         trained = arrays["meta/image_shape"].tolist()
-        raise ValueError(f"family: {base}.npz was trained on images of shape {trained}, but "
+        raise InputError(f"family: {base}.npz was trained on images of shape {trained}, but "
                          f"{base}.json says {shape}; the two files do not belong together.")
     if "meta/sde" in arrays:
         try:
             trained_sde = json.loads(arrays["meta/sde"].tobytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"family: {base}.npz has a damaged 'meta/sde' record ({type(e).__name__}: {e}); the file "
+            raise InputError(f"family: {base}.npz has a damaged 'meta/sde' record ({type(e).__name__}: {e}); the file "
                              "is damaged or not written by save_family.") from e
         if trained_sde != dict(meta["sde"]):
-            raise ValueError(f"family: {base}.npz was trained with the SDE {trained_sde}, but {base}.json says "
+            raise InputError(f"family: {base}.npz was trained with the SDE {trained_sde}, but {base}.json says "
                              f"{meta['sde']}; the two files do not belong together.")
     stored = sorted({n.split("/", 1)[0] for n in arrays if n.startswith("level")})
     expected = [f"level{k}" for k in range(len(meta["levels"]))]
     if sorted(stored) != sorted(expected):
-        raise ValueError(f"family: {base}.npz holds {len(stored)} levels ({stored}) but {base}.json describes "
+        raise InputError(f"family: {base}.npz holds {len(stored)} levels ({stored}) but {base}.json describes "
                          f"{len(expected)}; the two files do not belong together.")
     levels = [_read_level(k, cfg, arrays, shape, base) for k, cfg in enumerate(meta["levels"])]
     classes = [m.num_classes for m, _ in levels]
     if len(set(classes)) > 1:
-        raise ValueError(f"family: the levels of {base}.json have num_classes {classes}; every level of a family "
+        raise InputError(f"family: the levels of {base}.json have num_classes {classes}; every level of a family "
                          "takes the same labels.")
     return Family(tuple(m for m, _ in levels), tuple(p for _, p in levels), sde_from_config(meta["sde"]),
                   meta["parameterization"], tuple(shape), meta)
@@ -146,22 +147,22 @@ def _read_meta(where: str) -> dict:
 
     meta = read_json(where, f"family: {where} is")
     if not isinstance(meta, dict):
-        raise ValueError(f"family: {where} holds a {type(meta).__name__}, not an object; write families with "
+        raise InputError(f"family: {where} holds a {type(meta).__name__}, not an object; write families with "
                          "save_family / mlem-jax train.")
     missing = [k for k in ("levels", "sde", "parameterization", "image_shape") if k not in meta]
     if missing:
-        raise ValueError(f"family: {where} lacks {missing}; write families with save_family / mlem-jax train.")
+        raise InputError(f"family: {where} lacks {missing}; write families with save_family / mlem-jax train.")
     levels = meta["levels"]
     if not (isinstance(levels, list) and levels and all(isinstance(c, dict) for c in levels)):
-        raise ValueError(f"family: {where} has levels = {str(levels)[:80]!r}; expected a non-empty list of UNet "
+        raise InputError(f"family: {where} has levels = {str(levels)[:80]!r}; expected a non-empty list of UNet "
                          'descriptions ({"nf": 8, "ch_mult": [1, 2, 2], ...}).')
     if meta["parameterization"] not in PARAMETERIZATIONS:
-        raise ValueError(f"family: {where} has parameterization {meta['parameterization']!r}; expected one of "
+        raise InputError(f"family: {where} has parameterization {meta['parameterization']!r}; expected one of "
                          f"{PARAMETERIZATIONS}.")
     shape = meta["image_shape"]
     if not (isinstance(shape, list) and len(shape) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-        raise ValueError(f"family: {where} has image_shape {shape!r}; expected [height, width, channels].")
+        raise InputError(f"family: {where} has image_shape {shape!r}; expected [height, width, channels].")
     _check_sde(meta["sde"], where)
     return meta
 
@@ -173,14 +174,14 @@ def _read_arrays(where: str) -> dict:
         archive = np.load(where, allow_pickle=False)
         names = archive.files
     except Exception as e:
-        raise ValueError(f"family: {where} is not a readable npz file ({type(e).__name__}: {e}).") from e
+        raise InputError(f"family: {where} is not a readable npz file ({type(e).__name__}: {e}).") from e
     arrays = {}
     with archive:
         for name in names:
             try:
                 arrays[name] = archive[name]
             except Exception as e:  # BadZipFile, a CRC error, an object array (allow_pickle=False), ...
-                raise ValueError(f"family: member {name!r} of {where} cannot be read ({type(e).__name__}: {e}); "
+                raise InputError(f"family: member {name!r} of {where} cannot be read ({type(e).__name__}: {e}); "
                                  "the file is damaged or was not written by save_family.") from e
     return arrays
 
@@ -196,24 +197,24 @@ def _read_level(k: int, cfg: dict, arrays: dict, shape, base: str):
         template = traverse_util.flatten_dict(
             jax.eval_shape(lambda: init_params(model, jax.random.key(0), shape)), sep="/")
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"family: level {k} of {base}.json is not a valid UNet description ({e}).") from e
+        raise InputError(f"family: level {k} of {base}.json is not a valid UNet description ({e}).") from e
     prefix = f"level{k}/"
     flat = {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
     if set(flat) != set(template):
         extra, lacking = sorted(set(flat) - set(template)), sorted(set(template) - set(flat))
-        raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz does not match {base}.json: "
+        raise InputError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz does not match {base}.json: "
                          f"{len(lacking)} parameters missing ({lacking[:2]}), {len(extra)} unexpected "
                          f"({extra[:2]}).")
     for name, spec in template.items():
         if tuple(flat[name].shape) != tuple(spec.shape):
-            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of shape "
+            raise InputError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of shape "
                              f"{tuple(flat[name].shape)}, but {base}.json's model needs {tuple(spec.shape)}; "
                              "the two files do not belong together.")
         if not np.issubdtype(flat[name].dtype, np.floating):
-            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of dtype "
+            raise InputError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has {name} of dtype "
                              f"{flat[name].dtype}; weights are floating point: the file is damaged.")
         if not np.all(np.isfinite(flat[name])):
-            raise ValueError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has non-finite weights in "
+            raise InputError(f"family: level {k} (nf={cfg['nf']}) of {base}.npz has non-finite weights in "
                              f"{name}; the training diverged or the file is damaged.")
     params = traverse_util.unflatten_dict({n: jnp.asarray(v, jnp.float32) for n, v in flat.items()}, sep="/")
     return model, params
@@ -246,18 +247,18 @@ def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None =
         for field in ("parameterization", "image_shape"):
             if getattr(f, field) != getattr(first, field):
                 mine, theirs = getattr(f, field), getattr(first, field)
-                raise ValueError(f"{p}: its {field} {mine} differs from {paths[0]}'s {theirs}.")
+                raise InputError(f"{p}: its {field} {mine} differs from {paths[0]}'s {theirs}.")
         if f.meta["sde"] != first.meta["sde"]:
-            raise ValueError(f"{p}: its SDE {f.meta['sde']} differs from {paths[0]}'s {first.meta['sde']}.")
+            raise InputError(f"{p}: its SDE {f.meta['sde']} differs from {paths[0]}'s {first.meta['sde']}.")
     levels = [(m.nf, m, prm, p) for p, f in zip(paths, families) for m, prm in zip(f.models, f.params)]
     if nfs is not None:
         missing = sorted(set(nfs) - {nf for nf, *_ in levels})
         if missing:
-            raise ValueError(f"nfs: no level with nf={missing} in {list(paths)}.")
+            raise InputError(f"nfs: no level with nf={missing} in {list(paths)}.")
         levels = [next(lv for lv in levels if lv[0] == nf) for nf in nfs]
     widths = [nf for nf, *_ in levels]
     if widths != sorted(set(widths)):
-        raise ValueError(f"nfs: the combined levels must have distinct increasing widths, got {widths}.")
+        raise InputError(f"nfs: the combined levels must have distinct increasing widths, got {widths}.")
     def source(nf, p):
         f = families[paths.index(p)]
         if str(nf) in f.meta.get("sources", {}):  # itself combined: where that level came from

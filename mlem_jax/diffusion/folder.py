@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 HELD_OUT_EVERY = 10  # every tenth image is the held-out split
 
@@ -34,7 +36,7 @@ def load_images(path: str, split: str = "train", image_size: int | None = None, 
     """Images in [-1, 1], (N, H, W, C), from a folder of images or an .npy / .npz array (the module
     docstring says how); `split` is "train", "test" (every tenth image) or "all"."""
     if split not in ("train", "test", "all"):
-        raise ValueError(f"split: expected 'train', 'test' or 'all', got {split!r}.")
+        raise InputError(f"split: expected 'train', 'test' or 'all', got {split!r}.")
     if os.path.isdir(path):
         x, labels = _read_folder(path, image_size)
     elif os.path.isfile(path):
@@ -46,12 +48,12 @@ def load_images(path: str, split: str = "train", image_size: int | None = None, 
         held_out = keep % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
         keep = keep[held_out] if split == "test" else keep[~held_out]
         if keep.size == 0:
-            raise ValueError(f"dataset: {path!r} has {x.shape[0]} images, too few for a {split!r} split (every "
+            raise InputError(f"dataset: {path!r} has {x.shape[0]} images, too few for a {split!r} split (every "
                              f"{HELD_OUT_EVERY}th image is held out); give at least {HELD_OUT_EVERY}.")
     x = x[keep]
     if with_labels:
         if labels is None:
-            raise ValueError(f"with_labels: {path!r} has no labels (put the images in one subfolder per class, or "
+            raise InputError(f"with_labels: {path!r} has no labels (put the images in one subfolder per class, or "
                              "an npz 'labels' member).")
         return x, labels[keep]
     return x
@@ -89,7 +91,7 @@ def class_names(path: str) -> list | None:
 def _read_folder(folder: str, image_size: int | None):
     files = _image_files(folder)
     if not files:
-        raise ValueError(f"dataset: the folder {folder!r} holds no images (.png, .jpg, .jpeg, searched "
+        raise InputError(f"dataset: the folder {folder!r} holds no images (.png, .jpg, .jpeg, searched "
                          "recursively).")
     from PIL import Image, UnidentifiedImageError
 
@@ -100,9 +102,9 @@ def _read_folder(folder: str, image_size: int | None):
                 im.load()
                 images.append(im.copy())
         except Image.DecompressionBombError as e:
-            raise ValueError(f"dataset: {f} is too large to decode safely ({e}); resize it first.") from e
+            raise InputError(f"dataset: {f} is too large to decode safely ({e}); resize it first.") from e
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # PIL raises SyntaxError on bad chunks
-            raise ValueError(f"dataset: {f} is not a readable image ({type(e).__name__}: {e}).") from e
+            raise InputError(f"dataset: {f} is not a readable image ({type(e).__name__}: {e}).") from e
     colour = any(im.mode not in ("L", "1", "I", "I;16", "F", "LA") for im in images)
     arrays = [_to_array(im, "RGB" if colour else "L", image_size) for im in images]
     sizes = {a.shape for a in arrays}
@@ -110,7 +112,7 @@ def _read_folder(folder: str, image_size: int | None):
         other = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
         shown = ", ".join(f"{os.path.relpath(files[i], folder)}: {arrays[i].shape[1]}x{arrays[i].shape[0]}"
                           for i in (0, other))
-        raise ValueError(f"dataset: the images of {folder!r} have {len(sizes)} different sizes ({shown}, ...); "
+        raise InputError(f"dataset: the images of {folder!r} have {len(sizes)} different sizes ({shown}, ...); "
                          "pass --image-size to centre-crop and resize them all.")
     x = np.stack(arrays).astype(np.float32) / 127.5 - 1.0
     classes = sorted({os.path.relpath(f, folder).split(os.sep)[0] for f in files
@@ -145,7 +147,7 @@ def _read_array(path: str, image_size: int | None):
         if path.lower().endswith(".npz"):
             with np.load(path, allow_pickle=False) as z:
                 if "images" not in z.files:
-                    raise ValueError(f"dataset: {path!r} has no 'images' member (it has {z.files[:5]}).")
+                    raise InputError(f"dataset: {path!r} has no 'images' member (it has {z.files[:5]}).")
                 x = z["images"]
                 labels = z["labels"] if "labels" in z.files else None
         else:
@@ -153,22 +155,22 @@ def _read_array(path: str, image_size: int | None):
     except ValueError as e:
         if str(e).startswith("dataset:"):
             raise
-        raise ValueError(f"dataset: {path!r} cannot be read as an array ({e}).") from e
+        raise InputError(f"dataset: {path!r} cannot be read as an array ({e}).") from e
     except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"dataset: {path!r} cannot be read ({type(e).__name__}: {e}); the file is damaged or "
+        raise InputError(f"dataset: {path!r} cannot be read ({type(e).__name__}: {e}); the file is damaged or "
                          "truncated.") from e
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[0] == 0:
-        raise ValueError(f"dataset: {path!r} holds an array of shape {x.shape}; expected images (N, H, W) or "
+        raise InputError(f"dataset: {path!r} holds an array of shape {x.shape}; expected images (N, H, W) or "
                          "(N, H, W, C) with C = 1 or 3.")
     if labels is not None and labels.shape != (x.shape[0],):
-        raise ValueError(f"dataset: {path!r} has labels of shape {labels.shape}, expected ({x.shape[0]},).")
+        raise InputError(f"dataset: {path!r} has labels of shape {labels.shape}, expected ({x.shape[0]},).")
     if labels is not None and not np.issubdtype(labels.dtype, np.integer):
         whole = np.issubdtype(labels.dtype, np.floating) and np.all(np.isfinite(labels)) and np.all(
             labels == np.round(labels))
         if not whole:
-            raise ValueError(f"dataset: {path!r} has labels of dtype {labels.dtype} that are not whole numbers "
+            raise InputError(f"dataset: {path!r} has labels of dtype {labels.dtype} that are not whole numbers "
                              f"(for example {labels.ravel()[:3].tolist()}); expected integer class indices.")
     x = _scaled(x, path)
     if image_size is not None and (x.shape[1], x.shape[2]) != (image_size, image_size):
@@ -188,14 +190,14 @@ def _scaled(x: np.ndarray, path: str) -> np.ndarray:
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 127.5 - 1.0
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"dataset: {path!r} has pixels of dtype {x.dtype}; expected uint8 or floating point.")
+        raise InputError(f"dataset: {path!r} has pixels of dtype {x.dtype}; expected uint8 or floating point.")
     bad = ~np.isfinite(x)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"dataset: {path!r} has {int(bad.sum())} pixels that are NaN or infinite (the first at "
+        raise InputError(f"dataset: {path!r} has {int(bad.sum())} pixels that are NaN or infinite (the first at "
                          f"index {first}); remove or repair those images.")
     lo, hi = float(np.min(x)), float(np.max(x))
     if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
-        raise ValueError(f"dataset: {path!r} has float pixels in [{lo:.3g}, {hi:.3g}]; expected [0, 1] or "
+        raise InputError(f"dataset: {path!r} has float pixels in [{lo:.3g}, {hi:.3g}]; expected [0, 1] or "
                          "[-1, 1] (or uint8).")
     return (2.0 * x - 1.0) if lo >= 0.0 else x.astype(np.float32)

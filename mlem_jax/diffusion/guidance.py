@@ -24,6 +24,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from mlem_jax._errors import InputError
+
 __all__ = ["guided", "NULL_LABEL", "guided_passes"]
 
 NULL_LABEL = -1
@@ -49,7 +51,7 @@ def _check_weight_function(weight: Callable) -> None:
     bad = ~np.isfinite(values) | (values < 0)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ValueError(f"weight: w(t) = {values.ravel()[i]:g} at t = {float(probe[i]):g}; expected a finite "
+        raise InputError(f"weight: w(t) = {values.ravel()[i]:g} at t = {float(probe[i]):g}; expected a finite "
                          "guidance weight >= 0 at every time (0: no guidance).")
 
 
@@ -59,7 +61,7 @@ def _call_guide(guide, t, x, args):
     try:
         return guide(t, x, args)
     except ScopeParamShapeError as e:
-        raise ValueError(f"guide: the guide level's parameters do not fit the samples (shape {tuple(x.shape)}): it "
+        raise InputError(f"guide: the guide level's parameters do not fit the samples (shape {tuple(x.shape)}): it "
                          "belongs to a model of another image shape or channel count. Autoguidance needs a weaker "
                          f"level of the same family. (flax: {str(e).splitlines()[0][:160]})") from None
 
@@ -91,7 +93,7 @@ def guided(denoiser: Callable, weight: float | Callable, *, guide: Callable | No
         except (TypeError, ValueError):
             raise TypeError(f"weight: expected a number or a function w(t), got {type(weight).__name__}.") from None
         if not jnp.isfinite(w0) or w0 < 0:
-            raise ValueError(f"weight: expected a finite guidance weight >= 0 (0: no guidance), got {w0}.")
+            raise InputError(f"weight: expected a finite guidance weight >= 0 (0: no guidance), got {w0}.")
         if w0 == 0.0 and guide is None:
             return denoiser
     else:
@@ -102,7 +104,7 @@ def guided(denoiser: Callable, weight: float | Callable, *, guide: Callable | No
 
     def guided_denoiser(t, x, args):
         if args is None:
-            raise ValueError("args: a guided level needs the class label as args (an int per sample); got None.")
+            raise InputError("args: a guided level needs the class label as args (an int per sample); got None.")
         w = weight_at(t)
         if guide is not None:
             cond, other = denoiser(t, x, args), _call_guide(guide, t, x, args)

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlem_jax._errors import InputError
+
 __all__ = ["MLPDenoiser", "LadderConfig", "Ladder", "ladder_denoiser", "train_ladder", "load_ladder", "save_ladder",
            "mlp_flops", "denoiser_errors", "shipped_ladder_path"]
 
@@ -162,7 +164,7 @@ def _draw(mixture, sde, key, num, t_min):
     """x_0 from the mixture, log s uniform between s(t_min) and s(1) (one per group of
     GROUP rows), and x~ = x_0 + s eps."""
     if num % GROUP:
-        raise ValueError(f"batch_size / eval_size: expected a multiple of {GROUP}, got {num}.")
+        raise InputError(f"batch_size / eval_size: expected a multiple of {GROUP}, got {num}.")
     k0, kt, ke = jax.random.split(key, 3)
     x0 = mixture.sample(k0, num).reshape(num, -1)
     lo, hi = jnp.log(sde.noise_to_signal(t_min)), jnp.log(sde.noise_to_signal(1.0))
@@ -295,7 +297,7 @@ def _check_config_matches(out, config):
             old = json.load(f)
         if old != config.to_json():
             changed = sorted(k for k in old if old.get(k) != config.to_json().get(k))
-            raise ValueError(f"out: {out!r} holds checkpoints of another ladder config (differs in {changed}); "
+            raise InputError(f"out: {out!r} holds checkpoints of another ladder config (differs in {changed}); "
                              "resume with the same settings or choose another --out.")
     else:
         from mlem_jax._atomic import atomic_path

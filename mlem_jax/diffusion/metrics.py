@@ -24,6 +24,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 
 class Estimate(NamedTuple):
     """A Monte Carlo estimate and its standard error."""
@@ -35,7 +37,7 @@ class Estimate(NamedTuple):
 def _as_matrix(x, name: str) -> np.ndarray:
     x = np.asarray(x, np.float64)
     if x.ndim < 2:
-        raise ValueError(f"{name}: expected samples stacked on a leading axis (N, ...), got shape {x.shape}.")
+        raise InputError(f"{name}: expected samples stacked on a leading axis (N, ...), got shape {x.shape}.")
     return x.reshape(x.shape[0], -1)
 
 
@@ -52,14 +54,14 @@ def kernel_distance(features_a, features_b, bandwidth: float | None = None) -> E
         set) to compare several samples against one reference."""
     X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     if X.shape[1] != Y.shape[1]:
-        raise ValueError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
+        raise InputError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
     n, m, d = X.shape[0], Y.shape[0], X.shape[1]
     if n < 3 or m < 3:
-        raise ValueError(f"features_a, features_b: need at least 3 samples each, got {n} and {m}.")
+        raise InputError(f"features_a, features_b: need at least 3 samples each, got {n} and {m}.")
     if bandwidth is None:
         k = lambda A, B: (A @ B.T / d + 1.0) ** 3
     elif not (np.isfinite(bandwidth) and bandwidth > 0):
-        raise ValueError(f"bandwidth: expected None (the cubic kernel) or a length > 0, got {bandwidth!r}.")
+        raise InputError(f"bandwidth: expected None (the cubic kernel) or a length > 0, got {bandwidth!r}.")
     else:
         sq = lambda A: np.sum(A**2, 1)
         k = lambda A, B: np.exp(-np.maximum(sq(A)[:, None] + sq(B)[None] - 2 * A @ B.T, 0.0) / (2 * bandwidth**2))
@@ -94,9 +96,9 @@ def frechet_distance(features_a, features_b, *, num_bootstrap: int = 50, seed: i
     standard error of the estimate at these sample sizes)."""
     X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     if X.shape[1] != Y.shape[1]:
-        raise ValueError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
+        raise InputError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
     if X.shape[0] < 2 or Y.shape[0] < 2:
-        raise ValueError(f"features_a, features_b: need at least 2 samples each, got {X.shape[0]} and {Y.shape[0]}.")
+        raise InputError(f"features_a, features_b: need at least 2 samples each, got {X.shape[0]} and {Y.shape[0]}.")
 
     def fd(a, b):
         return frechet_gaussian(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -125,9 +127,9 @@ def sliced_wasserstein(samples_a, samples_b, key, num_projections: int = 256) ->
     A = _as_matrix(samples_a, "samples_a").astype(np.float32)
     B = _as_matrix(samples_b, "samples_b").astype(np.float32)
     if A.shape[1] != B.shape[1]:
-        raise ValueError(f"samples_b: expected samples of {A.shape[1]} values like samples_a, got {B.shape[1]}.")
+        raise InputError(f"samples_b: expected samples of {A.shape[1]} values like samples_a, got {B.shape[1]}.")
     if num_projections < 1:
-        raise ValueError(f"num_projections: expected a positive integer, got {num_projections}.")
+        raise InputError(f"num_projections: expected a positive integer, got {num_projections}.")
     theta = np.asarray(jax.random.normal(key, (num_projections, A.shape[1])), np.float32)
     theta = theta / np.linalg.norm(theta, axis=1, keepdims=True)
     # numpy sorts and interpolates these rows several times faster than XLA on a CPU
@@ -146,7 +148,7 @@ def coupled_error(samples, reference) -> Estimate:
     sd(e) / (sqrt(N) * 2 sqrt(mean e)). Identical inputs give exactly 0."""
     X, R = _as_matrix(samples, "samples"), _as_matrix(reference, "reference")
     if X.shape != R.shape:
-        raise ValueError(f"reference: expected the shape of samples {X.shape}, got {R.shape}.")
+        raise InputError(f"reference: expected the shape of samples {X.shape}, got {R.shape}.")
     e = np.mean((X - R) ** 2, axis=1)
     value = float(np.sqrt(e.mean()))
     se = float(e.std(ddof=1) / np.sqrt(e.size) / (2 * value)) if value > 0 and e.size > 1 else 0.0
@@ -167,7 +169,7 @@ def paired_frechet(features: dict, reference_features, *, num_bootstrap: int = 1
     R = _as_matrix(reference_features, "reference_features")
     sizes = {x.shape[0] for x in sets.values()}
     if len(sizes) != 1:
-        raise ValueError(f"features: paired sets must have the same number of samples, got {sorted(sizes)}.")
+        raise InputError(f"features: paired sets must have the same number of samples, got {sorted(sizes)}.")
     n = sizes.pop()
 
     def fd(a, r):

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 __all__ = ["GaussianMixture", "fit_mixture", "fashion_mnist_mixture", "save_mixture", "load_mixture",
            "shipped_mixture_path"]
 
@@ -62,13 +64,13 @@ class GaussianMixture:
         J, D = np.shape(self.means)
         if np.shape(self.log_weights) != (J,) or np.shape(self.diagonals) != (J, D) or (
                 np.ndim(self.factors) != 3 or np.shape(self.factors)[:2] != (J, D)):
-            raise ValueError(
+            raise InputError(
                 f"GaussianMixture: expected log_weights (J,), means (J, D), factors (J, D, r) and diagonals (J, D); "
                 f"got {np.shape(self.log_weights)}, {np.shape(self.means)}, {np.shape(self.factors)} and "
                 f"{np.shape(self.diagonals)}.")
         shape = tuple(self.shape) or (D,)
         if math.prod(shape) != D:
-            raise ValueError(f"GaussianMixture: shape {shape} has {math.prod(shape)} entries, the means have D = {D}.")
+            raise InputError(f"GaussianMixture: shape {shape} has {math.prod(shape)} entries, the means have D = {D}.")
         object.__setattr__(self, "shape", shape)
 
     @property
@@ -98,7 +100,7 @@ class GaussianMixture:
         x = jnp.asarray(x)
         n = len(self.shape)
         if x.shape[x.ndim - n:] != self.shape:
-            raise ValueError(f"x: expected trailing shape {self.shape} (one mixture sample), got {x.shape}.")
+            raise InputError(f"x: expected trailing shape {self.shape} (one mixture sample), got {x.shape}.")
         batch = x.shape[:x.ndim - n]
         return x.reshape((-1, self.dim)), batch
 
@@ -218,11 +220,11 @@ def fit_mixture(images, num_components: int = 256, rank: int = 12, min_variance:
     x = x.reshape(x.shape[0], -1)
     N, D = x.shape
     if num_components < 1 or num_components * 2 > N:
-        raise ValueError(f"num_components: expected 1 <= J <= N / 2 = {N // 2}, got {num_components}.")
+        raise InputError(f"num_components: expected 1 <= J <= N / 2 = {N // 2}, got {num_components}.")
     if not 0 <= rank < D:
-        raise ValueError(f"rank: expected 0 <= r < D = {D}, got {rank}.")
+        raise InputError(f"rank: expected 0 <= r < D = {D}, got {rank}.")
     if not min_variance > 0:
-        raise ValueError(f"min_variance: expected > 0, got {min_variance}.")
+        raise InputError(f"min_variance: expected > 0, got {min_variance}.")
     labels = KMeans(num_components, n_init=1, random_state=seed).fit_predict(x.astype(np.float32))
     counts = np.bincount(labels, minlength=num_components)
     means = np.zeros((num_components, D))
@@ -282,7 +284,7 @@ def load_mixture(path: str | None = None) -> GaussianMixture:
     except FileNotFoundError:
         raise FileNotFoundError(f"path: no mixture file at {path!r}; write one with save_mixture.") from None
     except KeyError as e:
-        raise ValueError(f"path: {path!r} is not a mixture file (missing {e}).") from None
+        raise InputError(f"path: {path!r} is not a mixture file (missing {e}).") from None
     return GaussianMixture(*(jnp.asarray(arrays[k], jnp.float32) for k in ("log_weights", "means", "factors",
                                                                             "diagonals")),
                            shape=tuple(int(s) for s in arrays["shape"]))

@@ -29,12 +29,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mlem_jax._errors import InputError
+
 PARAMETERIZATIONS = ("eps", "score", "x0", "v", "flow")
 
 
 def _check(parameterization: str) -> None:
     if parameterization not in PARAMETERIZATIONS:
-        raise ValueError(
+        raise InputError(
             f"parameterization: expected one of {PARAMETERIZATIONS}, got {parameterization!r}."
         )
 

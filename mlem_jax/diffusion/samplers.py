@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import _noise, _validate
+from mlem_jax._errors import InputError
 from mlem_jax._multilevel import Multilevel, model_calls
 from mlem_jax._stepping import axpy, combine, integrate
 
@@ -60,7 +61,7 @@ def _check_noise_grid(sde, ts):
         return
     t = np.asarray(ts, np.float64)
     if np.any(np.diff(t) >= 0):
-        raise ValueError(f"ts: the diffusion samplers integrate from noise to data, so the grid must be strictly "
+        raise InputError(f"ts: the diffusion samplers integrate from noise to data, so the grid must be strictly "
                          f"decreasing; got {np.round(t[:4], 6).tolist()}... Reverse it (ts[::-1]) or build it with "
                          "uniform_grid / logsnr_grid / karras_grid.")
     with jax.ensure_compile_time_eval():  # the grid is concrete: evaluate std now, even inside a jit trace
@@ -70,7 +71,7 @@ def _check_noise_grid(sde, ts):
     std = np.asarray(std, np.float64)
     if np.any(~(std > 0)):
         i = int(np.argmax(~(std > 0)))
-        raise ValueError(f"ts: the noise level std(t) is {std[i]:g} at ts[{i}] = {t[i]:g}; the samplers need "
+        raise InputError(f"ts: the noise level std(t) is {std[i]:g} at ts[{i}] = {t[i]:g}; the samplers need "
                          "std(t) > 0 at every grid time (their log-SNR is infinite at zero noise). End the grid at a "
                          "small positive time such as 1e-3.")
 
@@ -134,7 +135,7 @@ def dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, 
     """DPM-Solver++ multistep of `order` 1, 2 or 3 on the probability-flow ODE (one model
     call per step). `key` only derives the level key of a `Multilevel`."""
     if order not in (1, 2, 3):
-        raise ValueError(f"order: DPM-Solver++ multistep is implemented for orders 1, 2 and 3, got {order!r}.")
+        raise InputError(f"order: DPM-Solver++ multistep is implemented for orders 1, 2 and 3, got {order!r}.")
     ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, x)
     h0 = jnp.zeros((), ts.dtype)
@@ -289,9 +290,9 @@ def unipc(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: An
     (the reference's default), so the first and the last order - 1 steps are of lower order.
     A `Multilevel` is accepted: every update is affine in the D values it uses."""
     if order not in (1, 2, 3):
-        raise ValueError(f"order: UniPC is implemented for orders 1, 2 and 3, got {order!r}.")
+        raise InputError(f"order: UniPC is implemented for orders 1, 2 and 3, got {order!r}.")
     if variant not in ("bh1", "bh2"):
-        raise ValueError(f"variant: expected 'bh1' or 'bh2', got {variant!r}.")
+        raise InputError(f"variant: expected 'bh1' or 'bh2', got {variant!r}.")
     ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
     N = ts.shape[0] - 1
     lam = jnp.log(sde.alpha(ts)) - jnp.log(sde.std(ts))

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import euler_maruyama
+from mlem_jax._errors import InputError
 from mlem_jax.diffusion.parameterization import reverse_diffusion
 
 
@@ -66,7 +67,7 @@ def solver_function(sde, solver: str, ts, *, probability_flow: bool = False, pro
     from mlem_jax.diffusion.samplers import SAMPLERS
 
     if solver not in SOLVERS:
-        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
+        raise InputError(f"solver: expected one of {SOLVERS}, got {solver!r}.")
     g = None if (probability_flow or solver == "heun") else reverse_diffusion(sde)
 
     def solve(model, y0, key, args=None):
@@ -104,9 +105,9 @@ def check_levels(family, levels) -> list:
     except (TypeError, ValueError):
         raise TypeError(f"levels: expected a sequence of level indices (0..{K - 1}), got {levels!r}.") from None
     if not idx or any(not 0 <= k < K for k in idx):
-        raise ValueError(f"levels: expected indices in 0..{K - 1} (the family has {K} levels), got {idx}.")
+        raise InputError(f"levels: expected indices in 0..{K - 1} (the family has {K} levels), got {idx}.")
     if idx != sorted(set(idx)):
-        raise ValueError(f"levels: expected distinct indices from cheapest to dearest (increasing), got {idx}; "
+        raise InputError(f"levels: expected distinct indices from cheapest to dearest (increasing), got {idx}; "
                          f"write levels={sorted(set(idx))}.")
     return idx
 
@@ -120,22 +121,22 @@ def check_labels(family, labels, guidance, batch_size: int):
     weighted = callable(guidance) or float(guidance) != 0.0
     if not classes and (labels is not None or weighted):
         name = "labels" if labels is not None else "guidance"
-        raise ValueError(f"{name}: this family is unconditional (its levels take no class); sample without "
+        raise InputError(f"{name}: this family is unconditional (its levels take no class); sample without "
                          "labels and guidance, or train a conditional family (mlem-jax train --conditional).")
     if labels is None:
         if weighted:
-            raise ValueError("guidance: guides towards a class; give labels (mlem-jax sample --class C).")
+            raise InputError("guidance: guides towards a class; give labels (mlem-jax sample --class C).")
         return None
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim > 1:
-        raise ValueError(f"labels: expected integer class labels, one or one per sample, got {labels.dtype} "
+        raise InputError(f"labels: expected integer class labels, one or one per sample, got {labels.dtype} "
                          f"of shape {labels.shape}.")
     labels = np.broadcast_to(labels, (batch_size,)) if labels.ndim == 0 or labels.size == 1 else labels
     if labels.shape != (batch_size,):
-        raise ValueError(f"labels: expected one label or {batch_size} (one per sample), got {labels.size}.")
+        raise InputError(f"labels: expected one label or {batch_size} (one per sample), got {labels.size}.")
     bad = labels[(labels < NULL_LABEL) | (labels >= classes)]
     if bad.size:
-        raise ValueError(f"labels: the family has {classes} classes, labels 0..{classes - 1} (or {NULL_LABEL}: no "
+        raise InputError(f"labels: the family has {classes} classes, labels 0..{classes - 1} (or {NULL_LABEL}: no "
                          f"class); got {int(bad[0])}.")
     return jnp.asarray(labels, jnp.int32)
 
@@ -169,9 +170,9 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     labels = check_labels(family, labels, guidance, batch_size)
     levels = check_levels(family, levels)
     if isinstance(coin_plans, bool) or not isinstance(coin_plans, (int, np.integer)) or coin_plans < 1:
-        raise ValueError(f"coin_plans: expected a positive integer, got {coin_plans!r}.")
+        raise InputError(f"coin_plans: expected a positive integer, got {coin_plans!r}.")
     if batch_size % coin_plans:
-        raise ValueError(f"coin_plans: {coin_plans} does not divide batch_size={batch_size}; every plan serves an "
+        raise InputError(f"coin_plans: {coin_plans} does not divide batch_size={batch_size}; every plan serves an "
                          f"equal chunk (try coin_plans={math.gcd(batch_size, coin_plans)}).")
     run = solver_function(family.sde, solver, ts, probability_flow=probability_flow, progress=progress)
     chosen = solver_levels(family, levels, solver, probability_flow, guidance)

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
+
 
 class AbstractSDE(abc.ABC):
     """The interface every SDE provides, and what all of them share."""
@@ -162,11 +164,11 @@ for _cls in (VP, SubVP, VE, Flow):
 
 def _check_grid(n: int, t_min: float, t_max: float) -> None:
     if int(n) != n or n < 1:
-        raise ValueError(f"num_steps: expected a positive integer, got {n!r}.")
+        raise InputError(f"num_steps: expected a positive integer, got {n!r}.")
     if not 0 < t_min < t_max:
         hint = (" At t = 0 the noise level is zero, where the samplers' log-SNR and the score are infinite; use a "
                 "small positive t_min such as 1e-3 (the default) or 1e-5.") if t_min == 0 else ""
-        raise ValueError(f"t_min: expected 0 < t_min < t_max = {t_max}, got {t_min}.{hint}")
+        raise InputError(f"t_min: expected 0 < t_min < t_max = {t_max}, got {t_min}.{hint}")
 
 
 def uniform_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
@@ -234,7 +236,7 @@ def shift_times(ts, shift: float) -> jax.Array:
     at high noise. On the flow path it multiplies sigma / alpha = t / (1 - t) by `shift`, so a
     log-SNR grid keeps its spacing and moves its ends."""
     if not (np.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift: expected a finite shift > 0 (1: none), got {shift!r}.")
+        raise InputError(f"shift: expected a finite shift > 0 (1: none), got {shift!r}.")
     ts = jnp.asarray(ts)
     return shift * ts / (1.0 + (shift - 1.0) * ts)
 
@@ -246,7 +248,7 @@ def resolution_shift(num_tokens: int, min_tokens: int = 1024, max_tokens: int = 
     `shift_times` with shift = e^mu). The defaults are the figures of the issue that asked for it
     (mu 0.95..2.05 over 1024..4096 tokens); FLUX uses 0.5..1.15 over 256..4096."""
     if not num_tokens > 0 or not max_tokens > min_tokens:
-        raise ValueError(f"num_tokens: expected > 0 with max_tokens > min_tokens, got {num_tokens}, {min_tokens}, "
+        raise InputError(f"num_tokens: expected > 0 with max_tokens > min_tokens, got {num_tokens}, {min_tokens}, "
                          f"{max_tokens}.")
     mu = min_mu + (max_mu - min_mu) * (num_tokens - min_tokens) / (max_tokens - min_tokens)
     return float(np.exp(mu))
@@ -257,6 +259,6 @@ def stretch_to_terminal(ts, terminal: float) -> jax.Array:
     by (1 - terminal) / (1 - ts[-1]) (the terminal stretch of SD3.5 and Wan's schedulers)."""
     ts = jnp.asarray(ts)
     if not 0 < terminal < float(ts[0]):
-        raise ValueError(f"terminal: expected 0 < terminal < ts[0] = {float(ts[0])}, got {terminal!r}.")
+        raise InputError(f"terminal: expected 0 < terminal < ts[0] = {float(ts[0])}, got {terminal!r}.")
     one_minus = 1.0 - ts
     return 1.0 - one_minus * (1.0 - terminal) / one_minus[-1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlem_jax._errors import InputError
 from mlem_jax.diffusion.data import batches
 from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS, target_from_noise
 from mlem_jax.diffusion.sde import VE, VP, Flow, SubVP
@@ -79,7 +81,7 @@ def sample_times(key, num: int, t_min: float = 1e-3, time_sampling: str = "unifo
         return jax.random.uniform(key, (num,), minval=t_min, maxval=1.0)
     if time_sampling == "logit-normal":
         return jnp.clip(jax.nn.sigmoid(jax.random.normal(key, (num,))), t_min, 1.0)
-    raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {time_sampling!r}.")
+    raise InputError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {time_sampling!r}.")
 
 
 def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3,
@@ -230,8 +232,9 @@ def read_metadata(directory: str, step: int | None = None) -> dict:
     try:
         meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
-        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
-                         f"{e}).") from e
+        quiet_closed_loop_callbacks()
+        raise InputError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
+                         f"{first_line(e)}).") from e
     finally:
         mngr.close()
     return meta
@@ -242,12 +245,12 @@ def check_compatible(meta: dict, model: UNet, image_shape, directory: str) -> No
     expected = model_config(model)
     for k, v in expected.items():
         if meta.get("model", {}).get(k) != v:
-            raise ValueError(
+            raise InputError(
                 f"checkpoint: {directory!r} was written for a model with {k}={meta.get('model', {}).get(k)!r}, "
                 f"but this model has {k}={v!r}; use the matching model or another checkpoint directory."
             )
     if image_shape is not None and list(meta.get("image_shape", [])) != list(image_shape):
-        raise ValueError(
+        raise InputError(
             f"checkpoint: {directory!r} was written for images of shape {meta.get('image_shape')}, "
             f"got {list(image_shape)}."
         )
@@ -269,7 +272,7 @@ def check_resume(meta: dict, config: TrainConfig, directory: str) -> None:
     diff = [f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in RESUME_FIELDS
             if k in saved and saved[k] != getattr(config, k)]
     if diff:
-        raise ValueError(f"resume: {directory!r} was trained with " + ", ".join(diff) + "; resume with the same "
+        raise InputError(f"resume: {directory!r} was trained with " + ", ".join(diff) + "; resume with the same "
                          "recipe, or start a new run in another directory (or overwrite this one).")
 
 
@@ -293,7 +296,36 @@ def restore_latest_intact(directory: str, model: UNet, image_shape, config: Trai
             warnings.warn(f"checkpoint: skipped {len(errors)} unreadable checkpoint(s) in {directory!r}; resuming "
                           f"from step {step}. First error: {errors[0]}", stacklevel=2)
         return state, meta
-    raise ValueError(f"checkpoint: no checkpoint in {directory!r} can be restored: " + " | ".join(errors))
+    raise InputError(f"checkpoint: no checkpoint in {directory!r} can be restored: " + " | ".join(errors))
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Drop the "Event loop is closed" errors of a failed orbax restore from then on.
+
+    When a restore fails, tensorstore's pending reads still complete, and each one's callback
+    calls `call_soon_threadsafe` on the asyncio loop orbax has already closed: one
+    "Exception ignored" traceback per array (about 500 for a UNet level), which buries the
+    one-line error. Only that exact error is dropped; every other unraisable exception still
+    reaches the hook that was installed before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's text, at most `limit` characters: tensorstore's read errors
+    carry a 60-line spec that would bury the one-line message."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainConfig, step: int | None = None,
@@ -319,8 +351,9 @@ def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainCo
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:
-        raise ValueError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
-                         f"{e}).") from e
+        quiet_closed_loop_callbacks()
+        raise InputError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
+                         f"{first_line(e)}).") from e
     finally:
         mngr.close()
     return TrainState(**restored), meta
@@ -374,7 +407,7 @@ def train(
     state, earlier_seconds = _starting_state(checkpoint_dir, model, image_shape, config, resume, overwrite, mesh)
     start = int(state.step)
     if start > config.steps:
-        raise ValueError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} asked for.")
+        raise InputError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} asked for.")
     step_fn = make_train_step(model, sde, config)
     state, put = _data_parallel(state, mesh, min(config.batch_size, train_images.shape[0]))
     data = batches(train_data, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
@@ -417,18 +450,18 @@ def _checked_labels(model, images, labels, name: str):
     """The labels as int32 (None for an unconditional model), after refusing labels a model cannot take."""
     if not model.num_classes:
         if labels is not None:
-            raise ValueError(f"{name}: this UNet is unconditional (num_classes=0); give no labels, or a "
+            raise InputError(f"{name}: this UNet is unconditional (num_classes=0); give no labels, or a "
                              "UNet(num_classes=...) to train a conditional family.")
         return None
     if labels is None:
-        raise ValueError(f"{name}: a conditional UNet (num_classes={model.num_classes}) trains on class labels; "
+        raise InputError(f"{name}: a conditional UNet (num_classes={model.num_classes}) trains on class labels; "
                          "pass them (mlem-jax train --conditional reads the dataset's labels).")
     labels = np.asarray(labels)
     if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name}: expected {images.shape[0]} integer labels, one per image, got "
+        raise InputError(f"{name}: expected {images.shape[0]} integer labels, one per image, got "
                          f"{labels.dtype} of shape {labels.shape}.")
     if labels.size and (labels.min() < 0 or labels.max() >= model.num_classes):
-        raise ValueError(f"{name}: expected labels in [0, {model.num_classes}), got [{labels.min()}, "
+        raise InputError(f"{name}: expected labels in [0, {model.num_classes}), got [{labels.min()}, "
                          f"{labels.max()}].")
     return labels.astype(np.int32)
 
@@ -436,20 +469,20 @@ def _checked_labels(model, images, labels, name: str):
 def _check_training(model, train_images, config: TrainConfig, resume: bool, overwrite: bool) -> tuple:
     """The image shape, after refusing a bad recipe, images the model cannot take or a batch beyond the data."""
     if config.parameterization not in PARAMETERIZATIONS:
-        raise ValueError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
+        raise InputError(f"parameterization: expected one of {PARAMETERIZATIONS}, got {config.parameterization!r}.")
     if config.time_sampling not in TIME_SAMPLINGS:
-        raise ValueError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {config.time_sampling!r}.")
+        raise InputError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {config.time_sampling!r}.")
     if config.steps < 1:
-        raise ValueError(f"steps: expected a positive number of training steps, got {config.steps}.")
+        raise InputError(f"steps: expected a positive number of training steps, got {config.steps}.")
     if not 0.0 <= config.label_dropout < 1.0:
-        raise ValueError(f"label_dropout: expected a share in [0, 1), got {config.label_dropout}.")
+        raise InputError(f"label_dropout: expected a share in [0, 1), got {config.label_dropout}.")
     image_shape = tuple(train_images.shape[1:])
     model.check_input((1, *image_shape))
     if config.batch_size > train_images.shape[0]:
-        raise ValueError(f"batch_size: {config.batch_size} is larger than the {train_images.shape[0]} training "
+        raise InputError(f"batch_size: {config.batch_size} is larger than the {train_images.shape[0]} training "
                          "images; use at most that many.")
     if resume and overwrite:
-        raise ValueError("resume, overwrite: give at most one (continue the run, or start it again).")
+        raise InputError("resume, overwrite: give at most one (continue the run, or start it again).")
     return image_shape
 
 
@@ -486,7 +519,7 @@ def _data_parallel(state, mesh, batch: int):
     from mlem_jax.sharding import batch_sharding, replicated, to_global
 
     if batch % mesh.devices.size:
-        raise ValueError(
+        raise InputError(
             f"batch_size: {batch} does not split over the {mesh.devices.size} devices of the mesh; "
             "use a multiple of the device count."
         )
@@ -526,7 +559,7 @@ def train_family(
     if not parallel:
         return [one(i, m, mesh) for i, m in enumerate(family)]
     if mesh is not None or jax.process_count() > 1:
-        raise ValueError("parallel: trains the levels on groups of this process's devices; give no mesh, and run "
+        raise InputError("parallel: trains the levels on groups of this process's devices; give no mesh, and run "
                          "one process (a multi-process run trains the levels one after another over the global mesh).")
     from concurrent.futures import ThreadPoolExecutor
 

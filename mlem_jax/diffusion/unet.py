@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlem_jax._errors import InputError
 from mlem_jax._flops import flops_of
 
 
@@ -92,10 +93,10 @@ class UNet(nn.Module):
     def check_input(self, shape) -> None:
         check_unet_config(self.nf, self.ch_mult, self.groups())
         if len(shape) != 4:
-            raise ValueError(f"x: expected a batch of images (B, H, W, C), got shape {tuple(shape)}.")
+            raise InputError(f"x: expected a batch of images (B, H, W, C), got shape {tuple(shape)}.")
         factor = 2 ** (len(self.ch_mult) - 1)
         if shape[1] % factor or shape[2] % factor:
-            raise ValueError(
+            raise InputError(
                 f"x: image size {shape[1]}x{shape[2]} is not divisible by {factor}, the down-sampling "
                 f"of a UNet with ch_mult={tuple(self.ch_mult)}; pad or resize the images, or use "
                 "fewer resolutions."
@@ -113,7 +114,7 @@ class UNet(nn.Module):
             temb = temb + nn.Embed(self.num_classes + 1, 4 * self.nf, name="label_embed")(
                 null_as_last(labels, self.num_classes, x.shape[0]))
         elif labels is not None:
-            raise ValueError("labels: this UNet is unconditional (num_classes=0); give no labels, or train a "
+            raise InputError("labels: this UNet is unconditional (num_classes=0); give no labels, or train a "
                              "conditional family (mlem-jax train --conditional).")
         h = nn.Conv(self.nf, (3, 3))(x)
         skips = [h]
@@ -166,16 +167,16 @@ def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
     value per channel and normalises right after, over each group, which removes a per-channel
     constant when a group is one channel, so such a network would not depend on t at all."""
     if int(nf) != nf or nf < 1:
-        raise ValueError(f"nf: expected a positive integer width, got {nf!r}.")
+        raise InputError(f"nf: expected a positive integer width, got {nf!r}.")
     bad = [nf * m for m in ch_mult if (nf * m) % groups]
     if nf % groups or bad:
-        raise ValueError(
+        raise InputError(
             f"nf: width {nf} with ch_mult={tuple(ch_mult)} gives channel counts "
             f"{[nf * m for m in ch_mult]}, not all divisible by num_groups={groups} (GroupNorm); "
             f"use num_groups=None to pick a valid count ({default_groups(nf, ch_mult)} here)."
         )
     if all(nf * m == groups for m in ch_mult):
-        raise ValueError(
+        raise InputError(
             f"num_groups: {groups} GroupNorm groups of one channel each in every block (nf={nf}, "
             f"ch_mult={tuple(ch_mult)}): the norm after each block's time embedding removes it, so the network "
             f"would ignore t and the class label; use a channel multiplier of 2 or more (ch_mult=(2,)), a "
@@ -186,9 +187,9 @@ def check_unet_config(nf: int, ch_mult: Sequence[int], groups: int) -> None:
 def unet_family(nfs: Sequence[int] = (8, 16, 32, 64), **kwargs) -> tuple[UNet, ...]:
     """One UNet per width, otherwise identical: the levels of ML-EM, cheapest first."""
     if len(nfs) == 0:
-        raise ValueError("nfs: expected at least one width.")
+        raise InputError("nfs: expected at least one width.")
     if list(nfs) != sorted(nfs):
-        raise ValueError(f"nfs: expected increasing widths (levels go from cheap to expensive), got {tuple(nfs)}.")
+        raise InputError(f"nfs: expected increasing widths (levels go from cheap to expensive), got {tuple(nfs)}.")
     family = tuple(UNet(nf=nf, **kwargs) for nf in nfs)
     for m in family:
         check_unet_config(m.nf, m.ch_mult, m.groups())
