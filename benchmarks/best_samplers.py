@@ -1,5 +1,5 @@
 """The best single-network sampler against the best multilevel sampler at equal coupled error
-(`mlem_jax.diffusion.equal_error.compare_best_samplers`) on Fashion-MNIST 16x16 nf=16 + nf=64
+(`mlem_jax.compare.compare_best_samplers`) on Fashion-MNIST 16x16 nf=16 + nf=64
 (the demo's shipped family, `benchmarks/weights/fmnist16_demo`), every single-network run in the table.
 
     python benchmarks/best_samplers.py --out docs/figures/best_samplers
@@ -17,7 +17,7 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mlem_jax.diffusion.equal_error import compare_best_samplers  # noqa: E402
+from mlem_jax.compare import compare_best_samplers  # noqa: E402
 from mlem_jax.diffusion.family import demo_family_path, load_family  # noqa: E402
 
 from _common import device_description, tiny_family  # noqa: E402

@@ -23,13 +23,13 @@ CHILD = r'''
 import json, sys, time
 batch, steps, nproc, pid, port = map(int, sys.argv[1:6])
 if nproc > 1:
-    from mlem_jax.sharding import initialize_distributed
+    from mlem_jax.parallel import initialize_distributed
     initialize_distributed(f"localhost:{port}", nproc, pid)
 import jax, jax.numpy as jnp
 from mlem_jax import multilevel_euler_maruyama
 from mlem_jax.diffusion import uniform_grid, reverse_diffusion
 from mlem_jax.diffusion.family import load_family, shipped_family_path
-from mlem_jax.sharding import batch_mesh, sharded_sampler
+from mlem_jax.parallel import batch_mesh, sharded_sampler
 fam = load_family(shipped_family_path())
 drifts, sde = fam.drifts(), fam.sde
 ts = uniform_grid(steps)

@@ -32,14 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax import (
-    BatchedLevelKeyWarning,
-    correction_costs,
-    euler_maruyama,
-    multilevel_euler_maruyama,
-    optimal_probabilities,
-    planned_evaluations,
-)
+from mlem_jax import BatchedLevelKeyWarning, euler_maruyama, multilevel_euler_maruyama, planned_evaluations
+from mlem_jax.calibrate import correction_costs, optimal_probabilities
 from mlem_jax.plotting import pyplot
 
 from _common import device_description, out_dir

@@ -10,17 +10,8 @@ from mlem_jax._diffrax import (
 )
 from mlem_jax._errors import InputError
 from mlem_jax._multilevel import BiasedEstimatorWarning, Multilevel
-from mlem_jax._probabilities import (
-    FixedFirings,
-    PiecewiseConstant,
-    correction_costs,
-    expected_cost,
-    geometric_probabilities,
-    injected_variance,
-    optimal_probabilities,
-    schedule_values,
-)
 from mlem_jax._progress import StepInfo
+from mlem_jax._schedules import FixedFirings, PiecewiseConstant, geometric_probabilities, schedule_values
 from mlem_jax._solvers import (
     MultilevelSolution,
     euler_maruyama,
@@ -37,17 +28,13 @@ __all__ = [
     "multilevel_diffeqsolve",
     "FixedFirings",
     "PiecewiseConstant",
-    "expected_cost",
     "Multilevel",
     "MultilevelSolution",
     "BiasedEstimatorWarning",
     "StepInfo",
     "BatchedLevelKeyWarning",
     "InputError",
-    "correction_costs",
     "geometric_probabilities",
-    "injected_variance",
-    "optimal_probabilities",
     "schedule_values",
     "euler_maruyama",
     "heun",
@@ -66,13 +53,3 @@ try:  # the one version string is pyproject.toml's
     __version__ = _version("mlem-jax")
 except _NotInstalled:  # a source tree on sys.path without an install
     __version__ = "0+unknown"
-
-
-def __getattr__(name):
-    if name == "FixedBudget":  # renamed: "budget" means the expected cost per trajectory everywhere else
-        import warnings
-
-        warnings.warn("mlem_jax.FixedBudget is now mlem_jax.FixedFirings (it fixes firing counts, not a cost "
-                      "budget); the old name will be removed.", DeprecationWarning, stacklevel=2)
-        return FixedFirings
-    raise AttributeError(f"module 'mlem_jax' has no attribute {name!r}")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._errors import InputError
+from mlem_jax._schedules import PiecewiseConstant
 
 SMALL_PROBABILITY = 1e-6
 COUPLINGS = ("independent", "nested")
@@ -240,8 +241,6 @@ def check_probs(probs: Any, num_levels: int, coupling: str, ts: jax.Array) -> Ca
 def _check_coverage(probs, ts) -> None:
     """A PiecewiseConstant's edges must cover the grid: a time outside them would use the nearest bin, a
     schedule made for another interval."""
-    from mlem_jax._probabilities import PiecewiseConstant
-
     if not (isinstance(probs, PiecewiseConstant) and is_concrete((probs.edges, ts))):
         return
     edges, t = np.asarray(probs.edges, np.float64), np.asarray(ts, np.float64)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import multilevel_euler_maruyama
-from mlem_jax.sharding import batch_mesh, sharded_sampler
+from mlem_jax.parallel import batch_mesh, sharded_sampler
 
 KEYS, LEVEL_KEY = 10, 1  # 10 samples: not a multiple of 4, so padded and trimmed
 
@@ -59,7 +59,7 @@ def leaves(tree):
 
 def main(mode):
     if mode in ("spmd", "join", "lose"):  # before anything touches the XLA backend
-        from mlem_jax.sharding import initialize_distributed
+        from mlem_jax.parallel import initialize_distributed
 
         timeout = int(sys.argv[5]) if mode == "join" and len(sys.argv) > 5 else {"join": 20}.get(mode, 120)
         initialize_distributed(f"localhost:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]), timeout_s=timeout,

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from mlem_jax.diffusion.equal_error import _Batch, compare_best_samplers, planned_runs
+from mlem_jax.compare._best_samplers import _Batch, compare_best_samplers, planned_runs
 from mlem_jax.diffusion.family import load_family
 
 

@@ -8,22 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlem_jax import (
-    FixedFirings,
-    PiecewiseConstant,
-    correction_costs,
-    euler_maruyama,
-    expected_cost,
-    injected_variance,
-    multilevel_euler_maruyama,
-    optimal_probabilities,
-)
+from mlem_jax import FixedFirings, PiecewiseConstant, euler_maruyama, multilevel_euler_maruyama
 from mlem_jax.calibrate import (
     calibrated_probabilities,
     calibration_report,
+    correction_costs,
+    expected_cost,
     fit_gamma,
+    injected_variance,
     level_costs,
     level_statistics,
+    optimal_probabilities,
     stratified_schedule,
 )
 

@@ -101,18 +101,21 @@ def test_parameterizations_give_the_true_conditional_score(sde, parameterization
                                   denoised_from_output(sde, parameterization, t, xt, out))
 
 
-def test_the_old_argument_order_warns_and_gives_the_same_values():
-    """(output, x, t) and (x0, eps, t), t last, are recognised by shape, warn, and agree with t first."""
+def test_the_old_argument_order_is_refused():
+    """(output, x, t) and (x0, eps, t), t last, are recognised by shape and refused at trace time
+    with the order to write instead; t first works."""
+    from mlem_jax import InputError
+
     sde, t = VP(), 0.37
     x0, eps = jax.random.normal(jax.random.key(1), (2, 5))
     xt = sde.alpha(t) * x0 + sde.std(t) * eps
-    with pytest.warns(DeprecationWarning, match="target_from_noise: the arguments are now"):
-        out = target_from_noise(sde, "v", x0, eps, t)
-    np.testing.assert_array_equal(out, target_from_noise(sde, "v", t, x0, eps))
+    with pytest.raises(InputError, match=r"target_from_noise: expected the arguments \(sde, parameterization, t"):
+        target_from_noise(sde, "v", x0, eps, t)
+    out = target_from_noise(sde, "v", t, x0, eps)
     for fn in (score_from_output, denoised_from_output):
-        with pytest.warns(DeprecationWarning, match=f"{fn.__name__}: the arguments are now"):
-            old = fn(sde, "v", out, xt, t)
-        np.testing.assert_array_equal(old, fn(sde, "v", t, xt, out))
+        with pytest.raises(InputError, match=f"{fn.__name__}: expected the arguments .*old order"):
+            jax.jit(lambda o, x, s: fn(sde, "v", o, x, s))(out, xt, t)
+        assert np.all(np.isfinite(fn(sde, "v", t, xt, out)))
 
 
 def gaussian_score(sde, mu, s):

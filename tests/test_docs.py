@@ -20,11 +20,12 @@ def test_block_runs(code):
     exec(compile(code, "<doc>", "exec"), {})
 
 
-PACKAGES = ["mlem_jax", "mlem_jax.calibrate", "mlem_jax.diffusion"]  # implementation elsewhere, re-exported
-PUBLIC_MODULES = ["mlem_jax.sharding", "mlem_jax.equal_error", "mlem_jax.plotting", "mlem_jax.timing"] + [
-    f"mlem_jax.diffusion.{m}" for m in ("classifier", "coupled", "data", "family", "folder", "images", "metrics",
+# implementation elsewhere, re-exported
+PACKAGES = ["mlem_jax", "mlem_jax.calibrate", "mlem_jax.diffusion", "mlem_jax.compare", "mlem_jax.parallel"]
+PUBLIC_MODULES = ["mlem_jax.plotting", "mlem_jax.timing"] + [
+    f"mlem_jax.diffusion.{m}" for m in ("classifier", "data", "family", "folder", "images", "metrics",
                                         "parameterization", "sampling", "sde", "train", "unet", "guidance",
-                                        "equal_error")]
+                                        "mixture", "ladder", "testbed")]
 
 
 def _undocumented(where, attr, obj):

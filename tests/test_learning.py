@@ -8,8 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from mlem_jax import PiecewiseConstant, correction_costs, optimal_probabilities
-from mlem_jax.calibrate import coupled_error_gradient, learn_probabilities, scaled_to_budget
+from mlem_jax import PiecewiseConstant
+from mlem_jax.calibrate import (
+    correction_costs,
+    coupled_error_gradient,
+    learn_probabilities,
+    optimal_probabilities,
+    scaled_to_budget,
+)
 
 from recursions import affine_levels, affine_moments
 

@@ -196,8 +196,10 @@ def test_nnx_adapter():
     out = network(params, 2.0, x)
     np.testing.assert_array_equal(out, module(x, 2.0))
     assert jnp.allclose(jax.jit(network)(params, 2.0, x, None), out)
-    with pytest.warns(DeprecationWarning, match=r"network\(params, t, x, args\)"):
-        np.testing.assert_array_equal(network(params, x, 2.0), out)
+    from mlem_jax import InputError
+
+    with pytest.raises(InputError, match=r"network\(params, t, x, args\), t first.*swap t and x"):
+        network(params, x, 2.0)
 
 
 def test_combine_families(tmp_path):

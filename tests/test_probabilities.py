@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from mlem_jax import correction_costs, geometric_probabilities, injected_variance, optimal_probabilities
+from mlem_jax import geometric_probabilities
+from mlem_jax.calibrate import correction_costs, injected_variance, optimal_probabilities
 
 V = np.array([1.0, 0.25, 0.06, 0.016, 0.004])
 C = correction_costs(2.0 ** (2.5 * np.arange(1, 6)))

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlem_jax import Multilevel, euler_maruyama, heun, injected_variance
+from mlem_jax import Multilevel, euler_maruyama, heun
 from mlem_jax.calibrate import (
     cached_variances,
     calibrated_probabilities,
     calibration_report,
+    injected_variance,
     level_statistics,
     solver_calls,
     stratified_probabilities,
@@ -103,7 +104,7 @@ def test_predicted_variance_is_exact_for_state_free_corrections(name, control):
 def test_cached_allocation_meets_its_target_at_a_lower_cost():
     """The fixed point's cached variance meets the target variance, and costs less than the
     closed-form allocation without the control for the same target."""
-    from mlem_jax import correction_costs, expected_cost
+    from mlem_jax.calibrate import correction_costs, expected_cost
 
     levels = state_free_levels()
     g = logsnr_grid(SDE, 16)

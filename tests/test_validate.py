@@ -147,11 +147,10 @@ def test_check_finite_raises_when_a_path_goes_non_finite():
         jax.block_until_ready(euler_maruyama(levels[1], None, jnp.ones(2), ts, None, check_finite=True))
 
 
-def test_the_old_name_of_fixed_firings_still_works_with_a_warning():
+def test_the_old_name_of_fixed_firings_is_gone():
     import mlem_jax
 
-    with pytest.warns(DeprecationWarning, match="FixedFirings"):
-        assert mlem_jax.FixedBudget is mlem_jax.FixedFirings
+    assert not hasattr(mlem_jax, "FixedBudget") and mlem_jax.FixedFirings.__name__ == "FixedFirings"
 
 
 def test_a_schedule_is_checked_at_construction_and_against_the_grid():

@@ -1,5 +1,5 @@
 """`mlem-jax advise`: will multilevel sampling pay on this family? Held-out diagnostics of its
-levels (`mlem_jax.diffusion.advise`), a verdict in words, a text report and a plot."""
+levels (`mlem_jax.compare._advise`), a verdict in words, a text report and a plot."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add_parser(sub):
 def run(args):
     from tqdm.auto import tqdm
 
-    from mlem_jax.diffusion.advise import family_diagnostics, held_out_images, plot_advice
+    from mlem_jax.compare._advise import family_diagnostics, held_out_images, plot_advice
 
     t0 = time.perf_counter()
     family = family_arg(args.family)

@@ -163,7 +163,7 @@ def _check_target(args):
 def _match_em(args, family, nfs, t0):
     """calibrate --match-em: the cheapest stratified configuration with EM's coupled error (pilot search)."""
     from mlem_jax.calibrate import save_calibration
-    from mlem_jax.equal_error import search_configuration
+    from mlem_jax.compare._em_search import search_configuration
 
     if any(v is not None for v in (args.target_variance, args.speedup, args.target_error)):
         raise CLIError("--match-em: the target is EM's own coupled error; drop --target-*/--speedup.")

@@ -247,7 +247,7 @@ def join_run(args) -> bool:
     if missing:
         raise CLIError(f"{', '.join(missing)}: a multi-process run needs --coordinator, --num-processes and "
                        "--process-id on every process.")
-    from mlem_jax.sharding import initialize_distributed
+    from mlem_jax.parallel._mesh import initialize_distributed
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)

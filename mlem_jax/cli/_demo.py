@@ -56,7 +56,7 @@ def run(args):
     from tqdm.auto import tqdm
 
     from mlem_jax.cli._common import family_arg
-    from mlem_jax.diffusion.equal_error import SAMPLER_NAMES, compare_best_samplers, planned_runs
+    from mlem_jax.compare._best_samplers import SAMPLER_NAMES, compare_best_samplers, planned_runs
     from mlem_jax.diffusion.family import demo_family_path
     from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
 

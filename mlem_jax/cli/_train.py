@@ -151,7 +151,7 @@ def run(args):
                        "run trains them one after another over every device.")
     mesh = None
     if multiprocess or jax.device_count() > 1:
-        from mlem_jax.sharding import batch_mesh
+        from mlem_jax.parallel._mesh import batch_mesh
 
         mesh = None if args.parallel_levels else batch_mesh()
     primary = jax.process_index() == 0

@@ -40,7 +40,6 @@ from mlem_jax.diffusion.sde import (
 
 _LAZY = {
     "classifier": ("Classifier", "TrainedClassifier", "train_classifier"),
-    "coupled": ("SharedNoise", "shared_noise", "increments_on", "em_sampler", "mlem_sampler"),
     "data": ("EMBEDDED", "load_dataset", "digits", "procedural", "batches", "prepare_local", "read_local"),
     "folder": ("load_images",),
     "family": ("Family", "save_family", "load_family", "shipped_family_path", "combine_families"),

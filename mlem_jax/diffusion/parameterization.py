@@ -23,7 +23,6 @@ dx = [f(t) x - g(t)^2 score / 2] dt.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import jax
@@ -41,24 +40,22 @@ def _check(parameterization: str) -> None:
         )
 
 
-def _old_order(name: str, order: str, a, ref, b):
-    """(a, ref, b) in the (t, x, value) order, or swapped with a DeprecationWarning when the call used
-    the old (value, x, t) order: recognised by shape (the value is shaped like x, t is not), at trace time."""
-    same = jnp.shape(a) == jnp.shape(ref) and jnp.shape(b) != jnp.shape(ref)
-    if not same:
-        return a, b
-    warnings.warn(f"{name}: the arguments are now {order} (the library's one convention, t and x first); the "
-                  "old order, with t last, still works but will be removed.", DeprecationWarning, stacklevel=3)
-    return b, a
+def _check_order(name: str, order: str, t, x, value, value_name: str) -> None:
+    """Refuse, at trace time, a call in the old (value, x, t) order: t shaped like x while the value
+    is not (a value is always shaped like x)."""
+    if jnp.shape(t) == jnp.shape(x) and jnp.shape(value) != jnp.shape(x):
+        raise InputError(f"{name}: expected the arguments {order}, with {value_name} shaped like x "
+                         f"{jnp.shape(x)}; got t of shape {jnp.shape(t)} and {value_name} of shape "
+                         f"{jnp.shape(value)}, which looks like the old order with t last: put t and x first.")
 
 
 def score_from_output(sde, parameterization: str, t, x, output):
     """The score implied by a network output at (t, x) under `parameterization`.
 
-    (t, x) come first, as in every callable of the library; `output` is shaped like x. The old order
-    `(output, x, t)` is recognised by shape and warns (DeprecationWarning)."""
+    (t, x) come first, as in every callable of the library; `output` is shaped like x (a call in the
+    old order `(output, x, t)` is refused)."""
     _check(parameterization)
-    t, output = _old_order("score_from_output", "(sde, parameterization, t, x, output)", t, x, output)
+    _check_order("score_from_output", "(sde, parameterization, t, x, output)", t, x, output, "output")
     return _score(sde, parameterization, t, x, output)
 
 
@@ -91,9 +88,9 @@ def _score(sde, parameterization, t, x, output):
 
 def denoised_from_output(sde, parameterization: str, t, x, output):
     """The data prediction D = E[x_0 | x_t = x] implied by a network output at (t, x): from the
-    score, D = (x + std^2 score) / alpha (Tweedie's formula). The old order `(output, x, t)` warns."""
+    score, D = (x + std^2 score) / alpha (Tweedie's formula). The old order `(output, x, t)` is refused."""
     _check(parameterization)
-    t, output = _old_order("denoised_from_output", "(sde, parameterization, t, x, output)", t, x, output)
+    _check_order("denoised_from_output", "(sde, parameterization, t, x, output)", t, x, output, "output")
     if parameterization == "x0":
         return output
     if parameterization == "flow":
@@ -143,9 +140,12 @@ def score_from_denoiser(sde, denoiser: Callable) -> Callable:
 
 def target_from_noise(sde, parameterization: str, t, x0, eps):
     """What the network should output at time t for x_t = alpha x0 + std eps (the DSM target).
-    The old order `(x0, eps, t)` is recognised by shape and warns (DeprecationWarning)."""
+    The old order `(x0, eps, t)` is refused."""
     _check(parameterization)
-    t, x0, eps = _target_order(t, x0, eps)
+    if jnp.shape(t) == jnp.shape(x0) and jnp.shape(eps) != jnp.shape(x0):
+        raise InputError(f"target_from_noise: expected the arguments (sde, parameterization, t, x0, eps) with eps "
+                         f"shaped like x0 {jnp.shape(x0)}; got t of shape {jnp.shape(t)} and eps of shape "
+                         f"{jnp.shape(eps)}, which looks like the old order (x0, eps, t): put t first.")
     alpha, std = sde.alpha(t), sde.std(t)
     if parameterization == "eps":
         return eps
@@ -157,15 +157,6 @@ def target_from_noise(sde, parameterization: str, t, x0, eps):
         _, _, d_alpha, d_std = _rates(sde, t)
         return d_alpha * x0 + d_std * eps
     return alpha * eps - std * x0
-
-
-def _target_order(t, x0, eps):
-    if jnp.shape(t) == jnp.shape(x0) and jnp.shape(eps) != jnp.shape(x0):  # old (x0, eps, t)
-        warnings.warn("target_from_noise: the arguments are now (sde, parameterization, t, x0, eps) (t first, the "
-                      "library's one convention); the old order, with t last, still works but will be removed.",
-                      DeprecationWarning, stacklevel=3)
-        return eps, t, x0
-    return t, x0, eps
 
 
 def reverse_drift(sde, score_fn: Callable, probability_flow: bool = False) -> Callable:

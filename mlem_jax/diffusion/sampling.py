@@ -149,7 +149,7 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     first). Sample i uses key fold_in(key(seed), i) for its prior draw and noise, so the
     single-level and multilevel runs with the same seed share noise, and the level coins
     come from one unbatched key. One program over every device of every process
-    (`mlem_jax.sharding.sharded_sampler`): in a multi-process run each process samples
+    (`mlem_jax.parallel.sharded_sampler`): in a multi-process run each process samples
     the rows of its own devices and every process gets the whole batch back, the same
     samples as on one device.
 
@@ -191,7 +191,7 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
         sol = run(ml, y0, key, label)
         return sol.y, sol.evaluations
 
-    from mlem_jax.sharding import sharded_sampler
+    from mlem_jax.parallel._mesh import sharded_sampler
 
     size = batch_size // coin_plans
     chunks = [(keys[c * size:(c + 1) * size], jax.random.fold_in(level_key, c) if c else level_key)

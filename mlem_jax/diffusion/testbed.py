@@ -75,6 +75,7 @@ a recompilation if it is asked for again."""
 
 
 def grid(sde, sampler: str, steps: int):
+    """The grid each sampler is designed for: uniform in t for DDIM and EM, log-SNR otherwise."""
     return uniform_grid(steps) if sampler in ("ddim", "em") else logsnr_grid(sde, steps)
 
 

@@ -343,7 +343,7 @@ def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainCo
     template = init_state(model, image_shape, config)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
     if mesh is not None:
-        from mlem_jax.sharding import replicated
+        from mlem_jax.parallel._mesh import replicated
 
         abstract = jax.tree_util.tree_map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), abstract)
@@ -380,7 +380,7 @@ def train(
 ) -> tuple[TrainState, History]:
     """Train `model` by denoising score matching; returns the final state and losses.
 
-    With `mesh` (for example `mlem_jax.sharding.batch_mesh()`), data parallel: the state is
+    With `mesh` (for example `mlem_jax.parallel.batch_mesh()`), data parallel: the state is
     replicated and every batch split over the mesh's devices, which may belong to several
     processes (after `initialize_distributed`): every process runs this same call, feeds
     only its own devices' rows of the batch, and XLA's collectives average the gradients.
@@ -516,7 +516,7 @@ def _data_parallel(state, mesh, batch: int):
     each batch over its devices."""
     if mesh is None:
         return state, lambda x: x
-    from mlem_jax.sharding import batch_sharding, replicated, to_global
+    from mlem_jax.parallel._mesh import batch_sharding, replicated, to_global
 
     if batch % mesh.devices.size:
         raise InputError(
@@ -563,7 +563,7 @@ def train_family(
                          "one process (a multi-process run trains the levels one after another over the global mesh).")
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlem_jax.sharding import batch_mesh
+    from mlem_jax.parallel._mesh import batch_mesh
 
     devices = np.array(jax.local_devices())
     groups = [batch_mesh(g) for g in np.array_split(devices, min(len(family), len(devices)))]

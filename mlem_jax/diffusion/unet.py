@@ -282,20 +282,16 @@ def nnx_apply(module):
     and the module's parameter state. `functools.partial(network, state)` is then a
     `network(t, x, args)` for `network_score` / `network_denoiser`.
 
-    The old call order `network(params, x, t)` is recognised by shape (x has more dimensions than t)
-    and warns (DeprecationWarning)."""
+    A call in the old order `network(params, x, t)` (t with more dimensions than x) is refused."""
     from flax import nnx
 
     graphdef, state = nnx.split(module)
 
     def network(params, t, x, args=None):
         if jnp.ndim(t) > jnp.ndim(x):  # the old order (params, x, t)
-            import warnings
-
-            warnings.warn("nnx_apply: the network is now called as network(params, t, x, args) (t and x first, "
-                          "the library's one convention); the old order (params, x, t) still works but will be "
-                          "removed.", DeprecationWarning, stacklevel=2)
-            t, x = x, t
+            raise InputError(f"nnx_apply: the network is called as network(params, t, x, args), t first; got t "
+                             f"with {jnp.ndim(t)} dimensions and x with {jnp.ndim(x)}, which looks like the old "
+                             "order (params, x, t): swap t and x.")
         return nnx.merge(graphdef, params)(x, t)
 
     return network, state

@@ -1,13 +1,18 @@
 """Stratified firings with p_j proportional to e_j^alpha (e_j: nf=16 on step j alone, measured on a
 separate 32-sample batch) against uniform p = m/N; coupled errors on 64 samples."""
 import sys
-import jax, jax.numpy as jnp, numpy as np
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from mlem_jax import Multilevel, PiecewiseConstant
+from mlem_jax.compare._best_samplers import _Batch
 from mlem_jax.diffusion.family import load_family
-from mlem_jax.diffusion.equal_error import _Batch
 from mlem_jax.diffusion.metrics import coupled_error
 from mlem_jax.diffusion.samplers import SAMPLERS
 from mlem_jax.diffusion.sde import logsnr_grid
+
 fam = load_family(sys.argv[1]); N = int(sys.argv[2])
 ts = logsnr_grid(fam.sde, N)
 pil = _Batch(fam, 32, 1, 32, coin_plans=4)

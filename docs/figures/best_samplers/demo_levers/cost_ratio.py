@@ -1,5 +1,6 @@
-from mlem_jax.diffusion.family import load_family, demo_family_path
-from mlem_jax.diffusion.equal_error import level_seconds
+from mlem_jax.compare import level_seconds
+from mlem_jax.diffusion.family import demo_family_path, load_family
+
 fam = load_family(demo_family_path())
 for b in (16, 32, 64, 128, 256):
     s = level_seconds(fam.denoisers(), tuple(fam.image_shape), b, repeats=5)

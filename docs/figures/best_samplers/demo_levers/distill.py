@@ -1,9 +1,15 @@
 """Prototype: fine-tune the demo family's nf=16 toward its nf=64 (teacher regression in eps space
 at x_t = alpha x0 + std eps, t ~ U[t_min, 1]); writes runs/distill/family_<step>.{npz,json}."""
-import sys, time
-import jax, jax.numpy as jnp, numpy as np, optax
-from mlem_jax.diffusion.family import load_family, demo_family_path, save_family
-from mlem_jax.diffusion.data import read_local, batches
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlem_jax.diffusion.data import batches, read_local
+from mlem_jax.diffusion.family import demo_family_path, load_family, save_family
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 600
 LR = float(sys.argv[2]) if len(sys.argv) > 2 else 5e-4

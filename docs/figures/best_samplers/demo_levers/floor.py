@@ -1,10 +1,13 @@
 """Coupled errors (DPM-Solver++(2M), 64 samples, reference nf=64 3M at 32 steps): nf=16 alone at 8/12/24
 steps, nf=64 alone at 8, and nf16+64 stratified at 12 steps with m = 2, 3, 4, 6, for each family given."""
 import sys
+
 import numpy as np
+
+from mlem_jax.compare._best_samplers import _Batch
 from mlem_jax.diffusion.family import load_family
-from mlem_jax.diffusion.equal_error import _Batch
 from mlem_jax.diffusion.metrics import coupled_error
+
 for path in sys.argv[1:]:
     fam = load_family(path)
     b = _Batch(fam, 64, 0, 32, coin_plans=4)

@@ -10,13 +10,18 @@ shrinks as the target tightens, and the time ratio single / multilevel is at mos
 1 / (1 / r + m / N) with r the top's cost over the base's per evaluation."""
 import sys
 import time
-import jax, jax.numpy as jnp, numpy as np
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from mlem_jax import Multilevel, PiecewiseConstant
+from mlem_jax.compare._best_samplers import _Batch
 from mlem_jax.diffusion.family import load_family
-from mlem_jax.diffusion.equal_error import _Batch
 from mlem_jax.diffusion.metrics import coupled_error
 from mlem_jax.diffusion.samplers import SAMPLERS
 from mlem_jax.diffusion.sde import logsnr_grid
+
 fam = load_family(sys.argv[1])
 main = _Batch(fam, 64, 0, 32, coin_plans=4)
 d16, d64 = main.denoisers

@@ -1,12 +1,17 @@
 """Per-step sensitivity: nf=16 on step j only (nf=64 elsewhere), DPM-Solver++(2M) at N steps; coupled error
 against the reference, 64 samples. Also the sum-of-e_j allocation's predicted variance against uniform."""
 import sys
-import jax, jax.numpy as jnp, numpy as np
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlem_jax.compare._best_samplers import _Batch
 from mlem_jax.diffusion.family import load_family
-from mlem_jax.diffusion.equal_error import _Batch
 from mlem_jax.diffusion.metrics import coupled_error
 from mlem_jax.diffusion.samplers import SAMPLERS
 from mlem_jax.diffusion.sde import logsnr_grid
+
 fam = load_family(sys.argv[1]); N = int(sys.argv[2])
 b = _Batch(fam, 64, 0, 32, coin_plans=4)
 d16, d64 = b.denoisers

@@ -1,13 +1,19 @@
 """Prototype: SDE-DPM-Solver++(2M) coupled (same prior, same Brownian path) errors for
 nf16 alone, nf64 alone, and multilevel nf16+64 stratified, on the demo family."""
-import json, sys, time
-import jax, jax.numpy as jnp, numpy as np
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from mlem_jax import Multilevel
-from mlem_jax.diffusion.family import load_family, demo_family_path
+from mlem_jax.compare import level_seconds
+from mlem_jax.diffusion.family import demo_family_path, load_family
+from mlem_jax.diffusion.metrics import coupled_error
 from mlem_jax.diffusion.samplers import sde_dpm_solver_pp
 from mlem_jax.diffusion.sde import logsnr_grid
-from mlem_jax.diffusion.metrics import coupled_error
-from mlem_jax.diffusion.equal_error import level_seconds
 
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 32
 FINE = 240

@@ -1,8 +1,14 @@
 # exploration for the demo: which target and base pair give a gain (its records are the .jsonl beside it)
-import sys, time, json, warnings, os
+import json
+import os
+import sys
+import time
+import warnings
+
 os.makedirs('runs/best_samplers_targets', exist_ok=True)
-from mlem_jax.diffusion.equal_error import compare_best_samplers
+from mlem_jax.compare import compare_best_samplers
 from mlem_jax.diffusion.family import combine_families, demo_family_path, load_family
+
 W = "benchmarks/weights"
 out = {}
 for pair in [tuple(map(int, a.split(","))) for a in sys.argv[1:]]:

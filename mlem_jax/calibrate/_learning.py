@@ -47,8 +47,9 @@ import numpy as np
 from mlem_jax import _validate
 from mlem_jax._coins import level_coins
 from mlem_jax._errors import InputError
-from mlem_jax._probabilities import PiecewiseConstant, correction_costs, schedule_values
+from mlem_jax._schedules import PiecewiseConstant, schedule_values
 from mlem_jax._solvers import euler_maruyama, multilevel_euler_maruyama
+from mlem_jax.calibrate._allocation import correction_costs
 
 
 class LearningHistory(NamedTuple):
@@ -336,8 +337,8 @@ def _closed_form_start(drifts, diffusion, y0s, ts, key, args, costs, budget, num
     """The default start of `learn_probabilities` (see its `init`)."""
     import warnings
 
-    from mlem_jax._closed_form import calibrated_probabilities
-    from mlem_jax._statistics import level_statistics
+    from mlem_jax.calibrate._closed_form import calibrated_probabilities
+    from mlem_jax.calibrate._statistics import level_statistics
 
     geometric = 0.3 ** np.arange(len(drifts))
     pool = jax.tree_util.tree_leaves(y0s)[0].shape[0]

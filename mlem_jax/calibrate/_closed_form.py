@@ -5,14 +5,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax._costs import check_cost_order
 from mlem_jax._errors import InputError
-from mlem_jax._probabilities import (
-    PiecewiseConstant,
-    correction_costs,
-    optimal_probabilities,
-)
-from mlem_jax._statistics import LevelStatistics, cached_variances
+from mlem_jax._schedules import PiecewiseConstant
+from mlem_jax.calibrate._allocation import correction_costs, optimal_probabilities
+from mlem_jax.calibrate._costs import check_cost_order
+from mlem_jax.calibrate._statistics import LevelStatistics, cached_variances
 
 
 def check_bins(stats: LevelStatistics) -> None:
@@ -112,7 +109,7 @@ def _warn_if_noise(stats, V, p, step_size, w) -> None:
     import math
     import warnings
 
-    from mlem_jax._probabilities import injected_variance
+    from mlem_jax.calibrate._allocation import injected_variance
 
     span = stats.num_calls * float(stats.step_size)
     predicted = math.sqrt(span * injected_variance(V, p, step_size, bin_weights=w) / max(stats.state_size, 1))

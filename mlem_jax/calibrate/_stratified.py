@@ -9,16 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax._closed_form import check_bins
 from mlem_jax._errors import InputError
 from mlem_jax._multilevel import Multilevel
-from mlem_jax._probabilities import (
-    PiecewiseConstant,
-    correction_costs,
-    expected_cost,
-)
-from mlem_jax._statistics import LevelStatistics, _default_solver
+from mlem_jax._schedules import PiecewiseConstant
 from mlem_jax._validate import check_coupling, check_ts
+from mlem_jax.calibrate._allocation import correction_costs, expected_cost
+from mlem_jax.calibrate._closed_form import check_bins
+from mlem_jax.calibrate._statistics import LevelStatistics, _default_solver
 
 
 class StratifiedCalibration(NamedTuple):

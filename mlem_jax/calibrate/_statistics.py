@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._errors import InputError
-from mlem_jax._multilevel import CallProbe, ProbeRecord
 from mlem_jax._solvers import euler_maruyama
 from mlem_jax._validate import check_drifts, check_ts
+from mlem_jax.calibrate._probes import CallProbe, ProbeRecord
 
 
 class LevelStatistics(NamedTuple):

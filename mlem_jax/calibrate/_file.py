@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax._errors import InputError
-from mlem_jax._probabilities import (
-    PiecewiseConstant,
-)
+from mlem_jax._schedules import PiecewiseConstant
 
 
 class Calibration(NamedTuple):

@@ -25,9 +25,9 @@ import numpy as np
 
 from mlem_jax import PiecewiseConstant
 from mlem_jax._errors import InputError
-from mlem_jax._stratified import _stratified_family
 from mlem_jax.calibrate import flops_of, level_costs, level_statistics
-from mlem_jax.diffusion.coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
+from mlem_jax.calibrate._stratified import _stratified_family
+from mlem_jax.compare._coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
 from mlem_jax.diffusion.metrics import Estimate, coupled_error
 from mlem_jax.diffusion.parameterization import reverse_diffusion
 from mlem_jax.diffusion.sde import uniform_grid

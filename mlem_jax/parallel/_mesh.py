@@ -187,12 +187,12 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     the same `coordinator` ("host:port" of process 0) and `num_processes`; a process that
     cannot join within `timeout_s` seconds fails instead of hanging.
 
-    Process 0 also hosts a roll call at the coordinator's port + 1 (`mlem_jax._roll_call`):
+    Process 0 also hosts a roll call at the coordinator's port + 1 (`mlem_jax.parallel._roll_call`):
     an id given twice, or missing at the timeout, is one `RuntimeError` line in every
     process; and once running, a process that dies (or is silent for `heartbeat_timeout_s`)
     stops every other one within that time with one line naming it on stderr and exit
     status 1, instead of the runtime's C++ abort minutes later."""
-    from mlem_jax._roll_call import roll_call
+    from mlem_jax.parallel._roll_call import roll_call
 
     if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
             or not coordinator.rpartition(":")[2].isdigit():

@@ -29,7 +29,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from mlem_jax._errors import InputError
-from mlem_jax._gamma import GammaFit, fit_gamma
+from mlem_jax.calibrate._gamma import GammaFit, fit_gamma
 
 
 class Measured(NamedTuple):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlem_jax._diagnostics import LevelDiagnostics, format_diagnostics, level_diagnostics
 from mlem_jax._errors import InputError
+from mlem_jax.calibrate._diagnostics import LevelDiagnostics, format_diagnostics, level_diagnostics
 
 __all__ = ["Advice", "family_diagnostics", "held_out_images", "verdict"]
 

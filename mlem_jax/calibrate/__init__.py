@@ -25,19 +25,20 @@ The implementation lives in private modules, one concept each (`_costs`, `_stati
 `_flops`, `_diagnostics`), and is re-exported here; this module's `__all__` is its public surface.
 """
 
-from mlem_jax._calibration_file import Calibration, check_calibration_use, load_calibration, save_calibration
-from mlem_jax._closed_form import calibrated_probabilities, check_bins
-from mlem_jax._costs import LevelCosts, check_cost_order, level_costs
-from mlem_jax._diagnostics import (
+from mlem_jax._flops import flops_of
+from mlem_jax.calibrate._allocation import correction_costs, expected_cost, injected_variance, optimal_probabilities
+from mlem_jax.calibrate._closed_form import calibrated_probabilities, check_bins
+from mlem_jax.calibrate._costs import LevelCosts, check_cost_order, level_costs
+from mlem_jax.calibrate._diagnostics import (
     LevelDiagnostics,
     Measured,
     PairDiagnostic,
     format_diagnostics,
     level_diagnostics,
 )
-from mlem_jax._flops import flops_of
-from mlem_jax._gamma import GammaFit, fit_gamma
-from mlem_jax._learning import (
+from mlem_jax.calibrate._file import Calibration, check_calibration_use, load_calibration, save_calibration
+from mlem_jax.calibrate._gamma import GammaFit, fit_gamma
+from mlem_jax.calibrate._learning import (
     LearnedProbabilities,
     LearningHistory,
     NotConvergedWarning,
@@ -46,11 +47,26 @@ from mlem_jax._learning import (
     scaled_to_budget,
     unsettled,
 )
-from mlem_jax._report import CalibrationReport, calibration_report, format_report, plot_report
-from mlem_jax._statistics import LevelStatistics, cached_variances, level_statistics, solver_calls, solver_sensitivities
-from mlem_jax._stratified import StratifiedCalibration, stratified_probabilities, stratified_schedule, stratified_shape
+from mlem_jax.calibrate._report import CalibrationReport, calibration_report, format_report, plot_report
+from mlem_jax.calibrate._statistics import (
+    LevelStatistics,
+    cached_variances,
+    level_statistics,
+    solver_calls,
+    solver_sensitivities,
+)
+from mlem_jax.calibrate._stratified import (
+    StratifiedCalibration,
+    stratified_probabilities,
+    stratified_schedule,
+    stratified_shape,
+)
 
 __all__ = [
+    "correction_costs",
+    "expected_cost",
+    "injected_variance",
+    "optimal_probabilities",
     "cached_variances",
     "calibrated_probabilities",
     "Calibration",

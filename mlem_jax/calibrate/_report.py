@@ -9,20 +9,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from mlem_jax._closed_form import calibrated_probabilities
-from mlem_jax._costs import LevelCosts, level_costs
 from mlem_jax._errors import InputError
-from mlem_jax._gamma import GammaFit, fit_gamma
-from mlem_jax._probabilities import (
-    PiecewiseConstant,
-    correction_costs,
-    expected_cost,
-    injected_variance,
-    schedule_values,
-)
-from mlem_jax._statistics import LevelStatistics, cached_variances, level_statistics
-from mlem_jax._stratified import stratified_probabilities
+from mlem_jax._schedules import PiecewiseConstant, schedule_values
 from mlem_jax._validate import check_ts
+from mlem_jax.calibrate._allocation import correction_costs, expected_cost, injected_variance
+from mlem_jax.calibrate._closed_form import calibrated_probabilities
+from mlem_jax.calibrate._costs import LevelCosts, level_costs
+from mlem_jax.calibrate._gamma import GammaFit, fit_gamma
+from mlem_jax.calibrate._statistics import LevelStatistics, cached_variances, level_statistics
+from mlem_jax.calibrate._stratified import stratified_probabilities
 
 
 class CalibrationReport(NamedTuple):

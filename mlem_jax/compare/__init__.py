@@ -1,0 +1,35 @@
+"""Comparisons that decide whether multilevel sampling pays, built on `mlem_jax.calibrate`
+and `mlem_jax.diffusion` (nothing below imports this package):
+
+- the coupled path (`_coupled`): shared prior draws and Brownian increments, so that every
+  run of one comparison sees the same noise, and the EM / ML-EM samplers on it;
+- the EM-against-ML-EM search at equal coupled error (`_em_search`: `search_configuration`,
+  `equal_error_comparison`);
+- the best single-network sampler against the best multilevel one at equal error
+  (`_best_samplers`: `compare_best_samplers`, what `mlem-jax demo --family` runs);
+- the held-out diagnostics and verdict of `mlem-jax advise` (`_advise`).
+"""
+
+from mlem_jax.compare._advise import Advice, family_diagnostics, held_out_images, plot_advice, verdict
+from mlem_jax.compare._best_samplers import (
+    SAMPLER_NAMES,
+    Comparison,
+    Run,
+    compare_best_samplers,
+    level_seconds,
+    planned_runs,
+)
+from mlem_jax.compare._coupled import SharedNoise, em_sampler, increments_on, mlem_sampler, shared_noise, timed
+from mlem_jax.compare._em_search import (
+    LADDER,
+    Config,
+    EqualErrorResult,
+    Search,
+    equal_error_comparison,
+    search_configuration,
+)
+
+__all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "verdict", "SAMPLER_NAMES",
+           "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
+           "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "timed", "LADDER", "Config",
+           "EqualErrorResult", "Search", "equal_error_comparison", "search_configuration"]
