@@ -20,9 +20,10 @@
    the spread of each pair against its loss gap (nested errors or added noise), gamma with
    an irreducible loss, and the levels worth keeping.
 
-The implementation lives in private modules, one concept each (`_costs`, `_statistics`,
-`_closed_form`, `_stratified`, `_gamma`, `_report`, `_calibration_file`, `_learning`,
-`_flops`, `_diagnostics`), and is re-exported here; this module's `__all__` is its public surface.
+The implementation lives in private modules of this package, one concept each
+(`_allocation`, `_costs`, `_probes`, `_statistics`, `_closed_form`, `_stratified`, `_gamma`,
+`_report`, `_file`, `_learning`, `_diagnostics`), and is re-exported here; `__all__` is
+the public surface. It imports only the core (docs/architecture.md).
 """
 
 from mlem_jax._flops import flops_of
