@@ -71,8 +71,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from mlem_jax.diffusion.family import load_family, save_family
+    from mlem_jax.diffusion.objective import TrainConfig
     from mlem_jax.diffusion.sde import VP
-    from mlem_jax.diffusion.train import TrainConfig, train_family
+    from mlem_jax.diffusion.train import train_family
     from mlem_jax.diffusion.unet import unet_family
 
     t0 = time.perf_counter()

@@ -21,7 +21,8 @@ CHILD = r'''
 import json, sys, time
 import jax
 from mlem_jax.diffusion.data import load_dataset
-from mlem_jax.diffusion.train import TrainConfig, train_family
+from mlem_jax.diffusion.objective import TrainConfig
+from mlem_jax.diffusion.train import train_family
 from mlem_jax.diffusion.unet import unet_family
 nfs, steps, batch = [int(v) for v in sys.argv[1].split(",")], int(sys.argv[2]), int(sys.argv[3])
 ch_mult = tuple(int(v) for v in sys.argv[4].split(","))

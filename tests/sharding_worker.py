@@ -36,7 +36,7 @@ def sample_one(key, level_key):
 
 def tiny_training():
     from mlem_jax.diffusion.data import procedural
-    from mlem_jax.diffusion.train import TrainConfig
+    from mlem_jax.diffusion.objective import TrainConfig
     from mlem_jax.diffusion.unet import UNet
 
     return UNet(nf=4, ch_mult=(2,)), procedural(jax.random.key(0), 64, (8, 8, 1)), \
@@ -92,7 +92,8 @@ def main(mode):
         out["conditional"] = compiled.as_text().count("conditional")
         out["sharding_devices"] = len(compiled.output_shardings[0].device_set)
     elif mode == "train":
-        from mlem_jax.diffusion.train import load_level, train
+        from mlem_jax.diffusion.checkpoint import load_level
+        from mlem_jax.diffusion.train import train
 
         m, x, cfg = tiny_training()
         _, h1 = train(m, x, cfg, progress=False)
@@ -123,7 +124,7 @@ def main(mode):
         out["loss_parallel"] = [[loss for _, loss in h.train] for _, h in side_by_side]
         out["parallel_devices"] = [sorted(d.id for d in jax.tree_util.tree_leaves(s.params)[0].sharding.device_set)
                                    for s, _ in side_by_side]
-        from mlem_jax.diffusion.train import restore_checkpoint  # a checkpoint of another topology
+        from mlem_jax.diffusion.checkpoint import restore_checkpoint  # a checkpoint of another topology
 
         m, _, _ = tiny_training()
         state, _ = restore_checkpoint(sys.argv[2], m, x.shape[1:], cfg, mesh=batch_mesh())

@@ -176,7 +176,7 @@ def test_train_a_flow_family_from_the_command_line(tmp_path, capsys):
     loss falls below the loss of predicting u = 0 (E|eps - x_0|^2 per pixel)."""
     from mlem_jax.cli import main
     from mlem_jax.diffusion.family import load_family
-    from mlem_jax.diffusion.train import sample_times
+    from mlem_jax.diffusion.objective import sample_times
 
     out = tmp_path / "run"
     assert main(["train", "--dataset", "procedural", "--schedule", "flow", "--nfs", "4", "--ch-mult", "2",

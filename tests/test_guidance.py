@@ -12,8 +12,9 @@ from mlem_jax import BatchedLevelKeyWarning, Multilevel
 from mlem_jax.diffusion import VP, ddim, dpm_solver_pp, edm_heun, sde_dpm_solver_pp, uniform_grid
 from mlem_jax.diffusion.family import load_family, save_family
 from mlem_jax.diffusion.guidance import NULL_LABEL, guided, guided_passes
+from mlem_jax.diffusion.objective import TrainConfig, dsm_loss
 from mlem_jax.diffusion.sampling import sample
-from mlem_jax.diffusion.train import TrainConfig, dsm_loss, train
+from mlem_jax.diffusion.train import train
 from mlem_jax.diffusion.unet import UNet, denoiser_model, init_params
 
 SDE = VP()

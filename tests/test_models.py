@@ -7,17 +7,11 @@ import pytest
 
 from mlem_jax import multilevel_euler_maruyama
 from mlem_jax.diffusion import VP, reverse_diffusion, reverse_drift, uniform_grid
+from mlem_jax.diffusion.checkpoint import latest_step, load_level, restore_checkpoint
 from mlem_jax.diffusion.classifier import Classifier
 from mlem_jax.diffusion.data import procedural
-from mlem_jax.diffusion.train import (
-    TrainConfig,
-    dsm_loss,
-    latest_step,
-    load_level,
-    restore_checkpoint,
-    train,
-    train_family,
-)
+from mlem_jax.diffusion.objective import TrainConfig, dsm_loss
+from mlem_jax.diffusion.train import train, train_family
 from mlem_jax.diffusion.unet import (
     UNet,
     compiled_init,
@@ -133,6 +127,7 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
 
     with pytest.raises(Stop):
         train(model, x, cfg, checkpoint_dir=str(tmp_path / "b"), progress=False, on_step=interrupt)
+    # the save at step 4 runs in the background while step 5 computes; the exception must not lose it
     assert latest_step(str(tmp_path / "b")) == 4  # nothing lost beyond the last checkpoint
     resumed, hist = train(model, x, cfg, checkpoint_dir=str(tmp_path / "b"), resume=True, progress=False)
     assert [s for s, _ in hist.train] == [5, 6]
@@ -143,6 +138,30 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path):
     assert m.nf == 4 and par == "eps" and isinstance(sde, VP)
     for a, b in zip(jax.tree_util.tree_leaves(ema), jax.tree_util.tree_leaves(resumed.ema_params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_opens_one_checkpoint_manager_and_saves_on_its_cadence(tmp_path, monkeypatch):
+    """One orbax manager for a fresh run (not one per save or per query), saves at multiples of
+    checkpoint_every and at the last step, every one complete when `train` returns."""
+    import orbax.checkpoint as ocp
+
+    from mlem_jax.diffusion.checkpoint import all_steps
+
+    opened = []
+    real = ocp.CheckpointManager
+
+    def counting(*args, **kwargs):
+        opened.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", counting)
+    x = procedural(jax.random.key(0), 16, (8, 8, 1))
+    cfg = TrainConfig(steps=5, batch_size=8, checkpoint_every=2, warmup_steps=1)
+    train(UNet(nf=4, **TINY), x, cfg, checkpoint_dir=str(tmp_path / "c"), progress=False)
+    assert len(opened) == 1
+    monkeypatch.setattr(ocp, "CheckpointManager", real)
+    assert all_steps(str(tmp_path / "c")) == [4, 5]  # max_to_keep=2 of 2, 4, 5
+    restore_checkpoint(str(tmp_path / "c"), UNet(nf=4, **TINY), (8, 8, 1), cfg, step=4)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -236,7 +255,7 @@ def test_restarts_are_never_silent(tmp_path):
     one; a finished level still reports its held-out loss; seconds accumulate."""
     import pathlib
 
-    from mlem_jax.diffusion.train import all_steps
+    from mlem_jax.diffusion.checkpoint import all_steps
 
     x = procedural(jax.random.key(0), 40, (8, 8, 1))
     model = UNet(nf=4, **TINY)
@@ -254,7 +273,7 @@ def test_restarts_are_never_silent(tmp_path):
     _, again = train(model, x, cfg, test_images=x[:16], checkpoint_dir=d, resume=True, progress=False)
     assert again.train == [] and again.test[0][0] == 4 and np.isfinite(again.test[0][1])
     # the checkpoint records the time up to its own save (first.seconds also counts that save's duration)
-    from mlem_jax.diffusion.train import restore_latest_intact
+    from mlem_jax.diffusion.checkpoint import restore_latest_intact
 
     recorded = restore_latest_intact(d, model, x.shape[1:], cfg)[1]["train_seconds"]
     assert 0 < recorded <= first.seconds and again.seconds > recorded

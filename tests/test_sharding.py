@@ -144,7 +144,7 @@ def test_two_process_checkpoint_restores_on_other_topologies(two_processes, two_
     (replicated) and on this process's single device."""
     (r0, _), ckpt = two_processes
     assert two_devices["replicated_on"] == 2 and two_devices["ema"] == r0["ema"]
-    from mlem_jax.diffusion.train import load_level
+    from mlem_jax.diffusion.checkpoint import load_level
 
     _, ema, _, _, _ = load_level(ckpt)
     import jax

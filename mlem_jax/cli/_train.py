@@ -114,8 +114,9 @@ def run(args):
 
     from mlem_jax.diffusion.data import load_dataset
     from mlem_jax.diffusion.family import save_family
+    from mlem_jax.diffusion.objective import TrainConfig
     from mlem_jax.diffusion.sde import VP, Flow
-    from mlem_jax.diffusion.train import TrainConfig, train_family
+    from mlem_jax.diffusion.train import train_family
     from mlem_jax.diffusion.unet import unet_family
 
     train_y = test_y = None

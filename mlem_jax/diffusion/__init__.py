@@ -49,8 +49,9 @@ _LAZY = {
     "metrics": ("Estimate", "coupled_error", "frechet_distance", "frechet_gaussian", "kernel_distance",
                 "paired_frechet", "sliced_wasserstein"),
     "sampling": ("SampleResult", "SampleRangeWarning", "sample", "solver_function", "solver_levels", "outside_range"),
-    "train": ("TrainConfig", "TrainState", "History", "dsm_loss", "train_family", "save_checkpoint",
-              "restore_checkpoint", "load_level"),
+    "objective": ("TrainConfig", "TrainState", "dsm_loss"),
+    "train": ("History", "train_family"),
+    "checkpoint": ("Checkpoints", "save_checkpoint", "restore_checkpoint", "load_level"),
     "unet": ("UNet", "unet_family", "init_params", "compiled_init", "count_params", "forward_flops", "family_summary",
              "score_model", "denoiser_model", "nnx_apply"),
 }

@@ -14,8 +14,8 @@ import numpy as np
 from flax import traverse_util
 
 from mlem_jax._errors import InputError
+from mlem_jax.diffusion.checkpoint import model_config, model_from_config, sde_config, sde_from_config
 from mlem_jax.diffusion.parameterization import reverse_drift
-from mlem_jax.diffusion.train import model_config, model_from_config, sde_config, sde_from_config
 from mlem_jax.diffusion.unet import UNet, denoiser_model, score_model
 
 

@@ -1,60 +1,36 @@
-"""Denoising score matching with optax, EMA parameters, progress bars, and resumable
-orbax checkpoints.
+"""The training loop: a level (`train`) or a family (`train_family`), with held-out losses,
+progress, and resumable checkpoints.
 
-The loss at a batch x_0: t ~ U(t_min, 1), eps ~ N(0, I), x_t = alpha(t) x_0 + std(t) eps,
-and the mean squared error between the network output at (x_t, t) and the target of its
-parameterisation (eps, the score, x_0 or v; `target_from_noise`). Optimiser: gradient
-clipping, then Adam with a linear warm-up. The EMA of the parameters is what samples.
+What is minimised and one step of it are in `objective` (the DSM loss, the optimiser, the
+EMA); the orbax I/O is in `checkpoint`. The data order and the noise are functions of the
+step, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
-import sys
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from mlem_jax._errors import InputError
+from mlem_jax.diffusion.checkpoint import Checkpoints, all_steps, check_resume, model_config, sde_config
 from mlem_jax.diffusion.data import batches
-from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS, target_from_noise
-from mlem_jax.diffusion.sde import VE, VP, Flow, SubVP
-from mlem_jax.diffusion.unet import UNet, init_params
-
-
-class TrainConfig(NamedTuple):
-    """The training recipe of a level: steps, batch, learning rate and warm-up, clipping,
-    EMA, seed, cadence."""
-
-    steps: int = 2000
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    warmup_steps: int = 100
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    eval_every: int = 250
-    checkpoint_every: int = 500
-    seed: int = 0
-    parameterization: str = "eps"
-    t_min: float = 1e-3
-    label_dropout: float = 0.0  # conditional models: the share of labels replaced by the null class -1 (for CFG)
-    time_sampling: str = "uniform"  # or "logit-normal": t = sigmoid(n), n ~ N(0, 1) (SD3's flow-matching recipe)
-
-
-class TrainState(NamedTuple):
-    """Step, parameters, EMA parameters, optimiser state and the raw training key (a pytree,
-    checkpointed as is)."""
-
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
-    key: jax.Array  # raw uint32 key data (checkpointable)
+from mlem_jax.diffusion.objective import (
+    TIME_SAMPLINGS,
+    TrainConfig,
+    TrainState,
+    evaluate,
+    init_state,
+    make_train_step,
+)
+from mlem_jax.diffusion.parameterization import PARAMETERIZATIONS
+from mlem_jax.diffusion.sde import VP
+from mlem_jax.diffusion.unet import UNet
 
 
 class History(NamedTuple):
@@ -63,303 +39,6 @@ class History(NamedTuple):
     train: list  # (step, loss)
     test: list  # (step, held-out loss)
     seconds: float = 0.0  # training wall time of this level, earlier sessions of a resumed run included
-
-
-# the fields of TrainConfig a resumed run must share with the run it continues (steps,
-# eval_every and checkpoint_every may change: training longer is the point of resuming)
-RESUME_FIELDS = ("batch_size", "learning_rate", "warmup_steps", "grad_clip", "ema_decay", "seed",
-                 "parameterization", "t_min", "label_dropout")
-
-
-TIME_SAMPLINGS = ("uniform", "logit-normal")
-
-
-def sample_times(key, num: int, t_min: float = 1e-3, time_sampling: str = "uniform"):
-    """Training times in [t_min, 1]: uniform, or logit-normal t = sigmoid(n), n ~ N(0, 1) (Esser et
-    al. 2024's choice for rectified flows: more weight on the middle of the path), clipped to t_min."""
-    if time_sampling == "uniform":
-        return jax.random.uniform(key, (num,), minval=t_min, maxval=1.0)
-    if time_sampling == "logit-normal":
-        return jnp.clip(jax.nn.sigmoid(jax.random.normal(key, (num,))), t_min, 1.0)
-    raise InputError(f"time_sampling: expected one of {TIME_SAMPLINGS}, got {time_sampling!r}.")
-
-
-def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t_min: float = 1e-3,
-             labels=None, label_dropout: float = 0.0, time_sampling: str = "uniform"):
-    """Denoising score matching loss of `model` (any linen module with `__call__(x, t)`, t of shape (B,))
-    on the batch x0 (B, ...): the mean squared error of its output against `target_from_noise`.
-
-    With `labels` (B,), a conditional model is called as `model(x, t, labels)`, each label replaced by
-    the null class -1 with probability `label_dropout`: the one network then learns both the
-    conditional and the unconditional denoiser that classifier-free guidance contrasts."""
-    kt, kn, kd = jax.random.split(key, 3)
-    t = sample_times(kt, x0.shape[0], t_min, time_sampling)
-    eps = jax.random.normal(kn, x0.shape, x0.dtype)
-    tb = t.reshape((-1,) + (1,) * (x0.ndim - 1))  # images (B, H, W, C) or any (B, ...)
-    xt = sde.alpha(tb) * x0 + sde.std(tb) * eps
-    if labels is None:
-        out = model.apply({"params": params}, xt, t)
-    else:
-        dropped = jax.random.uniform(kd, (x0.shape[0],)) < label_dropout
-        out = model.apply({"params": params}, xt, t, jnp.where(dropped, -1, labels))
-    target = target_from_noise(sde, parameterization, tb, x0, eps)
-    return jnp.mean((out - target) ** 2)
-
-
-def make_optimizer(config: TrainConfig):
-    """Gradient clipping by global norm, then Adam with a linear warm-up to the learning
-    rate."""
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1)),
-         optax.constant_schedule(config.learning_rate)],
-        [max(config.warmup_steps, 1)],
-    )
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(schedule))
-
-
-def init_state(model: UNet, image_shape, config: TrainConfig) -> TrainState:
-    """The state at step 0: parameters from the seed, the optimiser state, and the training
-    key."""
-    key = jax.random.key(config.seed)
-    k_init, k_train = jax.random.split(key)
-    params = init_params(model, k_init, image_shape)
-    opt_state = make_optimizer(config).init(params)
-    return TrainState(jnp.int32(0), params, params, opt_state, jax.random.key_data(k_train))
-
-
-def make_train_step(model: UNet, sde, config: TrainConfig) -> Callable:
-    """A jitted `step(state, batch) -> (state, loss)`: one DSM gradient step and the EMA update; the
-    batch is x0, or (x0, labels) for a conditional model."""
-    optimizer = make_optimizer(config)
-
-    @jax.jit
-    def step(state: TrainState, batch):
-        x0, labels = batch if isinstance(batch, tuple) else (batch, None)
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-        loss, grads = jax.value_and_grad(dsm_loss)(
-            state.params, model, sde, x0, key, config.parameterization, config.t_min, labels, config.label_dropout,
-            config.time_sampling)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = jnp.minimum(config.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-        ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)  # decay e + (1 - decay) p
-        return TrainState(state.step + 1, params, ema, opt_state, state.key), loss
-
-    return step
-
-
-def evaluate(params, model: UNet, sde, images, config: TrainConfig, num_batches: int = 4, labels=None) -> float:
-    """Held-out DSM loss with fixed noise (the same at every call); conditional on `labels` when given."""
-    f = jax.jit(lambda p, x, k, y: dsm_loss(p, model, sde, x, k, config.parameterization, config.t_min, y,
-                                            time_sampling=config.time_sampling))
-    bs = min(config.batch_size, images.shape[0])
-    losses = []
-    for i in range(num_batches):
-        start = (i * bs) % images.shape[0]
-        x = images[start:][:bs]
-        y = None if labels is None else jnp.asarray(labels[start:][:bs])
-        losses.append(float(f(params, jnp.asarray(x), jax.random.key(10_000 + i), y)))
-    return float(np.mean(losses))
-
-
-# ---------------------------------------------------------------------- checkpoints
-
-
-def model_config(model: UNet) -> dict:
-    """The constructor arguments of a UNet as a JSON-able dict (stored in checkpoints and
-    families)."""
-    config = {"nf": model.nf, "ch_mult": list(model.ch_mult), "num_res_blocks": model.num_res_blocks,
-              "attn_resolutions": list(model.attn_resolutions), "num_groups": model.groups()}
-    if model.num_classes:  # unconditional models keep the description (and checkpoints) they had
-        config["num_classes"] = model.num_classes
-    return config
-
-
-def model_from_config(cfg: dict) -> UNet:
-    """The UNet that `model_config` describes."""
-    return UNet(nf=cfg["nf"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
-                attn_resolutions=tuple(cfg["attn_resolutions"]), num_groups=cfg["num_groups"],
-                num_classes=cfg.get("num_classes", 0))
-
-
-def sde_config(sde) -> dict:
-    """An SDE as a JSON-able dict: its class name and fields."""
-    return {"kind": type(sde).__name__, **dataclasses.asdict(sde)}
-
-
-def sde_from_config(cfg: dict):
-    """The SDE that `sde_config` describes."""
-    kinds = {"VP": VP, "SubVP": SubVP, "VE": VE, "Flow": Flow}
-    cfg = dict(cfg)
-    return kinds[cfg.pop("kind")](**cfg)
-
-
-def _manager(directory: str, max_to_keep: int = 2):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    )
-
-
-def save_checkpoint(directory: str, state: TrainState, meta: dict) -> None:
-    """Write state and metadata for `state.step`. Orbax writes into a temporary folder
-    and renames it when complete, so an interrupted save leaves the previous one intact."""
-    import orbax.checkpoint as ocp
-
-    mngr = _manager(directory)
-    mngr.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state._asdict()), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
-    mngr.close()
-
-
-def latest_step(directory: str) -> int | None:
-    """The newest checkpoint's step, or None."""
-    steps = all_steps(directory)
-    return steps[-1] if steps else None
-
-
-def read_metadata(directory: str, step: int | None = None) -> dict:
-    """The JSON metadata of the latest (or given) checkpoint; names the step when it is
-    corrupt."""
-    import orbax.checkpoint as ocp
-
-    step = latest_step(directory) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"checkpoint: no checkpoint in {directory!r}.")
-    mngr = _manager(directory)
-    try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:
-        quiet_closed_loop_callbacks()
-        raise InputError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
-                         f"{first_line(e)}).") from e
-    finally:
-        mngr.close()
-    return meta
-
-
-def check_compatible(meta: dict, model: UNet, image_shape, directory: str) -> None:
-    """Refuse a checkpoint written for another model configuration or image shape."""
-    expected = model_config(model)
-    for k, v in expected.items():
-        if meta.get("model", {}).get(k) != v:
-            raise InputError(
-                f"checkpoint: {directory!r} was written for a model with {k}={meta.get('model', {}).get(k)!r}, "
-                f"but this model has {k}={v!r}; use the matching model or another checkpoint directory."
-            )
-    if image_shape is not None and list(meta.get("image_shape", [])) != list(image_shape):
-        raise InputError(
-            f"checkpoint: {directory!r} was written for images of shape {meta.get('image_shape')}, "
-            f"got {list(image_shape)}."
-        )
-
-
-def all_steps(directory: str) -> list[int]:
-    """The steps of the checkpoints in `directory`, oldest first."""
-    if not os.path.isdir(directory):
-        return []
-    mngr = _manager(directory)
-    steps = sorted(int(s) for s in mngr.all_steps())
-    mngr.close()
-    return steps
-
-
-def check_resume(meta: dict, config: TrainConfig, directory: str) -> None:
-    """Refuse to resume a run with another recipe (seed, batch size, learning rate, ...)."""
-    saved = meta.get("config", {})
-    diff = [f"{k}={saved[k]!r} (now {getattr(config, k)!r})" for k in RESUME_FIELDS
-            if k in saved and saved[k] != getattr(config, k)]
-    if diff:
-        raise InputError(f"resume: {directory!r} was trained with " + ", ".join(diff) + "; resume with the same "
-                         "recipe, or start a new run in another directory (or overwrite this one).")
-
-
-def restore_latest_intact(directory: str, model: UNet, image_shape, config: TrainConfig, mesh=None):
-    """(state, meta) of the newest checkpoint that restores; a corrupt newer one (a kill
-    during a save that orbax did not finish renaming, a damaged disk) is skipped with a
-    warning. Fails only when none restores."""
-    import warnings
-
-    steps = all_steps(directory)
-    errors = []
-    for step in reversed(steps):
-        try:
-            state, meta = restore_checkpoint(directory, model, image_shape, config, step, mesh=mesh)
-        except ValueError as e:
-            if "corrupt or incomplete" not in str(e):
-                raise
-            errors.append(str(e))
-            continue
-        if errors:
-            warnings.warn(f"checkpoint: skipped {len(errors)} unreadable checkpoint(s) in {directory!r}; resuming "
-                          f"from step {step}. First error: {errors[0]}", stacklevel=2)
-        return state, meta
-    raise InputError(f"checkpoint: no checkpoint in {directory!r} can be restored: " + " | ".join(errors))
-
-
-def quiet_closed_loop_callbacks() -> None:
-    """Drop the "Event loop is closed" errors of a failed orbax restore from then on.
-
-    When a restore fails, tensorstore's pending reads still complete, and each one's callback
-    calls `call_soon_threadsafe` on the asyncio loop orbax has already closed: one
-    "Exception ignored" traceback per array (about 500 for a UNet level), which buries the
-    one-line error. Only that exact error is dropped; every other unraisable exception still
-    reaches the hook that was installed before."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_drops_closed_loop", False):
-        return
-
-    def hook(unraisable):
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._drops_closed_loop = True
-    sys.unraisablehook = hook
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """The first line of an error's text, at most `limit` characters: tensorstore's read errors
-    carry a 60-line spec that would bury the one-line message."""
-    text = (str(error).strip().splitlines() or [""])[0]
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainConfig, step: int | None = None,
-                       mesh=None):
-    """(state, meta) of the latest (or given) step, after checking it matches `model`.
-
-    With `mesh`, the state comes back replicated over it as global arrays (every process
-    of a multi-process run calls this); the checkpoint may have been written by another
-    number of processes or devices."""
-    import orbax.checkpoint as ocp
-
-    meta = read_metadata(directory, step)
-    check_compatible(meta, model, image_shape, directory)
-    step = latest_step(directory) if step is None else step
-    template = init_state(model, image_shape, config)
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
-    if mesh is not None:
-        from mlem_jax.parallel._mesh import replicated
-
-        abstract = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), abstract)
-    mngr = _manager(directory)
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:
-        quiet_closed_loop_callbacks()
-        raise InputError(f"checkpoint: step {step} in {directory!r} is corrupt or incomplete ({type(e).__name__}: "
-                         f"{first_line(e)}).") from e
-    finally:
-        mngr.close()
-    return TrainState(**restored), meta
-
-
-# --------------------------------------------------------------------------- train
 
 
 def train(
@@ -387,10 +66,12 @@ def train(
     Only process 0 shows progress; checkpoints are written once, through orbax.
 
     With `checkpoint_dir`, a checkpoint is written every `config.checkpoint_every` steps
-    and at the end; `resume=True` continues from the newest checkpoint that restores (the
-    data order and the noise are functions of the step, so a resumed run equals an
-    uninterrupted one) and refuses another recipe. A directory that already holds
-    checkpoints is never restarted silently: pass `resume=True` or `overwrite=True`.
+    and at the end, in the background (one orbax manager for the run, `Checkpoints`; the
+    save in flight is finished before `train` returns or raises, Ctrl-C included).
+    `resume=True` continues from the newest checkpoint that restores (the data order and
+    the noise are functions of the step, so a resumed run equals an uninterrupted one) and
+    refuses another recipe. A directory that already holds checkpoints is never restarted
+    silently: pass `resume=True` or `overwrite=True`.
 
     A conditional model (`UNet(num_classes=C)`) takes `train_labels` (and `test_labels` with
     `test_images`), integers in [0, C); `config.label_dropout` of them are replaced by the null class.
@@ -398,52 +79,76 @@ def train(
     train_images = np.asarray(train_images, np.float32)
     image_shape = _check_training(model, train_images, config, resume, overwrite)
     train_labels = _checked_labels(model, train_images, train_labels, "train_labels")
-    train_data = train_images if train_labels is None else (train_images, train_labels)
     if test_images is not None:
         test_labels = _checked_labels(model, np.asarray(test_images), test_labels, "test_labels")
     meta = {"model": model_config(model), "image_shape": list(image_shape), "sde": sde_config(sde),
             "parameterization": config.parameterization, "config": config._asdict()}
+    evaluate_ema = None if test_images is None else (
+        lambda s: evaluate(s.ema_params, model, sde, test_images, config, labels=test_labels))
     t_start = time.perf_counter()
-    state, earlier_seconds = _starting_state(checkpoint_dir, model, image_shape, config, resume, overwrite, mesh)
-    start = int(state.step)
-    if start > config.steps:
-        raise InputError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} asked for.")
-    step_fn = make_train_step(model, sde, config)
-    state, put = _data_parallel(state, mesh, min(config.batch_size, train_images.shape[0]))
-    data = batches(train_data, min(config.batch_size, train_images.shape[0]), jax.random.key(config.seed + 1))
-    for _ in range(start):  # the batches already consumed before an interruption
-        next(data)
-    history = History([], [])
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
+    with contextlib.ExitStack() as stack:
+        ckpt = None
+        if checkpoint_dir is not None:
+            _clear_for_a_new_run(checkpoint_dir, resume, overwrite)
+            ckpt = stack.enter_context(Checkpoints(checkpoint_dir, every=config.checkpoint_every))
+        state, earlier = _starting_state(ckpt, model, image_shape, config, resume, mesh)
+        start = int(state.step)
+        if start > config.steps:
+            raise InputError(f"steps: {checkpoint_dir!r} is already at step {start}, past the {config.steps} "
+                             "asked for.")
+        elapsed = lambda: earlier + time.perf_counter() - t_start
+        save = None if ckpt is None else (
+            lambda s, last: ckpt.save(s, {**meta, "train_seconds": elapsed()}, force=last))
+        bar = _progress_bar(progress, config.steps, start, desc or f"train nf={model.nf}")
+        with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+            data = (train_images if train_labels is None else (train_images, train_labels))
+            state, history = _steps(make_train_step(model, sde, config), state, data, config, mesh, start,
+                                    evaluate_ema, save, on_step, bar)
+    if start == config.steps and evaluate_ema is not None:  # nothing left to train: the held-out loss anyway
+        history.test.append((start, evaluate_ema(state)))
+    return state, history._replace(seconds=elapsed())
 
-        bar = tqdm(total=config.steps, initial=start, desc=desc or f"train nf={model.nf}", leave=False)
-    try:
-        for s in range(start, config.steps):
-            state, loss = step_fn(state, put(next(data)))
-            loss = float(loss)
-            history.train.append((s + 1, loss))
-            if on_step is not None:
-                on_step(s + 1, loss)
-            if test_images is not None and ((s + 1) % config.eval_every == 0 or s + 1 == config.steps):
-                history.test.append((s + 1, evaluate(state.ema_params, model, sde, test_images, config,
-                                                     labels=test_labels)))
-            if checkpoint_dir is not None and ((s + 1) % config.checkpoint_every == 0 or s + 1 == config.steps):
-                save_checkpoint(checkpoint_dir, state,
-                                {**meta, "train_seconds": earlier_seconds + time.perf_counter() - t_start})
-            if bar is not None:
-                post = {"loss": f"{loss:.4f}"}
-                if history.test:
-                    post["held-out"] = f"{history.test[-1][1]:.4f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-    finally:
+
+def _steps(step_fn, state, data, config: TrainConfig, mesh, start: int, evaluate_ema, save, on_step, bar):
+    """The loop from `start` to `config.steps`: a step, the held-out loss every `eval_every`, a checkpoint
+    (when `save`) and the bar. Losses stay on the device; the host waits for one only to show it (every
+    `BAR_EVERY` steps), to give it to `on_step`, or at the end."""
+    n = data[0].shape[0] if isinstance(data, tuple) else data.shape[0]
+    state, put = _data_parallel(state, mesh, min(config.batch_size, n))
+    batch_iter = batches(data, min(config.batch_size, n), jax.random.key(config.seed + 1))
+    for _ in range(start):  # the batches already consumed before an interruption
+        next(batch_iter)
+    losses, test = [], []
+    for s in range(start, config.steps):
+        state, loss = step_fn(state, put(next(batch_iter)))
+        losses.append(loss)
+        last = s + 1 == config.steps
+        if on_step is not None:
+            on_step(s + 1, float(loss))
+        if evaluate_ema is not None and ((s + 1) % config.eval_every == 0 or last):
+            test.append((s + 1, evaluate_ema(state)))
+        if save is not None:
+            save(state, last)
         if bar is not None:
-            bar.close()
-    if start == config.steps and test_images is not None:  # nothing left to train: report the held-out loss anyway
-        history.test.append((start, evaluate(state.ema_params, model, sde, test_images, config, labels=test_labels)))
-    return state, history._replace(seconds=earlier_seconds + time.perf_counter() - t_start)
+            if (s + 1) % BAR_EVERY == 0 or last:
+                post = {"loss": f"{float(loss):.4f}"}
+                if test:
+                    post["held-out"] = f"{test[-1][1]:.4f}"
+                bar.set_postfix(post, refresh=False)
+            bar.update(1)
+    values = np.asarray(jnp.stack(losses), np.float64) if losses else np.zeros(0)
+    return state, History([(start + i + 1, float(v)) for i, v in enumerate(values)], test)
+
+
+BAR_EVERY = 25  # steps between the loss shown on the bar (each one makes the host wait for the device)
+
+
+def _progress_bar(progress: bool, total: int, initial: int, desc: str):
+    if not progress or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False)
 
 
 def _checked_labels(model, images, labels, name: str):
@@ -486,27 +191,32 @@ def _check_training(model, train_images, config: TrainConfig, resume: bool, over
     return image_shape
 
 
-def _starting_state(checkpoint_dir, model, image_shape, config: TrainConfig, resume, overwrite, mesh):
-    """(state, training seconds of earlier sessions): the newest intact checkpoint with `resume`, else step 0;
-    checkpoints already there are never restarted silently (`overwrite` deletes them)."""
+def _clear_for_a_new_run(checkpoint_dir: str, resume: bool, overwrite: bool) -> None:
+    """Checkpoints already in `checkpoint_dir` are never restarted silently: without `resume`, refuse them,
+    or delete them with `overwrite`."""
     import shutil
 
-    existing = all_steps(checkpoint_dir) if checkpoint_dir is not None else []
-    if existing and not resume:
-        if not overwrite:
-            raise FileExistsError(
-                f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
-                "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
-                "another directory.")
-        if jax.process_index() == 0:
-            shutil.rmtree(checkpoint_dir)
-        if jax.process_count() > 1:  # the others wait until process 0 has removed it
-            from jax.experimental import multihost_utils
+    existing = all_steps(checkpoint_dir)
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
+            "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
+            "another directory.")
+    if jax.process_index() == 0:
+        shutil.rmtree(checkpoint_dir)
+    if jax.process_count() > 1:  # the others wait until process 0 has removed it
+        from jax.experimental import multihost_utils
 
-            multihost_utils.sync_global_devices("mlem_jax overwrite " + os.path.abspath(checkpoint_dir))
-    if resume and existing:
-        state, saved = restore_latest_intact(checkpoint_dir, model, image_shape, config, mesh=mesh)
-        check_resume(saved, config, checkpoint_dir)
+        multihost_utils.sync_global_devices("mlem_jax overwrite " + os.path.abspath(checkpoint_dir))
+
+
+def _starting_state(ckpt, model, image_shape, config: TrainConfig, resume: bool, mesh):
+    """(state, training seconds of earlier sessions): the newest intact checkpoint with `resume`, else step 0."""
+    if resume and ckpt is not None and ckpt.steps():
+        state, saved = ckpt.restore_latest_intact(model, image_shape, config, mesh=mesh)
+        check_resume(saved, config, ckpt.directory)
         return state, float(saved.get("train_seconds", 0.0))
     return init_state(model, image_shape, config), 0.0
 
@@ -577,13 +287,3 @@ def train_family(
         for f in [pool.submit(run_group, g) for g in range(len(groups))]:
             f.result()
     return results
-
-
-def load_level(directory: str, step: int | None = None):
-    """(model, ema_params, sde, parameterization, meta) from a checkpoint directory, the
-    model rebuilt from the checkpoint's metadata."""
-    meta = read_metadata(directory, step)
-    model = model_from_config(meta["model"])
-    config = TrainConfig(**{k: v for k, v in meta["config"].items() if k in TrainConfig._fields})
-    state, meta = restore_checkpoint(directory, model, meta["image_shape"], config, step)
-    return model, state.ema_params, sde_from_config(meta["sde"]), meta["parameterization"], meta
