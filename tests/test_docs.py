@@ -24,8 +24,8 @@ def test_block_runs(code):
 PACKAGES = ["mlem_jax", "mlem_jax.calibrate", "mlem_jax.diffusion", "mlem_jax.compare", "mlem_jax.parallel"]
 PUBLIC_MODULES = ["mlem_jax.plotting", "mlem_jax.timing"] + [
     f"mlem_jax.diffusion.{m}" for m in ("classifier", "data", "family", "folder", "images", "metrics",
-                                        "parameterization", "sampling", "sde", "train", "objective", "checkpoint", "unet", "guidance",
-                                        "mixture", "ladder", "testbed")]
+                                        "parameterization", "sampling", "sde", "train", "objective", "checkpoint",
+                                        "unet", "guidance", "mixture", "ladder", "testbed")]
 
 
 def _undocumented(where, attr, obj):

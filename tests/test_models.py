@@ -281,9 +281,13 @@ def test_restarts_are_never_silent(tmp_path):
     for f in pathlib.Path(d, "4", "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match=r"skipped 1 unreadable checkpoint.*resuming from step 2"):
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable checkpoint.*resuming from step 2; kept as "
+                                         r"4.unreadable"):
         _, h = train(model, x, cfg, checkpoint_dir=d, resume=True, progress=False)
     assert [s for s, _ in h.train] == [3, 4]
+    # the resumed run saved step 4 again (the damaged one is kept aside), and it restores
+    assert all_steps(d) == [2, 4] and pathlib.Path(d, "4.unreadable").is_dir()
+    restore_latest_intact(d, model, x.shape[1:], cfg)
     # overwrite starts again from step 0
     _, fresh = train(model, x, cfg, checkpoint_dir=d, overwrite=True, progress=False)
     assert [s for s, _ in fresh.train] == [1, 2, 3, 4]

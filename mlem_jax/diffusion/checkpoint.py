@@ -133,13 +133,15 @@ class Checkpoints:
         restored = self._restore(step, state=ocp.args.StandardRestore(abstract))["state"]
         return TrainState(**restored), meta
 
-    def restore_latest_intact(self, model: UNet, image_shape, config: TrainConfig, mesh=None):
+    def restore_latest_intact(self, model: UNet, image_shape, config: TrainConfig, mesh=None,
+                              set_aside: bool = False):
         """(state, meta) of the newest checkpoint that restores; a corrupt newer one (a kill during a
         save that orbax did not finish renaming, a damaged disk) is skipped with a warning. Fails only
-        when none restores."""
+        when none restores. `set_aside=True` (a run that resumes and will save those steps again)
+        renames each skipped one to `<step>.unreadable`, kept for inspection."""
         import warnings
 
-        errors = []
+        errors, skipped = [], []
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(model, image_shape, config, step, mesh=mesh)
@@ -147,12 +149,31 @@ class Checkpoints:
                 if "corrupt or incomplete" not in str(e):
                     raise
                 errors.append(str(e))
+                skipped.append(step)
                 continue
             if errors:
+                kept = ""
+                if set_aside:
+                    self._set_aside(skipped)
+                    kept = "; kept as " + ", ".join(f"{s}.unreadable" for s in skipped)
                 warnings.warn(f"checkpoint: skipped {len(errors)} unreadable checkpoint(s) in {self.directory!r}; "
-                              f"resuming from step {step}. First error: {errors[0]}", stacklevel=2)
+                              f"resuming from step {step}{kept}. First error: {errors[0]}", stacklevel=2)
             return state, meta
         raise InputError(f"checkpoint: no checkpoint in {self.directory!r} can be restored: " + " | ".join(errors))
+
+    def _set_aside(self, steps) -> None:
+        if jax.process_index() == 0:
+            for step in steps:
+                old = os.path.join(self.directory, str(step))
+                new = old + ".unreadable"
+                if os.path.exists(new):  # an earlier one set aside at the same step: keep both
+                    new = f"{new}.{os.getpid()}.{len(os.listdir(self.directory))}"
+                os.rename(old, new)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("mlem_jax set aside " + os.path.abspath(self.directory))
+        self.manager.reload()
 
 
 def save_checkpoint(directory: str, state: TrainState, meta: dict) -> None:

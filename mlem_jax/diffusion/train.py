@@ -215,7 +215,7 @@ def _clear_for_a_new_run(checkpoint_dir: str, resume: bool, overwrite: bool) -> 
 def _starting_state(ckpt, model, image_shape, config: TrainConfig, resume: bool, mesh):
     """(state, training seconds of earlier sessions): the newest intact checkpoint with `resume`, else step 0."""
     if resume and ckpt is not None and ckpt.steps():
-        state, saved = ckpt.restore_latest_intact(model, image_shape, config, mesh=mesh)
+        state, saved = ckpt.restore_latest_intact(model, image_shape, config, mesh=mesh, set_aside=True)
         check_resume(saved, config, ckpt.directory)
         return state, float(saved.get("train_seconds", 0.0))
     return init_state(model, image_shape, config), 0.0
