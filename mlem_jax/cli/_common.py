@@ -17,14 +17,14 @@ class CLIError(Exception):
     """A bad argument: printed as one line, exit status 2."""
 
 
-class _DefaultsFormatter(argparse.HelpFormatter):
-    """Adds "(default: X)" to a flag's help unless the help already says it or there is none to show."""
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" on every flag, except where it says nothing (None, False) or the help
+    already gives the default in words."""
 
     def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
-            return text
-        return text + " (default: %(default)s)"
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
