@@ -53,22 +53,8 @@ def demo_ladders(steps: int) -> dict:
 
 
 def run(args):
-    from tqdm.auto import tqdm
-
-    from mlem_jax.cli._common import family_arg
-    from mlem_jax.compare._best_samplers import SAMPLER_NAMES, compare_best_samplers, planned_runs
-    from mlem_jax.diffusion.family import demo_family_path
-    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
-
-    if args.steps < 2:
-        raise CLIError(f"--steps: expected at least 2, got {args.steps}.")
-    if args.batch_size is None:
-        args.batch_size = 32 if args.family else 128
-    for name, v in (("--batch-size", args.batch_size), ("--pilot-size", args.pilot_size)):
-        if v % 4 or v < 4:
-            raise CLIError(f"{name}: expected a multiple of 4 (the samples split into 4 coin plans), got {v}.")
-    if not 1.0 < args.target <= 10.0:
-        raise CLIError(f"--target: expected a multiple of the top level's floor in (1, 10], got {args.target}.")
+    """`mlem-jax demo`: the exact testbed by default, the image family with --family."""
+    _check_args(args)
     args.overwrite = True  # rerunning the demo replaces its own outputs
     png, npz = output_files(args, "demo", (".png", ".npz"))  # before any compute
     if args.family is None:
@@ -78,6 +64,29 @@ def run(args):
             return run_testbed(args, png, npz)
         except InputError as e:
             raise CLIError(f"--{e}") from e
+    return _run_family(args, png, npz)
+
+
+def _check_args(args) -> None:
+    if args.steps < 2:
+        raise CLIError(f"--steps: expected at least 2, got {args.steps}.")
+    if args.batch_size is None:
+        args.batch_size = 32 if args.family else 128
+    for name, v in (("--batch-size", args.batch_size), ("--pilot-size", args.pilot_size)):
+        if v % 4 or v < 4:
+            raise CLIError(f"{name}: expected a multiple of 4 (the samples split into 4 coin plans), got {v}.")
+    if not 1.0 < args.target <= 10.0:
+        raise CLIError(f"--target: expected a multiple of the top level's floor in (1, 10], got {args.target}.")
+
+
+def _run_family(args, png: str, npz: str) -> None:
+    """The image demo (--family): `compare_best_samplers` at the top network's error at --steps."""
+    from tqdm.auto import tqdm
+
+    from mlem_jax.cli._common import family_arg
+    from mlem_jax.compare._best_samplers import SAMPLER_NAMES, compare_best_samplers, planned_runs
+    from mlem_jax.diffusion.family import demo_family_path
+
     family = family_arg(args.family or demo_family_path())
     if len(family.models) < 2:
         raise CLIError(f"--family: the demo needs at least two levels, got {len(family.models)}.")
@@ -96,10 +105,7 @@ def run(args):
         print(f"  XLA_FLAGS={os.environ['XLA_FLAGS'].strip()}: the timings below are under these flags", flush=True)
     bar = tqdm(total=planned_runs(family, **kw), desc="demo", disable=args.no_progress, unit="run",
                bar_format="{desc}: {n}/{total} runs |{bar}| {elapsed}")
-    def log(s):
-        if not args.no_progress:
-            bar.write("  " + s)
-
+    log = (lambda s: None) if args.no_progress else (lambda s: bar.write("  " + s))
     try:
         c = compare_best_samplers(family, log=log, stage=lambda name: bar.set_description_str(f"demo: {name}"),
                                   tick=lambda: bar.update(1), **kw)
@@ -107,9 +113,16 @@ def run(args):
         bar.refresh()
     finally:
         bar.close()
+    _report_family(c, nfs, args, kw["repeats"])
+    _write_family(c, nfs, png, npz)
+
+
+def _report_family(c, nfs, args, repeats: int) -> None:
+    from mlem_jax.compare._best_samplers import SAMPLER_NAMES
+
     s, ml = c.single, c.multilevel
-    print(f"  target: nf={nfs[-1]}, {top}, {args.steps} steps: coupled error {c.target.error.value:.4f} "
-          f"+- {c.target.error.stderr:.4f}")
+    print(f"  target: nf={nfs[-1]}, {SAMPLER_NAMES['dpm++2m']}, {args.steps} steps: coupled error "
+          f"{c.target.error.value:.4f} +- {c.target.error.stderr:.4f}")
     print(f"  single network (the cheapest of {len(c.singles)} runs at the target): {s.describe(nfs)}: "
           f"{s.seconds:.2f} s, {s.gflop:.2f} GFLOP/sample, evaluations: nf={nfs[s.levels[0]]}: {s.evaluations[0]:g}, "
           f"coupled error {s.error.value:.4f} +- {s.error.stderr:.4f}")
@@ -124,10 +137,17 @@ def run(args):
               "below compare unequal errors")
     held = "the multilevel error at most 1.1x the single network's" if equal else "UNEQUAL errors, see the note above"
     print(f"  single / multilevel, {held}: "
-          f"{c.speedup:.2f}x in measured seconds (best of {kw['repeats']}, interleaved), "
+          f"{c.speedup:.2f}x in measured seconds (best of {repeats}, interleaved), "
           f"{c.flop_ratio:.2f}x in FLOPs (XLA cost analysis x evaluations), "
           f"{s.modelled_seconds / ml.modelled_seconds:.2f}x in modelled seconds (evaluations x each level's "
           f"seconds per sample: {', '.join(f'nf={n}: {1e3 * t:.2f} ms' for n, t in zip(nfs, c.level_seconds))})")
+
+
+def _write_family(c, nfs, png: str, npz: str) -> None:
+    from mlem_jax.compare._best_samplers import SAMPLER_NAMES
+    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
+
+    s, ml = c.single, c.multilevel
     left = with_caption(to_grid(s.images), [f"single: nf={nfs[s.levels[0]]}, {SAMPLER_NAMES[s.sampler]}",
                                             f"{s.steps} steps, error {s.error.value:.4f}",
                                             f"{s.seconds:.2f} s, {s.gflop:.2f} GFLOP"])

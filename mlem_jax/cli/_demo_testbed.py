@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,119 +36,157 @@ IMAGE_FAMILY_LINE = (
     "between nf=32 and nf=64, docs/results.md), so no target asks for what only the top can give")
 
 
+class _Found(NamedTuple):
+    """What the demo's search found: each level's floor, the (tau, single, multilevel) gains, the chosen
+    pair at --target, the multilevel run re-measured on fresh coin plans, how often m was grown, and the
+    number of single-network runs tried."""
+
+    floors: list
+    gains: list
+    single: Any
+    ml: Any
+    fresh: Any
+    stepped: int
+    tried: int
+
+
 def run_testbed(args, png: str, npz: str):
+    """The demo: the search, the timing of both sides, the report and the outputs."""
     from tqdm.auto import tqdm
 
-    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
-    from mlem_jax.diffusion.testbed import SAMPLER_NAMES, Testbed, best_multilevel, best_single, time_runs
+    from mlem_jax.diffusion.testbed import time_runs
 
     bar = tqdm(total=None, desc="demo", disable=args.no_progress, unit="run",
                bar_format="{desc}: {n} runs {elapsed}")
-    tick = lambda: bar.update(1)
     try:
         bar.set_description_str("demo: the truth")
-        from mlem_jax.diffusion.ladder import load_ladder
-
-        try:
-            ladder = load_ladder(args.ladder)
-        except FileNotFoundError as e:
-            raise InputError(f"ladder: {e}") from e
-        tb = Testbed(ladder, batch_size=args.batch_size, seed=args.seed, truth_steps=100)
-        w, K = tb.widths, len(tb.levels) - 1
-        print(f"mlem-jax demo: the exact testbed. {args.batch_size} samples of a Gaussian mixture fitted to "
-              f"Fashion-MNIST 16x16 (exact denoiser), levels: MLPs of widths {list(w)} "
-              f"({', '.join(f'{f / 1e6:.2f}' for f in tb.level_flops)} MFLOP per call). Error: RMS per pixel "
-              f"against the true flow from the same prior draws (the truth differs from half its steps by "
-              f"{tb.truth_check:.1e})", flush=True)
-        if os.environ.get("XLA_FLAGS", "").strip():
-            print(f"  XLA_FLAGS={os.environ['XLA_FLAGS'].strip()}: the timings below are under these flags", flush=True)
-        bar.set_description_str("demo: floors")
-        floors = [tb.single(k, "dpm++2m", 50) for k in range(K + 1)]
-        for _ in floors:
-            tick()
-        target = args.target * floors[K].error
-        print("  floors (each level's own fine ODE against the truth): "
-              + ", ".join(f"width {w[k]}: {r.error:.4f}" for k, r in enumerate(floors))
-              + f"; target {args.target} x the top's = {target:.4f}", flush=True)
-        bar.set_description_str("demo: single networks")
-        done = []
-        gains = []
-        for tau in sorted(set(TAUS) | {args.target}):
-            goal = tau * floors[K].error
-            eligible = [k for k in range(K + 1) if floors[k].error < goal]
-            single = best_single(tb, goal, "error", eligible, SAMPLERS, SINGLE_STEPS, done, tick)
-            if single is None:
-                continue
-            bar.set_description_str(f"demo: multilevel at {tau}x")
-            ml = best_multilevel(tb, goal, "error", [(k, K) for k in range(K)], "dpm++2m", ML_STEPS, single.flops,
-                                 tick=tick)
-            gains.append((tau, single, ml))
-        chosen = [g for g in gains if g[0] == args.target]
-        if not chosen:
-            raise InputError(f"target: no single-network run reaches {args.target} x the top's floor within "
-                             f"{SINGLE_STEPS[-1]} steps; use a looser --target.")
-        _, single, ml = chosen[0]
-        stepped = 0
-        if ml is None:  # nothing cheaper reaches it: show the cheapest multilevel run that does, m up to N
-            ml = best_multilevel(tb, target, "error", [(k, K) for k in range(K)], "dpm++2m", ML_STEPS, math.inf,
-                                 tick=tick)
-        fresh = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, salt=1)
-        while fresh.error > 1.1 * single.error and ml.firings < ml.steps:  # fresh coin plans: grow m if need be
-            stepped += 1
-            ml = tb.multilevel(ml.levels, ml.sampler, ml.steps, min(ml.steps, math.ceil(1.5 * ml.firings)))
-            fresh = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, salt=1)
-            tick()
+        tb = _open_testbed(args)
+        found = _search(tb, args, bar)
         bar.set_description_str("demo: timing both sides")
-        t_single, t_ml = time_runs(tb, single, ml)
+        t_single, t_ml = time_runs(tb, found.single, found.ml)
     finally:
         bar.close()
-    print(f"  single network (the cheapest of {len(done)} runs): {single.describe(w)}: {1e3 * t_single:.1f} ms, "
+    speedup = _report(tb, found, t_single, t_ml)
+    _write_outputs(tb, found, png, npz)
+    slower = " slower: the multilevel sampler took longer than the single network at this error" \
+        if round(speedup, 2) < 1 else ""
+    print(f"equal-error speedup: {speedup:.2f}x (single-network error {found.single.error:.4f}, multilevel error "
+          f"{found.fresh.error:.4f}){slower}")
+
+
+def _open_testbed(args):
+    from mlem_jax.diffusion.ladder import load_ladder
+    from mlem_jax.diffusion.testbed import Testbed
+
+    try:
+        ladder = load_ladder(args.ladder)
+    except FileNotFoundError as e:
+        raise InputError(f"ladder: {e}") from e
+    tb = Testbed(ladder, batch_size=args.batch_size, seed=args.seed, truth_steps=100)
+    print(f"mlem-jax demo: the exact testbed. {args.batch_size} samples of a Gaussian mixture fitted to "
+          f"Fashion-MNIST 16x16 (exact denoiser), levels: MLPs of widths {list(tb.widths)} "
+          f"({', '.join(f'{f / 1e6:.2f}' for f in tb.level_flops)} MFLOP per call). Error: RMS per pixel "
+          f"against the true flow from the same prior draws (the truth differs from half its steps by "
+          f"{tb.truth_check:.1e})", flush=True)
+    if os.environ.get("XLA_FLAGS", "").strip():
+        print(f"  XLA_FLAGS={os.environ['XLA_FLAGS'].strip()}: the timings below are under these flags", flush=True)
+    return tb
+
+
+def _search(tb, args, bar) -> _Found:
+    """Floors, then at every target the cheapest single run and the cheapest multilevel run; the chosen
+    multilevel run is re-measured on fresh coin plans, growing m while it misses 1.1x the single side."""
+    from mlem_jax.diffusion.testbed import best_multilevel, best_single
+
+    tick = lambda: bar.update(1)
+    w, K = tb.widths, len(tb.levels) - 1
+    bar.set_description_str("demo: floors")
+    floors = [tb.single(k, "dpm++2m", 50) for k in range(K + 1)]
+    bar.update(len(floors))
+    print("  floors (each level's own fine ODE against the truth): "
+          + ", ".join(f"width {w[k]}: {r.error:.4f}" for k, r in enumerate(floors))
+          + f"; target {args.target} x the top's = {args.target * floors[K].error:.4f}", flush=True)
+    bar.set_description_str("demo: single networks")
+    done, gains = [], []
+    pairs = [(k, K) for k in range(K)]
+    for tau in sorted(set(TAUS) | {args.target}):
+        goal = tau * floors[K].error
+        eligible = [k for k in range(K + 1) if floors[k].error < goal]
+        single = best_single(tb, goal, "error", eligible, SAMPLERS, SINGLE_STEPS, done, tick)
+        if single is None:
+            continue
+        bar.set_description_str(f"demo: multilevel at {tau}x")
+        gains.append((tau, single, best_multilevel(tb, goal, "error", pairs, "dpm++2m", ML_STEPS, single.flops,
+                                                   tick=tick)))
+    chosen = [g for g in gains if g[0] == args.target]
+    if not chosen:
+        raise InputError(f"target: no single-network run reaches {args.target} x the top's floor within "
+                         f"{SINGLE_STEPS[-1]} steps; use a looser --target.")
+    _, single, ml = chosen[0]
+    if ml is None:  # nothing cheaper reaches it: show the cheapest multilevel run that does, m up to N
+        ml = best_multilevel(tb, args.target * floors[K].error, "error", pairs, "dpm++2m", ML_STEPS, math.inf,
+                             tick=tick)
+    stepped = 0
+    fresh = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, salt=1)
+    while fresh.error > 1.1 * single.error and ml.firings < ml.steps:  # fresh coin plans: grow m if need be
+        stepped += 1
+        ml = tb.multilevel(ml.levels, ml.sampler, ml.steps, min(ml.steps, math.ceil(1.5 * ml.firings)))
+        fresh = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, salt=1)
+        tick()
+    return _Found(floors, gains, single, ml, fresh, stepped, len(done))
+
+
+def _report(tb, found: _Found, t_single: float, t_ml: float) -> float:
+    """Print both sides, the ratio and the gains at other targets; returns the speedup in seconds."""
+    w, single, ml, fresh = tb.widths, found.single, found.ml, found.fresh
+    print(f"  single network (the cheapest of {found.tried} runs): {single.describe(w)}: {1e3 * t_single:.1f} ms, "
           f"{single.flops / 1e6:.3f} MFLOP/sample, error {single.error:.4f}")
     print(f"  multilevel: {ml.describe(w)}: {1e3 * t_ml:.1f} ms, {ml.flops / 1e6:.3f} MFLOP/sample, evaluations "
           + ", ".join(f"width {w[k]}: {e:g}" for k, e in zip(ml.levels, ml.evaluations))
           + f", error {ml.error:.4f} (fresh coin plans: {fresh.error:.4f}"
-          + (f"; firings grown {stepped} time(s)" if stepped else "") + ")")
-    equal = fresh.error <= 1.1 * single.error
-    held = ("the multilevel error (fresh coin plans) at most 1.1x the single network's" if equal
-            else "UNEQUAL errors: the multilevel side misses 1.1x even at m = N")
+          + (f"; firings grown {found.stepped} time(s)" if found.stepped else "") + ")")
+    held = ("the multilevel error (fresh coin plans) at most 1.1x the single network's"
+            if fresh.error <= 1.1 * single.error else "UNEQUAL errors: the multilevel side misses 1.1x even at m = N")
     speedup = t_single / t_ml
     print(f"  single / multilevel, {held}: {speedup:.2f}x in measured seconds (best of 3, interleaved, "
           f"{jax_device()}), {single.flops / ml.flops:.2f}x in FLOPs")
-    for tau, s, m in gains:
+    for tau, s, m in found.gains:
         ratio = (f"{s.flops / m.flops:.2f}x in FLOPs (on the search's coin plans)" if m is not None
                  else "no multilevel run is cheaper")
         print(f"    at {tau} x the floor: single {s.describe(w)} ({s.flops / 1e6:.3f} MFLOP); {ratio}")
     print(f"  for comparison, {IMAGE_FAMILY_LINE}")
+    return speedup
+
+
+def _write_outputs(tb, found: _Found, png: str, npz: str) -> None:
+    """The picture (truth, single, multilevel), the samples as .npz and the gain plot, all or nothing."""
     import jax.numpy as jnp
 
-    def grid(y):
-        return to_grid(np.asarray(jnp.reshape(y[:16], (-1, *tb.mixture.shape))))
+    from mlem_jax._atomic import atomic_path
+    from mlem_jax.diffusion.images import save_png, side_by_side, to_grid, with_caption
+    from mlem_jax.diffusion.testbed import SAMPLER_NAMES
 
+    w, single, ml = tb.widths, found.single, found.ml
+    grid = lambda y: to_grid(np.asarray(jnp.reshape(y[:16], (-1, *tb.mixture.shape))))
     y_single, y_ml = tb.outputs(single)[0], tb.outputs(ml, plans=1)[0]
     panels = [with_caption(grid(tb.truth), ["the truth: exact denoiser", "fine ODE, same prior draws", ""]),
               with_caption(grid(y_single), [f"single: width {w[single.levels[0]]}",
-                                                         f"{SAMPLER_NAMES[single.sampler]} {single.steps} steps",
-                                                         f"err {single.error:.3f}, {single.flops / 1e6:.2f} MFLOP"]),
-              with_caption(grid(y_ml), [f"multilevel {w[ml.levels[0]]}+{w[ml.levels[-1]]}, "
-                                                              f"{ml.steps} steps", f"top fired {ml.firings}x",
-                                                              f"err {ml.error:.3f}, {ml.flops / 1e6:.2f} MFLOP"])]
+                                            f"{SAMPLER_NAMES[single.sampler]} {single.steps} steps",
+                                            f"err {single.error:.3f}, {single.flops / 1e6:.2f} MFLOP"]),
+              with_caption(grid(y_ml), [f"multilevel {w[ml.levels[0]]}+{w[ml.levels[-1]]}, {ml.steps} steps",
+                                        f"top fired {ml.firings}x",
+                                        f"err {ml.error:.3f}, {ml.flops / 1e6:.2f} MFLOP"])]
     plot = os.path.splitext(png)[0] + "_gain.png"
     with writing(png, npz, plot):
         save_png(png, side_by_side(side_by_side(panels[0], panels[1]), panels[2]), exclusive=False)
-        from mlem_jax._atomic import atomic_path
-
         with atomic_path(npz) as tmp, open(tmp, "wb") as f:
             np.savez_compressed(f, truth=np.asarray(tb.truth), single=np.asarray(y_single),
                                 multilevel=np.asarray(y_ml),
                                 single_levels=np.array(single.levels), multilevel_levels=np.array(ml.levels),
                                 multilevel_evaluations=np.array(ml.evaluations))
-        _plot_gains(gains, w, plot)
+        _plot_gains(found.gains, w, plot)
     print(f"wrote {os.path.abspath(png)} (the truth, the single network, multilevel), {os.path.abspath(plot)} "
           f"(gain against target) and {os.path.abspath(npz)}")
-    slower = " slower: the multilevel sampler took longer than the single network at this error" \
-        if round(speedup, 2) < 1 else ""
-    print(f"equal-error speedup: {speedup:.2f}x (single-network error {single.error:.4f}, multilevel error "
-          f"{fresh.error:.4f}){slower}")
 
 
 def jax_device() -> str:

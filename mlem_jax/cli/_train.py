@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from typing import Any, NamedTuple
 
 from mlem_jax._errors import InputError
 from mlem_jax.cli._common import (
@@ -109,44 +110,12 @@ def _check_free_space(out: str, family, image_shape) -> None:
 
 
 def run(args):
+    """`mlem-jax train`: load the data, build the levels and the recipe, train them, write the family."""
     multiprocess = join_run(args)
     import jax
 
-    from mlem_jax.diffusion.data import load_dataset
-    from mlem_jax.diffusion.family import save_family
-    from mlem_jax.diffusion.objective import TrainConfig
-    from mlem_jax.diffusion.sde import VP, Flow
-    from mlem_jax.diffusion.train import train_family
-    from mlem_jax.diffusion.unet import unet_family
-
-    train_y = test_y = None
-    try:
-        if args.conditional:
-            train_x, train_y = load_dataset(args.dataset, "train", args.data_dir, args.image_size, with_labels=True)
-            test_x, test_y = load_dataset(args.dataset, "test", args.data_dir, args.image_size, with_labels=True)
-        else:
-            train_x = load_dataset(args.dataset, "train", args.data_dir, args.image_size)
-            test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise CLIError(f"--dataset: {e}") from e
-    if not 0.0 <= args.label_dropout < 1.0:
-        raise CLIError(f"--label-dropout: expected a share in [0, 1), got {args.label_dropout}.")
-    num_classes = int(max(train_y.max(), test_y.max())) + 1 if args.conditional else 0
-    check_out(os.path.join(args.out, "family.json"))
-    if len(set(args.nfs)) != len(args.nfs):
-        raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
-    _check_existing_family(args)
-    try:
-        family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult), num_classes=num_classes)
-    except InputError as e:
-        raise CLIError(f"--nfs: {e}") from e
-    flow = args.schedule == "flow"
-    sde = Flow() if flow else VP()
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-                         label_dropout=args.label_dropout if args.conditional else 0.0,
-                         parameterization="flow" if flow else "eps",
-                         time_sampling="logit-normal" if flow else "uniform")
+    data = _load_data(args)
+    family, sde, config = _recipe(args, data.num_classes)
     if args.parallel_levels and multiprocess:
         raise CLIError("--parallel-levels: trains levels side by side on one process's devices; a multi-process "
                        "run trains them one after another over every device.")
@@ -157,40 +126,103 @@ def run(args):
         mesh = None if args.parallel_levels else batch_mesh()
     primary = jax.process_index() == 0
     if primary:
-        _check_free_space(args.out, family, train_x.shape[1:])
+        _check_free_space(args.out, family, data.train_x.shape[1:])
     say = print if primary else (lambda *a, **k: None)
     where = (f"process {jax.process_index()} of {jax.process_count()}, " if multiprocess else "") + \
         f"{jax.device_count()} device(s)" + (", levels side by side" if args.parallel_levels else "")
-    say(f"training {len(family)} " + (f"class-conditional ({num_classes} classes) " if num_classes else "") +
-        f"levels nf={list(args.nfs)} on {args.dataset} {train_x.shape[1:]} "
-        f"({train_x.shape[0]} train / {test_x.shape[0]} held-out images), {args.steps} steps each; {where}")
+    say(f"training {len(family)} " + (f"class-conditional ({data.num_classes} classes) " if data.num_classes else "")
+        + f"levels nf={list(args.nfs)} on {args.dataset} {data.train_x.shape[1:]} "
+        f"({data.train_x.shape[0]} train / {data.test_x.shape[0]} held-out images), {args.steps} steps each; {where}")
     t0 = time.perf_counter()
     with exclusive(args.out) if primary else contextlib.nullcontext():
-        try:
-            results = train_family(family, train_x, config, sde, test_x, os.path.join(args.out, "checkpoints"),
-                                   resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
-                                   mesh=mesh, parallel=args.parallel_levels, train_labels=train_y,
-                                   test_labels=test_y)
-        except FileExistsError as e:
-            raise CLIError(f"--out: {e}") from e
-        except OSError as e:  # a full disk, a lost mount: the checkpoints already written are intact
-            raise CLIError(f"--out: writing into {args.out} failed ({e.strerror or e}); the checkpoints written "
-                           "before are kept: free space (or fix the folder) and rerun the same command with "
-                           "--resume.") from e
-        except InputError as e:  # a resume with another recipe, a batch larger than the data, ...
-            name, _, text = str(e).partition(": ")
-            raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
+        results = _train(args, family, sde, config, data, mesh)
         losses = {m.nf: (h.test[-1][1] if h.test else None) for m, (_, h) in zip(family, results)}
         if not primary:  # process 0 writes the family
             return
-        command = command_line(args)
-        path = save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], sde,
-                           config.parameterization,
-                           train_x.shape[1:], extra={"command": command, "dataset": args.dataset,
-                                                     "held_out_loss": {str(k): v for k, v in losses.items()},
-                                                     "train_seconds": sum(h.seconds for _, h in results),
-                                                     **({"num_classes": num_classes} if num_classes else {}),
-                                                     **_class_names(args)})
+        path = _save(args, family, results, sde, config, data, losses)
     for nf, loss in losses.items():
         print(f"  nf={nf:3d}: held-out DSM loss " + ("n/a (no new steps)" if loss is None else f"{loss:.4f}"))
     print(f"wrote {path} (EMA parameters, float16) in {time.perf_counter() - t0:.0f} s")
+
+
+class _Data(NamedTuple):
+    train_x: Any
+    test_x: Any
+    train_y: Any
+    test_y: Any
+    num_classes: int
+
+
+def _load_data(args) -> _Data:
+    from mlem_jax.diffusion.data import load_dataset
+
+    train_y = test_y = None
+    try:
+        if args.conditional:
+            train_x, train_y = load_dataset(args.dataset, "train", args.data_dir, args.image_size, with_labels=True)
+            test_x, test_y = load_dataset(args.dataset, "test", args.data_dir, args.image_size, with_labels=True)
+        else:
+            train_x = load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+            test_x = load_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:  # decoders' ValueErrors are about the files
+        raise CLIError(f"--dataset: {e}") from e
+    num_classes = int(max(train_y.max(), test_y.max())) + 1 if args.conditional else 0
+    return _Data(train_x, test_x, train_y, test_y, num_classes)
+
+
+def _recipe(args, num_classes: int):
+    """(levels, SDE, TrainConfig) from the flags, after refusing the ones that cannot work."""
+    from mlem_jax.diffusion.objective import TrainConfig
+    from mlem_jax.diffusion.sde import VP, Flow
+    from mlem_jax.diffusion.unet import unet_family
+
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise CLIError(f"--label-dropout: expected a share in [0, 1), got {args.label_dropout}.")
+    check_out(os.path.join(args.out, "family.json"))
+    if len(set(args.nfs)) != len(args.nfs):
+        raise CLIError(f"--nfs: every level needs its own width (their checkpoints are kept by nf), got {args.nfs}.")
+    _check_existing_family(args)
+    try:
+        family = unet_family(tuple(args.nfs), ch_mult=tuple(args.ch_mult), num_classes=num_classes)
+    except InputError as e:
+        raise CLIError(f"--nfs: {e}") from e
+    flow = args.schedule == "flow"
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                         seed=args.seed, checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                         label_dropout=args.label_dropout if args.conditional else 0.0,
+                         parameterization="flow" if flow else "eps",
+                         time_sampling="logit-normal" if flow else "uniform")
+    return family, Flow() if flow else VP(), config
+
+
+def _train(args, family, sde, config, data: _Data, mesh):
+    from mlem_jax.diffusion.train import train_family
+
+    try:
+        return train_family(family, data.train_x, config, sde, data.test_x, os.path.join(args.out, "checkpoints"),
+                            resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
+                            mesh=mesh, parallel=args.parallel_levels, train_labels=data.train_y,
+                            test_labels=data.test_y)
+    except FileExistsError as e:
+        raise CLIError(f"--out: {e}") from e
+    except OSError as e:  # a full disk, a lost mount: the checkpoints already written are intact
+        raise CLIError(f"--out: writing into {args.out} failed ({e.strerror or e}); the checkpoints written "
+                       "before are kept: free space (or fix the folder) and rerun the same command with "
+                       "--resume.") from e
+    except InputError as e:  # a resume with another recipe, a batch larger than the data, ...
+        name, _, text = str(e).partition(": ")
+        raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
+
+
+def _save(args, family, results, sde, config, data: _Data, losses) -> str:
+    from mlem_jax.diffusion.family import save_family
+
+    return save_family(os.path.join(args.out, "family"), family, [s.ema_params for s, _ in results], sde,
+                       config.parameterization, data.train_x.shape[1:],
+                       extra={"command": command_line(args), "dataset": args.dataset,
+                              "held_out_loss": {str(k): v for k, v in losses.items()},
+                              "train_seconds": sum(h.seconds for _, h in results),
+                              **({"num_classes": data.num_classes} if data.num_classes else {}),
+                              **_class_names(args)})
+
+

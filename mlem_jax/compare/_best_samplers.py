@@ -185,6 +185,39 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     from mlem_jax.diffusion.unet import family_summary
     from mlem_jax.timing import time_pair
 
+    _check_comparison(family, sampler, steps, batch_size, pilot_size, coin_plans)
+    top = len(family.models) - 1
+    gflop = np.array([s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
+    secs = level_seconds(family.denoisers(), tuple(family.image_shape), batch_size)
+    run = _Runner(gflop, secs, tick)
+    stage("reference")
+    programs, denoisers = {}, family.denoisers()
+    main = _Batch(family, batch_size, seed, reference_steps, coin_plans, programs, denoisers)
+    stage("single networks")
+    target = run(main, (top,), sampler, steps)
+    log(f"target: the top network with {SAMPLER_NAMES[sampler]} at {steps} steps, coupled error "
+        f"{target.error.value:.4f}")
+    singles = _single_runs(run, main, family, target, samplers, step_ladder, exhaustive, skip_far, log)
+    single = min((r for r in singles if r.error.value <= target.error.value), key=lambda r: r.modelled_seconds)
+    stage("multilevel pilot")
+    pilot = _Batch(family, pilot_size, seed + 1, reference_steps, coin_plans, programs, denoisers)
+    goal = run(pilot, (top,), sampler, steps).error.value
+    tried, best = _multilevel_bisections(run, pilot, top, sampler, ml_step_ladder, goal, secs, exhaustive)
+    # none reached it (a family whose coin noise never falls that low): the closest one, which the main batch steps up
+    choice = min(best, key=lambda r: r.modelled_seconds) if best else min(tried, key=lambda r: r.error.value)
+    log(f"pilot ({pilot_size} samples, target {goal:.4f}): {len(tried)} multilevel runs; chose "
+        f"{choice.describe([m.nf for m in family.models])} (pilot error {choice.error.value:.4f})")
+    stage("multilevel on the main batch")
+    ml, stepped = _step_up(run, main, choice, 1.1 * single.error.value, max_step_ups, log)
+    stage("timing both sides")
+    t_single, t_ml = time_pair(lambda: main.images(single.levels, single.sampler, single.steps, 0)[0],
+                               lambda: main.images(ml.levels, ml.sampler, ml.steps, ml.firings, plans=1)[0],
+                               repeats)
+    return Comparison(target, single._replace(seconds=t_single), ml._replace(seconds=t_ml), singles, tried, stepped,
+                      secs, gflop)
+
+
+def _check_comparison(family, sampler, steps, batch_size, pilot_size, coin_plans) -> None:
     if len(family.models) < 2:
         raise InputError(f"family: the comparison needs at least two levels, got {len(family.models)}.")
     if sampler not in SAMPLER_NAMES:
@@ -195,25 +228,28 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
             raise InputError(f"{name}: expected an integer of at least {low}, got {v!r}.")
     if batch_size % coin_plans or pilot_size % coin_plans:
         raise InputError(f"coin_plans: {coin_plans} must divide batch_size={batch_size} and pilot_size={pilot_size}.")
-    top = len(family.models) - 1
-    gflop = np.array([s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
-    secs = level_seconds(family.denoisers(), tuple(family.image_shape), batch_size)
 
-    def run(batch, levels, name, n, m=0):
+
+class _Runner:
+    """One sampler run on a batch, measured: its coupled error against the batch's reference, its
+    evaluations, modelled FLOPs and seconds (from the levels' costs); `tick` after each."""
+
+    def __init__(self, gflop, secs, tick):
+        self.gflop, self.secs, self.tick = gflop, secs, tick
+
+    def __call__(self, batch: _Batch, levels: tuple, name: str, n: int, m: int = 0) -> Run:
         y, ev = batch.images(levels, name, n, m)
         idx = list(levels)
-        out = Run(tuple(levels), name, n, m, coupled_error(y, batch.reference), ev, float(ev @ gflop[idx]),
-                  float(ev @ secs[idx]), images=np.asarray(y))
-        tick()
+        out = Run(tuple(levels), name, n, m, coupled_error(y, batch.reference), ev, float(ev @ self.gflop[idx]),
+                  float(ev @ self.secs[idx]), images=np.asarray(y))
+        self.tick()
         return out
 
-    stage("reference")
-    programs, denoisers = {}, family.denoisers()
-    main = _Batch(family, batch_size, seed, reference_steps, coin_plans, programs, denoisers)
-    stage("single networks")
-    target = run(main, (top,), sampler, steps)
-    log(f"target: the top network with {SAMPLER_NAMES[sampler]} at {steps} steps, coupled error "
-        f"{target.error.value:.4f}")
+
+def _single_runs(run, main, family, target, samplers, step_ladder, exhaustive, skip_far, log) -> list:
+    """The single-network side: every network x sampler x step count (fewer with `exhaustive=False` or
+    `skip_far`), the target run first."""
+    top, secs, sampler = len(family.models) - 1, run.secs, target.sampler
     singles = [target]
     for k in range(top + 1):
         if skip_far is not None and k < top:  # its finest affordable run first: is it anywhere near the target?
@@ -236,17 +272,17 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
                     singles.append(r)
                 if not exhaustive and r.error.value <= target.error.value:
                     break
-    ok = [r for r in singles if r.error.value <= target.error.value]
-    single = min(ok, key=lambda r: r.modelled_seconds)
+    return singles
 
-    stage("multilevel pilot")
-    pilot = _Batch(family, pilot_size, seed + 1, reference_steps, coin_plans, programs, denoisers)
-    goal = run(pilot, (top,), sampler, steps).error.value
+
+def _multilevel_bisections(run, pilot, top, sampler, ml_step_ladder, goal, secs, exhaustive) -> tuple[list, list]:
+    """(every pilot run, the least-m run meeting `goal` of each base and step count): a bisection on the
+    top's firings m, whose error falls with m."""
     tried, best = [], []
     calls = CALLS_PER_STEP[sampler]
     for base in range(top):
         for n in sorted(ml_step_ladder):
-            lo, hi, found = 1, n, None  # the error falls with m; find the least m meeting the goal
+            lo, hi, found = 1, n, None
             while lo <= hi:
                 cheapest = min((b.modelled_seconds for b in best), default=math.inf)
                 if not exhaustive and calls * (n * secs[base] + lo * secs[top]) >= cheapest:
@@ -260,27 +296,20 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
                     lo = m + 1
             if found is not None:
                 best.append(found)
-    # none reached it (a family whose coin noise never falls that low): the closest one, which the main batch steps up
-    choice = min(best, key=lambda r: r.modelled_seconds) if best else min(tried, key=lambda r: r.error.value)
-    log(f"pilot ({pilot_size} samples, target {goal:.4f}): {len(tried)} multilevel runs; chose "
-        f"{choice.describe([m.nf for m in family.models])} (pilot error {choice.error.value:.4f})")
+    return tried, best
 
-    stage("multilevel on the main batch")
+
+def _step_up(run, main, choice, limit: float, max_step_ups: int, log) -> tuple:
+    """The pilot's choice on the main batch, its firings grown 1.5x while its error exceeds `limit`
+    (at most `max_step_ups` times, m up to N): (run, times grown)."""
     stepped, m = 0, choice.firings
     while True:
         ml = run(main, choice.levels, choice.sampler, choice.steps, m)
-        if ml.error.value <= 1.1 * single.error.value or m >= choice.steps or stepped >= max_step_ups:
-            break
+        if ml.error.value <= limit or m >= choice.steps or stepped >= max_step_ups:
+            return ml, stepped
         stepped += 1
         m = min(choice.steps, math.ceil(1.5 * m))
-        log(f"  main batch: multilevel error {ml.error.value:.4f} > 1.1 x {single.error.value:.4f}; "
-            f"{m} firings")
-    stage("timing both sides")
-    t_single, t_ml = time_pair(lambda: main.images(single.levels, single.sampler, single.steps, 0)[0],
-                               lambda: main.images(ml.levels, ml.sampler, ml.steps, ml.firings, plans=1)[0],
-                               repeats)
-    return Comparison(target, single._replace(seconds=t_single), ml._replace(seconds=t_ml), singles, tried, stepped,
-                      secs, gflop)
+        log(f"  main batch: multilevel error {ml.error.value:.4f} > {limit:.4f}; {m} firings")
 
 
 def planned_runs(family, *, steps: int = 10, sampler: str = "dpm++2m",
