@@ -296,29 +296,8 @@ def learn_probabilities(
     logits = logits_from_probabilities(init_values, coupling, min_probability)
     optimizer = optax.adam(0.05) if optimizer is None else optimizer
 
-    k_paths, k_levels, k_pick = jax.random.split(key, 3)
-    path_keys = jax.random.split(k_paths, pool)
-    em_finals = _em_finals(drifts[-1], diffusion, y0s, ts, path_keys, args)
-    corr_j = jnp.asarray(corr, ts.dtype)
-    step_bins = np.clip(np.searchsorted(np.asarray(edges), np.asarray(ts[:-1]), side="right") - 1, 0, num_bins - 1)
-    counts = jnp.asarray(np.bincount(step_bins, minlength=num_bins), ts.dtype)
-    p_of = lambda th: probabilities_from_logits(th, coupling, min_probability)
-    if budget is not None:
-        p_of = lambda th: scaled_to_budget(probabilities_from_logits(th, coupling, min_probability), counts, corr_j,
-                                           budget)
-
-    def loss(theta, weight, it):
-        values = p_of(theta)
-        idx = jax.random.choice(jax.random.fold_in(k_pick, it), pool, (num_groups, group_size),
-                                replace=pool < num_groups * group_size)
-        take = lambda x: x[idx]
-        level_keys = jax.random.split(jax.random.fold_in(k_levels, it), num_groups)
-        surrogate, mse = _surrogate(values, edges, drifts, diffusion, ts, args, coupling,
-                                    jax.tree_util.tree_map(take, y0s), path_keys[idx],
-                                    jax.tree_util.tree_map(take, em_finals), level_keys)
-        cost = jnp.sum(counts[:, None] * values * corr_j)
-        return surrogate + weight * cost, (jnp.mean(mse), cost, values)
-
+    loss = _learning_objective(drifts, diffusion, y0s, ts, key, args, edges, corr, coupling, min_probability,
+                               budget, pool, num_groups, group_size)
     weight = 0.0 if cost_weight is None else float(cost_weight)  # a budget is held by the scale instead
     hist = _descend(loss, optimizer, logits, weight, steps, progress)
     tail = hist.probs[-max(1, int(round(average * steps))):]
@@ -353,6 +332,37 @@ def _closed_form_start(drifts, diffusion, y0s, ts, key, args, costs, budget, num
         closed = calibrated_probabilities(stats, costs, float(stats.step_size), budget=budget,
                                           num_steps=int(stats.num_calls), coupling=coupling)
     return schedule_values(closed)  # over the same increasing equal time bins as `time_bins`
+
+
+def _learning_objective(drifts, diffusion, y0s, ts, key, args, edges, corr, coupling, min_probability, budget,
+                        pool, num_groups, group_size) -> Callable:
+    """`loss(theta, weight, it) -> (surrogate + weight x cost, (coupled MSE, cost, p))` on step `it`'s
+    groups of paths: each path's EM reference with the finest level is computed once, here."""
+    num_bins = edges.shape[0] - 1
+    k_paths, k_levels, k_pick = jax.random.split(key, 3)
+    path_keys = jax.random.split(k_paths, pool)
+    em_finals = _em_finals(drifts[-1], diffusion, y0s, ts, path_keys, args)
+    corr_j = jnp.asarray(corr, ts.dtype)
+    step_bins = np.clip(np.searchsorted(np.asarray(edges), np.asarray(ts[:-1]), side="right") - 1, 0, num_bins - 1)
+    counts = jnp.asarray(np.bincount(step_bins, minlength=num_bins), ts.dtype)
+    p_of = lambda th: probabilities_from_logits(th, coupling, min_probability)
+    if budget is not None:
+        p_of = lambda th: scaled_to_budget(probabilities_from_logits(th, coupling, min_probability), counts, corr_j,
+                                           budget)
+
+    def loss(theta, weight, it):
+        values = p_of(theta)
+        idx = jax.random.choice(jax.random.fold_in(k_pick, it), pool, (num_groups, group_size),
+                                replace=pool < num_groups * group_size)
+        take = lambda x: x[idx]
+        level_keys = jax.random.split(jax.random.fold_in(k_levels, it), num_groups)
+        surrogate, mse = _surrogate(values, edges, drifts, diffusion, ts, args, coupling,
+                                    jax.tree_util.tree_map(take, y0s), path_keys[idx],
+                                    jax.tree_util.tree_map(take, em_finals), level_keys)
+        cost = jnp.sum(counts[:, None] * values * corr_j)
+        return surrogate + weight * cost, (jnp.mean(mse), cost, values)
+
+    return loss
 
 
 class NotConvergedWarning(UserWarning):

@@ -50,6 +50,16 @@ class CalibrationReport(NamedTuple):
         return plot_report(self, path)
 
 
+def _default_budget(speedup, em_cost, num_steps, basis, coupling, control) -> float:
+    """EM's cost / `speedup` (4 by default, the paper's headline), never below the cheapest level on every
+    call (and, with a cache, its first call's firings)."""
+    speedup = 4.0 if speedup is None else speedup
+    if not speedup > 0:
+        raise InputError(f"speedup: expected a positive factor, got {speedup}.")
+    first_call = float(np.sum(correction_costs(basis, coupling)[1:])) if control is not None else 0.0
+    return max(em_cost / speedup, num_steps * basis[0] * 1.05 + first_call)
+
+
 def calibration_report(
     drifts: Sequence[Callable],
     diffusion: Callable | None,
@@ -106,13 +116,7 @@ def calibration_report(
     span, h = float(abs(ts[-1] - ts[0])), float(stats.step_size)
     em_cost = num_steps * basis[-1]
     if target_variance is None and budget is None and target_error is None:
-        speedup = 4.0 if speedup is None else speedup
-        if not speedup > 0:
-            raise InputError(f"speedup: expected a positive factor, got {speedup}.")
-        # never below the cheapest level on every call (and, with a cache, its first call's firings)
-        first_call = float(np.sum(correction_costs(basis, coupling)[1:])) if control is not None else 0.0
-        budget = max(em_cost / speedup, num_steps * basis[0] * 1.05 + first_call)
-    pilots = None
+        budget = _default_budget(speedup, em_cost, num_steps, basis, coupling, control)
     with warnings.catch_warnings():
         if measured:  # level_costs has already warned about the order of the costs
             warnings.simplefilter("ignore", UserWarning)
@@ -124,10 +128,10 @@ def calibration_report(
             )
             probs, pilots = strat.probs, strat.pilots
         else:
-            probs = calibrated_probabilities(
+            probs, pilots = calibrated_probabilities(
                 stats, basis, h, target_variance, budget=budget, num_steps=num_steps,
                 time_dependent=time_dependent, coupling=coupling, control=control,
-            )
+            ), None
     p, w, nu2, mlem_cost = _predicted(stats, probs, basis, coupling, control, ts[0])
     d = jax.devices()[0]
     size = sum(int(np.prod(np.shape(leaf)[1:])) for leaf in jax.tree_util.tree_leaves(y0))
