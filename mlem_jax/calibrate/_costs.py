@@ -21,23 +21,24 @@ class LevelCosts(NamedTuple):
     flops: np.ndarray
 
 
-def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10) -> LevelCosts:
+def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10, flops: bool = True) -> LevelCosts:
     """Cost of one evaluation `f(t, y, args)` of each level, on the current device.
 
     Pass a batched `y` (and a drift that accepts it, for example `jax.vmap(f)`) to measure
     the batched cost that sampling pays. Warm-up (compilation) is excluded; the median of
-    `repeats` timed calls is reported.
+    `repeats` timed calls is reported (`mlem_jax.timing.time_calls`). `flops=False` skips
+    XLA's cost analysis (`LevelCosts.flops` is then NaN).
     """
     drifts = tuple(drifts)
     if not drifts:
         raise InputError("drifts: expected at least one drift function.")
-    seconds, flops = [], []
+    seconds, counted = [], []
     for f in drifts:
         seconds.append(time_calls(jax.jit(f), t, y, args, repeats=repeats).seconds)
-        flops.append(flops_of(f, t, y, args))
-    seconds, flops = np.array(seconds), np.array(flops)
+        counted.append(flops_of(f, t, y, args) if flops else float("nan"))
+    seconds = np.array(seconds)
     check_cost_order(seconds, "costs")
-    return LevelCosts(seconds, flops)
+    return LevelCosts(seconds, np.array(counted))
 
 
 def check_cost_order(costs, name: str) -> None:

@@ -19,7 +19,7 @@ from mlem_jax.compare._best_samplers import (
     level_seconds,
     planned_runs,
 )
-from mlem_jax.compare._coupled import SharedNoise, em_sampler, increments_on, mlem_sampler, shared_noise, timed
+from mlem_jax.compare._coupled import SharedNoise, em_sampler, increments_on, mlem_sampler, shared_noise
 from mlem_jax.compare._em_search import (
     LADDER,
     Config,
@@ -31,5 +31,5 @@ from mlem_jax.compare._em_search import (
 
 __all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "verdict", "SAMPLER_NAMES",
            "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
-           "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "timed", "LADDER", "Config",
+           "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "LADDER", "Config",
            "EqualErrorResult", "Search", "equal_error_comparison", "search_configuration"]

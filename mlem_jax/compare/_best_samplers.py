@@ -148,15 +148,13 @@ class _Batch:
 
 
 def level_seconds(denoisers, image_shape, batch_size: int, repeats: int = 3) -> np.ndarray:
-    """Seconds per sample of one evaluation of each denoiser at `batch_size` (median of `repeats`)."""
-    from mlem_jax.timing import time_calls
+    """Seconds per sample of one evaluation of each denoiser at `batch_size` (`level_costs`, median of
+    `repeats`)."""
+    from mlem_jax.calibrate import level_costs
 
     x = jnp.zeros((batch_size, *image_shape))
-    out = []
-    for d in denoisers:
-        f = jax.jit(jax.vmap(d, in_axes=(None, 0, None)))
-        out.append(time_calls(f, 0.5, x, None, repeats=repeats).seconds / batch_size)
-    return np.array(out)
+    vmapped = [jax.vmap(d, in_axes=(None, 0, None)) for d in denoisers]
+    return level_costs(vmapped, 0.5, x, None, repeats=repeats, flops=False).seconds / batch_size
 
 
 def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", batch_size: int = 32,

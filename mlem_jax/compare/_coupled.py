@@ -10,7 +10,7 @@ the fine grid) and every method then differ only by their discretisation and coi
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +77,3 @@ def mlem_sampler(drifts, diffusion: Callable | None, ts, coupling: str = "indepe
         return y, evaluations[0]  # the coins are shared: every path has the same counts
 
     return run
-
-
-def timed(fn: Callable, *args, repeats: int = 1) -> tuple[Any, float, float]:
-    """(output, compile-and-first-call seconds, best seconds of `repeats` further calls):
-    `mlem_jax.timing.time_calls` with the minimum."""
-    from mlem_jax.timing import time_calls
-
-    return tuple(time_calls(fn, *args, repeats=repeats, statistic="min"))

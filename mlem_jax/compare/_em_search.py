@@ -27,10 +27,11 @@ from mlem_jax import PiecewiseConstant
 from mlem_jax._errors import InputError
 from mlem_jax.calibrate import flops_of, level_costs, level_statistics
 from mlem_jax.calibrate._stratified import _stratified_family
-from mlem_jax.compare._coupled import em_sampler, increments_on, mlem_sampler, shared_noise, timed
+from mlem_jax.compare._coupled import em_sampler, increments_on, mlem_sampler, shared_noise
 from mlem_jax.diffusion.metrics import Estimate, coupled_error
 from mlem_jax.diffusion.parameterization import reverse_diffusion
 from mlem_jax.diffusion.sde import uniform_grid
+from mlem_jax.timing import time_calls
 
 LADDER = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)
 
@@ -94,7 +95,7 @@ def _setup(family, num_steps, refine):
 def _reference_and_em(drifts, g, ts, ts_ref, noise):
     ref = em_sampler(drifts[-1], g, ts_ref)(noise.y0, noise.increments)
     dw = increments_on(noise, ts)
-    y, _, sec = timed(em_sampler(drifts[-1], g, ts), noise.y0, dw)
+    y, _, sec = time_calls(em_sampler(drifts[-1], g, ts), noise.y0, dw, repeats=1, statistic="min")
     return ref, dw, y, sec
 
 
@@ -182,7 +183,8 @@ def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, s
     stage("ML-EM")
     stepped = 0
     while True:
-        (y_ml, ev), _, ml_sec = timed(sampler, noise.y0, dw, jax.random.key(seed + 12), probs)
+        (y_ml, ev), _, ml_sec = time_calls(sampler, noise.y0, dw, jax.random.key(seed + 12), probs, repeats=1,
+                                           statistic="min")
         ml_err = coupled_error(y_ml, ref)
         if ml_err.value <= 1.1 * em_err.value or bool(jnp.all(probs.values == 1)):
             break
