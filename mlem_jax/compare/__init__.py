@@ -7,7 +7,8 @@ and `mlem_jax.diffusion` (nothing below imports this package):
   `equal_error_comparison`);
 - the best single-network sampler against the best multilevel one at equal error
   (`_best_samplers`: `compare_best_samplers`, what `mlem-jax demo --family` runs);
-- the held-out diagnostics and verdict of `mlem-jax advise` (`_advise`).
+- the held-out diagnostics and verdict of `mlem-jax advise` (`_advise`);
+- the law fitted on short pilots and the gain it predicts, with an interval (`_law`).
 """
 
 from mlem_jax.compare._advise import Advice, family_diagnostics, held_out_images, plot_advice, verdict
@@ -28,8 +29,10 @@ from mlem_jax.compare._em_search import (
     equal_error_comparison,
     search_configuration,
 )
+from mlem_jax.compare._law import Choice, Law, Pilots, Prediction, cheapest, fit_law, law_error, predict, run_pilots
 
 __all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "verdict", "SAMPLER_NAMES",
            "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
            "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "LADDER", "Config",
-           "EqualErrorResult", "Search", "equal_error_comparison", "search_configuration"]
+           "EqualErrorResult", "Search", "equal_error_comparison", "search_configuration", "Choice", "Law",
+           "Pilots", "Prediction", "cheapest", "fit_law", "law_error", "predict", "run_pilots"]

@@ -1,0 +1,151 @@
+"""Does the law fitted on short pilots predict the measured equal-error gain? (issue 42, item 5)
+
+On the exact testbed (the Gaussian mixture with its exact denoiser, the shipped MLP ladder):
+
+1. Pilots on their own batch of prior draws (`--pilot-size`, seed 1): every level's floor and two
+   short runs per level and sampler, and two firing counts per base with the top
+   (`mlem_jax.compare.run_pilots`, `fit_law`).
+2. Prediction at each target (a multiple of the pilot batch's top floor): the law's cheapest
+   single-network run and cheapest multilevel run, the gain in FLOPs and its bootstrap interval
+   (80%) over the pilot samples (`predict`).
+3. Measurement on the main batch (`--batch-size`, seed 0), at the same multiple of its own top
+   floor: the cheapest single run and the cheapest multilevel run found on real runs (the searches
+   of `mlem-jax demo`).
+
+Prints each target's predicted and measured gain, their ratio and whether the measured gain lies in
+the interval; the goal (issue 42) is within 1.3x at every target, inside the interval. Writes
+law.json with every figure.
+
+    python benchmarks/advise_law.py --out docs/figures/advise_law
+    python benchmarks/advise_law.py --quick --out benchmarks/out/advise_law_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mlem_jax.compare import fit_law, law_error, predict, run_pilots
+from mlem_jax.diffusion.samplers import CALLS_PER_STEP
+from mlem_jax.diffusion.testbed import Run, Testbed, best_multilevel, best_single
+
+SAMPLERS = ("dpm++2m", "unipc")
+SINGLE_STEPS = (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+ML_STEPS = (6, 8, 12, 16, 24)
+
+
+def testbed_measure(tb: Testbed):
+    """measure(levels, sampler, steps, firings) -> each sample's mean squared error against the truth."""
+    truth = np.asarray(tb.truth, np.float64).reshape(tb.y0.shape[0], -1)
+
+    def measure(levels, sampler, steps, firings):
+        y, _ = tb.outputs(Run(tuple(levels), sampler, steps, firings, 0.0, 0.0, 0.0, 0.0, ()))
+        return np.mean((np.asarray(y, np.float64).reshape(truth.shape) - truth) ** 2, axis=1)
+
+    return measure
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/out/advise_law")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--pilot-size", type=int, default=128)
+    ap.add_argument("--targets", type=float, nargs="+", default=[1.1, 1.25, 1.5])
+    ap.add_argument("--quick", action="store_true", help="64 + 32 samples, two targets: the CI smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch_size, args.pilot_size, args.targets = 64, 32, [1.25, 1.5]
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    log_lines = []
+
+    def log(s=""):
+        print(s, flush=True)
+        log_lines.append(s)
+
+    log(f"advise_law: {' '.join(sys.argv[1:]) or '(defaults)'}; {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs")
+    pilot_tb = Testbed(batch_size=args.pilot_size, seed=1, truth_steps=100)
+    K = len(pilot_tb.levels)
+    costs = pilot_tb.level_flops
+    t_p = time.perf_counter()
+    pilots = run_pilots(testbed_measure(pilot_tb), K, SAMPLERS)
+    law = fit_law(pilots)
+    log(f"pilots: {len(pilots.floors) + len(pilots.singles) + len(pilots.multilevel)} runs on {args.pilot_size} "
+        f"samples in {time.perf_counter() - t_p:.0f} s")
+    log("law: floors " + ", ".join(f"{f:.4f}" for f in law.floors)
+        + "; " + "; ".join(f"{s}: p {law.p[s]:.2f}, C " + ", ".join(f"{c:.3f}" for c in law.C[s]) for s in law.p)
+        + "; coin c_b " + ", ".join(f"{c:.3f}" for c in law.coin) + f", r {law.r:.2f}")
+
+    tb = Testbed(batch_size=args.batch_size, seed=0, truth_steps=100)
+    top_floor = tb.single(K - 1, "dpm++2m", 50).error
+    rows = []
+    for tau in args.targets:
+        pred = predict(pilots, tau * law.floors[-1], costs, CALLS_PER_STEP)
+        goal = tau * top_floor
+        eligible = [k for k in range(K) if tb.single(k, "dpm++2m", 50).error < goal]
+        single = best_single(tb, goal, "error", eligible, SAMPLERS, SINGLE_STEPS)
+        ml = None
+        if single is not None:
+            ml = best_multilevel(tb, goal, "error", [(b, K - 1) for b in range(K - 1)], "dpm++2m", ML_STEPS,
+                                 single.flops)
+        measured = None if (single is None or ml is None) else single.flops / ml.flops
+        row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, measured=measured,
+                   predicted_single=None if pred.single is None else [list(pred.single.levels), pred.single.sampler,
+                                                                      pred.single.steps, pred.single.cost],
+                   predicted_multilevel=None if pred.multilevel is None else [
+                       list(pred.multilevel.levels), pred.multilevel.sampler, pred.multilevel.steps,
+                       pred.multilevel.firings, pred.multilevel.cost],
+                   measured_single=None if single is None else [list(single.levels), single.sampler, single.steps,
+                                                                single.flops, single.error],
+                   measured_multilevel=None if ml is None else [list(ml.levels), ml.sampler, ml.steps, ml.firings,
+                                                                ml.flops, ml.error])
+        rows.append(row)
+        fmt = lambda g: "none (a single network is cheapest)" if g is None else f"{g:.2f}x"
+        interval = "" if pred.low is None else f" [{pred.low:.2f}, {pred.high:.2f}]"
+        verdict = ""
+        if pred.gain is not None and measured is not None:
+            ratio = max(pred.gain / measured, measured / pred.gain)
+            inside = pred.low is not None and pred.low <= measured <= pred.high
+            verdict = f"; ratio {ratio:.2f} ({'within' if ratio <= 1.3 else 'NOT within'} 1.3x), " \
+                      f"measured {'inside' if inside else 'OUTSIDE'} the interval"
+            row.update(ratio=ratio, inside=inside)
+        elif (pred.gain is None) == (measured is None):
+            verdict = "; both say no multilevel run is cheaper"
+        else:
+            verdict = "; they DISAGREE on whether multilevel pays"
+        log(f"target {tau} x the top's floor: predicted {fmt(pred.gain)}{interval} in FLOPs, measured "
+            f"{fmt(measured)}{verdict}")
+        if pred.single is not None:
+            log(f"  law's single: level {pred.single.levels[0]}, {pred.single.sampler} {pred.single.steps} steps "
+                f"(predicted error {pred.single.error:.4f}); measured single: "
+                + ("none" if single is None else f"level {single.levels[0]}, {single.sampler} {single.steps} steps "
+                   f"(error {single.error:.4f}, "
+                   f"law {law_error(law, single.levels, single.sampler, single.steps):.4f})"))
+        if pred.multilevel is not None or ml is not None:
+            p_ml = pred.multilevel
+            log("  law's multilevel: " + ("none" if p_ml is None else
+                                          f"base {p_ml.levels[0]}, {p_ml.steps} steps, m {p_ml.firings} "
+                                          f"(predicted error {p_ml.error:.4f})")
+                + "; measured multilevel: " + ("none" if ml is None else
+                                               f"base {ml.levels[0]}, {ml.steps} steps, m {ml.firings} "
+                                               f"(error {ml.error:.4f}, law "
+                                               f"{law_error(law, ml.levels, ml.sampler, ml.steps, ml.firings):.4f})"))
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    with open(os.path.join(args.out, "law.json"), "w") as f:
+        json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]),
+                       law=dict(floors=law.floors.tolist(), p=law.p, C={s: c.tolist() for s, c in law.C.items()},
+                                coin=law.coin.tolist(), r=law.r), rows=rows), f, indent=1)
+    with open(os.path.join(args.out, "law.log"), "w") as f:
+        f.write("\n".join(log_lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
