@@ -40,15 +40,12 @@ SINGLE_STEPS = (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 ML_STEPS = (6, 8, 12, 16, 24)
 
 
-def testbed_measure(tb: Testbed):
-    """measure(levels, sampler, steps, firings) -> each sample's mean squared error against the truth."""
-    truth = np.asarray(tb.truth, np.float64).reshape(tb.y0.shape[0], -1)
+def testbed_outputs(tb: Testbed):
+    """outputs(levels, sampler, steps, firings) -> the run's samples from the testbed's prior draws."""
+    def outputs(levels, sampler, steps, firings):
+        return tb.outputs(Run(tuple(levels), sampler, steps, firings, 0.0, 0.0, 0.0, 0.0, ()))[0]
 
-    def measure(levels, sampler, steps, firings):
-        y, _ = tb.outputs(Run(tuple(levels), sampler, steps, firings, 0.0, 0.0, 0.0, 0.0, ()))
-        return np.mean((np.asarray(y, np.float64).reshape(truth.shape) - truth) ** 2, axis=1)
-
-    return measure
+    return outputs
 
 
 def main(argv=None) -> int:
@@ -75,13 +72,13 @@ def main(argv=None) -> int:
     K = len(pilot_tb.levels)
     costs = pilot_tb.level_flops
     t_p = time.perf_counter()
-    pilots = run_pilots(testbed_measure(pilot_tb), K, SAMPLERS)
+    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS)
     law = fit_law(pilots)
-    log(f"pilots: {len(pilots.floors) + len(pilots.singles) + len(pilots.multilevel)} runs on {args.pilot_size} "
+    log(f"pilots: {len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins)} runs on {args.pilot_size} "
         f"samples in {time.perf_counter() - t_p:.0f} s")
     log("law: floors " + ", ".join(f"{f:.4f}" for f in law.floors)
         + "; " + "; ".join(f"{s}: p {law.p[s]:.2f}, C " + ", ".join(f"{c:.3f}" for c in law.C[s]) for s in law.p)
-        + "; coin c_b " + ", ".join(f"{c:.3f}" for c in law.coin) + f", r {law.r:.2f}")
+        + "; coin c_b " + ", ".join(f"{c:.3f}" for c in law.coin) + f", r {law.r:.2f}, u {law.u:.2f}")
 
     tb = Testbed(batch_size=args.batch_size, seed=0, truth_steps=100)
     top_floor = tb.single(K - 1, "dpm++2m", 50).error
@@ -141,7 +138,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "law.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]),
                        law=dict(floors=law.floors.tolist(), p=law.p, C={s: c.tolist() for s, c in law.C.items()},
-                                coin=law.coin.tolist(), r=law.r), rows=rows), f, indent=1)
+                                coin=law.coin.tolist(), r=law.r, u=law.u), rows=rows), f, indent=1)
     with open(os.path.join(args.out, "law.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0

@@ -5,17 +5,23 @@ reference (the truth, or the top network's fine ODE) is modelled as
 
     e^2(k, s, N) = F_k^2 + C_{k,s}^2 N^(-2 p_s),
 
-F_k the network's floor (its own fine ODE against the reference), C_{k,s} / N^p_s the
-discretisation error of s. For a multilevel run with base b and top K, the top fired m times
+F_k the network's floor (its own fine ODE against the reference), C_{k,s} / N^p_s its
+discretisation error with s: the RMS distance of the N-step run from the same network's fine run,
+from the same prior draws. For a multilevel run with base b and top K, the top fired m times
 (stratified coins) in N steps with sampler s,
 
-    e^2(b, s, N, m) = F_K^2 + C_{K,s}^2 N^(-2 p_s) + c_b^2 m^(-r),
+    e^2(b, s, N, m) = F_K^2 + C_{K,s}^2 N^(-2 p_s) + c_b^2 (1/m - 1/N)^r N^(-u),
 
-the last term the coin noise of the correction D^K - D^b, which depends on m and hardly on N.
-Every constant is fitted on pilots: a fine run and two short runs per network and sampler, and
-two firing counts per base. The cost of a run is its calls x each level's cost (FLOPs or
-seconds). `predict` searches both sides on the law, as the measured comparisons do on real
-runs, and gives the gain with a bootstrap interval over the pilots' samples.
+the last term the coin noise of the correction D^K - D^b: the RMS distance of the multilevel run
+from the top alone at the same N. With iid coins at p = m/N its variance is h^2 sum_n V (1/p - 1),
+which is proportional to 1/m - 1/N (r = 1, u = 0) and vanishes at m = N; stratified coins fall
+faster, and with N as well, since each firing stands for a shorter stretch of the path (r and u are
+fitted on two step counts). The three terms are taken as
+uncorrelated. Every constant is fitted on pilots (every distance is paired, sample by sample): a
+fine run and three short runs per network and sampler, and three firing counts per base.
+The cost of a run is its calls x each level's cost (FLOPs or seconds). `predict` searches both
+sides on the law, as the measured comparisons do on real runs, and gives the gain with a
+bootstrap interval over the pilots' samples.
 """
 
 from __future__ import annotations
@@ -27,16 +33,18 @@ import numpy as np
 
 from mlem_jax._errors import InputError
 
-STEPS = tuple(range(2, 65))  # the step counts a prediction searches
+MAX_STEPS = 64  # the most steps a prediction considers; the fewest are the pilots' fewest (no extrapolation)
 
 
 class Pilots(NamedTuple):
-    """Per-sample squared errors (each (B,), the same B prior draws everywhere) of the pilot runs:
-    `floors[k]`, `singles[(k, s, N)]`, `multilevel[(b, s, N, m)]` (top = the last level)."""
+    """Per-sample squared distances (each (B,), mean over a sample's components, the same B prior draws
+    everywhere): `floors[k]` (level k's fine run to the reference), `discretisation[(k, s, N)]` (the
+    N-step run to level k's fine run), `coins[(b, s, N, m)]` (the multilevel run to the top alone at
+    N steps; top = the last level)."""
 
     floors: dict
-    singles: dict
-    multilevel: dict
+    discretisation: dict
+    coins: dict
 
 
 class Law(NamedTuple):
@@ -47,6 +55,7 @@ class Law(NamedTuple):
     C: dict
     coin: np.ndarray
     r: float
+    u: float = 0.0
 
 
 class Choice(NamedTuple):
@@ -75,87 +84,138 @@ class Prediction(NamedTuple):
     level: float
 
 
-def run_pilots(measure: Callable, num_levels: int, samplers: Sequence[str], *, fine_steps: int = 50,
-               pilot_steps: Sequence[int] = (4, 8), ml_sampler: str | None = None, ml_steps: int = 12,
-               ml_firings: Sequence[int] = (2, 6), tick: Callable[[], None] = lambda: None) -> Pilots:
-    """Run the pilots through `measure(levels, sampler, steps, firings) -> (B,) squared errors per sample`
-    (mean over the sample's components): every level's floor (its first sampler at `fine_steps`), every
-    level x sampler at `pilot_steps`, and every base with the top at `ml_steps` with each of `ml_firings`."""
+def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence[str], *, fine_steps: int = 50,
+               pilot_steps: Sequence[int] = (5, 8, 12), ml_sampler: str | None = None,
+               ml_steps: Sequence[int] = (12, 24), ml_firings: Sequence[int] = (2, 4, 8),
+               tick: Callable[[], None] = lambda: None) -> Pilots:
+    """Run the pilots through `outputs(levels, sampler, steps, firings) -> (B, ...)` samples from the
+    same B prior draws every time: every level's fine run (its first sampler at `fine_steps`; against
+    `reference`, the truth or the top's fine run), every level x sampler at `pilot_steps`, and every
+    base with the top at each of `ml_steps` with each of `ml_firings` (below the steps)."""
     if num_levels < 2:
         raise InputError(f"num_levels: the law needs at least two levels, got {num_levels}.")
     if len(pilot_steps) < 2 or len(ml_firings) < 2:
         raise InputError("pilot_steps, ml_firings: the law fits two constants from each, give at least two values.")
     ml_sampler = ml_sampler or samplers[0]
     top = num_levels - 1
+    flat = lambda y: np.asarray(y, np.float64).reshape(np.shape(y)[0], -1)
+    reference = flat(reference)
+    dist2 = lambda a, b: np.mean((a - b) ** 2, axis=1)
 
-    def m(*a):
-        out = np.asarray(measure(*a), np.float64)
+    def run(*a):
+        y = flat(outputs(*a))
         tick()
-        return out
+        return y
 
-    floors = {k: m((k,), samplers[0], fine_steps, 0) for k in range(num_levels)}
-    singles = {(k, s, n): m((k,), s, n, 0) for k in range(num_levels) for s in samplers for n in pilot_steps}
-    for n in pilot_steps:  # the top's discretisation at ml_steps comes from the law; the pilots fit it
-        singles.setdefault((top, ml_sampler, n), m((top,), ml_sampler, n, 0))
-    multilevel = {(b, ml_sampler, ml_steps, f): m((b, top), ml_sampler, ml_steps, f)
-                  for b in range(top) for f in ml_firings}
-    singles.setdefault((top, ml_sampler, ml_steps), m((top,), ml_sampler, ml_steps, 0))
-    return Pilots(floors, singles, multilevel)
+    fine = {k: run((k,), samplers[0], fine_steps, 0) for k in range(num_levels)}
+    floors = {k: dist2(fine[k], reference) for k in range(num_levels)}
+    short = {(k, s, n): run((k,), s, n, 0) for k in range(num_levels) for s in samplers for n in pilot_steps}
+    for n in ml_steps:
+        if (top, ml_sampler, n) not in short:
+            short[(top, ml_sampler, n)] = run((top,), ml_sampler, n, 0)
+    discretisation = {key: dist2(y, fine[key[0]]) for key, y in short.items()}
+    coins = {(b, ml_sampler, n, f): dist2(run((b, top), ml_sampler, n, f), short[(top, ml_sampler, n)])
+             for b in range(top) for n in ml_steps for f in ml_firings if f < n}
+    return Pilots(floors, discretisation, coins)
 
 
-def fit_law(pilots: Pilots, index: np.ndarray | None = None) -> Law:
-    """The constants of the law from the pilots' mean squared errors (over the samples `index`, all by
-    default: a bootstrap replica passes a resample)."""
-    mean = (lambda v: float(np.mean(v))) if index is None else (lambda v: float(np.mean(v[index])))
+def _pooled_power(groups: dict, fallback: float) -> tuple[float, dict]:
+    """Fit y = a_g - q x with one slope q over every group and an intercept a_g per group, on the points
+    each group holds ((x, y, weight) triples); `fallback` when no group has two points. Returns
+    (q, {group: a_g}); a group without points gets the intercept that its one point, or nothing, gives."""
+    xs, ys, ws, gs = [], [], [], []
+    for g, pts in groups.items():
+        for x, y, w in pts:
+            xs.append(x), ys.append(y), ws.append(w), gs.append(g)
+    multi = [g for g, pts in groups.items() if len(pts) >= 2]
+    q = fallback
+    if multi:  # the slope from the centred points of groups with two or more
+        num = den = 0.0
+        for g in multi:
+            x, y, w = (np.array(v, np.float64) for v in zip(*groups[g]))
+            xm, ym = np.average(x, weights=w), np.average(y, weights=w)
+            num += np.sum(w * (x - xm) * (y - ym))
+            den += np.sum(w * (x - xm) ** 2)
+        q = -num / den if den > 0 else fallback
+    intercepts = {}
+    for g, pts in groups.items():
+        if pts:
+            x, y, w = (np.array(v, np.float64) for v in zip(*pts))
+            intercepts[g] = float(np.average(y + q * x, weights=w))
+    return q, intercepts
+
+
+def _power_groups(values: dict, index, z: float) -> dict:
+    """{group: [(log x, log mean, weight)]} of the squared distances `values[(group, x)]` whose mean is
+    above `z` standard errors (the others are noise, not a trend)."""
+    groups = {}
+    for (g, x), v in values.items():
+        d = v if index is None else v[index]
+        mean, se = float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d)))
+        groups.setdefault(g, [])
+        if mean > z * se:
+            groups[g].append((math.log(x), math.log(mean), min((mean / se) ** 2, 1e4)))
+    return groups
+
+
+def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> Law:
+    """The constants of the law from the pilots (over the samples `index`, all by default: a bootstrap
+    replica passes a resample): in log-log, one exponent per sampler (p) and one for the coins (r),
+    each shared over the levels, and one constant per level; only distances above `z` standard errors
+    enter, and p falls back to 1 and r to 2 (stratified coins) when no level resolves two points."""
     K = len(pilots.floors)
-    floor2 = np.array([mean(pilots.floors[k]) for k in range(K)])
-    samplers = sorted({s for (_, s, _) in pilots.singles})
+    floor2 = np.array([float(np.mean(pilots.floors[k] if index is None else pilots.floors[k][index]))
+                       for k in range(K)])
     p, C = {}, {}
-    for s in samplers:
-        steps = sorted({n for (k, s2, n) in pilots.singles if s2 == s and k == K - 1})
-        excess = [max(mean(pilots.singles[(K - 1, s, n)]) - floor2[K - 1], 1e-12) for n in steps]
-        # p from the top network's two coarsest step counts, where discretisation dominates
-        p[s] = max(0.25, -0.5 * math.log(excess[1] / excess[0]) / math.log(steps[1] / steps[0]))
-        C[s] = np.array([
-            math.sqrt(np.median([max(mean(pilots.singles[(k, s, n)]) - floor2[k], 1e-12) * n ** (2 * p[s])
-                                 for (k2, s2, n) in pilots.singles if k2 == k and s2 == s]))
-            for k in range(K)])
-    keys = sorted(pilots.multilevel)
-    ml_sampler, ml_steps = keys[0][1], keys[0][2]
-    top_disc = C[ml_sampler][K - 1] ** 2 * ml_steps ** (-2 * p[ml_sampler])
-    coin, rs = np.zeros(K - 1), []
-    for b in range(K - 1):
-        fs = sorted(f for (b2, _, _, f) in keys if b2 == b)
-        ex = [max(mean(pilots.multilevel[(b, ml_sampler, ml_steps, f)]) - floor2[K - 1] - top_disc, 1e-12)
-              for f in fs]
-        rs.append(-math.log(ex[-1] / ex[0]) / math.log(fs[-1] / fs[0]))
-        coin[b] = math.sqrt(ex[0] * fs[0] ** max(rs[-1], 0.5))
-    r = float(np.clip(np.median(rs), 0.5, 3.0))
-    for b in range(K - 1):  # refit each c_b at the shared r
-        fs = sorted(f for (b2, _, _, f) in keys if b2 == b)
-        ex = [max(mean(pilots.multilevel[(b, ml_sampler, ml_steps, f)]) - floor2[K - 1] - top_disc, 1e-12)
-              for f in fs]
-        coin[b] = math.sqrt(float(np.exp(np.mean([math.log(e * f ** r) for e, f in zip(ex, fs)]))))
-    return Law(np.sqrt(floor2), p, C, coin, r)
+    for s in sorted({s for (_, s, _) in pilots.discretisation}):
+        groups = _power_groups({(k, n): v for (k, s2, n), v in pilots.discretisation.items() if s2 == s}, index, z)
+        q, a = _pooled_power(groups, 2.0)
+        p[s] = max(0.25, q / 2)
+        C[s] = np.array([math.exp(a[k] / 2) if k in a else 0.0 for k in range(K)])
+    # log Q^2 = log c_b^2 + r log(1/m - 1/N) - u log N, least squares with one intercept per base
+    rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in pilots.coins})
+    for (b, _, n, f), v in pilots.coins.items():
+        d = v if index is None else v[index]
+        mean, se = float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d)))
+        if f < n and mean > z * se:
+            rows.append([math.log(1.0 / f - 1.0 / n), -math.log(n)] + [float(b == g) for g in bases])
+            ys.append(math.log(mean))
+            ws.append(math.sqrt(min((mean / se) ** 2, 1e4)))
+    coin, r, u = np.zeros(K - 1), 2.0, 0.0
+    if rows:
+        A, y, w = np.array(rows), np.array(ys), np.array(ws)
+        used = [0, 1] if len({row[1] for row in rows}) > 1 else [0]  # u needs two step counts
+        cols = used + [2 + i for i in range(len(bases))]
+        sol = np.linalg.lstsq(A[:, cols] * w[:, None], y * w, rcond=None)[0]
+        r = float(np.clip(sol[0], 0.5, 3.0))
+        u = float(np.clip(sol[1], -1.0, 3.0)) if 1 in used else 0.0
+        for i, b in enumerate(bases):  # each c_b at the clipped exponents
+            mine = [j for j, row in enumerate(rows) if row[2 + i] == 1.0]
+            if mine:
+                coin[b] = math.exp(0.5 * float(np.average(
+                    [ys[j] - r * rows[j][0] - u * rows[j][1] for j in mine], weights=[ws[j] for j in mine])))
+    return Law(np.sqrt(floor2), p, C, coin, r, u)
 
 
 def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 0) -> float:
     """The RMS error the law gives a run."""
     top = levels[-1]
     e2 = law.floors[top] ** 2 + law.C[sampler][top] ** 2 * steps ** (-2 * law.p[sampler])
-    if len(levels) > 1:
-        e2 += law.coin[levels[0]] ** 2 * firings ** (-law.r)
+    if len(levels) > 1 and firings < steps:
+        e2 += law.coin[levels[0]] ** 2 * (1.0 / firings - 1.0 / steps) ** law.r * steps ** (-law.u)
     return math.sqrt(e2)
 
 
-def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler: str,
+def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler: str, min_steps: int = 2,
              max_cost: float = math.inf) -> tuple[Choice | None, Choice | None]:
-    """(best single run, best multilevel run cheaper than the single one) on the law."""
+    """(best single run, best multilevel run cheaper than the single one) on the law, over
+    `min_steps`..`MAX_STEPS` steps."""
     K = len(law.floors)
+    steps_range = range(min_steps, MAX_STEPS + 1)
     single = None
     for k in range(K):
         for s in law.p:
-            for n in STEPS:
+            for n in steps_range:
                 cost = calls[s] * n * costs[k]
                 if single is not None and cost >= single.cost:
                     break
@@ -166,7 +226,7 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
     cap = min(max_cost, single.cost if single is not None else math.inf)
     ml = None
     for b in range(K - 1):
-        for n in STEPS:
+        for n in steps_range:
             base = calls[ml_sampler] * n * costs[b]
             if base >= cap:
                 break
@@ -174,7 +234,9 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
             room = target ** 2 - disc
             if room <= 0:
                 continue
-            m = max(1, math.ceil((law.coin[b] ** 2 / room) ** (1.0 / law.r)))
+            # the least m with c_b^2 (1/m - 1/N)^r N^-u <= room
+            m = max(1, math.ceil(1.0 / ((room * n ** law.u / law.coin[b] ** 2) ** (1.0 / law.r) + 1.0 / n))) \
+                if law.coin[b] > 0 else 1
             if m > n:
                 continue
             cost = base + calls[ml_sampler] * m * costs[K - 1]
@@ -189,15 +251,16 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
     resampled `replicas` times (the same resample for every run: they share their prior draws), the law
     refitted and both sides searched again."""
     costs = np.asarray(costs, np.float64)
-    ml_sampler = sorted(pilots.multilevel)[0][1]
+    ml_sampler = next(iter(pilots.coins))[1]
+    fewest = min(n for (_, _, n) in pilots.discretisation)  # the law is not extrapolated below the pilots' steps
     law = fit_law(pilots)
-    single, ml = cheapest(law, target, costs, calls, ml_sampler)
+    single, ml = cheapest(law, target, costs, calls, ml_sampler, fewest)
     gain = None if (single is None or ml is None) else single.cost / ml.cost
     size = len(next(iter(pilots.floors.values())))
     rng = np.random.default_rng(seed)
     gains = []
     for _ in range(replicas):
-        s, m = cheapest(fit_law(pilots, rng.integers(0, size, size)), target, costs, calls, ml_sampler)
+        s, m = cheapest(fit_law(pilots, rng.integers(0, size, size)), target, costs, calls, ml_sampler, fewest)
         gains.append(np.nan if (s is None or m is None) else s.cost / m.cost)
     gains = np.asarray(gains)
     low = high = None

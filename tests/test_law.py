@@ -1,0 +1,116 @@
+"""The law behind `advise`'s prediction (mlem_jax.compare._law): its fit recovers constants it is
+given exactly, it measures the known orders of real samplers on Gaussian data with the exact
+denoiser, and the search on it finds the cheapest runs a direct enumeration finds."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from mlem_jax.compare import Law, cheapest, fit_law, law_error, predict, run_pilots
+from mlem_jax.diffusion import VP, dpm_solver_pp, logsnr_grid
+from mlem_jax.diffusion.samplers import ddim
+
+B, D = 400, 16
+FLOORS = np.array([0.5, 0.3, 0.1])
+P, CS = {"a": 1.0, "b": 2.0}, {"a": np.array([0.8, 0.9, 1.0]), "b": np.array([2.0, 2.5, 3.0])}
+COIN, R, U = np.array([1.5, 0.7]), 2.0, 1.0
+
+
+def synthetic_outputs():
+    """Samples whose squared distances follow the law exactly in expectation: every term is an
+    independent Gaussian direction per sample, scaled to the law's RMS."""
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+    directions = {}
+
+    def direction(tag):
+        if tag not in directions:
+            directions[tag] = np.asarray(jax.random.normal(next(keys), (B, D)), np.float64)
+        return directions[tag]
+
+    def outputs(levels, sampler, steps, firings):
+        top = levels[-1]
+        y = FLOORS[top] * direction(("floor", top))
+        if steps != 50:  # the fine run is the floor alone
+            y = y + CS[sampler][top] * steps ** -P[sampler] * direction(("disc", top, sampler, steps))
+        if len(levels) > 1:
+            y = y + COIN[levels[0]] * math.sqrt((1 / firings - 1 / steps) ** R * steps ** -U) * direction(
+                ("coin", levels, steps, firings))
+        return y
+
+    return outputs
+
+
+def test_the_fit_recovers_the_constants_it_is_given():
+    pilots = run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    law = fit_law(pilots)
+    # each squared distance is a mean over B x D = 6400 unit Gaussians: 1.8% relative s.e.
+    np.testing.assert_allclose(law.floors, FLOORS, rtol=0.03)
+    for s in P:
+        assert law.p[s] == pytest.approx(P[s], abs=0.05)
+        np.testing.assert_allclose(law.C[s], CS[s], rtol=0.1)
+    assert law.r == pytest.approx(R, abs=0.1) and law.u == pytest.approx(U, abs=0.15)
+    np.testing.assert_allclose(law.coin, COIN, rtol=0.15)
+
+
+@pytest.mark.parametrize("name, sampler, order", [("ddim", ddim, 1.0), ("dpm++2m", dpm_solver_pp, 2.0)])
+def test_the_fit_measures_a_samplers_order_on_gaussian_data(name, sampler, order):
+    """x_0 ~ N(M, S^2) with its exact denoiser: the fitted p is the sampler's order (the global
+    orders of tests/test_samplers.py; the fine run has 16x the pilots' most steps, so that the
+    distance to it is the pilot's own error), the floors are 0 (the fine run is the reference)."""
+    sde, m, s = VP(), 0.3, 0.5
+
+    def denoiser(t, x, args):
+        a, sd = sde.alpha(t), sde.std(t)
+        return m + a * s**2 / (a**2 * s**2 + sd**2) * (x - a * m)
+
+    x = jax.random.normal(jax.random.key(1), (512, 8))
+
+    def outputs(levels, sampler_name, steps, firings):
+        ts = logsnr_grid(sde, steps)
+        return jax.jit(lambda y: sampler(denoiser, sde, y, ts))(x)
+
+    reference = outputs((0,), name, 1024, 0)
+    pilots = run_pilots(lambda lv, s_, n, f: outputs(lv, s_, n, f), reference, 2, [name], fine_steps=1024,
+                        pilot_steps=(16, 32, 64), ml_steps=(12,), ml_firings=(2, 4))
+    law = fit_law(pilots)
+    assert law.p[name] == pytest.approx(order, abs=0.2), law.p
+    assert np.all(law.floors < 1e-6)
+
+
+def test_the_search_finds_what_an_enumeration_finds():
+    law = Law(FLOORS, P, CS, COIN, R, U)
+    costs, calls = np.array([1.0, 4.0, 16.0]), {"a": 1, "b": 1}
+    for target in (0.12, 0.15, 0.3):
+        single, ml = cheapest(law, target, costs, calls, "a", min_steps=2)
+        runs = [(calls[s] * n * costs[k], (k,), s, n, 0) for k in range(3) for s in P for n in range(2, 65)
+                if law_error(law, (k,), s, n) <= target]
+        best = min(runs)
+        assert single is not None and single.cost == best[0]
+        mls = [(n * costs[b] + m * costs[2], (b, 2), "a", n, m) for b in range(2) for n in range(2, 65)
+               for m in range(1, n + 1) if law_error(law, (b, 2), "a", n, m) <= target]
+        cheaper = [r for r in mls if r[0] < single.cost]
+        if cheaper:
+            assert ml is not None and ml.cost == min(cheaper)[0]
+        else:
+            assert ml is None
+
+
+def test_the_prediction_carries_an_interval_around_its_gain():
+    pilots = run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    pred = predict(pilots, 0.12, [1.0, 4.0, 16.0], {"a": 1, "b": 1}, replicas=50)
+    assert pred.gain is not None and pred.low <= pred.gain <= pred.high
+    exact_single, exact_ml = cheapest(Law(FLOORS, P, CS, COIN, R, U), 0.12, np.array([1.0, 4.0, 16.0]),
+                                      {"a": 1, "b": 1}, "a", min_steps=5)
+    assert pred.low <= exact_single.cost / exact_ml.cost <= pred.high
+
+
+def test_too_few_pilots_are_refused():
+    from mlem_jax import InputError
+
+    with pytest.raises(InputError, match="pilot_steps, ml_firings"):
+        run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a"], pilot_steps=(8,))
+    with pytest.raises(InputError, match="num_levels"):
+        run_pilots(synthetic_outputs(), np.zeros((B, D)), 1, ["a"])
+
