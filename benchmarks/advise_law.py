@@ -29,7 +29,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from mlem_jax.compare import fit_law, law_error, predict, run_pilots
 from mlem_jax.diffusion.samplers import CALLS_PER_STEP
