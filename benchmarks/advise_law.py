@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--pilot-size", type=int, default=128)
     ap.add_argument("--targets", type=float, nargs="+", default=[1.1, 1.25, 1.5])
-    ap.add_argument("--quick", action="store_true", help="64 + 32 samples, two targets: the CI smoke run")
+    ap.add_argument("--quick", action="store_true", help="32 + 16 samples, one target: the CI smoke run")
     args = ap.parse_args(argv)
     if args.quick:
-        args.batch_size, args.pilot_size, args.targets = 64, 32, [1.25, 1.5]
+        args.batch_size, args.pilot_size, args.targets = 32, 16, [1.25]
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     log_lines = []
