@@ -42,6 +42,18 @@ def heun(
     only to derive the level key of a `Multilevel` drift (there is no noise). Two drift
     evaluations per step; a `Multilevel` plans its coins over both (2N calls) and makes
     the result a `MultilevelSolution`.
+
+    Args:
+      drift: f(t, y, args), or a `Multilevel`.
+      diffusion: must be None (an ODE).
+      y0: the initial state (a pytree).
+      ts: the strictly monotone time grid.
+      key: derives the level key of a `Multilevel` without one (unused otherwise).
+      args: passed to the drift.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
     """
     if diffusion is not None:
         raise InputError(
@@ -67,7 +79,12 @@ def heun(
 def switched_drift(small: Drift, large: Drift, t_switch) -> Drift:
     """f(t, y) = small(t, y) for t > t_switch, large(t, y) otherwise, with `lax.cond`
     (one network runs per step). For sampling backwards in time from t = 1, the small
-    network takes the steps before t_switch is reached."""
+    network takes the steps before t_switch is reached.
+
+    Args:
+      small: the cheap drift f(t, y, args), used for t > t_switch.
+      large: the accurate drift, used for t <= t_switch.
+      t_switch: the time at which the drift changes."""
 
     def drift(t, y, args):
         return jax.lax.cond(t > t_switch, small, large, t, y, args)

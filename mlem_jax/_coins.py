@@ -55,7 +55,13 @@ GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 def level_coins(key: jax.Array, probs: jax.Array, coupling: Coupling = "independent") -> jax.Array:
-    """Draw the iid Bernoulli coins B_1..B_K (bool array (K,)) of one step."""
+    """Draw the iid Bernoulli coins B_1..B_K (bool array (K,)) of one step.
+
+    Args:
+      key: the step's PRNG key.
+      probs: (K,) probabilities with p_1 = 1.
+      coupling: "independent" (B_k ~ Bernoulli(p_k) each) or "nested" (one uniform U,
+        B_k = U < p_k: level k+1 fires only where level k does; needs decreasing p)."""
     if coupling == "independent":
         u = jax.random.uniform(key, probs.shape, probs.dtype)
     elif coupling == "nested":
@@ -90,6 +96,11 @@ def stratified_coins(level_key: jax.Array, probs: jax.Array, coupling: Coupling 
     """The stratified coins of a whole grid: bool (N, K) from probabilities (N, K).
 
     probs[n] is p(t_n) for step n. See the module docstring for the construction.
+
+    Args:
+      level_key: the key of the run's coin plan.
+      probs: (N, K) probabilities per step, p_1 = 1.
+      coupling: "independent" or "nested", as in `level_coins`.
     """
     probs = jnp.asarray(probs)
     num_steps, num_levels = probs.shape

@@ -250,7 +250,19 @@ def check_grid(term: MultilevelDrift, t0, t1, dt0, stepsize_controller) -> None:
 def multilevel_diffeqsolve(terms, solver, t0, t1, dt0, y0, args=None, *,
                            stepsize_controller=diffrax.ConstantStepSize(), adjoint=None, **kwargs):
     """`diffrax.diffeqsolve` after `check_multilevel_solver`; the adjoint defaults to
-    `diffrax.ForwardMode()` (pure sampling, and what UnsafeBrownianPath needs)."""
+    `diffrax.ForwardMode()` (pure sampling, and what UnsafeBrownianPath needs).
+
+    Args:
+      terms: the diffrax terms, with a `MultilevelDrift` as the drift of an SDE or ODE.
+      solver: a `MultilevelEuler` (or another solver `check_multilevel_solver` accepts).
+      t0: the start of the interval.
+      t1: its end.
+      dt0: the constant step (adaptive steps are refused).
+      y0: the initial state (a pytree).
+      args: passed to every term.
+      stepsize_controller: `diffrax.ConstantStepSize()` or `StepTo` only.
+      adjoint: default `diffrax.ForwardMode()`.
+      **kwargs: passed to `diffrax.diffeqsolve` (saveat, max_steps, ...)."""
     found = [x for x in jax.tree_util.tree_leaves(terms, is_leaf=_is_ml) if _is_ml(x)]
     if not found:
         raise TypeError("terms: expected a MultilevelDrift (alone, or first in a diffrax.MultiTerm).")

@@ -157,6 +157,14 @@ def multilevel_drift(drifts: Sequence[Callable], probs: jax.Array, coins: jax.Ar
 
     Returns F and the bool array (K,) of the levels that were evaluated. f^1 always runs
     (p_1 = 1); level k > 1 runs under `lax.cond` only when B_k or B_{k+1} fired.
+
+    Args:
+      drifts: f^1..f^K, cheapest first, each f(t, y, args).
+      probs: (K,) probabilities of this step, p_1 = 1.
+      coins: (K,) bool coins of this step (`level_coins` or a row of `stratified_coins`).
+      t: the time of the step.
+      y: the state at which the drifts are evaluated.
+      args: passed to the drifts.
     """
     needed = _needed(coins)
     total, _ = _weighted(_level_values(drifts, needed, t, y, args), probs, coins)

@@ -55,7 +55,16 @@ def planned_evaluations(probs, ts, level_key, num_levels: int, *, coupling: Coup
     """The evaluations (K,) of each level that `multilevel_euler_maruyama` with this
     `level_key` runs on `ts` (with the level key shared by the batch), from the coins alone,
     without evaluating any drift. Vmap it over level keys to average the cost over coin
-    plans where the samples themselves were drawn with per-sample level keys."""
+    plans where the samples themselves were drawn with per-sample level keys.
+
+    Args:
+      probs: the schedule (a (K,) array, a `PiecewiseConstant`, a callable p(t) or
+        `FixedFirings`), as given to the solver.
+      ts: the time grid.
+      level_key: the key of the coin plan.
+      num_levels: K.
+      coupling: "independent" or "nested".
+      coins: "iid" or "stratified"."""
     ts = _validate.check_ts(ts)
     coupling = _validate.check_coupling(coupling)
     coins = _validate.check_coins(coins)
@@ -162,8 +171,14 @@ def multilevel_euler_maruyama(
       probs: length-K array of level probabilities with p_1 = 1, a function of t
         returning one (a time-dependent schedule such as `PiecewiseConstant`), or a
         `FixedFirings` (an exact number of firings per level and trajectory).
-      diffusion, y0, ts, args, saveat, callback, progress, check_finite: as in
-        `euler_maruyama`.
+      diffusion: g(t, y, args), as in `euler_maruyama` (None for an ODE).
+      y0: the initial state (a pytree).
+      ts: the strictly monotone time grid.
+      args: passed to every drift and the diffusion.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
       key: a PRNG key, a diffrax Brownian path, or precomputed increments. With a key,
         the noise is the noise `euler_maruyama` draws from the same key.
       level_key: the key of the level coins (one draw per step). Defaults to a key
