@@ -54,6 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot-size", type=int, default=128)
     ap.add_argument("--targets", type=float, nargs="+", default=[1.1, 1.25, 1.5])
     ap.add_argument("--quick", action="store_true", help="32 + 16 samples, one target: the CI smoke run")
+    ap.add_argument("--family", default=None,
+                    help="instead of the testbed, a UNet family: the law at the error of its top network with "
+                         "DPM-Solver++(2M) at --steps, against compare_best_samplers (what demo --family runs)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[8])
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_size, args.pilot_size, args.targets = 32, 16, [1.25]
@@ -67,6 +71,8 @@ def main(argv=None) -> int:
 
     log(f"advise_law: {' '.join(sys.argv[1:]) or '(defaults)'}; {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs")
+    if args.family is not None:
+        return _family(args, log, log_lines, t0)
     pilot_tb = Testbed(batch_size=args.pilot_size, seed=1, truth_steps=100)
     K = len(pilot_tb.levels)
     costs = pilot_tb.level_flops
@@ -139,6 +145,46 @@ def main(argv=None) -> int:
                        law=dict(floors=law.floors.tolist(), p=law.p, C={s: c.tolist() for s, c in law.C.items()},
                                 coin=law.coin.tolist(), r=law.r, u=law.u), rows=rows), f, indent=1)
     with open(os.path.join(args.out, "law.log"), "w") as f:
+        f.write("\n".join(log_lines) + "\n")
+    return 0
+
+
+def _family(args, log, log_lines, t0) -> int:
+    """The law's prediction on a UNet family against the measured comparison, at the top's error at each
+    --steps: the pilots on their own `--pilot-size` draws (seed 1), the comparison on `--batch-size`."""
+    from mlem_jax.cli._demo import demo_ladders
+    from mlem_jax.compare import compare_best_samplers, family_pilots, format_prediction
+    from mlem_jax.diffusion.family import load_family
+
+    fam = load_family(args.family)
+    names = [f"nf={m.nf}" for m in fam.models]
+    pilots, flops = family_pilots(fam, batch_size=args.pilot_size, seed=1, samplers=("dpm++2m", "ddim"))
+    law = fit_law(pilots)
+    log(f"law ({args.pilot_size} pilot draws): floors " + ", ".join(f"{f:.4f}" for f in law.floors) + "; "
+        + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p) + f"; coin r {law.r:.2f}, u {law.u:.2f}")
+    rows = []
+    for n in args.steps:
+        pred = predict(pilots, law_error(law, (len(names) - 1,), "dpm++2m", n), flops, CALLS_PER_STEP)
+        c = compare_best_samplers(fam, steps=n, sampler="dpm++2m", batch_size=args.batch_size,
+                                  pilot_size=max(16, args.pilot_size), seed=0, reference_steps=100, repeats=1,
+                                  samplers=("dpm++2m", "ddim"), exhaustive=False, max_step_ups=64,
+                                  **demo_ladders(n))
+        ml = c.multilevel
+        law_ml = law_error(law, ml.levels, ml.sampler, ml.steps, ml.firings)
+        log(f"target: {names[-1]} with DPM-Solver++(2M) at {n} steps (measured error {c.target.error.value:.4f} "
+            f"+- {c.target.error.stderr:.4f}; the law's {pred.target:.4f})")
+        log(format_prediction(pred, names))
+        log(f"  measured: single {c.single.describe([m.nf for m in fam.models])} ({c.single.gflop:.3f} GFLOP), "
+            f"multilevel {ml.describe([m.nf for m in fam.models])} (error {ml.error.value:.4f} +- "
+            f"{ml.error.stderr:.4f}, the law's {law_ml:.4f}): {c.flop_ratio:.2f}x in FLOPs")
+        if pred.gain is not None:
+            log(f"  predicted / measured: {pred.gain / c.flop_ratio:.2f}")
+        rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, measured=c.flop_ratio,
+                         measured_multilevel_error=[ml.error.value, ml.error.stderr], law_multilevel_error=law_ml))
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    with open(os.path.join(args.out, "law_family.json"), "w") as f:
+        json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]), rows=rows), f, indent=1)
+    with open(os.path.join(args.out, "law_family.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0
 

@@ -29,10 +29,23 @@ from mlem_jax.compare._em_search import (
     equal_error_comparison,
     search_configuration,
 )
-from mlem_jax.compare._law import Choice, Law, Pilots, Prediction, cheapest, fit_law, law_error, predict, run_pilots
+from mlem_jax.compare._law import (
+    Choice,
+    Law,
+    Pilots,
+    Prediction,
+    cheapest,
+    family_pilots,
+    fit_law,
+    format_prediction,
+    law_error,
+    predict,
+    run_pilots,
+)
 
 __all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "verdict", "SAMPLER_NAMES",
            "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
            "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "LADDER", "Config",
            "EqualErrorResult", "Search", "equal_error_comparison", "search_configuration", "Choice", "Law",
-           "Pilots", "Prediction", "cheapest", "fit_law", "law_error", "predict", "run_pilots"]
+           "Pilots", "Prediction", "cheapest", "family_pilots", "fit_law", "format_prediction", "law_error", "predict",
+           "run_pilots"]

@@ -145,6 +145,12 @@ def _pooled_power(groups: dict, fallback: float) -> tuple[float, dict]:
     return q, intercepts
 
 
+def _weight(mean: float, se: float) -> float:
+    """The weight of a log mean in a fit: (mean / s.e.)^2, at most 1e4 (a resample of one sample has no
+    spread at all)."""
+    return 1e4 if se <= mean * 1e-2 else (mean / se) ** 2
+
+
 def _power_groups(values: dict, index, z: float) -> dict:
     """{group: [(log x, log mean, weight)]} of the squared distances `values[(group, x)]` whose mean is
     above `z` standard errors (the others are noise, not a trend)."""
@@ -154,7 +160,7 @@ def _power_groups(values: dict, index, z: float) -> dict:
         mean, se = float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d)))
         groups.setdefault(g, [])
         if mean > z * se:
-            groups[g].append((math.log(x), math.log(mean), min((mean / se) ** 2, 1e4)))
+            groups[g].append((math.log(x), math.log(mean), _weight(mean, se)))
     return groups
 
 
@@ -180,7 +186,7 @@ def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> 
         if f < n and mean > z * se:
             rows.append([math.log(1.0 / f - 1.0 / n), -math.log(n)] + [float(b == g) for g in bases])
             ys.append(math.log(mean))
-            ws.append(math.sqrt(min((mean / se) ** 2, 1e4)))
+            ws.append(math.sqrt(_weight(mean, se)))
     coin, r, u = np.zeros(K - 1), 2.0, 0.0
     if rows:
         A, y, w = np.array(rows), np.array(ys), np.array(ws)
@@ -271,3 +277,42 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
         low, high = min(1.0, float(np.min(finite, initial=1.0))), float(np.quantile(finite, (1 + level) / 2)) \
             if finite.size else 1.0
     return Prediction(target, single, ml, gain, low, high, level)
+
+
+def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequence[str] = ("dpm++2m", "unipc"),
+                  tick: Callable[[], None] = lambda: None) -> tuple[Pilots, np.ndarray]:
+    """(pilots, FLOPs per call of each level) of a UNet family, the reference being its top network's
+    probability-flow ODE solved finely (DPM-Solver++(3M), 100 log-SNR steps) from the same prior draws, as
+    in `compare_best_samplers`: the top's floor is then 0, and a lower level's is its distance from the top."""
+    from mlem_jax.compare._best_samplers import _Batch
+    from mlem_jax.diffusion.unet import family_summary
+
+    batch = _Batch(family, batch_size, seed, 100, 1)
+
+    def outputs(levels, sampler, steps, firings):
+        return batch.images(tuple(levels), sampler, steps, firings)[0]
+
+    pilots = run_pilots(outputs, batch.reference, len(family.models), samplers, tick=tick)
+    flops = np.array([1e9 * s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
+    return pilots, flops
+
+
+def format_prediction(pred: Prediction, names: Sequence[str], unit: str = "FLOPs") -> str:
+    """One line per side and the gain, in words."""
+    def run(c: Choice) -> str:
+        if len(c.levels) == 1:
+            return f"{names[c.levels[0]]} alone, {c.sampler} {c.steps} steps"
+        return (f"{names[c.levels[0]]} + {names[c.levels[-1]]}, {c.sampler} {c.steps} steps, the top fired "
+                f"{c.firings} times")
+
+    lines = [f"at error {pred.target:.4f}:"]
+    lines.append("  single network: " + ("none reaches it" if pred.single is None else
+                                         f"{run(pred.single)} (law's error {pred.single.error:.4f})"))
+    if pred.multilevel is None:
+        lines.append("  multilevel: no run is cheaper than the single network: multilevel does not pay here")
+    else:
+        lines.append(f"  multilevel: {run(pred.multilevel)} (law's error {pred.multilevel.error:.4f})")
+        lines.append(f"  predicted gain {pred.gain:.2f}x in {unit} [{pred.low:.2f}, {pred.high:.2f}] "
+                     f"({100 * pred.level:.0f}% bootstrap interval over the pilots' samples; it does not hold the "
+                     "law's own error, measured within 1.3x on the testbed: docs/advise.md)")
+    return "\n".join(lines)
