@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0.2
 
-.PHONY: demo test lint docs bench bench-quick testbed-mixture testbed-ladder fmnist16-weights fmnist16-cond-weights fmnist16-nf64-weights demo-family fmnist16x5 clean
+.PHONY: demo test lint docs bench bench-quick testbed-mixture testbed-ladder fmnist16-weights fmnist16-cond-weights fmnist16-nf64-weights fmnist16-flow-weights demo-family fmnist16x5 clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,13 +36,14 @@ QUICK_JOBS ?= 2
 # the longest first, so that two queues end together
 QUICK_RUNS := fmnist16 envelope_fmnist16 testbed toy_complexity calibrated_probabilities solver_calibration guided_fmnist16 demo \
 	sharding_throughput best_samplers parallel_levels fid_resolution family_costs learn_cost cached_coins overhead diffrax_route \
-	advise_law
+	advise_law flow_vs_vp
 QUICK_ARGS_fmnist16 := --raw-data --no-ode
 QUICK_ARGS_guided_fmnist16 := --out benchmarks/out/guided_quick
 QUICK_ARGS_envelope_fmnist16 := --out benchmarks/out/envelope_quick
 QUICK_ARGS_best_samplers := --out benchmarks/out/best_samplers_quick
 QUICK_ARGS_testbed := --out benchmarks/out/testbed_quick
 QUICK_ARGS_advise_law := --out benchmarks/out/advise_law_quick
+QUICK_ARGS_flow_vs_vp := --out benchmarks/out/flow_vs_vp_quick
 .PHONY: $(addprefix quick/,$(QUICK_RUNS))
 # Most quick runs compile far more than they run, so XLA's CPU backend compiles them at LLVM
 # optimisation level 0 (as in the tests, tests/conftest.py); each run prints the flags beside its
@@ -75,6 +76,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/envelope_fmnist16.py --out docs/figures/envelope_fmnist16
 	$(PY) benchmarks/testbed.py --out docs/figures/testbed
 	$(PY) benchmarks/advise_law.py --out docs/figures/advise_law
+	$(PY) benchmarks/flow_vs_vp.py --out docs/figures/flow_vs_vp
 
 ## fmnist16-weights: retrain the committed Fashion-MNIST family (about 50 min on 2 cores)
 fmnist16-weights: $(STAMP)
@@ -97,6 +99,14 @@ fmnist16-nf64-weights: $(STAMP)
 	$(PY) -c "from mlem_jax.diffusion.data import prepare_local as p; p('fashion_mnist', '/usr/share/datasets/fashion-mnist', 'data/tfds')"
 	$(VENV)/bin/mlem-jax train --dataset fashion_mnist --data-dir data/tfds --image-size 16 --nfs 64 --steps 2000 --batch-size 128 --seed 0 --out runs/fmnist16_nf64 --no-progress
 	$(MAKE) demo-family NF64=runs/fmnist16_nf64/family
+
+## fmnist16-flow-weights: the rectified-flow family nf 8..32 (velocity prediction, logit-normal times, the VP family's recipe: 2000 steps per level; resumes from runs/fmnist16_flow/checkpoints when stopped; about 1 h on 2 cores)
+fmnist16-flow-weights: $(STAMP)
+	$(PY) -c "from mlem_jax.diffusion.data import prepare_local as p; p('fashion_mnist', '/usr/share/datasets/fashion-mnist', 'data/tfds')"
+	$(VENV)/bin/mlem-jax train --dataset fashion_mnist --data-dir data/tfds --image-size 16 --nfs 8 16 32 --schedule flow --steps 2000 --batch-size 128 --seed 0 --out runs/fmnist16_flow --resume --no-progress
+	mkdir -p benchmarks/weights
+	cp runs/fmnist16_flow/family.npz benchmarks/weights/fmnist16_flow.npz
+	cp runs/fmnist16_flow/family.json benchmarks/weights/fmnist16_flow.json
 
 ## demo-family: the demo's shipped family benchmarks/weights/fmnist16_demo: nf=16 of benchmarks/weights/fmnist16 + the nf=64 top (NF64, default: the shipped one)
 NF64 ?= benchmarks/weights/fmnist16_demo

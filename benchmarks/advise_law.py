@@ -124,6 +124,13 @@ def main(argv=None) -> int:
             verdict = "; they DISAGREE on whether multilevel pays"
         log(f"target {tau} x the top's floor: predicted {fmt(pred.gain)}{interval} in FLOPs, measured "
             f"{fmt(measured)}{verdict}")
+        for what, c in (("single", pred.single), ("multilevel", pred.multilevel)):
+            if c is not None:
+                run = tb.single(c.levels[0], c.sampler, c.steps) if len(c.levels) == 1 else \
+                    tb.multilevel(c.levels, c.sampler, c.steps, c.firings)
+                row[f"law_{what}_measured_error"] = run.error
+                log(f"  the law's {what} choice measured on the main batch: error {run.error:.4f} against the "
+                    f"target {goal:.4f}: {'reaches it' if run.error <= goal else 'misses it'}")
         if pred.single is not None:
             log(f"  law's single: level {pred.single.levels[0]}, {pred.single.sampler} {pred.single.steps} steps "
                 f"(predicted error {pred.single.error:.4f}); measured single: "
@@ -147,6 +154,21 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "law.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0
+
+
+def _measure_choices(fam, pred, batch_size: int) -> dict:
+    """The coupled error, on the comparison's main batch (seed 0, the top's 100-step reference), of the
+    single and multilevel runs the law chose."""
+    from mlem_jax.compare._best_samplers import _Batch
+    from mlem_jax.diffusion.metrics import coupled_error
+
+    batch = _Batch(fam, batch_size, 0, 100, 4)
+    out = {}
+    for what, c in (("single", pred.single), ("multilevel", pred.multilevel)):
+        if c is not None:
+            y, _ = batch.images(c.levels, c.sampler, c.steps, c.firings)
+            out[what] = coupled_error(y, batch.reference).value
+    return out
 
 
 def _family(args, log, log_lines, t0) -> int:
@@ -179,6 +201,10 @@ def _family(args, log, log_lines, t0) -> int:
             f"{ml.error.stderr:.4f}, the law's {law_ml:.4f}): {c.flop_ratio:.2f}x in FLOPs")
         if pred.gain is not None:
             log(f"  predicted / measured: {pred.gain / c.flop_ratio:.2f}")
+        checks = _measure_choices(fam, pred, args.batch_size)
+        for what, err in checks.items():
+            log(f"  the law's {what} choice measured on the main batch: error {err:.4f} against the target "
+                f"{c.target.error.value:.4f}: {'reaches it' if err <= 1.1 * c.target.error.value else 'MISSES 1.1x'}")
         rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, measured=c.flop_ratio,
                          measured_multilevel_error=[ml.error.value, ml.error.stderr], law_multilevel_error=law_ml))
     log(f"total {time.perf_counter() - t0:.0f} s")

@@ -48,7 +48,10 @@ class Pilots(NamedTuple):
 
 
 class Law(NamedTuple):
-    """The fitted constants: floors F_k (K,), per sampler p_s and C_{k,s} (K,), per base c_b and r."""
+    """The fitted constants: floors F_k (K,), per sampler p_s and C_{k,s} (K,), per base c_b, r and u.
+    `measured[(k, s)]`: the pilots' (log N, log squared distance) points, which the law follows between
+    them (piecewise linear in log-log; beyond the last, along p_s): the discretisation error of a few
+    steps is rarely one power of N."""
 
     floors: np.ndarray
     p: dict
@@ -56,6 +59,7 @@ class Law(NamedTuple):
     coin: np.ndarray
     r: float
     u: float = 0.0
+    measured: dict = {}
 
 
 class Choice(NamedTuple):
@@ -172,12 +176,16 @@ def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> 
     K = len(pilots.floors)
     floor2 = np.array([float(np.mean(pilots.floors[k] if index is None else pilots.floors[k][index]))
                        for k in range(K)])
-    p, C = {}, {}
+    p, C, measured = {}, {}, {}
     for s in sorted({s for (_, s, _) in pilots.discretisation}):
         groups = _power_groups({(k, n): v for (k, s2, n), v in pilots.discretisation.items() if s2 == s}, index, z)
         q, a = _pooled_power(groups, 2.0)
         p[s] = max(0.25, q / 2)
         C[s] = np.array([math.exp(a[k] / 2) if k in a else 0.0 for k in range(K)])
+        for k, pts in groups.items():
+            if len(pts) >= 2:
+                xs, ys, _ = zip(*sorted(pts))
+                measured[(k, s)] = (np.array(xs), np.array(ys))
     # log Q^2 = log c_b^2 + r log(1/m - 1/N) - u log N, least squares with one intercept per base
     rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in pilots.coins})
     for (b, _, n, f), v in pilots.coins.items():
@@ -200,24 +208,42 @@ def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> 
             if mine:
                 coin[b] = math.exp(0.5 * float(np.average(
                     [ys[j] - r * rows[j][0] - u * rows[j][1] for j in mine], weights=[ws[j] for j in mine])))
-    return Law(np.sqrt(floor2), p, C, coin, r, u)
+    return Law(np.sqrt(floor2), p, C, coin, r, u, measured)
+
+
+def discretisation(law: Law, k: int, sampler: str, steps: int) -> float:
+    """The squared discretisation distance of level k with `sampler` at `steps`: through the pilots'
+    points where there are two or more (log-log linear between them, along p beyond the last, along the
+    first segment below the first), else C_{k,s}^2 N^-2p."""
+    pts = law.measured.get((k, sampler))
+    if pts is None:
+        return law.C[sampler][k] ** 2 * steps ** (-2 * law.p[sampler])
+    xs, ys = pts
+    x = math.log(steps)
+    if x > xs[-1]:
+        return math.exp(ys[-1] - 2 * law.p[sampler] * (x - xs[-1]))
+    if x < xs[0]:
+        slope = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return math.exp(ys[0] + slope * (x - xs[0]))
+    return math.exp(float(np.interp(x, xs, ys)))
 
 
 def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 0) -> float:
     """The RMS error the law gives a run."""
     top = levels[-1]
-    e2 = law.floors[top] ** 2 + law.C[sampler][top] ** 2 * steps ** (-2 * law.p[sampler])
+    e2 = law.floors[top] ** 2 + discretisation(law, top, sampler, steps)
     if len(levels) > 1 and firings < steps:
         e2 += law.coin[levels[0]] ** 2 * (1.0 / firings - 1.0 / steps) ** law.r * steps ** (-law.u)
     return math.sqrt(e2)
 
 
 def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler: str, min_steps: int = 2,
-             max_cost: float = math.inf) -> tuple[Choice | None, Choice | None]:
+             max_cost: float = math.inf, ml_min_steps: int | None = None) -> tuple[Choice | None, Choice | None]:
     """(best single run, best multilevel run cheaper than the single one) on the law, over
-    `min_steps`..`MAX_STEPS` steps."""
+    `min_steps`..`MAX_STEPS` steps (multilevel runs from `ml_min_steps`, default `min_steps`)."""
     K = len(law.floors)
     steps_range = range(min_steps, MAX_STEPS + 1)
+    ml_range = range(min_steps if ml_min_steps is None else ml_min_steps, MAX_STEPS + 1)
     single = None
     for k in range(K):
         for s in law.p:
@@ -232,11 +258,11 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
     cap = min(max_cost, single.cost if single is not None else math.inf)
     ml = None
     for b in range(K - 1):
-        for n in steps_range:
+        for n in ml_range:
             base = calls[ml_sampler] * n * costs[b]
             if base >= cap:
                 break
-            disc = law.floors[K - 1] ** 2 + law.C[ml_sampler][K - 1] ** 2 * n ** (-2 * law.p[ml_sampler])
+            disc = law.floors[K - 1] ** 2 + discretisation(law, K - 1, ml_sampler, n)
             room = target ** 2 - disc
             if room <= 0:
                 continue
@@ -258,15 +284,19 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
     refitted and both sides searched again."""
     costs = np.asarray(costs, np.float64)
     ml_sampler = next(iter(pilots.coins))[1]
-    fewest = min(n for (_, _, n) in pilots.discretisation)  # the law is not extrapolated below the pilots' steps
+    # the law is not extrapolated below the pilots' steps: single runs from the fewest steps of the
+    # discretisation pilots, multilevel runs from the fewest of the coin pilots
+    fewest = min(n for (_, _, n) in pilots.discretisation)
+    ml_fewest = min(n for (_, _, n, _) in pilots.coins)
     law = fit_law(pilots)
-    single, ml = cheapest(law, target, costs, calls, ml_sampler, fewest)
+    single, ml = cheapest(law, target, costs, calls, ml_sampler, fewest, ml_min_steps=ml_fewest)
     gain = None if (single is None or ml is None) else single.cost / ml.cost
     size = len(next(iter(pilots.floors.values())))
     rng = np.random.default_rng(seed)
     gains = []
     for _ in range(replicas):
-        s, m = cheapest(fit_law(pilots, rng.integers(0, size, size)), target, costs, calls, ml_sampler, fewest)
+        s, m = cheapest(fit_law(pilots, rng.integers(0, size, size)), target, costs, calls, ml_sampler, fewest,
+                        ml_min_steps=ml_fewest)
         gains.append(np.nan if (s is None or m is None) else s.cost / m.cost)
     gains = np.asarray(gains)
     low = high = None
