@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             ml = best_multilevel(tb, goal, "error", [(b, K - 1) for b in range(K - 1)], "dpm++2m", ML_STEPS,
                                  single.flops)
         measured = None if (single is None or ml is None) else single.flops / ml.flops
-        row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, measured=measured,
+        row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays, measured=measured,
                    predicted_single=None if pred.single is None else [list(pred.single.levels), pred.single.sampler,
                                                                       pred.single.steps, pred.single.cost],
                    predicted_multilevel=None if pred.multilevel is None else [
@@ -110,7 +110,8 @@ def main(argv=None) -> int:
                                                                 ml.flops, ml.error])
         rows.append(row)
         fmt = lambda g: "none (a single network is cheapest)" if g is None else f"{g:.2f}x"
-        interval = "" if pred.low is None else f" [{pred.low:.2f}, {pred.high:.2f}]"
+        interval = ("" if pred.low is None else f" [{pred.low:.2f}, {pred.high:.2f}]") + \
+            f" (pays in {100 * pred.pays:.0f}% of the replicas)"
         verdict = ""
         if pred.gain is not None and measured is not None:
             ratio = max(pred.gain / measured, measured / pred.gain)

@@ -77,7 +77,10 @@ class Choice(NamedTuple):
 class Prediction(NamedTuple):
     """The law's best single-network run and best multilevel run at `target`, the predicted gain
     (single cost / multilevel cost; None when no multilevel run is cheaper) and its bootstrap interval
-    (`low`, `high`: the `level` central interval over pilot samples; None where a replica has none)."""
+    (`low`, `high`: the `level` central interval over pilot samples; None where a replica has none), and
+    `pays`: the share of bootstrap replicas in which a multilevel run is cheaper. Near a target where
+    the cheapest run changes (one step more or less), the gain jumps, and `pays` says how settled the
+    verdict is."""
 
     target: float
     single: Choice | None
@@ -86,6 +89,7 @@ class Prediction(NamedTuple):
     low: float | None
     high: float | None
     level: float
+    pays: float = float("nan")
 
 
 def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence[str], *, fine_steps: int = 50,
@@ -306,7 +310,7 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
         finite = gains[np.isfinite(gains)]
         low, high = min(1.0, float(np.min(finite, initial=1.0))), float(np.quantile(finite, (1 + level) / 2)) \
             if finite.size else 1.0
-    return Prediction(target, single, ml, gain, low, high, level)
+    return Prediction(target, single, ml, gain, low, high, level, float(np.mean(np.isfinite(gains))))
 
 
 def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequence[str] = ("dpm++2m", "unipc"),
@@ -338,11 +342,13 @@ def format_prediction(pred: Prediction, names: Sequence[str], unit: str = "FLOPs
     lines = [f"at error {pred.target:.4f}:"]
     lines.append("  single network: " + ("none reaches it" if pred.single is None else
                                          f"{run(pred.single)} (law's error {pred.single.error:.4f})"))
+    settled = "" if not math.isfinite(pred.pays) else \
+        f" (multilevel pays in {100 * pred.pays:.0f}% of the bootstrap replicas)"
     if pred.multilevel is None:
-        lines.append("  multilevel: no run is cheaper than the single network: multilevel does not pay here")
+        lines.append("  multilevel: no run is cheaper than the single network: multilevel does not pay here" + settled)
     else:
         lines.append(f"  multilevel: {run(pred.multilevel)} (law's error {pred.multilevel.error:.4f})")
         lines.append(f"  predicted gain {pred.gain:.2f}x in {unit} [{pred.low:.2f}, {pred.high:.2f}] "
                      f"({100 * pred.level:.0f}% bootstrap interval over the pilots' samples; it does not hold the "
-                     "law's own error, measured within 1.3x on the testbed: docs/advise.md)")
+                     "law's own error: docs/advise.md)" + settled)
     return "\n".join(lines)
