@@ -39,9 +39,9 @@ SAMPLER_NAMES = {"dpm++2m": "DPM-Solver++(2M)", "unipc": "UniPC-bh2"}
 TARGETS = (1.1, 1.5, 2.0)
 
 
-def families(out: str):
-    """(name, family) of the VP family's levels nf 8..32 and the flow family."""
-    vp_path = os.path.join(out, "vp_nf8_32")
+def families(scratch: str):
+    """(name, family) of the VP family's levels nf 8..32 (combined into `scratch`) and the flow family."""
+    vp_path = os.path.join(scratch, "vp_nf8_32")
     combine_families([os.path.join(HERE, "weights", "fmnist16")], vp_path, nfs=(8, 16, 32))
     return [("VP (eps)", load_family(vp_path)), ("flow (velocity)", load_family(os.path.join(HERE, "weights",
                                                                                            "fmnist16_flow")))]
@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     _, _, test_x, _, clf = fashion_mnist_and_classifier(args.source_dir, args.quick, classifier_steps)
     reference = clf.features(test_x)
     runs = []
-    for name, fam in families(args.out):
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="flow_vs_vp_")
+    for name, fam in families(scratch):
         gflop = [s["gflop"] for s in family_summary(fam.models, fam.params, fam.image_shape)]
         for k, model in enumerate(fam.models):
             for solver in SAMPLER_NAMES:
