@@ -150,7 +150,14 @@ def _budget_multiplier(budget, num_steps, c, w, root):
 
 def injected_variance(variances, probs, step_size: float, bin_weights=None) -> float:
     """nu^2 = |h| sum_b w_b sum_{k>=2} V_bk (1/p_bk - 1), the variance per unit time that
-    independent coins add (variances and probs of shape (K,) or (bins, K))."""
+    independent coins add (variances and probs of shape (K,) or (bins, K)).
+
+    Args:
+      variances: V_k, (K,) or (bins, K); the first column is ignored.
+      probs: p_k, the same shape.
+      step_size: h, the EM-equivalent step.
+      bin_weights: (bins,) share of the steps in each bin (default: equal).
+    """
     v = np.atleast_2d(np.asarray(variances, np.float64))
     p = np.atleast_2d(np.asarray(probs, np.float64))
     w = np.full(v.shape[0], 1.0 / v.shape[0]) if bin_weights is None else np.asarray(bin_weights)
@@ -158,7 +165,14 @@ def injected_variance(variances, probs, step_size: float, bin_weights=None) -> f
 
 
 def expected_cost(probs, costs, num_steps: int, bin_weights=None) -> float:
-    """num_steps * sum_b w_b sum_k p_bk C_k: the expected cost of one trajectory."""
+    """num_steps * sum_b w_b sum_k p_bk C_k: the expected cost of one trajectory.
+
+    Args:
+      probs: (K,) or (bins, K) probabilities.
+      costs: (K,) cost of drawing each level's correction (`correction_costs`).
+      num_steps: the model calls of one trajectory.
+      bin_weights: (bins,) share of the steps in each bin (default: equal).
+    """
     p = np.atleast_2d(np.asarray(probs, np.float64))
     w = np.full(p.shape[0], 1.0 / p.shape[0]) if bin_weights is None else np.asarray(bin_weights)
     return float(num_steps * np.sum(w[:, None] * p * np.asarray(costs)[None, :]))

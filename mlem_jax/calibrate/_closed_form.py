@@ -48,6 +48,17 @@ def calibrated_probabilities(
     variances at the gaps it implies (damped iteration; it does not weigh how p moves the
     gaps, so it is a consistent choice rather than the exact optimum). A budget is met with
     the first call, where the cache fires every level, charged in full.
+
+    Args:
+      stats: `level_statistics` of the levels.
+      costs: (K,) cost of one evaluation of each level (seconds or FLOPs).
+      step_size: h of the statistics (`stats.step_size`).
+      target_variance: injected variance per unit time to hold, or
+      budget: the expected cost per trajectory to spend (with `num_steps`).
+      num_steps: the solver's model calls (`stats.num_calls`), with a budget.
+      time_dependent: one row per time bin (a `PiecewiseConstant`), else one row.
+      coupling: "independent" or "nested".
+      control: None, or "cached" for statistics measured with the cached control variate.
     """
     if control not in (None, "cached"):
         raise InputError(f"control: expected None or 'cached', got {control!r}.")

@@ -28,6 +28,14 @@ def level_costs(drifts: Sequence[Callable], t, y, args=None, repeats: int = 10, 
     the batched cost that sampling pays. Warm-up (compilation) is excluded; the median of
     `repeats` timed calls is reported (`mlem_jax.timing.time_calls`). `flops=False` skips
     XLA's cost analysis (`LevelCosts.flops` is then NaN).
+
+    Args:
+      drifts: the levels, each f(t, y, args).
+      t: the time of the evaluation.
+      y: the state (batched, for a batched drift).
+      args: passed to the drifts.
+      repeats: timed calls after the first.
+      flops: also count XLA's FLOPs of each level.
     """
     drifts = tuple(drifts)
     if not drifts:

@@ -37,7 +37,21 @@ def save_calibration(path: str, probs, *, levels, steps: int, grid: str, coins: 
                      exclusive: bool = False, **meta) -> str:
     """Write a schedule (PiecewiseConstant or constant array) with the grid, coins, solver and
     control variate it was made for, atomically, as JSON. With `exclusive`, a file that exists
-    at write time is not replaced (`FileExistsError`)."""
+    at write time is not replaced (`FileExistsError`).
+
+    Args:
+      path: the JSON file to write.
+      probs: a `PiecewiseConstant` or a constant array (K,).
+      levels: what the levels are (recorded, checked on use).
+      steps: the grid's number of steps it was made for.
+      grid: the grid's name.
+      coins: "iid" or "stratified".
+      coupling: "independent" or "nested".
+      solver: the sampler it was made for.
+      control: the control variate, or None.
+      exclusive: never replace a file that exists at write time.
+      **meta: recorded as they are (the command, predicted speedup, ...).
+    """
     import json
     import os
 
@@ -127,7 +141,19 @@ def check_calibration_use(cal: Calibration, path: str, *, levels, steps: int, gr
     """Refuse a calibration used on another grid, other levels, other coins, coupling, solver
     or control variate: its probabilities were chosen for those (p scales with the step size,
     and each solver weighs its model calls differently). A file without a solver was made
-    for EM without a control."""
+    for EM without a control.
+
+    Args:
+      cal: the loaded `Calibration`.
+      path: its file, named in the error.
+      levels: the levels it is about to be used with.
+      steps: the grid's number of steps.
+      grid: the grid's name.
+      coins: "iid" or "stratified".
+      coupling: "independent" or "nested".
+      solver: the sampler's name.
+      control: the control variate, or None.
+    """
     problems = []
     made_solver, made_control = cal.meta.get("solver", "em"), cal.meta.get("control")
     if solver != made_solver:

@@ -37,6 +37,13 @@ def fit_gamma(costs, errors, *, offset: bool = False, power: float = 1.0, confid
     scale solved by weighted least squares at each gamma) and the interval is the
     profile-likelihood (F-test) interval.
     `power=2` fits losses that scale like squared errors (L = L* + a cost^(-2/gamma)).
+
+    Args:
+      costs: the cost of each level (or run).
+      errors: its error (or loss).
+      offset: fit an irreducible error as well.
+      power: 1 for errors, 2 for losses that scale like squared errors.
+      confidence: of the interval on gamma.
     """
     c = np.asarray(costs, np.float64)
     e = np.asarray(errors, np.float64)

@@ -93,7 +93,14 @@ def scaled_to_budget(shape, counts, corr, budget):
     """p = min(1, s * shape) for levels 2..K with the scale s that makes the expected cost
     sum_b counts_b sum_k p_bk corr_k equal `budget` (p_1 = 1 included in the cost). The
     clamped set comes from a bisection on log s; s is then the closed form on the free
-    entries, so it is differentiable in `shape`. shape: (B, K) with shape[:, 0] ignored."""
+    entries, so it is differentiable in `shape`. shape: (B, K) with shape[:, 0] ignored.
+
+    Args:
+      shape: (B, K) schedule shape; its first column is ignored.
+      counts: (B,) steps in each bin.
+      corr: (K,) cost of each level's correction.
+      budget: the expected cost per trajectory to hold.
+    """
     r = shape[:, 1:]
     w = counts[:, None] * corr[None, 1:]  # cost of p = 1 at (bin, level)
     room = budget - jnp.sum(counts) * corr[0]
@@ -212,6 +219,18 @@ def coupled_error_gradient(drifts: Sequence[Callable], diffusion, y0s, ts, key, 
     `group_size` trajectories drawn from `y0s` with their own noise and coins.
 
     Returns (mse per group (G,), gradient (B, K)); the gradient of the p_1 column is 0.
+
+    Args:
+      drifts: f^1..f^K, cheapest first.
+      diffusion: g(t, y, args), or None for an ODE.
+      y0s: the pool of initial states (leading axis).
+      ts: the grid.
+      key: draws the paths, their noise and their coins.
+      probs: the `PiecewiseConstant` schedule at which the gradient is taken.
+      coupling: "independent" or "nested".
+      group_size: trajectories per group.
+      num_groups: groups (the estimate's samples).
+      args: passed to the drifts and the diffusion.
     """
     ts, coupling, pool, _ = _check_inputs(drifts, y0s, ts, np.ones(len(drifts)), probs.values.shape[0], coupling,
                                           group_size, num_groups)
@@ -373,7 +392,13 @@ def unsettled(history: LearningHistory, z: float = 3.0, drift: float = 0.1) -> s
     """Why the descent has not settled, or None: over the last half of the steps, the coupled MSE still
     falls (a least-squares slope more than `z` standard errors below 0, the predicted fall over that half
     more than 5% of its mean), or the schedule's mean over the last quarter differs from the quarter
-    before by more than `drift` (relative, largest over bins and levels)."""
+    before by more than `drift` (relative, largest over bins and levels).
+
+    Args:
+      history: the `LearningHistory` of a descent.
+      z: standard errors below 0 that the slope of the coupled MSE must reach to count as falling.
+      drift: relative change of the schedule between the last two quarters that counts as moving.
+    """
     n = len(history.coupled_mse)
     if n < 20:
         return None

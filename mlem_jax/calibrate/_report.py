@@ -105,6 +105,32 @@ def calibration_report(
     sampler on the finest level alone, and stratified pilots are coupled to it;
     `solver_name` names it in the report; `weighting` as in `level_statistics`
     ("propagated" for the diffusion samplers).
+
+    Args:
+      drifts: f^1..f^K, cheapest first.
+      diffusion: g(t, y, args), or None for an ODE.
+      y0: the reference trajectories' initial states (stacked).
+      ts: the grid.
+      keys: one key per trajectory.
+      args: passed to the drifts.
+      costs: measured `LevelCosts` (default: measured here).
+      cost_unit: "seconds" or "flops": which costs the probabilities weigh.
+      num_bins: time bins of the statistics and the schedule.
+      target_variance: injected variance per unit time to hold (iid coins).
+      budget: the expected cost per trajectory to spend.
+      speedup: budget = the finest level's cost alone / speedup.
+      time_dependent: one row of probabilities per time bin.
+      coupling: "independent" or "nested".
+      coins: "iid" or "stratified".
+      target_error: the coupled RMS error to reach (stratified coins).
+      stride: statistics at every stride-th model call.
+      num_pilots: pilot runs of the stratified calibration.
+      progress: a bar over the pilots.
+      solver: calibrate for this sampler instead of EM.
+      control: None or "cached".
+      control_scale: as in `level_statistics`.
+      solver_name: the sampler's name in the report.
+      weighting: "linear" or "propagated", as in `level_statistics`.
     """
     ts = check_ts(ts)
     drifts = tuple(drifts)

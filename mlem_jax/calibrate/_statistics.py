@@ -87,6 +87,12 @@ def solver_calls(solver: Callable, model: Callable, y0: Any, key) -> tuple[jax.A
     the mean of its output with respect to a constant added to that call's model value
     (through the solver's linear algebra, not the model's Jacobian). An error e_n in call
     n's model value moves the result by about coefficient_n * e_n.
+
+    Args:
+      solver: `solver(model, y0, key)` with everything else bound.
+      model: the model it calls (a drift or a denoiser).
+      y0: one initial state.
+      key: the solver's key.
     """
     zeros = jnp.zeros(_num_calls(solver, model, y0, key), jnp.float32)
 
@@ -106,7 +112,15 @@ def solver_sensitivities(solver: Callable, model: Callable, y0: Any, key, cotang
     value of call n, carried through the later model calls (their Jacobians included) by
     one reverse-mode pass. Since E_u <J_n^T u, c>^2 = |J_n c|^2, the squared projection of
     a correction c on it is an unbiased estimate of the squared error c would cause at the
-    output. Returns (times (N,), sensitivities and states: pytrees of (N, ...) arrays)."""
+    output. Returns (times (N,), sensitivities and states: pytrees of (N, ...) arrays).
+
+    Args:
+      solver: `solver(model, y0, key)` with everything else bound.
+      model: the model it calls.
+      y0: one initial state.
+      key: the solver's key.
+      cotangent_key: draws u.
+    """
     num_calls = _num_calls(solver, model, y0, key)
     zeros = jax.tree_util.tree_map(lambda a: jnp.zeros((num_calls, *jnp.shape(a)), jnp.result_type(a)), y0)
     leaves, tree = jax.tree_util.tree_flatten(y0)

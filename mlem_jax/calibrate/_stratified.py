@@ -45,6 +45,11 @@ def stratified_shape(variances, costs, coupling: str = "independent") -> np.ndar
     (c_k / C_k)^(1/3); with c_k taken proportional to V_k (the size of the correction),
     s_k = (V_k / C_k)^(1/3), normalised so that its largest value is 1. The scale lambda is
     set by measurement (`stratified_probabilities`), which absorbs the proportionality.
+
+    Args:
+      variances: V_k, (K,) or (bins, K).
+      costs: (K,) cost of one evaluation of each level.
+      coupling: "independent" or "nested".
     """
     v = np.atleast_2d(np.asarray(variances, np.float64))
     c = correction_costs(costs, coupling)
@@ -105,7 +110,16 @@ def stratified_schedule(stats: LevelStatistics, costs, num_steps: int, budget: f
                         coupling: str = "independent", time_dependent: bool = True):
     """The stratified cube-root schedule (`stratified_shape`) scaled to an expected cost of
     `budget` per trajectory (in the units of `costs`), without pilot runs. Returns the
-    schedule (PiecewiseConstant, or an array (K,) when not time dependent) and lambda."""
+    schedule (PiecewiseConstant, or an array (K,) when not time dependent) and lambda.
+
+    Args:
+      stats: `level_statistics` of the levels.
+      costs: (K,) cost of one evaluation of each level.
+      num_steps: the model calls of one trajectory.
+      budget: the expected cost per trajectory.
+      coupling: "independent" or "nested".
+      time_dependent: one row per time bin, else one row.
+    """
     costs = np.asarray(costs, np.float64)
     _check_budget(budget, num_steps, costs)
     cost_of, schedule, _ = _stratified_family(stats, costs, num_steps, coupling, time_dependent)
@@ -150,6 +164,25 @@ def stratified_probabilities(
     `solver(model, y0, key)` (as in `level_statistics`, with which `stats` must have been
     measured) replaces EM: the pilots run it on the `Multilevel` and are coupled to it on
     the finest level alone, on the same grid and noise, and a cost counts its model calls.
+
+    Args:
+      drifts: f^1..f^K, cheapest first.
+      diffusion: g(t, y, args), or None.
+      y0: the reference trajectories' initial states (stacked).
+      ts: the grid.
+      keys: one key per trajectory.
+      stats: their `level_statistics`.
+      costs: (K,) cost of one evaluation of each level.
+      target_error: the coupled RMS error to reach, or
+      budget: the expected cost per trajectory to spend.
+      coupling: "independent" or "nested".
+      time_dependent: one scale per time bin of `stats`, else one shape.
+      num_pilots: scales lambda tried.
+      num_groups: coin plans per pilot.
+      level_key: the key of the pilots' coins (default: derived).
+      args: passed to the drifts.
+      progress: a bar over the pilots.
+      solver: calibrate for this sampler instead of EM (as in `level_statistics`).
     """
     ts = check_ts(ts)
     coupling = check_coupling(coupling)
