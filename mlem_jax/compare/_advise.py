@@ -43,7 +43,13 @@ class Advice(NamedTuple):
 
 def held_out_images(family, data: str | None = None, data_dir: str | None = None):
     """The family's held-out images: `data` (a dataset name, folder or array file) or the dataset
-    its metadata records; Fashion-MNIST falls back to Debian's files when no tfds dir is given."""
+    its metadata records; Fashion-MNIST falls back to Debian's files when no tfds dir is given.
+
+    Args:
+      family: the family whose held-out images are wanted.
+      data: a dataset name, a folder or an .npy/.npz file (default: the dataset the family records).
+      data_dir: the tfds data dir of a prepared dataset.
+    """
     from mlem_jax.diffusion.data import FASHION_MNIST_DEBIAN, load_dataset, read_local
 
     name = data or family.meta.get("dataset")

@@ -149,7 +149,14 @@ class _Batch:
 
 def level_seconds(denoisers, image_shape, batch_size: int, repeats: int = 3) -> np.ndarray:
     """Seconds per sample of one evaluation of each denoiser at `batch_size` (`level_costs`, median of
-    `repeats`)."""
+    `repeats`).
+
+    Args:
+      denoisers: the levels, each D(t, x, args) on one sample.
+      image_shape: one sample's shape.
+      batch_size: the batch at which they are timed.
+      repeats: timed calls after the first.
+    """
     from mlem_jax.calibrate import level_costs
 
     x = jnp.zeros((batch_size, *image_shape))
@@ -179,7 +186,28 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     not searched further: a heuristic (a lower network's distance from the top is a floor that
     fewer steps rarely undercut), off by default.
     `stage(name)` is called as each stage starts and `tick()` after every sampler run: what
-    a progress bar shows (`planned_runs` gives the total to expect)."""
+    a progress bar shows (`planned_runs` gives the total to expect).
+
+    Args:
+      family: a `Family` of at least two levels, cheapest first.
+      steps: the target: the top network with `sampler` at this many steps.
+      sampler: the target's sampler.
+      batch_size: prior draws of the main batch.
+      pilot_size: prior draws of the multilevel pilot batch.
+      seed: of the main batch (the pilot's is seed + 1).
+      reference_steps: DPM-Solver++(3M) log-SNR steps of the top network's reference ODE.
+      samplers: the single-network side's samplers.
+      step_ladder: the single-network side's step counts.
+      ml_step_ladder: the multilevel side's step counts.
+      coin_plans: coin plans per batch (each chunk of the batch its own).
+      repeats: interleaved timings of both sides.
+      max_step_ups: times the multilevel firings may grow on the main batch.
+      exhaustive: run every candidate (False skips runs that cannot win).
+      skip_far: skip a lower network whose affordable run errs above this multiple of the target.
+      log: receives one line per notable event.
+      stage: called with each stage's name.
+      tick: called after every sampler run.
+    """
     from mlem_jax.diffusion.unet import family_summary
     from mlem_jax.timing import time_pair
 
@@ -316,7 +344,16 @@ def planned_runs(family, *, steps: int = 10, sampler: str = "dpm++2m",
                  ml_step_ladder: Sequence[int] = (10, 15, 20, 30), **_) -> int:
     """At most how many sampler runs `compare_best_samplers` makes with these arguments before
     any step-up (exactly that many with `exhaustive=True`, less where a bisection ends early):
-    the total of a progress bar."""
+    the total of a progress bar.
+
+    Args:
+      family: as in `compare_best_samplers`.
+      steps: as in `compare_best_samplers`.
+      sampler: as in `compare_best_samplers`.
+      samplers: as in `compare_best_samplers`.
+      step_ladder: as in `compare_best_samplers`.
+      ml_step_ladder: as in `compare_best_samplers`.
+    """
     top = len(family.models) - 1
     singles = len(family.models) * len(samplers) * len(set(step_ladder))
     singles += 0 if (sampler in samplers and steps in step_ladder) else 1  # the target

@@ -29,7 +29,15 @@ class SharedNoise(NamedTuple):
 
 
 def shared_noise(sde, key: jax.Array, batch_size: int, image_shape, ts_fine) -> SharedNoise:
-    """Prior draws and Brownian increments on the fine grid `ts_fine` for a batch."""
+    """Prior draws and Brownian increments on the fine grid `ts_fine` for a batch.
+
+    Args:
+      sde: the family's SDE (its prior).
+      key: draws the prior and the increments.
+      batch_size: samples.
+      image_shape: one sample's shape.
+      ts_fine: the finest grid; coarser grids sum its increments.
+    """
     ts_fine = jnp.asarray(ts_fine)
     shape = tuple(image_shape)
     prior_key, noise_key = jax.random.split(key)
@@ -55,7 +63,13 @@ def increments_on(noise: SharedNoise, ts) -> jax.Array:
 
 
 def em_sampler(drift: Callable, diffusion: Callable | None, ts) -> Callable:
-    """`run(y0, dw) -> samples`: EM with one drift over a batch, jitted."""
+    """`run(y0, dw) -> samples`: EM with one drift over a batch, jitted.
+
+    Args:
+      drift: the finest level's reverse drift.
+      diffusion: g(t, y, args).
+      ts: the grid the increments are summed onto.
+    """
     return jax.jit(jax.vmap(lambda y, w: euler_maruyama(drift, diffusion, y, ts, w)))
 
 
@@ -63,7 +77,15 @@ def mlem_sampler(drifts, diffusion: Callable | None, ts, coupling: str = "indepe
                  coins: str = "iid") -> Callable:
     """`run(y0, dw, level_key, probs) -> (samples, evaluations per path)`: ML-EM over a
     batch, jitted, the level key unbatched so that skipped levels stay skipped. The
-    probabilities are an argument: schedules of one shape share one compilation."""
+    probabilities are an argument: schedules of one shape share one compilation.
+
+    Args:
+      drifts: the levels' reverse drifts, cheapest first.
+      diffusion: g(t, y, args).
+      ts: the grid.
+      coupling: "independent" or "nested".
+      coins: "iid" or "stratified".
+    """
 
     def one(y, w, lk, probs):
         sol = multilevel_euler_maruyama(drifts, probs, diffusion, y, ts, w, level_key=lk, coupling=coupling,

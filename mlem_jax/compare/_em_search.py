@@ -110,6 +110,17 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
     p = 1 last. The error falls with the cost, so the first one that meets the target is
     found by bisection over that order. With `max_error`, an EM error above it (a family that
     samples noise) is a ValueError before the search.
+
+    Args:
+      family: the family, cheapest level first.
+      num_steps: EM's steps on the finest level.
+      pilot_size: prior draws of the pilot batch.
+      seed: of the pilot batch.
+      tolerance: the error allowed over EM's, as a factor.
+      refine: the reference's grid is this many times finer.
+      num_bins: time bins of the statistics and the schedule.
+      max_error: refuse a family whose pilot error exceeds this (untrained levels).
+      log: receives one line per notable event.
     """
     if not isinstance(pilot_size, (int, np.integer)) or pilot_size < 6:
         raise InputError(f"pilot_size: expected at least 6 pilot samples (the level statistics need 6), got "
@@ -166,6 +177,19 @@ def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, s
     result says how many times. So the returned ML-EM error is at most 1.1 times EM's.
     `stage(name)` is called as each of the stages starts ("pilot search" without `probs`, "reference
     and EM", "ML-EM", "FLOPs"): what a progress bar shows.
+
+    Args:
+      family: the family, cheapest level first.
+      num_steps: EM's steps on the finest level.
+      batch_size: prior draws of the main batch.
+      seed: of the main batch.
+      probs: a schedule to use (default: found by `search_configuration`).
+      coupling: "independent" or "nested".
+      pilot_size: prior draws of the pilot search.
+      refine: the reference's grid is this many times finer.
+      max_step_ups: doublings of lambda before every p is set to 1.
+      log: receives one line per notable event.
+      stage: called with each stage's name.
     """
     if num_steps < 2 or batch_size < 2 or pilot_size < 2:
         raise InputError("num_steps, batch_size, pilot_size: expected at least 2 each.")

@@ -99,7 +99,20 @@ def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence
     """Run the pilots through `outputs(levels, sampler, steps, firings) -> (B, ...)` samples from the
     same B prior draws every time: every level's fine run (its first sampler at `fine_steps`; against
     `reference`, the truth or the top's fine run), every level x sampler at `pilot_steps`, and every
-    base with the top at each of `ml_steps` with each of `ml_firings` (below the steps)."""
+    base with the top at each of `ml_steps` with each of `ml_firings` (below the steps).
+
+    Args:
+      outputs: `outputs(levels, sampler, steps, firings)` -> samples from the same prior draws.
+      reference: the samples to measure floors against (the truth, or the top's fine run).
+      num_levels: K.
+      samplers: the samplers whose discretisation is fitted.
+      fine_steps: steps of each level's fine run.
+      pilot_steps: the short runs' steps (at least two).
+      ml_sampler: the multilevel pilots' sampler (default the first).
+      ml_steps: the multilevel pilots' steps.
+      ml_firings: the multilevel pilots' firings of the top (at least two).
+      tick: called after every pilot run.
+    """
     if num_levels < 2:
         raise InputError(f"num_levels: the law needs at least two levels, got {num_levels}.")
     if len(pilot_steps) < 2 or len(ml_firings) < 2:
@@ -176,7 +189,13 @@ def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> 
     """The constants of the law from the pilots (over the samples `index`, all by default: a bootstrap
     replica passes a resample): in log-log, one exponent per sampler (p) and one for the coins (r),
     each shared over the levels, and one constant per level; only distances above `z` standard errors
-    enter, and p falls back to 1 and r to 2 (stratified coins) when no level resolves two points."""
+    enter, and p falls back to 1 and r to 2 (stratified coins) when no level resolves two points.
+
+    Args:
+      pilots: the `Pilots`.
+      index: the samples to use (a bootstrap resample; default all).
+      z: the standard errors a distance must exceed to enter a fit.
+    """
     K = len(pilots.floors)
     floor2 = np.array([float(np.mean(pilots.floors[k] if index is None else pilots.floors[k][index]))
                        for k in range(K)])
@@ -233,7 +252,15 @@ def discretisation(law: Law, k: int, sampler: str, steps: int) -> float:
 
 
 def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 0) -> float:
-    """The RMS error the law gives a run."""
+    """The RMS error the law gives a run.
+
+    Args:
+      law: the fitted `Law`.
+      levels: (k,) for one network, (b, K) for a multilevel run.
+      sampler: the sampler.
+      steps: N.
+      firings: m, the top's firings (multilevel).
+    """
     top = levels[-1]
     e2 = law.floors[top] ** 2 + discretisation(law, top, sampler, steps)
     if len(levels) > 1 and firings < steps:
@@ -244,7 +271,18 @@ def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 
 def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler: str, min_steps: int = 2,
              max_cost: float = math.inf, ml_min_steps: int | None = None) -> tuple[Choice | None, Choice | None]:
     """(best single run, best multilevel run cheaper than the single one) on the law, over
-    `min_steps`..`MAX_STEPS` steps (multilevel runs from `ml_min_steps`, default `min_steps`)."""
+    `min_steps`..`MAX_STEPS` steps (multilevel runs from `ml_min_steps`, default `min_steps`).
+
+    Args:
+      law: the fitted `Law`.
+      target: the RMS error to reach.
+      costs: (K,) cost of one call of each level.
+      calls: model calls per step of each sampler (`CALLS_PER_STEP`).
+      ml_sampler: the multilevel side's sampler.
+      min_steps: the fewest steps considered.
+      max_cost: multilevel runs must cost less than this (and than the single run).
+      ml_min_steps: the fewest steps of a multilevel run (default `min_steps`).
+    """
     K = len(law.floors)
     steps_range = range(min_steps, MAX_STEPS + 1)
     ml_range = range(min_steps if ml_min_steps is None else ml_min_steps, MAX_STEPS + 1)
@@ -285,7 +323,17 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
             level: float = 0.8, seed: int = 0) -> Prediction:
     """The law's gain at `target` (an RMS error), with a bootstrap interval: the pilots' samples
     resampled `replicas` times (the same resample for every run: they share their prior draws), the law
-    refitted and both sides searched again."""
+    refitted and both sides searched again.
+
+    Args:
+      pilots: the `Pilots`.
+      target: the RMS error to reach.
+      costs: (K,) cost of one call of each level.
+      calls: model calls per step of each sampler.
+      replicas: bootstrap resamples of the pilots' samples.
+      level: of the central interval.
+      seed: of the resamples.
+    """
     costs = np.asarray(costs, np.float64)
     ml_sampler = next(iter(pilots.coins))[1]
     # the law is not extrapolated below the pilots' steps: single runs from the fewest steps of the
@@ -317,7 +365,15 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
                   tick: Callable[[], None] = lambda: None) -> tuple[Pilots, np.ndarray]:
     """(pilots, FLOPs per call of each level) of a UNet family, the reference being its top network's
     probability-flow ODE solved finely (DPM-Solver++(3M), 100 log-SNR steps) from the same prior draws, as
-    in `compare_best_samplers`: the top's floor is then 0, and a lower level's is its distance from the top."""
+    in `compare_best_samplers`: the top's floor is then 0, and a lower level's is its distance from the top.
+
+    Args:
+      family: a UNet `Family`.
+      batch_size: prior draws of the pilots.
+      seed: of the pilots' draws.
+      samplers: the samplers whose discretisation is fitted.
+      tick: called after every pilot run.
+    """
     from mlem_jax.compare._best_samplers import _Batch
     from mlem_jax.diffusion.unet import family_summary
 
@@ -332,7 +388,13 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
 
 
 def format_prediction(pred: Prediction, names: Sequence[str], unit: str = "FLOPs") -> str:
-    """One line per side and the gain, in words."""
+    """One line per side and the gain, in words.
+
+    Args:
+      pred: the `Prediction`.
+      names: the levels' names.
+      unit: the cost's unit.
+    """
     def run(c: Choice) -> str:
         if len(c.levels) == 1:
             return f"{names[c.levels[0]]} alone, {c.sampler} {c.steps} steps"

@@ -191,7 +191,15 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     an id given twice, or missing at the timeout, is one `RuntimeError` line in every
     process; and once running, a process that dies (or is silent for `heartbeat_timeout_s`)
     stops every other one within that time with one line naming it on stderr and exit
-    status 1, instead of the runtime's C++ abort minutes later."""
+    status 1, instead of the runtime's C++ abort minutes later.
+
+    Args:
+      coordinator: "host:port" of process 0, the same in every process.
+      num_processes: processes in the run.
+      process_id: this process, 0-based.
+      timeout_s: seconds to wait for every process to join.
+      heartbeat_timeout_s: seconds of silence after which a process counts as lost.
+    """
     from mlem_jax.parallel._roll_call import roll_call
 
     if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
