@@ -53,7 +53,15 @@ def score_from_output(sde, parameterization: str, t, x, output):
     """The score implied by a network output at (t, x) under `parameterization`.
 
     (t, x) come first, as in every callable of the library; `output` is shaped like x (a call in the
-    old order `(output, x, t)` is refused)."""
+    old order `(output, x, t)` is refused).
+
+    Args:
+      sde: the schedule.
+      parameterization: what the output is: "eps", "score", "x0", "v" or "flow".
+      t: the time.
+      x: the state x_t.
+      output: the network's output at (t, x), shaped like x.
+    """
     _check(parameterization)
     _check_order("score_from_output", "(sde, parameterization, t, x, output)", t, x, output, "output")
     return _score(sde, parameterization, t, x, output)
@@ -88,7 +96,15 @@ def _score(sde, parameterization, t, x, output):
 
 def denoised_from_output(sde, parameterization: str, t, x, output):
     """The data prediction D = E[x_0 | x_t = x] implied by a network output at (t, x): from the
-    score, D = (x + std^2 score) / alpha (Tweedie's formula). The old order `(output, x, t)` is refused."""
+    score, D = (x + std^2 score) / alpha (Tweedie's formula). The old order `(output, x, t)` is refused.
+
+    Args:
+      sde: the schedule.
+      parameterization: what the output is: "eps", "score", "x0", "v" or "flow".
+      t: the time.
+      x: the state x_t.
+      output: the network's output at (t, x), shaped like x.
+    """
     _check(parameterization)
     _check_order("denoised_from_output", "(sde, parameterization, t, x, output)", t, x, output, "output")
     if parameterization == "x0":
@@ -101,7 +117,13 @@ def denoised_from_output(sde, parameterization: str, t, x, output):
 
 def network_score(sde, parameterization: str, network: Callable) -> Callable:
     """score_fn(t, x, args) from a network `network(t, x, args) -> output` that predicts eps, the score,
-    x_0 or v (`parameterization`): what `reverse_drift` and the EM levels take."""
+    x_0 or v (`parameterization`): what `reverse_drift` and the EM levels take.
+
+    Args:
+      sde: the schedule.
+      parameterization: what the network predicts: "eps", "score", "x0", "v" or "flow".
+      network: network(t, x, args) -> output.
+    """
     _check(parameterization)
     if not callable(network):
         raise TypeError(f"network: expected a callable network(t, x, args) -> output, got {type(network).__name__}.")
@@ -110,7 +132,13 @@ def network_score(sde, parameterization: str, network: Callable) -> Callable:
 
 def network_denoiser(sde, parameterization: str, network: Callable) -> Callable:
     """denoiser(t, x, args) = E[x_0 | x_t = x] from a network `network(t, x, args) -> output` that predicts
-    eps, the score, x_0 or v: what `ddim`, `dpm_solver_pp` and the other diffusion samplers take."""
+    eps, the score, x_0 or v: what `ddim`, `dpm_solver_pp` and the other diffusion samplers take.
+
+    Args:
+      sde: the schedule.
+      parameterization: what the network predicts: "eps", "score", "x0", "v" or "flow".
+      network: network(t, x, args) -> output.
+    """
     _check(parameterization)
     if not callable(network):
         raise TypeError(f"network: expected a callable network(t, x, args) -> output, got {type(network).__name__}.")
@@ -140,7 +168,15 @@ def score_from_denoiser(sde, denoiser: Callable) -> Callable:
 
 def target_from_noise(sde, parameterization: str, t, x0, eps):
     """What the network should output at time t for x_t = alpha x0 + std eps (the DSM target).
-    The old order `(x0, eps, t)` is refused."""
+    The old order `(x0, eps, t)` is refused.
+
+    Args:
+      sde: the schedule.
+      parameterization: "eps", "score", "x0", "v" or "flow".
+      t: the time.
+      x0: the data.
+      eps: the noise, shaped like x0.
+    """
     _check(parameterization)
     if jnp.shape(t) == jnp.shape(x0) and jnp.shape(eps) != jnp.shape(x0):
         raise InputError(f"target_from_noise: expected the arguments (sde, parameterization, t, x0, eps) with eps "
@@ -164,6 +200,11 @@ def reverse_drift(sde, score_fn: Callable, probability_flow: bool = False) -> Ca
 
     `score_fn(t, y, args)` returns the score at (t, y). Use it with a decreasing grid
     (for example `uniform_grid`) and `reverse_diffusion(sde)` (or None for the ODE).
+
+    Args:
+      sde: the forward SDE.
+      score_fn: score_fn(t, y, args), the score at (t, y).
+      probability_flow: the probability-flow ODE's drift instead of the reverse SDE's.
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn: expected a callable score_fn(t, y, args), got {type(score_fn).__name__}.")

@@ -133,7 +133,21 @@ def dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, 
                   saveat: Any = None, callback: Callable | None = None, progress: bool = False,
                   check_finite: bool = False):
     """DPM-Solver++ multistep of `order` 1, 2 or 3 on the probability-flow ODE (one model
-    call per step). `key` only derives the level key of a `Multilevel`."""
+    call per step). `key` only derives the level key of a `Multilevel`.
+
+    Args:
+      denoiser: D(t, x, args) = E[x_0 | x_t = x] for one sample, or a `Multilevel` of denoisers.
+      sde: the schedule (`VP`, `SubVP`, `VE` or `Flow`).
+      x: the state at ts[0], one sample (vmap over a batch).
+      ts: the decreasing time grid.
+      key: derives a `Multilevel`'s level key when it has none (no noise is drawn).
+      args: passed to the denoiser.
+      order: 2 (2M) or 3 (3M).
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
+    """
     if order not in (1, 2, 3):
         raise InputError(f"order: DPM-Solver++ multistep is implemented for orders 1, 2 and 3, got {order!r}.")
     ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
@@ -154,7 +168,20 @@ def dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, 
 
 def ddim(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *, saveat: Any = None,
          callback: Callable | None = None, progress: bool = False, check_finite: bool = False):
-    """DDIM (eta = 0), the first-order exponential integrator of the probability-flow ODE."""
+    """DDIM (eta = 0), the first-order exponential integrator of the probability-flow ODE.
+
+    Args:
+      denoiser: D(t, x, args) = E[x_0 | x_t = x] for one sample, or a `Multilevel` of denoisers.
+      sde: the schedule (`VP`, `SubVP`, `VE` or `Flow`).
+      x: the state at ts[0], one sample (vmap over a batch).
+      ts: the decreasing time grid.
+      key: derives a `Multilevel`'s level key when it has none (no noise is drawn).
+      args: passed to the denoiser.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
+    """
     return dpm_solver_pp(denoiser, sde, x, ts, key, args, order=1, saveat=saveat, callback=callback,
                          progress=progress, check_finite=check_finite)
 
@@ -164,7 +191,20 @@ def sde_dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any, arg
                       check_finite: bool = False):
     """SDE-DPM-Solver++(2M) on the reverse SDE (one model call per step). `key` is a PRNG
     key, a diffrax Brownian path or increments like `euler_maruyama`'s: z_i is the
-    increment over step i divided by sqrt(|t_i - t_{i-1}|)."""
+    increment over step i divided by sqrt(|t_i - t_{i-1}|).
+
+    Args:
+      denoiser: D(t, x, args) = E[x_0 | x_t = x] for one sample, or a `Multilevel` of denoisers.
+      sde: the schedule (`VP`, `SubVP`, `VE` or `Flow`).
+      x: the state at ts[0], one sample (vmap over a batch).
+      ts: the decreasing time grid.
+      key: draws the noise of every step (and a `Multilevel`'s level key when it has none).
+      args: passed to the denoiser.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
+    """
     ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
     noise = _noise.brownian_source(key, x, ts)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, x)
@@ -188,7 +228,20 @@ def sde_dpm_solver_pp(denoiser: Callable | Multilevel, sde, x, ts, key: Any, arg
 def edm_euler(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: Any = None, *,
               saveat: Any = None, callback: Callable | None = None, progress: bool = False,
               check_finite: bool = False):
-    """EDM's Euler step in s = sigma / alpha: x_i / alpha_i = x/alpha + (s_i - s) (x/alpha - D) / s."""
+    """EDM's Euler step in s = sigma / alpha: x_i / alpha_i = x/alpha + (s_i - s) (x/alpha - D) / s.
+
+    Args:
+      denoiser: D(t, x, args) = E[x_0 | x_t = x] for one sample, or a `Multilevel` of denoisers.
+      sde: the schedule (`VP`, `SubVP`, `VE` or `Flow`).
+      x: the state at ts[0], one sample (vmap over a batch).
+      ts: the decreasing time grid.
+      key: derives a `Multilevel`'s level key when it has none (no noise is drawn).
+      args: passed to the denoiser.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
+    """
     ts, x, calls = _prepare(denoiser, sde, x, ts, key, args)
 
     def step(n, x, state):
@@ -207,7 +260,20 @@ def edm_heun(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args:
              saveat: Any = None, callback: Callable | None = None, progress: bool = False,
              check_finite: bool = False):
     """EDM's Heun (Karras et al. 2022, Algorithm 1 without churn): an Euler predictor in
-    s = sigma / alpha, then the trapezoid of the two slopes; two model calls per step."""
+    s = sigma / alpha, then the trapezoid of the two slopes; two model calls per step.
+
+    Args:
+      denoiser: D(t, x, args) = E[x_0 | x_t = x] for one sample, or a `Multilevel` of denoisers.
+      sde: the schedule (`VP`, `SubVP`, `VE` or `Flow`).
+      x: the state at ts[0], one sample (vmap over a batch).
+      ts: the decreasing time grid.
+      key: derives a `Multilevel`'s level key when it has none (no noise is drawn).
+      args: passed to the denoiser.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
+    """
     ts0 = _validate.check_ts(ts)
     call_times = jnp.stack([ts0[:-1], ts0[1:]], axis=1).reshape(-1)  # call 2n at t_n, 2n + 1 at t_{n+1}
     ts, x, calls = _prepare(denoiser, sde, x, ts0, key, args, call_times)
@@ -288,7 +354,23 @@ def unipc(denoiser: Callable | Multilevel, sde, x, ts, key: Any = None, args: An
     (B(h) = e^h - 1, for guided sampling and few steps). Orders lowered: step k uses order
     min(order, k + 1) (the history it has) and, with `lower_order_final`, min(order, N - k)
     (the reference's default), so the first and the last order - 1 steps are of lower order.
-    A `Multilevel` is accepted: every update is affine in the D values it uses."""
+    A `Multilevel` is accepted: every update is affine in the D values it uses.
+
+    Args:
+      denoiser: D(t, x, args) = E[x_0 | x_t = x] for one sample, or a `Multilevel` of denoisers.
+      sde: the schedule (`VP`, `SubVP`, `VE` or `Flow`).
+      x: the state at ts[0], one sample (vmap over a batch).
+      ts: the decreasing time grid.
+      key: derives a `Multilevel`'s level key when it has none (no noise is drawn).
+      args: passed to the denoiser.
+      order: the predictor's order, 1 to 3 (the corrector adds one).
+      variant: "bh1" (B(h) = h) or "bh2" (B(h) = e^h - 1).
+      lower_order_final: lower the order on the last steps, as the reference implementation does.
+      saveat: as in `euler_maruyama`.
+      callback: as in `euler_maruyama`.
+      progress: as in `euler_maruyama`.
+      check_finite: as in `euler_maruyama`.
+    """
     if order not in (1, 2, 3):
         raise InputError(f"order: UniPC is implemented for orders 1, 2 and 3, got {order!r}.")
     if variant not in ("bh1", "bh2"):

@@ -172,13 +172,25 @@ def _check_grid(n: int, t_min: float, t_max: float) -> None:
 
 
 def uniform_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
-    """num_steps + 1 times from t_max down to t_min, equally spaced."""
+    """num_steps + 1 times from t_max down to t_min, equally spaced.
+
+    Args:
+      num_steps: the number of steps (num_steps + 1 times).
+      t_min: the last time.
+      t_max: the first time.
+    """
     _check_grid(num_steps, t_min, t_max)
     return jnp.linspace(t_max, t_min, num_steps + 1)
 
 
 def quadratic_grid(num_steps: int, t_min: float = 1e-3, t_max: float = 1.0) -> jax.Array:
-    """Times t_min + (t_max - t_min) u^2 for u from 1 to 0: finer steps near the data."""
+    """Times t_min + (t_max - t_min) u^2 for u from 1 to 0: finer steps near the data.
+
+    Args:
+      num_steps: the number of steps (num_steps + 1 times).
+      t_min: the last time.
+      t_max: the first time.
+    """
     _check_grid(num_steps, t_min, t_max)
     u = jnp.linspace(1.0, 0.0, num_steps + 1)
     return t_min + (t_max - t_min) * u**2
@@ -206,7 +218,15 @@ def _noise_range(sde, t_min, t_max):
 def karras_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float | None = None, rho: float = 7.0) -> jax.Array:
     """Karras et al. (2022): noise levels sigma_i = (s_max^(1/rho) + i/n (s_min^(1/rho) -
     s_max^(1/rho)))^rho in sigma = std/alpha, mapped back to times by bisection. `t_max`
-    defaults to the SDE's (1, or 0.999 for `Flow`)."""
+    defaults to the SDE's (1, or 0.999 for `Flow`).
+
+    Args:
+      sde: the schedule whose sigma / alpha is spaced.
+      num_steps: the number of steps (num_steps + 1 times).
+      t_min: the last time.
+      t_max: the first time (default: the schedule's `t_max`).
+      rho: Karras et al.'s exponent.
+    """
     t_max = sde.t_max if t_max is None else t_max
     _check_grid(num_steps, t_min, t_max)
     s_min, s_max = _noise_range(sde, t_min, t_max)
@@ -219,7 +239,14 @@ def logsnr_grid(sde, num_steps: int, t_min: float = 1e-3, t_max: float | None = 
     """Times from t_max down to t_min at equally spaced half log-SNR lambda = log(alpha / std)
     (equivalently, log sigma equally spaced), the grid DPM-Solver++ is designed for (Lu et
     al. 2022): every step has the same h = lambda_{i} - lambda_{i-1}. `t_max` defaults to
-    the SDE's (1, or 0.999 for `Flow`)."""
+    the SDE's (1, or 0.999 for `Flow`).
+
+    Args:
+      sde: the schedule whose log-SNR is spaced.
+      num_steps: the number of steps (num_steps + 1 times).
+      t_min: the last time.
+      t_max: the first time (default: the schedule's `t_max`).
+    """
     t_max = sde.t_max if t_max is None else t_max
     _check_grid(num_steps, t_min, t_max)
     s_min, s_max = _noise_range(sde, t_min, t_max)
@@ -246,7 +273,15 @@ def resolution_shift(num_tokens: int, min_tokens: int = 1024, max_tokens: int = 
     """SD3's resolution-dependent shift e^mu, mu linear in the number of image tokens from
     `min_mu` at `min_tokens` to `max_mu` at `max_tokens` (t' = e^mu / (e^mu + 1/t - 1), which is
     `shift_times` with shift = e^mu). The defaults are the figures of the issue that asked for it
-    (mu 0.95..2.05 over 1024..4096 tokens); FLUX uses 0.5..1.15 over 256..4096."""
+    (mu 0.95..2.05 over 1024..4096 tokens); FLUX uses 0.5..1.15 over 256..4096.
+
+    Args:
+      num_tokens: the image's tokens (patches).
+      min_tokens: the resolution at which the shift is exp(min_mu).
+      max_tokens: the resolution at which it is exp(max_mu).
+      min_mu: log of the shift at `min_tokens`.
+      max_mu: log of the shift at `max_tokens`.
+    """
     if not num_tokens > 0 or not max_tokens > min_tokens:
         raise InputError(f"num_tokens: expected > 0 with max_tokens > min_tokens, got {num_tokens}, {min_tokens}, "
                          f"{max_tokens}.")
