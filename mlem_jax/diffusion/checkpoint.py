@@ -177,7 +177,13 @@ class Checkpoints:
 
 
 def save_checkpoint(directory: str, state: TrainState, meta: dict) -> None:
-    """Write state and metadata for `state.step` and wait until it is on disk."""
+    """Write state and metadata for `state.step` and wait until it is on disk.
+
+    Args:
+      directory: the checkpoint folder.
+      state: the `TrainState`, saved at `state.step`.
+      meta: JSON metadata (model, image shape, SDE, recipe).
+    """
     with Checkpoints(directory) as c:
         c.save(state, meta, force=True)
 
@@ -210,7 +216,16 @@ def restore_checkpoint(directory: str, model: UNet, image_shape, config: TrainCo
 
     With `mesh`, the state comes back replicated over it as global arrays (every process
     of a multi-process run calls this); the checkpoint may have been written by another
-    number of processes or devices."""
+    number of processes or devices.
+
+    Args:
+      directory: the checkpoint folder.
+      model: the UNet it must have been written for.
+      image_shape: the images it must have been written for.
+      config: the recipe (its optimiser shapes the state).
+      step: the step (default: the latest).
+      mesh: restore replicated over this mesh.
+    """
     if not all_steps(directory):
         raise FileNotFoundError(f"checkpoint: no checkpoint in {directory!r}.")
     with Checkpoints(directory) as c:

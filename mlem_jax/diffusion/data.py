@@ -97,7 +97,15 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, i
     your own images (a folder of PNG/JPEG files or an .npy / .npz array: `folder.load_images`),
     or a prepared tfds dataset under `data_dir` (our local builders for 'mnist',
     'fashion_mnist' and 'cifar10', any other prepared tfds name as is). With
-    `with_labels=True`, returns (images, labels) (tfds datasets with a 'label' only)."""
+    `with_labels=True`, returns (images, labels) (tfds datasets with a 'label' only).
+
+    Args:
+      name: "digits", "procedural", a folder, an .npy/.npz file, or a tfds dataset name.
+      split: "train" or "test".
+      data_dir: the tfds data dir of a prepared dataset.
+      image_size: resize to this square size.
+      with_labels: also return the class labels.
+    """
     if with_labels and name in EMBEDDED:
         raise InputError(f"with_labels: the embedded dataset {name!r} has no labels; use a tfds dataset.")
     labels = None

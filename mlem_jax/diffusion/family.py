@@ -51,7 +51,18 @@ class Family(NamedTuple):
 
 def save_family(path: str, models: Sequence[UNet], params: Sequence[Any], sde, parameterization: str,
                 image_shape, extra: dict | None = None, dtype=np.float16) -> str:
-    """Write `path`.npz and `path`.json; returns the npz path."""
+    """Write `path`.npz and `path`.json; returns the npz path.
+
+    Args:
+      path: the file stem (writes path.npz and path.json).
+      models: the UNets, cheapest first.
+      params: their (EMA) parameters.
+      sde: the schedule.
+      parameterization: what the networks predict.
+      image_shape: one image's shape.
+      extra: more metadata for the .json.
+      dtype: of the stored weights.
+    """
     base = path[:-4] if path.endswith(".npz") else path
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     arrays = {}
@@ -240,7 +251,13 @@ def combine_families(paths: Sequence[str], out: str, nfs: Sequence[int] | None =
     """Write one family made of the levels of several (for example a new, larger level
     trained on its own with the same recipe), cheapest first; `nfs` selects levels by
     width. The families must share the SDE, parameterisation and image shape. The .json
-    records where every level came from. Returns the npz path."""
+    records where every level came from. Returns the npz path.
+
+    Args:
+      paths: the families to take levels from.
+      out: the new family's file stem.
+      nfs: the widths to keep (default: all).
+    """
     families = [load_family(p) for p in paths]
     first = families[0]
     for p, f in zip(paths[1:], families[1:]):

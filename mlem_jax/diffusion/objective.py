@@ -78,7 +78,20 @@ def dsm_loss(params, model: UNet, sde, x0, key, parameterization: str = "eps", t
 
     With `labels` (B,), a conditional model is called as `model(x, t, labels)`, each label replaced by
     the null class -1 with probability `label_dropout`: the one network then learns both the
-    conditional and the unconditional denoiser that classifier-free guidance contrasts."""
+    conditional and the unconditional denoiser that classifier-free guidance contrasts.
+
+    Args:
+      params: the model's parameters.
+      model: a linen module with `__call__(x, t)` (and labels when conditional).
+      sde: the schedule.
+      x0: a batch (B, ...).
+      key: draws t, the noise and the label dropout.
+      parameterization: what the model predicts: "eps", "score", "x0", "v" or "flow".
+      t_min: the smallest training time.
+      labels: (B,) class labels of a conditional model.
+      label_dropout: the share of labels replaced by the null class -1.
+      time_sampling: "uniform" or "logit-normal".
+    """
     kt, kn, kd = jax.random.split(key, 3)
     t = sample_times(kt, x0.shape[0], t_min, time_sampling)
     eps = jax.random.normal(kn, x0.shape, x0.dtype)

@@ -62,7 +62,15 @@ def solver_function(sde, solver: str, ts, *, probability_flow: bool = False, pro
     """`solve(model, y0, key)` for a solver of `SOLVERS` on the grid `ts`: EM on the reverse
     SDE of `sde` (or its probability-flow ODE), Heun on the ODE, or a diffusion sampler;
     `model` is a drift (em, heun), a denoiser (the others) or a `Multilevel` of them. The
-    form `sample` runs and `mlem_jax.calibrate` takes as `solver=`."""
+    form `sample` runs and `mlem_jax.calibrate` takes as `solver=`.
+
+    Args:
+      sde: the family's SDE.
+      solver: a name of `SOLVERS`.
+      ts: the time grid.
+      probability_flow: EM on the probability-flow ODE instead of the reverse SDE.
+      progress: a bar over the steps.
+    """
     from mlem_jax import heun
     from mlem_jax.diffusion.samplers import SAMPLERS
 
@@ -84,7 +92,15 @@ def solver_levels(family, levels, solver: str, probability_flow: bool = False, g
     """The models `solver` takes from `family` for the level indices `levels`: its denoisers
     for the diffusion samplers, its drifts (of the reverse SDE, or of the probability-flow
     ODE for Heun and with `probability_flow`) for em and heun; each guided with weight
-    `guidance` (`guidance.guided`) when it is not 0."""
+    `guidance` (`guidance.guided`) when it is not 0.
+
+    Args:
+      family: the `Family`.
+      levels: level indices, cheapest first.
+      solver: a name of `SOLVERS`.
+      probability_flow: the probability-flow ODE's drifts (EM).
+      guidance: classifier-free guidance weight w, or a function w(t).
+    """
     from mlem_jax.diffusion.guidance import guided
     from mlem_jax.diffusion.samplers import SAMPLERS
 
@@ -163,7 +179,25 @@ def sample(family, levels, ts, seed: int, batch_size: int, probs=None, coupling=
     lets a level that does not fire be skipped for the whole chunk, and across chunks the
     plans are independent, so that a statistic of the batch (a FID) averages over several
     coin plans instead of resting on one. Sample i keeps its prior draw and noise whatever
-    the split; `evaluations` is then the mean over the plans."""
+    the split; `evaluations` is then the mean over the plans.
+
+    Args:
+      family: the `Family`.
+      levels: level indices into the family, cheapest first.
+      ts: the time grid.
+      seed: sample i uses fold_in(key(seed), i).
+      batch_size: samples.
+      probs: the multilevel probabilities (None: the last level alone).
+      coupling: "independent" or "nested".
+      probability_flow: EM and Heun on the probability-flow ODE instead of the reverse SDE.
+      progress: a bar over the steps.
+      coins: "iid" or "stratified".
+      solver: a name of `SOLVERS`.
+      control: None, "cached" or "extrapolated".
+      labels: class labels of a conditional family (one, or one per sample; -1 none).
+      guidance: classifier-free guidance weight w, or a function w(t).
+      coin_plans: chunks of the batch, each with its own coin plan.
+    """
     from mlem_jax import Multilevel
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 

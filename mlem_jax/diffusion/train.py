@@ -259,6 +259,21 @@ def train_family(
     devices are split into min(K, devices) groups, level k trains on group k mod groups
     (data parallel within it), each group in its own thread. Every level's result is the
     same as when trained alone on its group.
+
+    Args:
+      family: the UNets, cheapest first.
+      train_images: (N, H, W, C) in [-1, 1].
+      config: the `TrainConfig` every level shares.
+      sde: the schedule (`VP()`, or `Flow()` with parameterization "flow").
+      test_images: held-out images for the held-out loss.
+      checkpoint_root: level k checkpoints to checkpoint_root/nf{nf} (None: no checkpoints).
+      resume: continue from the newest intact checkpoints.
+      progress: a bar per level.
+      overwrite: delete the checkpoints there and start again.
+      mesh: data parallel over this mesh.
+      parallel: train the levels side by side on groups of local devices.
+      train_labels: class labels of a conditional family.
+      test_labels: labels of `test_images`.
     """
     def one(i, model, level_mesh):
         ckpt = None if checkpoint_root is None else os.path.join(checkpoint_root, f"nf{model.nf}")
