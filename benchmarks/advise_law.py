@@ -123,7 +123,8 @@ def main(argv=None) -> int:
             verdict = "; both say no multilevel run is cheaper"
         else:
             verdict = "; they DISAGREE on whether multilevel pays"
-        log(f"target {tau} x the top's floor: predicted {fmt(pred.gain)}{interval} in FLOPs, measured "
+        log(f"target {tau} x the top's floor (both sides at most this pathwise error): predicted "
+            f"{fmt(pred.gain)}{interval} in FLOPs, measured "
             f"{fmt(measured)}{verdict}")
         for what, c in (("single", pred.single), ("multilevel", pred.multilevel)):
             if c is not None:
@@ -199,7 +200,8 @@ def _family(args, log, log_lines, t0) -> int:
         log(format_prediction(pred, names))
         log(f"  measured: single {c.single.describe([m.nf for m in fam.models])} ({c.single.gflop:.3f} GFLOP), "
             f"multilevel {ml.describe([m.nf for m in fam.models])} (error {ml.error.value:.4f} +- "
-            f"{ml.error.stderr:.4f}, the law's {law_ml:.4f}): {c.flop_ratio:.2f}x in FLOPs")
+            f"{ml.error.stderr:.4f}, the law's {law_ml:.4f}): {c.flop_ratio:.2f}x in FLOPs, the multilevel "
+            "error at most 1.1x the single network's")
         if pred.gain is not None:
             log(f"  predicted / measured: {pred.gain / c.flop_ratio:.2f}")
         checks = _measure_choices(fam, pred, args.batch_size)

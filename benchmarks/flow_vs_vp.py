@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     runs = []
     import tempfile
 
-    scratch = tempfile.mkdtemp(prefix="flow_vs_vp_")
-    for name, fam in families(scratch):
+    scratch = tempfile.TemporaryDirectory(prefix="flow_vs_vp_")  # the combined VP family, removed at exit
+    for name, fam in families(scratch.name):
         gflop = [s["gflop"] for s in family_summary(fam.models, fam.params, fam.image_shape)]
         for k, model in enumerate(fam.models):
             for solver in SAMPLER_NAMES:
