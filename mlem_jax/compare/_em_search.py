@@ -1,17 +1,18 @@
-"""EM against ML-EM at equal coupled error: the comparison behind `mlem-jax demo`.
+"""The cheapest stratified ML-EM configuration at EM's coupled error: what
+`mlem-jax calibrate --match-em` writes.
 
 1. Reference: EM with the finest level on a grid `refine` times finer, on the same prior
-   draws and Brownian path as every method (`coupled.shared_noise`).
-2. EM with the finest level on N steps: its coupled RMS error A and its wall time.
+   draws and Brownian path as every method (`_coupled.shared_noise`).
+2. EM with the finest level on N steps: its coupled RMS error A.
 3. ML-EM configurations, cheapest first: stratified coins, the independent or nested
    coupling, and probabilities p_k(t) = min(1, lambda s_k(t)) along a ladder of lambda,
    with the shape s of `calibrate.stratified_shape` (from level statistics and costs
-   measured on this device). The configuration is chosen on a separate pilot batch (its
-   own seed and its own reference) as the cheapest whose error is at most A there, then
-   run on the main batch; a shipped calibration made by the same search can stand in for
-   the pilot. If it misses 1.1 A on the main batch, lambda is doubled (up to a few times)
-   and the result says so. At the top of the ladder every p is 1 (ML-EM is EM), so a
-   configuration is always found; the speedup is whatever was measured, even below 1.
+   measured on this device). The search returns the cheapest whose error is at most
+   `tolerance` A on its pilot batch. At the top of the ladder every p is 1 (ML-EM is EM),
+   so a configuration is always found.
+
+The comparison of samplers at equal error is `_best_samplers.compare_best_samplers`, whose
+`Comparison` is the one result type of this package.
 """
 
 from __future__ import annotations
@@ -20,15 +21,14 @@ import time
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mlem_jax import PiecewiseConstant
 from mlem_jax._errors import InputError
-from mlem_jax.calibrate import flops_of, level_costs, level_statistics
+from mlem_jax.calibrate import level_costs, level_statistics
 from mlem_jax.calibrate._stratified import _stratified_family
 from mlem_jax.compare._coupled import em_sampler, increments_on, mlem_sampler, shared_noise
-from mlem_jax.diffusion.metrics import Estimate, coupled_error
+from mlem_jax.diffusion.metrics import coupled_error
 from mlem_jax.diffusion.parameterization import reverse_diffusion
 from mlem_jax.diffusion.sde import uniform_grid
 from mlem_jax.timing import time_calls
@@ -42,37 +42,6 @@ class Config(NamedTuple):
 
     coupling: str
     scale: float  # lambda; p = min(1, lambda * shape)
-
-
-class EqualErrorResult(NamedTuple):
-    """EM and ML-EM at (about) equal coupled error: their errors, wall times, the
-    configuration and evaluations."""
-
-    em_error: Estimate
-    em_seconds: float
-    mlem_error: Estimate
-    mlem_seconds: float
-    config: Config
-    evaluations: np.ndarray  # (K,) per sample path
-    probs: PiecewiseConstant
-    stepped_up: int  # rungs climbed on the main batch after the pilot's choice
-    pilot_seconds: float
-    em_samples: np.ndarray
-    mlem_samples: np.ndarray
-    level_flops: np.ndarray  # (K,) XLA FLOPs of one evaluation of each level on one sample
-
-    @property
-    def speedup(self) -> float:
-        return self.em_seconds / self.mlem_seconds
-
-    @property
-    def flop_ratio(self) -> float:
-        """EM's FLOPs over ML-EM's (evaluation counts times per-level FLOPs)."""
-        return float(self.level_flops[-1] * self.num_steps / (self.evaluations @ self.level_flops))
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.evaluations[0])
 
 
 class Search(NamedTuple):
@@ -161,64 +130,3 @@ def search_configuration(family, num_steps: int = 100, pilot_size: int = 32, see
         lo, hi = (lo, mid) if err <= tolerance * target else (mid + 1, hi)
     cfg, probs = schedules[lo]
     return Search(cfg, probs, target, tried, time.perf_counter() - t_start)
-
-
-def equal_error_comparison(family, num_steps: int = 100, batch_size: int = 64, seed: int = 0, *,
-                           probs: PiecewiseConstant | None = None, coupling: str = "independent",
-                           pilot_size: int = 32, refine: int = 4, max_step_ups: int = 3,
-                           log: Callable[[str], None] = lambda s: None,
-                           stage: Callable[[str], None] = lambda s: None) -> EqualErrorResult:
-    """EM on the finest level against stratified ML-EM at (about) its coupled error.
-
-    With `probs` (for example a shipped calibration made by `search_configuration`), that
-    schedule is used; otherwise it is chosen by `search_configuration` on a pilot batch
-    (seed + 1). If ML-EM misses 1.1 times EM's error on the main batch, lambda is doubled,
-    up to `max_step_ups` times, then every p is set to 1 (ML-EM is then EM, exactly); the
-    result says how many times. So the returned ML-EM error is at most 1.1 times EM's.
-    `stage(name)` is called as each of the stages starts ("pilot search" without `probs`, "reference
-    and EM", "ML-EM", "FLOPs"): what a progress bar shows.
-
-    Args:
-      family: the family, cheapest level first.
-      num_steps: EM's steps on the finest level.
-      batch_size: prior draws of the main batch.
-      seed: of the main batch.
-      probs: a schedule to use (default: found by `search_configuration`).
-      coupling: "independent" or "nested".
-      pilot_size: prior draws of the pilot search.
-      refine: the reference's grid is this many times finer.
-      max_step_ups: doublings of lambda before every p is set to 1.
-      log: receives one line per notable event.
-      stage: called with each stage's name.
-    """
-    if num_steps < 2 or batch_size < 2 or pilot_size < 2:
-        raise InputError("num_steps, batch_size, pilot_size: expected at least 2 each.")
-    drifts, g, ts, ts_ref = _setup(family, num_steps, refine)
-    pilot_seconds = 0.0
-    if probs is None:
-        stage("pilot search")
-        search = search_configuration(family, num_steps, pilot_size, seed + 1, refine=refine, log=log)
-        probs, coupling, pilot_seconds = search.probs, search.config.coupling, search.seconds
-    sampler = mlem_sampler(drifts, g, ts, coupling=coupling, coins="stratified")
-    noise = shared_noise(family.sde, jax.random.key(seed), batch_size, tuple(family.image_shape), ts_ref)
-    stage("reference and EM")
-    ref, dw, y_em, em_sec = _reference_and_em(drifts, g, ts, ts_ref, noise)
-    em_err = coupled_error(y_em, ref)
-    stage("ML-EM")
-    stepped = 0
-    while True:
-        (y_ml, ev), _, ml_sec = time_calls(sampler, noise.y0, dw, jax.random.key(seed + 12), probs, repeats=1,
-                                           statistic="min")
-        ml_err = coupled_error(y_ml, ref)
-        if ml_err.value <= 1.1 * em_err.value or bool(jnp.all(probs.values == 1)):
-            break
-        stepped += 1
-        # double lambda, and after max_step_ups doublings set every p to 1 (then ML-EM is EM exactly)
-        more = 2.0 * probs.values if stepped <= max_step_ups else jnp.ones_like(probs.values)
-        log(f"  main batch: ML-EM error {ml_err.value:.4f} > 1.1 x EM's {em_err.value:.4f}; "
-            + ("doubling lambda" if stepped <= max_step_ups else "every p = 1"))
-        probs = PiecewiseConstant(probs.edges, jnp.minimum(1.0, more).at[:, 0].set(1.0))
-    stage("FLOPs")
-    flops = np.array([flops_of(f, ts[0], noise.y0[0], None) for f in drifts])
-    return EqualErrorResult(em_err, em_sec, ml_err, ml_sec, Config(coupling, float("nan")), np.asarray(ev), probs,
-                            stepped, pilot_seconds, np.asarray(y_em), np.asarray(y_ml), flops)
