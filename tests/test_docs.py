@@ -101,20 +101,22 @@ def test_time_pair_interleaves_the_two_sides_and_keeps_the_best_of_each():
 
 
 def test_every_core_function_with_three_or_more_parameters_says_what_each_is():
-    """The generated API pages show an `Args:` section for every function of `mlem_jax`,
-    `mlem_jax.calibrate`, `mlem_jax.compare` and `mlem_jax.parallel` that takes three or more
-    parameters (`mlem_jax.diffusion`: issue 44, still open)."""
+    """The generated API pages show an `Args:` section for every public function of `mlem_jax`,
+    `mlem_jax.calibrate`, `mlem_jax.compare`, `mlem_jax.parallel` and `mlem_jax.diffusion` that
+    takes three or more parameters, naming each of them."""
     import importlib
     import inspect
 
     missing = []
     for package, name in [(p, n) for p in ("mlem_jax", "mlem_jax.calibrate", "mlem_jax.compare",
-                                                                  "mlem_jax.parallel")
+                                           "mlem_jax.parallel", "mlem_jax.diffusion")
                           for n in importlib.import_module(p).__all__]:
         obj = getattr(importlib.import_module(package), name)
         if inspect.isfunction(obj):
             params = [p for p in inspect.signature(obj).parameters.values()
                       if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            if len(params) >= 3 and "Args:" not in (obj.__doc__ or ""):
+            doc = obj.__doc__ or ""
+            args = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+            if len(params) >= 3 and not all(f"\n      {p.name}:" in args for p in params):
                 missing.append(name)
     assert not missing, missing

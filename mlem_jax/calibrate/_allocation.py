@@ -69,6 +69,7 @@ def optimal_probabilities(
         may add per unit time (averaged over the bins).
       budget: instead of a variance, the expected cost per trajectory,
         num_steps * sum_b w_b sum_k p_bk C_k; needs `num_steps`.
+      num_steps: the steps of a trajectory, with `budget`.
       bin_weights: (B,) fraction of the steps in each bin (default: equal).
 
     Returns:

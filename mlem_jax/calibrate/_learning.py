@@ -273,15 +273,20 @@ def learn_probabilities(
     module docstring for the objective and the gradient estimator).
 
     Args:
-      drifts: f^1..f^K, cheapest first; diffusion: g(t, y, args) (None for an ODE).
+      drifts: f^1..f^K, cheapest first.
+      diffusion: g(t, y, args) (None for an ODE).
       y0s: a pool of initial states with a leading axis; path i gets its own Brownian
         path from `key`, and its EM reference with f^K is computed once.
       ts: the time grid the schedule is learned for (and should be used on).
+      key: a JAX key for the Brownian paths, the groups and the coins.
       costs: (K,) cost of one evaluation of each level (seconds or FLOPs).
       budget: expected cost per trajectory, held exactly at every step, or
       cost_weight: a fixed weight lambda of the expected cost. Give exactly one.
-      num_bins: time bins of the schedule; coupling: "independent" or "nested".
+      num_bins: time bins of the schedule.
+      coupling: "independent" or "nested".
       steps: optimisation steps, each on `num_groups` groups of `group_size` paths.
+      group_size: trajectories per group.
+      num_groups: groups per step.
       optimizer: an optax optimizer on the logits (default optax.adam(0.05)).
       init: initial schedule ((K,) or (num_bins, K) values, or a PiecewiseConstant).
         Default: the closed-form allocation for iid coins (`calibrated_probabilities` on
@@ -289,10 +294,13 @@ def learn_probabilities(
         `cost_weight`, at the cost of p_k = 0.3^(k-1); p_k = 0.3^(k-1) itself when the pool
         has fewer than 6 starts. A flat start needs many more steps to find a schedule that
         varies in time (measured: 1.82x the optimal variance after 300 steps).
+      min_probability: the smallest p_k the schedule may take.
       average: fraction of the last steps whose schedules are averaged into the result.
       remat: recompute each drift's internals in the backward pass (`jax.checkpoint`)
         instead of storing them for every step and path: without it, 100 steps of 32
         paths through the Fashion-MNIST UNets needed more than 22 GB.
+      args: passed to the drifts and the diffusion.
+      progress: show a progress bar.
 
     Returns:
       `LearnedProbabilities(probs, history, seconds)`.

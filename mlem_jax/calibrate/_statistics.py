@@ -161,6 +161,7 @@ def level_statistics(
       y0: initial states, one per trajectory, stacked on a leading axis.
       ts: the sampling grid (its span sets the EM-equivalent step).
       keys: one PRNG key per trajectory (shape (M,)).
+      args: passed to the drifts and the diffusion.
       num_bins: number of equal time bins over the span of ts.
       stride: evaluate the levels at every `stride`-th model call (saves time).
       solver: the sampler to calibrate for, as `solver(model, y0, key)` with everything

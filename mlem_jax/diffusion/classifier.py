@@ -72,7 +72,20 @@ def _batched(fn, clf, images, batch_size):
 def train_classifier(images, labels, test_images, test_labels, key, steps: int = 1500, batch_size: int = 128,
                      learning_rate: float = 2e-3, width: int = 32, progress: bool = True) -> TrainedClassifier:
     """Cross-entropy training with Adam (cosine decay) and random horizontal flips;
-    returns the model with its accuracy on the test images."""
+    returns the model with its accuracy on the test images.
+
+    Args:
+      images: training images (N, H, W, C) in [-1, 1].
+      labels: their integer classes (N,).
+      test_images: images the accuracy is measured on.
+      test_labels: their classes.
+      key: a JAX key for the initialisation, batches and flips.
+      steps: optimiser steps.
+      batch_size: images per step.
+      learning_rate: Adam's peak rate (cosine decay to 0).
+      width: channels of the first convolution.
+      progress: show a progress bar.
+    """
     images, labels = np.asarray(images, np.float32), np.asarray(labels, np.int32)
     if images.ndim != 4 or labels.shape != (images.shape[0],):
         raise InputError(f"images, labels: expected (N, H, W, C) and (N,), got {images.shape} and {labels.shape}.")

@@ -39,7 +39,13 @@ def to_unit_range(images: np.ndarray, max_value: float = 255.0) -> np.ndarray:
 
 def digits(split: str = "train", size: int = 16, holdout: float = 0.1) -> np.ndarray:
     """scikit-learn's digits, resized to size x size, in [-1, 1], shape (N, size, size, 1).
-    The split is a fixed permutation: the last `holdout` fraction is "test"."""
+    The split is a fixed permutation: the last `holdout` fraction is "test".
+
+    Args:
+      split: "train" or "test".
+      size: the side of the resized images.
+      holdout: the fraction kept for "test".
+    """
     from sklearn.datasets import load_digits
 
     x = load_digits().images.astype(np.float32) / 16.0  # (1797, 8, 8) in [0, 1]
@@ -61,7 +67,14 @@ def _split(x, split, n_test):
 
 
 def procedural(key, num: int, shape=(16, 16, 1), blobs: int = 3) -> np.ndarray:
-    """Smooth random images: sums of Gaussian blobs, scaled to [-1, 1]."""
+    """Smooth random images: sums of Gaussian blobs, scaled to [-1, 1].
+
+    Args:
+      key: a JAX key for the blobs.
+      num: the number of images.
+      shape: (H, W, C) of one image.
+      blobs: Gaussian blobs per image.
+    """
     H, W, C = shape
     k1, k2, k3 = jax.random.split(key, 3)
     centers = jax.random.uniform(k1, (num, blobs, 2)) * jnp.array([H, W])
@@ -77,7 +90,14 @@ def procedural(key, num: int, shape=(16, 16, 1), blobs: int = 3) -> np.ndarray:
 
 def batches(images, batch_size: int, key, drop_last: bool = True) -> Iterator:
     """Endless seeded batches: epoch e shuffles with fold_in(key, e). `images` may be a tuple of
-    arrays with one row per example (images, labels): the batches are then tuples, rows kept together."""
+    arrays with one row per example (images, labels): the batches are then tuples, rows kept together.
+
+    Args:
+      images: an array, or a tuple of arrays with one row per example.
+      batch_size: rows per batch.
+      key: a JAX key; epoch e shuffles with fold_in(key, e).
+      drop_last: drop the last, short batch of each epoch.
+    """
     n = (images[0] if isinstance(images, tuple) else images).shape[0]
     if batch_size < 1 or (drop_last and batch_size > n):
         raise InputError(f"batch_size: expected 1 <= batch_size <= {n} (the number of images), got {batch_size}.")
@@ -315,7 +335,15 @@ def read_local(name: str, source_dir: str, split: str = "train", image_size: int
     (no tensorflow-datasets): images in [-1, 1], (N, H, W, C), in the files' order, resized
     as `load_dataset` resizes them; with `with_labels=True`, (images, labels). For machines
     where tfds is not installed (a GPU image, say); `load_dataset` reads the same records
-    from a prepared tfds dir, in tfds's order."""
+    from a prepared tfds dir, in tfds's order.
+
+    Args:
+      name: 'mnist', 'fashion_mnist' or 'cifar10'.
+      source_dir: the folder of the raw files.
+      split: "train" or "test".
+      image_size: resize to this side (default: the files' size).
+      with_labels: also return the labels.
+    """
     if name not in _READERS:
         raise InputError(f"name: {name!r} has no raw reader; expected one of {sorted(_READERS)}.")
     if split not in ("train", "test"):
@@ -333,7 +361,14 @@ def read_local(name: str, source_dir: str, split: str = "train", image_size: int
 def prepare_local(name: str, source_dir: str, data_dir: str, limit: int | None = None) -> str:
     """Prepare 'mnist', 'fashion_mnist' or 'cifar10' from local files into array_record
     under data_dir (no tensorflow, no network). `limit` keeps the first records of each
-    split (for tests). Returns the tfds name to read it with."""
+    split (for tests). Returns the tfds name to read it with.
+
+    Args:
+      name: 'mnist', 'fashion_mnist' or 'cifar10'.
+      source_dir: the folder of the raw files (as Debian's dataset packages install them).
+      data_dir: the tfds data folder to write under.
+      limit: records kept per split (default: all).
+    """
     if name not in LOCAL_BUILDERS:
         raise InputError(f"name: expected one of {sorted(LOCAL_BUILDERS)}, got {name!r}.")
     if not os.path.isdir(source_dir):

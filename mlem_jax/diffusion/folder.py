@@ -34,7 +34,14 @@ def is_image_source(name: str) -> bool:
 
 def load_images(path: str, split: str = "train", image_size: int | None = None, with_labels: bool = False):
     """Images in [-1, 1], (N, H, W, C), from a folder of images or an .npy / .npz array (the module
-    docstring says how); `split` is "train", "test" (every tenth image) or "all"."""
+    docstring says how); `split` is "train", "test" (every tenth image) or "all".
+
+    Args:
+      path: a folder of images, or an .npy / .npz file.
+      split: "train", "test" (every tenth image) or "all".
+      image_size: resize to this side (default: the files' size).
+      with_labels: also return the labels (from sub-folder names or the .npz's `labels`).
+    """
     if split not in ("train", "test", "all"):
         raise InputError(f"split: expected 'train', 'test' or 'all', got {split!r}.")
     if os.path.isdir(path):

@@ -8,7 +8,13 @@ import numpy as np
 
 
 def to_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """(N, H, W, C) in [-1, 1] -> one uint8 image (rows * (H + pad), cols * (W + pad), C)."""
+    """(N, H, W, C) in [-1, 1] -> one uint8 image (rows * (H + pad), cols * (W + pad), C).
+
+    Args:
+      images: (N, H, W, C) in [-1, 1].
+      ncols: images per row (default: about sqrt(N)).
+      pad: white pixels between images.
+    """
     x = np.asarray(images, np.float32)
     n, h, w, c = x.shape
     ncols = ncols or math.ceil(math.sqrt(n))
@@ -23,7 +29,14 @@ def to_grid(images, ncols: int | None = None, pad: int = 1) -> np.ndarray:
 
 def save_png(path: str, grid: np.ndarray, scale: int = 1, exclusive: bool = False) -> str:
     """Write an image grid (uint8, H x W x C) as a PNG, each pixel repeated `scale` times;
-    returns the path. With `exclusive`, an existing file is not replaced (`FileExistsError`)."""
+    returns the path. With `exclusive`, an existing file is not replaced (`FileExistsError`).
+
+    Args:
+      path: the file to write.
+      grid: a uint8 image (H, W, C).
+      scale: each pixel is repeated this many times in each direction.
+      exclusive: refuse to replace an existing file.
+    """
     from PIL import Image
 
     g = grid[..., 0] if grid.shape[-1] == 1 else grid
@@ -38,7 +51,13 @@ def save_png(path: str, grid: np.ndarray, scale: int = 1, exclusive: bool = Fals
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 6) -> np.ndarray:
-    """Two image grids next to each other with a white gap, padded to the same height."""
+    """Two image grids next to each other with a white gap, padded to the same height.
+
+    Args:
+      left: a uint8 image grid (H, W, C).
+      right: another, placed to its right.
+      gap: white pixels between them.
+    """
     h = max(left.shape[0], right.shape[0])
     pad = lambda g: np.pad(g, ((0, h - g.shape[0]), (0, 0), (0, 0)), constant_values=255)
     sep = np.full((h, gap, left.shape[-1]), 255, np.uint8)
@@ -47,7 +66,13 @@ def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 6) -> np.ndarra
 
 def with_caption(grid: np.ndarray, lines, scale: int = 4) -> np.ndarray:
     """The grid (uint8, H x W x C), enlarged `scale` times, under a white band with `lines` of black text
-    (PIL's built-in bitmap font): a figure that says what it shows."""
+    (PIL's built-in bitmap font): a figure that says what it shows.
+
+    Args:
+      grid: a uint8 image (H, W, C).
+      lines: the caption, one string per line.
+      scale: the enlargement of the grid.
+    """
     from PIL import Image, ImageDraw
 
     g = grid[..., 0] if grid.shape[-1] == 1 else grid

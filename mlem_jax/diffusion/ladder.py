@@ -65,7 +65,13 @@ class MLPDenoiser(nn.Module):
 
 def mlp_flops(dim: int, width: int, depth: int = 4) -> int:
     """Multiply-adds x 2 of one MLPDenoiser call per sample (dense layers only; the
-    embedding depends on t alone and is shared by a batch in sampling)."""
+    embedding depends on t alone and is shared by a batch in sampling).
+
+    Args:
+      dim: the data dimension.
+      width: the hidden width.
+      depth: the number of hidden layers.
+    """
     return 2 * (dim * width + depth * 2 * width * width + width * dim)
 
 
@@ -209,7 +215,16 @@ def train_ladder(mixture, sde, config: LadderConfig, out: str, progress: bool = 
                  log: Callable[[str], None] = print) -> Ladder:
     """Train every level of `config` on fresh draws of `mixture` (see the module docstring),
     resuming from the checkpoints under `out`; writes `out/ladder.npz` (float16 EMA params)
-    and `out/ladder.json` (config and histories) when every level is done."""
+    and `out/ladder.json` (config and histories) when every level is done.
+
+    Args:
+      mixture: the `GaussianMixture` the levels learn the denoiser of.
+      sde: the forward SDE of the training times and noise levels.
+      config: the widths, depth, steps and optimiser of the levels (`LadderConfig`).
+      out: the folder of checkpoints and results; a run there is resumed.
+      progress: show a progress bar.
+      log: receives one line per notable event.
+    """
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 

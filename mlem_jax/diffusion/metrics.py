@@ -80,7 +80,14 @@ def kernel_distance(features_a, features_b, bandwidth: float | None = None) -> E
 def frechet_gaussian(mean_a, cov_a, mean_b, cov_b) -> float:
     """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)): the squared 2-Wasserstein
     distance between two Gaussians. The trace of the matrix square root is the sum of the
-    square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so stable)."""
+    square roots of the eigenvalues of S_a^(1/2) S_b S_a^(1/2) (symmetric, so stable).
+
+    Args:
+      mean_a: the first Gaussian's mean (d,).
+      cov_a: its covariance (d, d).
+      mean_b: the second Gaussian's mean.
+      cov_b: its covariance.
+    """
     mean_a, mean_b = np.asarray(mean_a, np.float64), np.asarray(mean_b, np.float64)
     cov_a, cov_b = np.asarray(cov_a, np.float64), np.asarray(cov_b, np.float64)
     w, v = np.linalg.eigh(cov_a)
@@ -93,7 +100,14 @@ def frechet_gaussian(mean_a, cov_a, mean_b, cov_b) -> float:
 def frechet_distance(features_a, features_b, *, num_bootstrap: int = 50, seed: int = 0) -> Estimate:
     """Fréchet distance between Gaussian fits of two feature sets (N, d) and (M, d), and the
     standard deviation of its value over `num_bootstrap` resamples of both sets (a
-    standard error of the estimate at these sample sizes)."""
+    standard error of the estimate at these sample sizes).
+
+    Args:
+      features_a: features (N, d) of one set.
+      features_b: features (M, d) of the other.
+      num_bootstrap: bootstrap resamples for the standard deviation.
+      seed: of the resampling.
+    """
     X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     if X.shape[1] != Y.shape[1]:
         raise InputError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
@@ -123,7 +137,14 @@ def sliced_wasserstein(samples_a, samples_b, key, num_projections: int = 256) ->
     """Sliced 2-Wasserstein distance between two samples (N, ...) and (M, ...), over
     `num_projections` random directions drawn from `key`. With N == M each projected
     distance is the exact empirical W_2 (sorted values paired); otherwise the two
-    empirical quantile functions are compared on a common grid of max(N, M) levels."""
+    empirical quantile functions are compared on a common grid of max(N, M) levels.
+
+    Args:
+      samples_a: samples (N, ...).
+      samples_b: samples (M, ...) of the same shape per sample.
+      key: a JAX key for the directions.
+      num_projections: random directions.
+    """
     A = _as_matrix(samples_a, "samples_a").astype(np.float32)
     B = _as_matrix(samples_b, "samples_b").astype(np.float32)
     if A.shape[1] != B.shape[1]:
@@ -164,6 +185,12 @@ def paired_frechet(features: dict, reference_features, *, num_bootstrap: int = 1
     when the methods are close.
 
     Returns (values: {name: float}, boot: {name: array (num_bootstrap,)}).
+
+    Args:
+      features: {name: features (N, d)}, sample i of every set from the same noise.
+      reference_features: the reference set (M, d).
+      num_bootstrap: bootstrap resamples.
+      seed: of the resampling.
     """
     sets = {k: _as_matrix(v, k) for k, v in features.items()}
     R = _as_matrix(reference_features, "reference_features")

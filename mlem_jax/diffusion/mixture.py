@@ -260,7 +260,13 @@ def fashion_mnist_mixture(source_dir: str | None = None, image_size: int = 16, *
 
 def save_mixture(mixture: GaussianMixture, path: str, dtype=np.float16) -> str:
     """Write `mixture` to `path` (.npz, float16 by default). The stored diagonals are
-    rounded up so that d_j > 0 survives the cast. Returns the path."""
+    rounded up so that d_j > 0 survives the cast. Returns the path.
+
+    Args:
+      mixture: the `GaussianMixture` to write.
+      path: the .npz file.
+      dtype: the stored float type.
+    """
     from mlem_jax._atomic import atomic_path
 
     arrays = dict(log_weights=np.asarray(mixture.log_weights, np.float32), means=np.asarray(mixture.means, dtype),

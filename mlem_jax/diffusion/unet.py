@@ -225,7 +225,13 @@ def compiled_init(module: nn.Module, key, *inputs):
 
 
 def init_params(model: UNet, key, image_shape: Sequence[int]):
-    """Parameters of `model` for images of shape (H, W, C) (`compiled_init`)."""
+    """Parameters of `model` for images of shape (H, W, C) (`compiled_init`).
+
+    Args:
+      model: the `UNet`.
+      key: a JAX key for the initialisation.
+      image_shape: (H, W, C) of one image.
+    """
     x = jnp.zeros((1, *image_shape))
     return compiled_init(model, key, x, jnp.zeros((1,)))["params"]  # a conditional UNet's null row too
 
@@ -236,14 +242,27 @@ def count_params(params: Any) -> int:
 
 
 def forward_flops(model: UNet, params: Any, image_shape: Sequence[int], batch: int = 1) -> float:
-    """FLOPs of one forward pass on `batch` images, from XLA's cost analysis (`flops_of`)."""
+    """FLOPs of one forward pass on `batch` images, from XLA's cost analysis (`flops_of`).
+
+    Args:
+      model: the `UNet`.
+      params: its parameters.
+      image_shape: (H, W, C) of one image.
+      batch: images per forward pass.
+    """
     x = jnp.zeros((batch, *image_shape))
     f = lambda p, x: model.apply({"params": p}, x, jnp.zeros((batch,)))
     return flops_of(f, params, x)
 
 
 def family_summary(family, params_list, image_shape) -> list[dict]:
-    """Per level: nf, parameter count and forward GFLOP per image."""
+    """Per level: nf, parameter count and forward GFLOP per image.
+
+    Args:
+      family: the `UNet`s, cheapest first.
+      params_list: their parameters, in the same order.
+      image_shape: (H, W, C) of one image.
+    """
     return [
         {"nf": m.nf, "params": count_params(p), "gflop": forward_flops(m, p, image_shape) / 1e9}
         for m, p in zip(family, params_list)
@@ -261,7 +280,14 @@ def _one_image(model: UNet, params: Any):
 
 def score_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
     """score_fn(t, y, args) for ONE image y (H, W, C): the network on y[None], turned
-    into a score. Vmapping the sampler over images batches the network calls."""
+    into a score. Vmapping the sampler over images batches the network calls.
+
+    Args:
+      model: the `UNet`.
+      params: its parameters.
+      sde: the forward SDE it was trained on.
+      parameterization: what the network predicts ("eps", "score", "x0", "v" or "flow").
+    """
     from mlem_jax.diffusion.parameterization import network_score
 
     return network_score(sde, parameterization, _one_image(model, params))
@@ -270,7 +296,14 @@ def score_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
 def denoiser_model(model: UNet, params: Any, sde, parameterization: str = "eps"):
     """denoiser(t, x, args) for ONE image x (H, W, C): the network on x[None], turned into
     the data prediction D = E[x_0 | x_t = x] that `ddim`, `dpm_solver_pp` and the other
-    diffusion samplers take. Vmapping the sampler over images batches the network calls."""
+    diffusion samplers take. Vmapping the sampler over images batches the network calls.
+
+    Args:
+      model: the `UNet`.
+      params: its parameters.
+      sde: the forward SDE it was trained on.
+      parameterization: what the network predicts ("eps", "score", "x0", "v" or "flow").
+    """
     from mlem_jax.diffusion.parameterization import network_denoiser
 
     return network_denoiser(sde, parameterization, _one_image(model, params))
