@@ -185,7 +185,7 @@ def tfds_images(name: str, split: str, data_dir: str, limit: int | None = None, 
         )
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     n = len(source) if limit is None else min(limit, len(source))
-    records = [source[i] for i in range(n)]
+    records = source.__getitems__(range(n))  # one batched read of the array_record files
     images = np.stack([np.asarray(r["image"]) for r in records])
     if images.ndim == 3:
         images = images[..., None]
@@ -312,8 +312,7 @@ def _register_local_builders():
 
             def _generate_examples(self, src, split):
                 x, y = reader(src, split)
-                limit = int(os.environ.get("MLEM_JAX_PREPARE_LIMIT", "0")) or len(x)
-                for i in range(min(limit, len(x))):
+                for i in range(len(x)):  # a limit is DownloadConfig's max_examples_per_split
                     yield i, {"image": x[i], "label": int(y[i])}
 
         Builder.__name__ = builder_name
@@ -376,16 +375,11 @@ def prepare_local(name: str, source_dir: str, data_dir: str, limit: int | None =
     tfds = _tfds()
     _register_local_builders()
     tfds_name = LOCAL_BUILDERS[name]
-    old = os.environ.get("MLEM_JAX_PREPARE_LIMIT")
-    os.environ["MLEM_JAX_PREPARE_LIMIT"] = str(limit or 0)
-    try:
-        builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=source_dir))
-    finally:
-        if old is None:
-            os.environ.pop("MLEM_JAX_PREPARE_LIMIT")
-        else:
-            os.environ["MLEM_JAX_PREPARE_LIMIT"] = old
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise InputError(f"limit: expected a positive number of records per split, or None for all, got {limit!r}.")
+    builder = tfds.builder(tfds_name, data_dir=data_dir, file_format="array_record")
+    config = tfds.download.DownloadConfig(manual_dir=source_dir, max_examples_per_split=limit)
+    builder.download_and_prepare(download_config=config)
     return tfds_name
 
 
