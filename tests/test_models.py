@@ -164,6 +164,31 @@ def test_a_run_opens_one_checkpoint_manager_and_saves_on_its_cadence(tmp_path, m
     restore_checkpoint(str(tmp_path / "c"), UNet(nf=4, **TINY), (8, 8, 1), cfg, step=4)
 
 
+def test_a_save_in_flight_is_not_lost_when_training_is_interrupted(tmp_path, monkeypatch):
+    """Ctrl-C right after a background save has started: `train` unwinds through `Checkpoints.close`,
+    which waits for orbax, so that step's checkpoint is complete and restores to the saved state."""
+    from mlem_jax.diffusion.checkpoint import Checkpoints, all_steps
+
+    real_save, saved = Checkpoints.save, {}
+
+    def save_then_interrupt(self, state, meta, force=False):
+        did = real_save(self, state, meta, force)
+        if did and int(state.step) == 4:
+            saved["params"] = jax.tree_util.tree_map(np.asarray, state.params)
+            raise KeyboardInterrupt  # orbax is still writing in the background here
+        return did
+
+    monkeypatch.setattr(Checkpoints, "save", save_then_interrupt)
+    x = procedural(jax.random.key(0), 16, (8, 8, 1))
+    cfg = TrainConfig(steps=6, batch_size=8, checkpoint_every=4, warmup_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(UNet(nf=4, **TINY), x, cfg, checkpoint_dir=str(tmp_path / "c"), progress=False)
+    assert all_steps(str(tmp_path / "c"))[-1] == 4
+    state, _ = restore_checkpoint(str(tmp_path / "c"), UNet(nf=4, **TINY), (8, 8, 1), cfg, step=4)
+    back = jax.tree_util.tree_leaves(state.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(saved["params"]), back))
+
+
 def test_checkpoint_errors(tmp_path):
     x = procedural(jax.random.key(0), 16, (8, 8, 1))
     cfg = TrainConfig(steps=1, batch_size=8)
