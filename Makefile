@@ -36,7 +36,7 @@ QUICK_JOBS ?= 2
 # the longest first, so that two queues end together
 QUICK_RUNS := fmnist16 envelope_fmnist16 testbed toy_complexity calibrated_probabilities solver_calibration guided_fmnist16 demo \
 	sharding_throughput best_samplers parallel_levels fid_resolution family_costs learn_cost cached_coins overhead diffrax_route \
-	advise_law flow_vs_vp
+	advise_law flow_vs_vp flow_testbed
 QUICK_ARGS_fmnist16 := --raw-data --no-ode
 QUICK_ARGS_guided_fmnist16 := --out benchmarks/out/guided_quick
 QUICK_ARGS_envelope_fmnist16 := --out benchmarks/out/envelope_quick
@@ -44,6 +44,7 @@ QUICK_ARGS_best_samplers := --out benchmarks/out/best_samplers_quick
 QUICK_ARGS_testbed := --out benchmarks/out/testbed_quick
 QUICK_ARGS_advise_law := --out benchmarks/out/advise_law_quick
 QUICK_ARGS_flow_vs_vp := --out benchmarks/out/flow_vs_vp_quick
+QUICK_ARGS_flow_testbed := --out benchmarks/out/flow_testbed_quick
 .PHONY: $(addprefix quick/,$(QUICK_RUNS))
 # Most quick runs compile far more than they run, so XLA's CPU backend compiles them at LLVM
 # optimisation level 0 (as in the tests, tests/conftest.py); each run prints the flags beside its
@@ -77,6 +78,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/testbed.py --out docs/figures/testbed
 	$(PY) benchmarks/advise_law.py --out docs/figures/advise_law
 	$(PY) benchmarks/flow_vs_vp.py --out docs/figures/flow_vs_vp
+	$(PY) benchmarks/flow_testbed.py --out docs/figures/flow_testbed
 
 ## fmnist16-weights: retrain the committed Fashion-MNIST family (about 50 min on 2 cores)
 fmnist16-weights: $(STAMP)

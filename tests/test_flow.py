@@ -129,6 +129,37 @@ def test_multilevel_on_flows_is_exact_at_p_one_and_unbiased(sampler):
         assert np.all(np.abs(z) < 4.0), (coins, control, z)
 
 
+@pytest.mark.parametrize("name", ["dpm++2m", "dpm++3m", "unipc", "ddim"])
+def test_exponential_integrators_take_the_same_steps_on_every_schedule(name):
+    """On grids with the same noise-to-signal ratios s = std / alpha, the data-prediction
+    integrators see only s: VP and Flow give the same x / alpha at every step, given a denoiser
+    that is a function of (x / alpha, s) (here the Gaussian one). So a flow schedule can differ
+    from VP in these samplers only through its grid (what benchmarks/flow_testbed.py measures)."""
+    vp = VP()
+
+    def scaled_denoiser(sde):
+        def d(t, x, args=None):
+            a, sd = sde.alpha(t), sde.std(t)
+            s = sd / a
+            return M + S**2 / (S**2 + s**2) * (x / a - M)
+        return d
+
+    ts_vp = logsnr_grid(vp, 7, t_min=1e-3)
+    s = np.asarray(vp.std(ts_vp) / vp.alpha(ts_vp), np.float64)
+    ts_flow = jnp.asarray(s / (1.0 + s), jnp.float32)  # Flow's s(t) = t / (1 - t)
+    x = jax.random.normal(jax.random.key(3), (64,))
+    solve = {"dpm++2m": lambda *a: dpm_solver_pp(*a, order=2), "dpm++3m": lambda *a: dpm_solver_pp(*a, order=3),
+             "unipc": unipc, "ddim": lambda *a: dpm_solver_pp(*a, order=1)}[name]
+    y_vp = solve(scaled_denoiser(vp), vp, x * vp.alpha(ts_vp[0]), ts_vp)
+    y_flow = solve(scaled_denoiser(FLOW), FLOW, x * FLOW.alpha(ts_flow[0]), ts_flow)
+    same = float(jnp.max(jnp.abs(y_vp / vp.alpha(ts_vp[-1]) - y_flow / FLOW.alpha(ts_flow[-1]))))
+    assert same < 2e-5  # float32 rounding
+    # another grid over the same range (uniform in Flow's t) gives another result: the grid is what matters
+    other = solve(scaled_denoiser(FLOW), FLOW, x * FLOW.alpha(ts_flow[0]), uniform_grid(7, float(ts_flow[-1]),
+                                                                                       float(ts_flow[0])))
+    assert float(jnp.max(jnp.abs(other - y_flow))) > 20 * same + 1e-4
+
+
 def test_shifts():
     ts = uniform_grid(10)
     for shift in (1.0, 3.0, 5.0):
