@@ -33,6 +33,35 @@ def test_kernel_distance_of_one_distribution_is_zero_within_its_standard_error()
     assert abs(e.value) < 4 * e.stderr
 
 
+def test_paired_kernel_distance_is_unbiased_for_coupled_draws_where_the_unpaired_one_is_not():
+    """y_i = x_i + shift + small noise, x_i ~ N(0, I): the laws are N(0, I) and N(shift, (1 + e^2) I),
+    whose Gaussian-kernel MMD^2 is in closed form. The paired statistic is unbiased for it with an
+    honest standard error; the unpaired one, fed the coupled rows, is biased (below zero here)."""
+    d, b, e, n = 2, 1.0, 0.1, 60
+    shift = np.array([0.3, 0.0])
+    s2x, s2y = 1.0, 1.0 + e**2
+    c = lambda v: (b**2 / (b**2 + v)) ** (d / 2)  # E k(x, x') for a Gaussian pair whose difference has variance v
+    exact = c(2 * s2x) + c(2 * s2y) - 2 * c(s2x + s2y) * np.exp(-shift @ shift / (2 * (b**2 + s2x + s2y)))
+    rng = np.random.default_rng(4)
+    paired, unpaired = [], []
+    for _ in range(1000):
+        x = rng.normal(size=(n, d))
+        y = x + shift + e * rng.normal(size=(n, d))
+        paired.append(kernel_distance(x, y, b, paired=True))
+        unpaired.append(kernel_distance(x, y, b).value)
+    values = np.array([p.value for p in paired])
+    assert abs(values.mean() - exact) < 4 * values.std(ddof=1) / np.sqrt(values.size)
+    ratio = np.sqrt(np.mean([p.stderr**2 for p in paired])) / values.std(ddof=1)
+    assert 0.9 < ratio < 1.3
+    bias = np.mean(unpaired) - exact
+    assert bias < -10 * np.std(unpaired, ddof=1) / np.sqrt(len(unpaired))
+    # identical rows: every h(z_i, z_j) is zero
+    x = rng.normal(size=(10, d))
+    assert kernel_distance(x, x, b, paired=True) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="paired: expected as many rows"):
+        kernel_distance(x, x[:5], b, paired=True)
+
+
 def test_kernel_distance_errors():
     with pytest.raises(ValueError, match="features_b: expected 4 features"):
         kernel_distance(np.zeros((5, 4)), np.zeros((5, 3)))

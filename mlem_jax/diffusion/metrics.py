@@ -41,23 +41,36 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-def kernel_distance(features_a, features_b, bandwidth: float | None = None) -> Estimate:
+def kernel_distance(features_a, features_b, bandwidth: float | None = None, *, paired: bool = False) -> Estimate:
     """Unbiased MMD^2 between two samples, with the two-sample jackknife standard error.
+
+    With `paired=True`, row i of both sets comes from the same draw (two samplers run from the
+    same prior draws, say) and rows are independent across i. The statistic is then the
+    U-statistic over the pairs z_i = (x_i, y_i) with kernel h(z_i, z_j) = k(x_i, x_j) +
+    k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i), i != j (Gretton et al. 2012, MMD^2_u). It leaves
+    out the cross terms k(x_i, y_i) of a pair: they are not draws of E k(x, y) when x_i and
+    y_i are coupled, and keeping them (the unpaired estimator) biases MMD^2 down, below zero
+    when the pairs are close. It is unbiased for the MMD^2 between the two laws, and when the
+    pairs are close its standard error (jackknife over the pairs) is far smaller than the
+    unpaired one's, since h nearly cancels.
 
     Args:
       features_a: (N, d) (or (N, ...), flattened), N >= 3.
-      features_b: (M, d), M >= 3.
+      features_b: (M, d), M >= 3; M = N with `paired`.
       bandwidth: None for KID's cubic kernel k(x, y) = (x.y / d + 1)^3 (matches the first
         three moments only); a length b > 0 for the Gaussian kernel exp(-|x - y|^2 / (2 b^2)),
         which is characteristic: its MMD is zero only for equal distributions (a proper
         two-sample statistic). Fix b once (say, the median distance within the reference
-        set) to compare several samples against one reference."""
+        set) to compare several samples against one reference.
+      paired: row i of `features_a` and row i of `features_b` come from one draw."""
     X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     if X.shape[1] != Y.shape[1]:
         raise InputError(f"features_b: expected {X.shape[1]} features like features_a, got {Y.shape[1]}.")
     n, m, d = X.shape[0], Y.shape[0], X.shape[1]
     if n < 3 or m < 3:
         raise InputError(f"features_a, features_b: need at least 3 samples each, got {n} and {m}.")
+    if paired and n != m:
+        raise InputError(f"paired: expected as many rows in features_b as in features_a ({n}), got {m}.")
     if bandwidth is None:
         k = lambda A, B: (A @ B.T / d + 1.0) ** 3
     elif not (np.isfinite(bandwidth) and bandwidth > 0):
@@ -68,6 +81,13 @@ def kernel_distance(features_a, features_b, bandwidth: float | None = None) -> E
     Kxx, Kyy, Kxy = k(X, X), k(Y, Y), k(X, Y)
     np.fill_diagonal(Kxx, 0.0)
     np.fill_diagonal(Kyy, 0.0)
+    if paired:
+        np.fill_diagonal(Kxy, 0.0)
+        H = Kxx + Kyy - Kxy - Kxy.T  # h(z_i, z_j), zero on the diagonal
+        total, rows = H.sum(), H.sum(1)
+        value = total / (n * (n - 1))
+        loo = (total - 2 * rows) / ((n - 1) * (n - 2))  # the U-statistic without pair i
+        return Estimate(float(value), float(np.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2))))
     sxx, syy, sxy = Kxx.sum(), Kyy.sum(), Kxy.sum()
     value = sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
     # leave one x out, then one y out (the U-statistic's sums lose a row and a column)
