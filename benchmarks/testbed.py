@@ -20,6 +20,7 @@ Costs: FLOPs per sample, and both sides' seconds measured in the same run (inter
 3). Ratios are single over multilevel: below 1 is slower.
 
     python benchmarks/testbed.py --out docs/figures/testbed            # about 20 min on 2 cores
+    python benchmarks/testbed.py --metrics mmd --batch-size 512 --out docs/figures/testbed_mmd
     python benchmarks/testbed.py --quick --out benchmarks/out/testbed_quick
 """
 
@@ -144,6 +145,8 @@ def main(argv=None):
     p.add_argument("--floor-steps", type=int, default=100)
     p.add_argument("--plans", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--metrics", nargs="+", choices=("error", "w1", "mmd"), default=["error", "w1", "mmd"],
+                   help="the metrics of the comparisons (MMD^2 resolves the top two levels from about 512 draws)")
     a = p.parse_args(argv)
     ode, sto = ("ddim", "dpm++2m", "dpm++3m", "unipc", "edm-heun"), ("sde-dpm++2m", "em")
     steps = {"ddim": (4, 8, 16, 32, 64), "em": (25, 50, 100, 200, 400), "dpm++3m": (3, 4, 6, 8, 12, 16, 24)}
@@ -213,6 +216,8 @@ def main(argv=None):
             + " (pathwise / MMD^2 / log-density W1)")
     rows = []
     for metric, floor in (("error", floors[K].error), ("w1", floors[K].w1), ("mmd", floors[K].mmd)):
+        if metric not in a.metrics:
+            continue
         for tau in (shares if metric == "mmd" else targets):
             cap = np.inf if a.quick else None  # CI runs the multilevel search even where it cannot win
             g = gap if metric == "mmd" else None
