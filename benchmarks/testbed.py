@@ -234,7 +234,7 @@ def main(argv=None):
                                                                         for q in diag.pairs],
                        floors=[r._asdict() for r in floors], singles=[r._asdict() for r in singles], targets=rows,
                        args=vars(a)), f, indent=1)
-    if rows and not a.quick:
+    if not a.quick and any(r["metric"] != "mmd" and "multilevel" in r for r in rows):
         plot(rows, os.path.join(a.out, "testbed_gain.png"))
     log(f"\n{n_runs[0]} multilevel runs; testbed: {time.time() - start:.0f} s")
 
