@@ -55,6 +55,11 @@ def test_paired_kernel_distance_is_unbiased_for_coupled_draws_where_the_unpaired
     assert 0.9 < ratio < 1.3
     bias = np.mean(unpaired) - exact
     assert bias < -10 * np.std(unpaired, ddof=1) / np.sqrt(len(unpaired))
+    # a sum of kernels: its MMD^2 is the sum of theirs, paired or not
+    for pair in (True, False):
+        both = kernel_distance(x, y, (b, 0.3), paired=pair).value
+        assert np.isclose(both, kernel_distance(x, y, b, paired=pair).value
+                          + kernel_distance(x, y, 0.3, paired=pair).value, rtol=1e-10, atol=1e-14)
     # identical rows: every h(z_i, z_j) is zero
     x = rng.normal(size=(10, d))
     assert kernel_distance(x, x, b, paired=True) == (0.0, 0.0)

@@ -41,7 +41,7 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return x.reshape(x.shape[0], -1)
 
 
-def kernel_distance(features_a, features_b, bandwidth: float | None = None, *, paired: bool = False) -> Estimate:
+def kernel_distance(features_a, features_b, bandwidth=None, *, paired: bool = False) -> Estimate:
     """Unbiased MMD^2 between two samples, with the two-sample jackknife standard error.
 
     With `paired=True`, row i of both sets comes from the same draw (two samplers run from the
@@ -61,7 +61,9 @@ def kernel_distance(features_a, features_b, bandwidth: float | None = None, *, p
         three moments only); a length b > 0 for the Gaussian kernel exp(-|x - y|^2 / (2 b^2)),
         which is characteristic: its MMD is zero only for equal distributions (a proper
         two-sample statistic). Fix b once (say, the median distance within the reference
-        set) to compare several samples against one reference.
+        set) to compare several samples against one reference. A sequence of lengths gives
+        the sum of their Gaussian kernels (characteristic too), whose MMD^2 is the sum of
+        theirs: a wide length resolves distant laws, a narrow one close ones.
       paired: row i of `features_a` and row i of `features_b` come from one draw."""
     X, Y = _as_matrix(features_a, "features_a"), _as_matrix(features_b, "features_b")
     if X.shape[1] != Y.shape[1]:
@@ -73,11 +75,14 @@ def kernel_distance(features_a, features_b, bandwidth: float | None = None, *, p
         raise InputError(f"paired: expected as many rows in features_b as in features_a ({n}), got {m}.")
     if bandwidth is None:
         k = lambda A, B: (A @ B.T / d + 1.0) ** 3
-    elif not (np.isfinite(bandwidth) and bandwidth > 0):
-        raise InputError(f"bandwidth: expected None (the cubic kernel) or a length > 0, got {bandwidth!r}.")
     else:
+        widths = np.atleast_1d(np.asarray(bandwidth, np.float64))
+        if widths.ndim != 1 or widths.size == 0 or not np.all(np.isfinite(widths) & (widths > 0)):
+            raise InputError(f"bandwidth: expected None (the cubic kernel), a length > 0 or a sequence of them, "
+                             f"got {bandwidth!r}.")
         sq = lambda A: np.sum(A**2, 1)
-        k = lambda A, B: np.exp(-np.maximum(sq(A)[:, None] + sq(B)[None] - 2 * A @ B.T, 0.0) / (2 * bandwidth**2))
+        dist2 = lambda A, B: np.maximum(sq(A)[:, None] + sq(B)[None] - 2 * A @ B.T, 0.0)
+        k = lambda A, B: sum(np.exp(-dist2(A, B) / (2 * b**2)) for b in widths)
     Kxx, Kyy, Kxy = k(X, X), k(Y, Y), k(X, Y)
     np.fill_diagonal(Kxx, 0.0)
     np.fill_diagonal(Kyy, 0.0)
