@@ -2,8 +2,9 @@
 
 Every level's floor (DPM-Solver++(2M), 100 steps) and four few-step runs of the top level, on
 512 prior draws, against the truth, at 1, 0.5, 0.3 and 0.2 times the truth's median pairwise
-distance, and with the sum of the kernels at 1 and 0.2 times; paired U-statistic with its jackknife standard error (`kernel_distance(...,
-paired=True)`). Run: python docs/figures/testbed/mmd_bandwidth.py > docs/figures/testbed/mmd_bandwidth.log
+distance, and with the sum of the kernels at 1 and 0.2 times; the paired U-statistic with its
+jackknife standard error (`kernel_distance(..., paired=True)`). Run:
+python docs/figures/testbed/mmd_bandwidth.py > docs/figures/testbed/mmd_bandwidth.log
 """
 
 from mlem_jax.diffusion.metrics import kernel_distance
