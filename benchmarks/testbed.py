@@ -184,7 +184,7 @@ def main(argv=None):
     log(f"truth: the exact denoiser's ODE, DPM-Solver++(3M) at {a.truth_steps} log-SNR steps; it differs from "
         f"{a.truth_steps // 2} steps by {tb.truth_check:.2e} RMS. Exact draws of p_t_min against the truth: "
         f"log-density W1 {noise['w1']:.3g} (that metric's noise at this batch); MMD^2 {fresh_mmd.value:.2e} +- "
-        f"{fresh_mmd.stderr:.1e} (bandwidth {tb.bandwidth:.3f}; zero within its s.e. if the truth is exact)")
+        f"{fresh_mmd.stderr:.1e} (bandwidth {np.round(tb.bandwidth, 3)}; zero within its s.e. if the truth is exact)")
     K = len(tb.levels) - 1
     diag = ladder_report(tb, log)
     floors = [tb.single(k, "dpm++2m", a.floor_steps) for k in range(K + 1)]
