@@ -99,10 +99,10 @@ class Checkpoints:
     def _restore(self, step: int, **items):
         import orbax.checkpoint as ocp
 
+        quiet_closed_loop_callbacks()  # before: a failing restore's reads may end while its error is raised
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            quiet_closed_loop_callbacks()
             raise InputError(f"checkpoint: step {step} in {self.directory!r} is corrupt or incomplete "
                              f"({type(e).__name__}: {first_line(e)}).") from e
 
@@ -265,7 +265,9 @@ def check_resume(meta: dict, config: TrainConfig, directory: str) -> None:
 
 
 def quiet_closed_loop_callbacks() -> None:
-    """Drop the "Event loop is closed" errors of a failed orbax restore from then on.
+    """Drop the "Event loop is closed" errors of a failed orbax restore from then on
+    (installed before every restore: the failing restore's reads may complete while its
+    error is still being raised, before an `except` clause could install it).
 
     When a restore fails, tensorstore's pending reads still complete, and each one's callback
     calls `call_soon_threadsafe` on the asyncio loop orbax has already closed: one
