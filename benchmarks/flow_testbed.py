@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         for sampler in SAMPLER_NAMES:
             calls = [cheapest(rows, s, sampler, "network", t * floor) for t in TARGETS]
             for t, c in zip(TARGETS, calls):
-                if c is not None and (s, t) not in best or (c is not None and c < best[(s, t)][0]):
+                if c is not None and c < best.get((s, t), (np.inf,))[0]:
                     best[(s, t)] = (c, sampler)
             log(f"| {s} | {SAMPLER_NAMES[sampler]} | " + " | ".join("-" if c is None else str(c) for c in calls)
                 + " |")

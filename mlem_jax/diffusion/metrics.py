@@ -81,8 +81,10 @@ def kernel_distance(features_a, features_b, bandwidth=None, *, paired: bool = Fa
             raise InputError(f"bandwidth: expected None (the cubic kernel), a length > 0 or a sequence of them, "
                              f"got {bandwidth!r}.")
         sq = lambda A: np.sum(A**2, 1)
-        dist2 = lambda A, B: np.maximum(sq(A)[:, None] + sq(B)[None] - 2 * A @ B.T, 0.0)
-        k = lambda A, B: sum(np.exp(-dist2(A, B) / (2 * b**2)) for b in widths)
+
+        def k(A, B):
+            d2 = np.maximum(sq(A)[:, None] + sq(B)[None] - 2 * A @ B.T, 0.0)  # once for every bandwidth
+            return sum(np.exp(-d2 / (2 * b**2)) for b in widths)
     Kxx, Kyy, Kxy = k(X, X), k(Y, Y), k(X, Y)
     np.fill_diagonal(Kxx, 0.0)
     np.fill_diagonal(Kyy, 0.0)
