@@ -4,8 +4,9 @@ process group are fixed when JAX starts.
     python sharding_worker.py sample | train CKPT            one process
     python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
     python sharding_worker.py join PORT PID NPROC [TIMEOUT]  initialize only (error checks; TIMEOUT s, default 20)
-    python sharding_worker.py lose PORT PID NPROC            process 1 is killed after the join; the others
-                                                             run collectives until the roll call stops them
+    python sharding_worker.py lose PORT PID NPROC [VICTIM]   process VICTIM (default 1) is killed after the
+                                                             join; the others run collectives until JAX's
+                                                             coordination service stops them
     python sharding_worker.py levels CKPT                    levels side by side; restore CKPT here
 """
 
@@ -72,7 +73,7 @@ def main(mode):
         from jax.experimental import multihost_utils
 
         print("JOINED", flush=True)
-        if jax.process_index() == 1:
+        if jax.process_index() == (int(sys.argv[5]) if len(sys.argv) > 5 else 1):
             time.sleep(2)
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.monotonic()

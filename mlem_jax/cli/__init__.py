@@ -18,7 +18,7 @@ import sys
 
 from mlem_jax._errors import InputError
 from mlem_jax.cli import _advise, _calibrate, _demo, _sample, _train
-from mlem_jax.cli._common import CLIError, Parser
+from mlem_jax.cli._common import CLIError, Parser, supervised_run
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -61,6 +61,9 @@ def main(argv=None) -> int:
     args.argv = argv
     try:
         with _sigterm_unwinds():
+            status = supervised_run(args)  # a multi-process run: this process supervises its child
+            if status is not None:
+                return status
             args.func(args)
     except Terminated:
         print(f"mlem-jax {args.command}: terminated (SIGTERM); {_what_was_kept(args)}", file=sys.stderr)

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import sys
 
 import numpy as np
 
@@ -236,25 +237,50 @@ def _limit(path, name, default):
         return default
 
 
-def join_run(args) -> bool:
-    """Join a multi-process run when --coordinator is given (before any other JAX call);
-    returns whether this is one."""
-    given = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
-             "--process-id": args.process_id}
+def _multiprocess(args) -> bool:
+    """Whether the flags ask for a multi-process run; a one-line error when they cannot describe one."""
+    given = {f"--{name.replace('_', '-')}": getattr(args, name, None)
+             for name in ("coordinator", "num_processes", "process_id")}
     if all(v is None for v in given.values()):
         return False
     missing = [k for k, v in given.items() if v is None]
     if missing:
         raise CLIError(f"{', '.join(missing)}: a multi-process run needs --coordinator, --num-processes and "
                        "--process-id on every process.")
+    from mlem_jax.parallel._mesh import check_distributed
+
+    try:
+        check_distributed(args.coordinator, args.num_processes, args.process_id)
+    except InputError as e:
+        name, _, text = str(e).partition(": ")
+        raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
+    return True
+
+
+def supervised_run(args):
+    """A multi-process run's process runs as a child of the supervisor
+    (`mlem_jax.parallel._supervisor`), which turns an end by JAX's coordination service (a lost
+    peer, an id given twice) into one line: the child's exit status, or None when this is the
+    child or not a multi-process run."""
+    from mlem_jax.parallel._supervisor import SUPERVISED_ENV, supervise
+
+    if not _multiprocess(args) or os.environ.get(SUPERVISED_ENV) == "1":
+        return None
+    return supervise([sys.executable, "-m", "mlem_jax.cli", *args.argv], process_id=args.process_id,
+                     num_processes=args.num_processes, coordinator=args.coordinator,
+                     prefix=f"mlem-jax {args.command}: error: ")
+
+
+def join_run(args) -> bool:
+    """Join a multi-process run when --coordinator is given (before any other JAX call);
+    returns whether this is one."""
+    if not _multiprocess(args):
+        return False
     from mlem_jax.parallel._mesh import initialize_distributed
 
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    except InputError as e:
-        name, _, text = str(e).partition(": ")
-        raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
-    except RuntimeError as e:
+    except (InputError, RuntimeError) as e:
         name, _, text = str(e).partition(": ")
         raise CLIError(f"--{name.replace('_', '-')}: {text}") from e
     return True

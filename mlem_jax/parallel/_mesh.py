@@ -181,6 +181,17 @@ def sharded_sampler(sample_one: Callable, mesh: Mesh | None = None) -> Callable:
 # ------------------------------------------------------------------------ multi-host
 
 
+def check_distributed(coordinator, num_processes, process_id) -> None:
+    """`InputError` naming the argument when the three values cannot describe a process of a run."""
+    if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
+            or not coordinator.rpartition(":")[2].isdigit():
+        raise InputError(f"coordinator: expected 'host:port' (the address of process 0), got {coordinator!r}.")
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise InputError(f"num_processes: expected a positive integer, got {num_processes!r}.")
+    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise InputError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id!r}.")
+
+
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int, *, timeout_s: int = 120,
                            heartbeat_timeout_s: float = 30.0, shutdown_timeout_s: int = 300) -> None:
     """Join a multi-process run: `jax.distributed.initialize`, one call per process, before
@@ -188,18 +199,13 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
     the same `coordinator` ("host:port" of process 0) and `num_processes`; a process that
     cannot join within `timeout_s` seconds fails instead of hanging.
 
-    JAX's own coordination service watches the processes (`heartbeat_timeout_seconds`, set
-    to `heartbeat_timeout_s` + 10 here, and `shutdown_timeout_seconds`), so a lost process
-    ends the run in bounded time even without the roll call. What it cannot do, measured
-    with jax 0.10.2 (`docs/figures/jax_distributed/probe.log`): say which id was given twice
-    (every process aborts after the join timeout with "another task died"), or end in one
-    line (its end is a C++ abort of 14-47 lines; the client's hook for a handler,
-    `missed_heartbeat_callback`, crashes with `std::bad_cast`). So process 0 also hosts a
-    roll call at the coordinator's port + 1 (`mlem_jax.parallel._roll_call`), for those two
-    things only: an id given twice, or missing at the timeout, is one `RuntimeError` line in
-    every process; and a process that dies (or is silent for `heartbeat_timeout_s`) stops
-    every other one with one line naming it on stderr and exit status 1, before JAX's
-    abort.
+    JAX's coordination service watches the run: a process silent for `heartbeat_timeout_s`
+    (`heartbeat_timeout_seconds`), an id registered twice, or ids missing at `timeout_s` stop
+    every process it concerns, in bounded time. It ends them with a C++ abort of 14-47
+    lines that no code in the process can shorten (jax 0.10.2,
+    `docs/figures/jax_distributed/probe.log`); run each process under the supervisor
+    (`python -m mlem_jax.parallel COMMAND ...`, or `supervise`; `mlem-jax sample/train` do it
+    themselves) to get one line naming the cause instead.
 
     Args:
       coordinator: "host:port" of process 0, the same in every process.
@@ -209,27 +215,17 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
       heartbeat_timeout_s: seconds of silence after which a process counts as lost.
       shutdown_timeout_s: seconds a process that ends waits at exit for the others to end.
     """
-    from mlem_jax.parallel._roll_call import roll_call
-
-    if not isinstance(coordinator, str) or coordinator.rpartition(":")[0] == "" \
-            or not coordinator.rpartition(":")[2].isdigit():
-        raise InputError(f"coordinator: expected 'host:port' (the address of process 0), got {coordinator!r}.")
-    if not isinstance(num_processes, int) or num_processes < 1:
-        raise InputError(f"num_processes: expected a positive integer, got {num_processes!r}.")
-    if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-        raise InputError(f"process_id: expected 0 <= process_id < num_processes = {num_processes}, got {process_id!r}.")
+    check_distributed(coordinator, num_processes, process_id)
     if not isinstance(shutdown_timeout_s, int) or shutdown_timeout_s < 1:
         raise InputError(f"shutdown_timeout_s: expected a positive whole number of seconds, "
                          f"got {shutdown_timeout_s!r}.")
     if not heartbeat_timeout_s > 0:
         raise InputError(f"heartbeat_timeout_s: expected a positive number of seconds, got {heartbeat_timeout_s!r}.")
-    # the runtime aborts every process on a duplicate id or a coordinator that never answers: look first
-    start_watching = roll_call(coordinator, num_processes, process_id, timeout_s, heartbeat_timeout_s)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=int(timeout_s),
-                                   heartbeat_timeout_seconds=math.ceil(heartbeat_timeout_s) + 10,
+                                   heartbeat_timeout_seconds=math.ceil(heartbeat_timeout_s),
                                    shutdown_timeout_seconds=shutdown_timeout_s)
     except Exception as e:  # noqa: BLE001 - the runtime's errors are long and name no flag
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -237,4 +233,3 @@ def initialize_distributed(coordinator: str, num_processes: int, process_id: int
             f"coordinator: process {process_id} of {num_processes} could not join the run at {coordinator!r} within "
             f"{timeout_s} s ({first[:200]}). Start every process with the same --coordinator and --num-processes, "
             "process 0 on the coordinator's host, and check that the port is reachable.") from e
-    start_watching()

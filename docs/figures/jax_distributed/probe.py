@@ -1,5 +1,5 @@
-"""What `jax.distributed` itself does when a process dies or an id is given twice (the reasons
-`mlem_jax.parallel` keeps its roll call). Run: python docs/figures/jax_distributed/probe.py
+"""What `jax.distributed` itself does when a process dies or an id is given twice (why
+`mlem_jax.parallel` runs each process under a supervisor that words the end in one line). Run: python docs/figures/jax_distributed/probe.py
 
 Three cases on localhost, CPU, gloo collectives, heartbeat_timeout_seconds=5:
 1. ids 0, 1, 1 of 3: what each process prints and when it ends;
