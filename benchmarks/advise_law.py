@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import sys
 import time
 
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
                     help="instead of the testbed, a UNet family: the law at the error of its top network with "
                          "DPM-Solver++(2M) at --steps, against compare_best_samplers (what demo --family runs)")
     ap.add_argument("--steps", type=int, nargs="+", default=[8])
+    ap.add_argument("--name", default="law_family", help="with --family: the stem of the files written to --out")
     args = ap.parse_args(argv)
     if args.quick:
         args.batch_size, args.pilot_size, args.targets = 32, 16, [1.25]
@@ -89,7 +91,9 @@ def main(argv=None) -> int:
     top_floor = tb.single(K - 1, "dpm++2m", 50).error
     rows = []
     for tau in args.targets:
-        pred = predict(pilots, tau * law.floors[-1], costs, CALLS_PER_STEP)
+        # the law searches the step counts the measurement searches: an equal question on both sides
+        pred = predict(pilots, tau * law.floors[-1], costs, CALLS_PER_STEP, steps=SINGLE_STEPS, ml_steps=ML_STEPS,
+                       measured_size=args.batch_size)
         goal = tau * top_floor
         eligible = [k for k in range(K) if tb.single(k, "dpm++2m", 50).error < goal]
         single = best_single(tb, goal, "error", eligible, SAMPLERS, SINGLE_STEPS)
@@ -148,6 +152,18 @@ def main(argv=None) -> int:
                                                f"base {ml.levels[0]}, {ml.steps} steps, m {ml.firings} "
                                                f"(error {ml.error:.4f}, law "
                                                f"{law_error(law, ml.levels, ml.sampler, ml.steps, ml.firings):.4f})"))
+    # the same law fitted on the main batch's own draws: what is left of the gap is the law's form, not
+    # the pilots' noise (the pilots then share the measurement's prior draws and truth)
+    own = None if args.quick else run_pilots(testbed_outputs(tb), tb.truth, K, SAMPLERS)
+    for row in rows if own is not None else ():
+        own_floor = fit_law(own).floors[-1]
+        p = predict(own, row["target"] * own_floor, costs, CALLS_PER_STEP, steps=SINGLE_STEPS, ml_steps=ML_STEPS)
+        row["own_draws"] = dict(predicted=p.gain, low=p.low, high=p.high, pays=p.pays)
+        gain = "none (a single network is cheapest)" if p.gain is None else \
+            f"{p.gain:.2f}x [{p.low:.2f}, {p.high:.2f}]"
+        log(f"the law on the main batch's own draws, target {row['target']}: predicted {gain} (pays in "
+            f"{100 * p.pays:.0f}% of the replicas), measured "
+            + ("none" if row["measured"] is None else f"{row['measured']:.2f}x"))
     log(f"total {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, "law.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]),
@@ -183,16 +199,19 @@ def _family(args, log, log_lines, t0) -> int:
     fam = load_family(args.family)
     names = [f"nf={m.nf}" for m in fam.models]
     pilots, flops = family_pilots(fam, batch_size=args.pilot_size, seed=1, samplers=("dpm++2m", "ddim"))
+    with open(os.path.join(args.out, f"{args.name}_pilots.pkl"), "wb") as f:  # to refit the law without rerunning
+        pickle.dump(dict(pilots=pilots._asdict(), flops=flops), f)
     law = fit_law(pilots)
     log(f"law ({args.pilot_size} pilot draws): floors " + ", ".join(f"{f:.4f}" for f in law.floors) + "; "
         + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p) + f"; coin r {law.r:.2f}, u {law.u:.2f}")
     rows = []
     for n in args.steps:
-        pred = predict(pilots, law_error(law, (len(names) - 1,), "dpm++2m", n), flops, CALLS_PER_STEP)
+        ladders = demo_ladders(n)  # the law searches the step counts the comparison searches
+        pred = predict(pilots, law_error(law, (len(names) - 1,), "dpm++2m", n), flops, CALLS_PER_STEP,
+                       steps=ladders["step_ladder"], ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size)
         c = compare_best_samplers(fam, steps=n, sampler="dpm++2m", batch_size=args.batch_size,
                                   pilot_size=max(16, args.pilot_size), seed=0, reference_steps=100, repeats=1,
-                                  samplers=("dpm++2m", "ddim"), exhaustive=False, max_step_ups=64,
-                                  **demo_ladders(n))
+                                  samplers=("dpm++2m", "ddim"), exhaustive=False, max_step_ups=64, **ladders)
         ml = c.multilevel
         law_ml = law_error(law, ml.levels, ml.sampler, ml.steps, ml.firings)
         log(f"target: {names[-1]} with DPM-Solver++(2M) at {n} steps (measured error {c.target.error.value:.4f} "
@@ -204,16 +223,29 @@ def _family(args, log, log_lines, t0) -> int:
             "error at most 1.1x the single network's")
         if pred.gain is not None:
             log(f"  predicted / measured: {pred.gain / c.flop_ratio:.2f}")
+        # the comparison chooses both sides by modelled seconds (evaluations x each level's seconds per call,
+        # timed in it), so the like-for-like prediction searches on the same costs
+        by_time = predict(pilots, pred.target, c.level_seconds, CALLS_PER_STEP, steps=ladders["step_ladder"],
+                          ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size)
+        measured_time = c.single.modelled_seconds / ml.modelled_seconds
+        log("  in modelled seconds (the cost the comparison chooses by; level seconds "
+            + ", ".join(f"{1e3 * x:.2f} ms" for x in c.level_seconds) + "): predicted "
+            + ("none (a single network is cheapest)" if by_time.gain is None else
+               f"{by_time.gain:.2f}x [{by_time.low:.2f}, {by_time.high:.2f}]")
+            + f" (pays in {100 * by_time.pays:.0f}% of the replicas), measured {measured_time:.2f}x")
         checks = _measure_choices(fam, pred, args.batch_size)
         for what, err in checks.items():
             log(f"  the law's {what} choice measured on the main batch: error {err:.4f} against the target "
                 f"{c.target.error.value:.4f}: {'reaches it' if err <= 1.1 * c.target.error.value else 'MISSES 1.1x'}")
-        rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, measured=c.flop_ratio,
+        rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays,
+                         measured=c.flop_ratio,
+                         predicted_modelled_seconds=[by_time.gain, by_time.low, by_time.high, by_time.pays],
+                         measured_modelled_seconds=measured_time,
                          measured_multilevel_error=[ml.error.value, ml.error.stderr], law_multilevel_error=law_ml))
     log(f"total {time.perf_counter() - t0:.0f} s")
-    with open(os.path.join(args.out, "law_family.json"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]), rows=rows), f, indent=1)
-    with open(os.path.join(args.out, "law_family.log"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from mlem_jax.compare import Law, cheapest, fit_law, law_error, predict, run_pilots
+from mlem_jax.compare import Law, cheapest, fit_law, law_error, law_variants, predict, run_pilots
 from mlem_jax.diffusion import VP, dpm_solver_pp, logsnr_grid
 from mlem_jax.diffusion.samplers import ddim
 
@@ -114,3 +114,67 @@ def test_too_few_pilots_are_refused():
     with pytest.raises(InputError, match="num_levels"):
         run_pilots(synthetic_outputs(), np.zeros((B, D)), 1, ["a"])
 
+
+
+def test_the_law_passes_through_its_pilot_points_cross_term_included():
+    """A discretisation error that leans along the network's own error (here 0.4 of the floor's
+    direction): the pilots' cross term is resolved, and the law gives each pilot run exactly the
+    RMS error it measured against the reference; leaving the cross term out misses by far more."""
+    base = synthetic_outputs()
+
+    def outputs(levels, sampler, steps, firings):
+        y = base(levels, sampler, steps, firings)
+        if len(levels) == 1 and steps != 50:
+            floor_direction = base((levels[0],), sampler, 50, 0) / FLOORS[levels[0]]
+            y = y + 0.4 * CS[sampler][levels[0]] * steps ** -P[sampler] * floor_direction
+        return y
+
+    pilots = run_pilots(outputs, np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    law, plain = fit_law(pilots), fit_law(pilots._replace(cross={}))
+    worst = 0.0
+    for (k, s_, n) in [(k, s_, n) for k in range(3) for s_ in ("a", "b") for n in (5, 6, 8, 10, 12)]:
+        measured = math.sqrt(np.mean(np.asarray(outputs((k,), s_, n, 0)) ** 2))
+        if (k, s_) in law.measured:
+            assert law_error(law, (k,), s_, n) == pytest.approx(measured, rel=1e-9)
+            worst = max(worst, abs(law_error(plain, (k,), s_, n) / measured - 1))
+    assert worst > 0.05
+
+
+def test_the_law_variants_leave_out_each_step_and_firing_count_once():
+    pilots = run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    variants = law_variants(pilots)
+    steps = sorted({n for (_, _, n) in pilots.discretisation})
+    firings = sorted({f for (_, _, _, f) in pilots.coins})
+    assert len(variants) == 1 + len(steps) + len(firings) and variants[0] is pilots
+    for v, n in zip(variants[1:], steps):
+        assert {m for (_, _, m) in v.discretisation} == set(steps) - {n} and v.coins == pilots.coins
+    for v, f in zip(variants[1 + len(steps):], firings):
+        assert {g for (_, _, _, g) in v.coins} == set(firings) - {f} and v.discretisation == pilots.discretisation
+
+
+def test_the_search_keeps_to_the_given_step_counts():
+    law = Law(FLOORS, P, CS, COIN, R, U)
+    costs, calls = np.array([1.0, 4.0, 16.0]), {"a": 1, "b": 1}
+    ladder, ml_ladder = (5, 7, 11, 20), (9, 30)
+    single, ml = cheapest(law, 0.15, costs, calls, "a", min_steps=2, steps=ladder, ml_steps=ml_ladder)
+    runs = [(calls[s] * n * costs[k], n) for k in range(3) for s in P for n in ladder
+            if law_error(law, (k,), s, n) <= 0.15]
+    assert single.steps in ladder and single.cost == min(runs)[0]
+    assert ml is None or ml.steps in ml_ladder
+
+
+def test_the_interval_for_a_measurement_resamples_fewer_draws(monkeypatch):
+    """For a measurement on M other draws the resamples hold 1/(1/B + 1/M) of the B pilot draws, so
+    that their spread is that of the difference of two estimates."""
+    from mlem_jax.compare import _law
+
+    pilots = run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    sizes, fit = [], _law.fit_law
+
+    def recording(p, index=None, z=2.0):
+        sizes.append(None if index is None else len(index))
+        return fit(p, index, z)
+
+    monkeypatch.setattr(_law, "fit_law", recording)
+    predict(pilots, 0.12, [1.0, 4.0, 16.0], {"a": 1, "b": 1}, replicas=4, measured_size=B)
+    assert sizes == [None] + [B // 2] * 4

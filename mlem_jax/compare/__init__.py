@@ -38,6 +38,7 @@ from mlem_jax.compare._law import (
     fit_law,
     format_prediction,
     law_error,
+    law_variants,
     predict,
     run_pilots,
 )
@@ -46,5 +47,6 @@ __all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "ve
            "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
            "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "LADDER", "Config",
            "Search", "search_configuration", "Choice", "Law",
-           "Pilots", "Prediction", "cheapest", "family_pilots", "fit_law", "format_prediction", "law_error", "predict",
+           "Pilots", "Prediction", "cheapest", "family_pilots", "fit_law", "format_prediction", "law_error",
+           "law_variants", "predict",
            "run_pilots"]

@@ -107,11 +107,14 @@ class _Batch:
         self.denoisers = denoisers or family.denoisers()
         keys = jax.random.split(jax.random.key(seed), batch_size)
         self.y0 = jax.vmap(lambda k: self.sde.prior_sample(k, tuple(family.image_shape)))(keys)
+        # a class-conditional family samples sample i of class i mod C (every class, the same in every run)
+        classes = getattr(family, "num_classes", 0) or 0
+        self.labels = jnp.arange(batch_size) % classes if classes else None
         self.level_key = jax.random.key(seed + 1_000_003)
         self.programs = {} if programs is None else programs  # shared by batches: one compilation per shape
         top = len(self.denoisers) - 1
         ref = self.program((top,), "dpm++3m", reference_steps)
-        self.reference = np.asarray(ref(self.y0, None, None)[0])
+        self.reference = np.asarray(ref(self.y0, self.labels, None, None)[0])
 
     def program(self, levels: tuple, sampler: str, steps: int) -> Callable:
         key = (levels, sampler, steps)
@@ -120,14 +123,15 @@ class _Batch:
             solve, sde = SAMPLERS[sampler], self.sde
             chosen = [self.denoisers[k] for k in levels]
             if len(levels) == 1:
-                def one(y, lk, probs):
-                    return solve(chosen[0], sde, y, ts), jnp.full((1,), CALLS_PER_STEP[sampler] * steps)
+                def one(y, label, lk, probs):
+                    return solve(chosen[0], sde, y, ts, args=label), jnp.full((1,), CALLS_PER_STEP[sampler] * steps)
             else:
-                def one(y, lk, probs):
-                    sol = solve(Multilevel(chosen, probs, coins="stratified", level_key=lk), sde, y, ts)
+                def one(y, label, lk, probs):
+                    sol = solve(Multilevel(chosen, probs, coins="stratified", level_key=lk), sde, y, ts, args=label)
                     return sol.y, sol.evaluations
 
-            self.programs[key] = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+            labelled = 0 if self.labels is not None else None
+            self.programs[key] = jax.jit(jax.vmap(one, in_axes=(0, labelled, None, None)))
         return self.programs[key]
 
     def images(self, levels: tuple, sampler: str, steps: int, firings: int, plans: int | None = None):
@@ -136,12 +140,13 @@ class _Batch:
         `firings` of the top), so one plan for the whole batch is what a timing calls."""
         fn = self.program(levels, sampler, steps)
         if len(levels) == 1:
-            y, ev = fn(self.y0, None, None)
+            y, ev = fn(self.y0, self.labels, None, None)
             return y, np.asarray(ev[0], float)
         # p = m / N on every step with stratified coins: exactly m firings, one per stretch of N / m steps
         probs = jnp.array([1.0] + [firings / steps] * (len(levels) - 1))
         chunks = np.array_split(np.arange(self.y0.shape[0]), plans or self.plans)
-        outs = [fn(self.y0[c], jax.random.fold_in(self.level_key, i), probs) for i, c in enumerate(chunks)]
+        outs = [fn(self.y0[c], None if self.labels is None else self.labels[c], jax.random.fold_in(self.level_key, i),
+                   probs) for i, c in enumerate(chunks)]
         y = jnp.concatenate([o[0] for o in outs])
         ev = sum(np.asarray(o[1][0], float) * len(c) for o, c in zip(outs, chunks))  # every chunk's counts, per sample
         return y, ev / self.y0.shape[0]
