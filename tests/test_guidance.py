@@ -241,3 +241,24 @@ def test_the_cli_samples_classes_with_guidance_and_refuses_what_cannot_be(condit
         assert main(["sample", "--steps", "4", "--batch-size", "2", "--out", str(tmp_path / "x"), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_the_comparison_samples_a_conditional_family_with_every_class(levels):
+    """compare_best_samplers' batches give sample i the label i mod C: each sample equals the same
+    network sampled for that label alone, and differs from the unconditional sample."""
+    from mlem_jax.compare._best_samplers import _Batch
+    from mlem_jax.diffusion import dpm_solver_pp, logsnr_grid
+    from mlem_jax.diffusion.family import Family
+
+    models, params = levels
+    family = Family(tuple(models), tuple(params), SDE, "eps", SHAPE, {})
+    batch = _Batch(family, 4, 0, 4, coin_plans=1)
+    np.testing.assert_array_equal(np.asarray(batch.labels), [0, 1, 2, 0])
+    y, _ = batch.images((1,), "dpm++2m", 3, 0)
+    d = family.denoisers()[1]
+    ts = logsnr_grid(SDE, 3)
+    for i in range(4):
+        alone = dpm_solver_pp(d, SDE, batch.y0[i], ts, args=i % CLASSES)
+        _close(np.asarray(y[i]), np.asarray(alone))
+    unconditional = dpm_solver_pp(d, SDE, batch.y0[0], ts)
+    assert float(jnp.max(jnp.abs(unconditional - y[0]))) > 1e-3
