@@ -127,13 +127,13 @@ def test_a_warning_that_no_abort_follows_is_released_after_the_grace(monkeypatch
     assert out.text.endswith("\r 3/4")
 
 
-def spawn_supervised(code, tmp_path):
+def spawn_supervised(code, tmp_path, **popen):
     pid_file = tmp_path / "child.pid"
     script = tmp_path / "child.py"
     script.write_text(f"import os, signal, sys, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
                       + textwrap.dedent(code))
     sup = subprocess.Popen([sys.executable, "-m", "mlem_jax.parallel", sys.executable, str(script)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     t0 = time.monotonic()
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() - t0 < 60:
         time.sleep(0.05)
@@ -167,3 +167,21 @@ def test_sigterm_reaches_the_child(tmp_path):
     sup.send_signal(signal.SIGTERM)
     _, err = sup.communicate(timeout=60)
     assert sup.returncode == 143 and err == "child: terminated\n"
+
+
+def test_a_ctrl_c_reaches_the_child_once(tmp_path):
+    """A terminal's Ctrl-C goes to the foreground process group: the supervisor's. The child runs in
+    a group of its own, so it gets the one SIGINT the supervisor passes on, not a second one."""
+    sup, child = spawn_supervised("""
+        seen = []
+        def count(*a):
+            seen.append(1)
+        signal.signal(signal.SIGINT, count)
+        while not seen:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        sys.stderr.write(f"child: {len(seen)} SIGINT\\n")
+        sys.exit(130)""", tmp_path, start_new_session=True)  # the supervisor leads a group, as at a terminal
+    os.killpg(sup.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: SIGINT to the foreground group
+    _, err = sup.communicate(timeout=60)
+    assert sup.returncode == 130 and err == "child: 1 SIGINT\n"

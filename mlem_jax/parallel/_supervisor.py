@@ -175,7 +175,10 @@ def supervise(argv, *, process_id=None, num_processes=None, coordinator=None, pr
     argv = list(argv)
     if sys.platform.startswith("linux"):
         argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *argv]
-    child = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env)
+    # its own process group: a Ctrl-C at the terminal reaches the supervisor only, which passes it on once
+    # (the child would otherwise get it twice, the second interrupting its clean-up of the first)
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+    child = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env, **group)
     forwarded = {}
 
     def forward(signum, frame):
