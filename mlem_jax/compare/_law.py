@@ -10,7 +10,8 @@ the N-step run over it: the squared distance of the N-step run from the same net
 (same prior draws), plus twice its inner product with the fine run's own error where the pilots
 resolve that cross term (the two errors are not orthogonal; on the exact testbed the cross term
 decided which single run reached 1.1-1.25x the floor). Between the pilots' step counts the law
-follows their measured points, so that it gives a pilot run exactly the error it measured. For a multilevel run with base b and top K, the top fired m times
+follows their measured points, so that it gives a pilot run exactly the error it measured. For a
+multilevel run with base b and top K, the top fired m times
 (stratified coins) in N steps with sampler s,
 
     e^2(b, s, N, m) = F_K^2 + C_{K,s}^2 N^(-2 p_s) + c_b^2 (1/m - 1/N)^r N^(-u),
