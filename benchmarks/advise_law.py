@@ -235,8 +235,9 @@ def _family(args, log, log_lines, t0) -> int:
             + f" (pays in {100 * by_time.pays:.0f}% of the replicas), measured {measured_time:.2f}x")
         checks = _measure_choices(fam, pred, args.batch_size)
         for what, err in checks.items():
+            near = "within 1.1x of it" if err <= 1.1 * c.target.error.value else "MISSES 1.1x"
             log(f"  the law's {what} choice measured on the main batch: error {err:.4f} against the target "
-                f"{c.target.error.value:.4f}: {'within 1.1x of it' if err <= 1.1 * c.target.error.value else 'MISSES 1.1x'}")
+                f"{c.target.error.value:.4f}: {near}")
         rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays,
                          measured=c.flop_ratio,
                          predicted_modelled_seconds=[by_time.gain, by_time.low, by_time.high, by_time.pays],
