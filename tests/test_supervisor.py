@@ -77,6 +77,15 @@ def test_output_passes_through_unchanged(capfd):
     assert err == text + "|"
 
 
+def test_a_character_split_across_two_reads_arrives_whole(capfd):
+    """A progress bar's block character, its UTF-8 bytes written (and read) in two pieces."""
+    status, _, err = run_child("""
+        import sys, time
+        sys.stderr.buffer.write("\u2588".encode()[:2]); sys.stderr.buffer.flush(); time.sleep(0.3)
+        sys.stderr.buffer.write("\u2588".encode()[2:] + b"|\\n"); sys.stderr.buffer.flush()""", capfd)
+    assert status == 0 and err == "\u2588|\n"
+
+
 def test_an_abort_by_the_coordination_service_is_one_line_and_its_report_is_kept(capfd, tmp_path):
     status, out, err = run_child(f"""
         import os, sys

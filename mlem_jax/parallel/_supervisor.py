@@ -26,6 +26,7 @@ the run never keeps an orphan that still answers heartbeats.
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 import select
@@ -192,14 +193,16 @@ def supervise(argv, *, process_id=None, num_processes=None, coordinator=None, pr
             pass
     filt = _StderrFilter(sys.stderr)
     fd = child.stderr.fileno()
+    decode = codecs.getincrementaldecoder("utf-8")("replace").decode  # a character may span two reads
     try:
         while True:
             ready, _, _ = select.select([fd], [], [], 1.0)
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
+                    filt.feed(decode(b"", final=True))
                     break
-                filt.feed(chunk.decode("utf-8", "replace"))
+                filt.feed(decode(chunk))
             filt.tick()
         status = child.wait()
     finally:
