@@ -423,11 +423,13 @@ def test_advise_predicts_the_gain_from_pilots(trained, tmp_path, capsys):
     and the gain with its interval or the verdict that multilevel does not pay, in advise.txt."""
     out = tmp_path / "adv"
     assert main(["advise", "--family", str(trained / "family"), "--data", "procedural", "--draws", "64",
-                 "--predict", "6", "--pilot-size", "4", "--out", str(out), "--no-progress"]) == 0
+                 "--predict", "6", "--pilot-size", "4", "--pilot-steps", "5", "8", "--out", str(out),
+                 "--no-progress"]) == 0
     text = (out / "advise.txt").read_text()
     assert "the law from" in text and "pilot runs on 4 prior draws" in text
     assert "target: nf=8 with DPM-Solver++(2M) at 6 steps" in text and "single network:" in text
-    assert ("predicted gain" in text and "bootstrap interval" in text) or "multilevel does not pay here" in text
+    assert ("predicted gain" in text and "interval: refits on resampled pilots" in text) \
+        or "multilevel does not pay here" in text
 
 
 def test_the_package_ships_about_ten_megabytes_of_weights():

@@ -24,6 +24,9 @@ def add_parser(sub):
                    help="also fit the law on short pilots and predict the equal-error gain at the error of the top "
                         "network with DPM-Solver++(2M) at each STEPS (default 10 and 20; about 2 minutes more)")
     a.add_argument("--pilot-size", type=positive(int), default=32, help="with --predict: prior draws of the pilots")
+    a.add_argument("--pilot-steps", type=positive(int), nargs="+", default=[5, 6, 8, 10, 12], metavar="N",
+                   help="with --predict: the pilots' step counts (at least two; the law follows its points between "
+                        "them)")
     a.add_argument("--out", default="out/advise", help="folder of advise.txt and advise.png")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.set_defaults(func=run)
@@ -74,7 +77,7 @@ def _prediction(args, family) -> str:
                bar_format="{desc}: {n} runs {elapsed}")
     try:
         pilots, flops = family_pilots(family, batch_size=args.pilot_size, seed=args.seed + 1,
-                                      tick=lambda: bar.update(1))
+                                      pilot_steps=tuple(args.pilot_steps), tick=lambda: bar.update(1))
     finally:
         bar.close()
     law = fit_law(pilots)

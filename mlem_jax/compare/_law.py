@@ -429,6 +429,7 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
 
 
 def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequence[str] = ("dpm++2m", "unipc"),
+                  pilot_steps: Sequence[int] = (5, 6, 8, 10, 12),
                   tick: Callable[[], None] = lambda: None) -> tuple[Pilots, np.ndarray]:
     """(pilots, FLOPs per call of each level) of a UNet family, the reference being its top network's
     probability-flow ODE solved finely (DPM-Solver++(3M), 100 log-SNR steps) from the same prior draws, as
@@ -439,6 +440,7 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
       batch_size: prior draws of the pilots.
       seed: of the pilots' draws.
       samplers: the samplers whose discretisation is fitted.
+      pilot_steps: the short runs' steps (at least two).
       tick: called after every pilot run.
     """
     from mlem_jax.compare._best_samplers import _Batch
@@ -449,7 +451,7 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
     def outputs(levels, sampler, steps, firings):
         return batch.images(tuple(levels), sampler, steps, firings)[0]
 
-    pilots = run_pilots(outputs, batch.reference, len(family.models), samplers, tick=tick)
+    pilots = run_pilots(outputs, batch.reference, len(family.models), samplers, pilot_steps=pilot_steps, tick=tick)
     flops = np.array([1e9 * s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
     return pilots, flops
 
