@@ -34,9 +34,9 @@ docs: $(STAMP)
 ## bench-quick: every benchmark in its --quick mode (what CI runs), two at a time (the output of each printed whole when it ends); QUICK_JOBS=1 runs them one after another
 QUICK_JOBS ?= 2
 # the longest first, so that two queues end together
-QUICK_RUNS := fmnist16 envelope_fmnist16 testbed toy_complexity calibrated_probabilities solver_calibration guided_fmnist16 demo \
-	sharding_throughput best_samplers parallel_levels fid_resolution family_costs learn_cost cached_coins overhead diffrax_route \
-	advise_law flow_vs_vp flow_testbed
+QUICK_RUNS := demo fmnist16 envelope_fmnist16 solver_calibration advise_law sharding_throughput flow_vs_vp \
+	calibrated_probabilities guided_fmnist16 flow_testbed parallel_levels testbed toy_complexity fid_resolution learn_cost \
+	best_samplers overhead cached_coins family_costs diffrax_route
 QUICK_ARGS_fmnist16 := --raw-data --no-ode
 QUICK_ARGS_guided_fmnist16 := --out benchmarks/out/guided_quick
 QUICK_ARGS_envelope_fmnist16 := --out benchmarks/out/envelope_quick

@@ -61,8 +61,10 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[8])
     ap.add_argument("--name", default="law_family", help="with --family: the stem of the files written to --out")
     args = ap.parse_args(argv)
+    single_steps, ml_steps = SINGLE_STEPS, ML_STEPS
     if args.quick:
         args.batch_size, args.pilot_size, args.targets = 32, 16, [1.25]
+        single_steps, ml_steps = (4, 5, 6, 8, 10), (8, 12)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     log_lines = []
@@ -79,7 +81,9 @@ def main(argv=None) -> int:
     K = len(pilot_tb.levels)
     costs = pilot_tb.level_flops
     t_p = time.perf_counter()
-    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS)
+    # --quick: a smoke run (CI), with the fewest pilots the law accepts
+    small = dict(pilot_steps=(5, 8), ml_steps=(12,), ml_firings=(2, 4)) if args.quick else {}
+    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS, **small)
     law = fit_law(pilots)
     log(f"pilots: {len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins)} runs on {args.pilot_size} "
         f"samples in {time.perf_counter() - t_p:.0f} s")
@@ -92,14 +96,14 @@ def main(argv=None) -> int:
     rows = []
     for tau in args.targets:
         # the law searches the step counts the measurement searches: an equal question on both sides
-        pred = predict(pilots, tau * law.floors[-1], costs, CALLS_PER_STEP, steps=SINGLE_STEPS, ml_steps=ML_STEPS,
+        pred = predict(pilots, tau * law.floors[-1], costs, CALLS_PER_STEP, steps=single_steps, ml_steps=ml_steps,
                        measured_size=args.batch_size)
         goal = tau * top_floor
         eligible = [k for k in range(K) if tb.single(k, "dpm++2m", 50).error < goal]
-        single = best_single(tb, goal, "error", eligible, SAMPLERS, SINGLE_STEPS)
+        single = best_single(tb, goal, "error", eligible, SAMPLERS, single_steps)
         ml = None
         if single is not None:
-            ml = best_multilevel(tb, goal, "error", [(b, K - 1) for b in range(K - 1)], "dpm++2m", ML_STEPS,
+            ml = best_multilevel(tb, goal, "error", [(b, K - 1) for b in range(K - 1)], "dpm++2m", ml_steps,
                                  single.flops)
         measured = None if (single is None or ml is None) else single.flops / ml.flops
         row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays, measured=measured,

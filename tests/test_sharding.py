@@ -191,7 +191,7 @@ def test_the_same_process_id_twice_is_one_line_in_every_process():
     port = free_port()
     # the join timeout bounds the others' end; on a loaded machine the interpreters start seconds apart
     codes, _, errs = run_processes(lambda p: [*SUPERVISED, sys.executable, WORKER, "join", port, str(min(p, 1)), "3",
-                                              "30"], n=3, devices=1)
+                                              "15"], n=3, devices=1)
     assert codes == [1, 1, 1], (codes, [e[-1500:] for e in errs])
     lines = [ends_in_one_line(e) for e in errs]
     assert sum("its id was given twice" in ln for ln in lines) == 1, lines
