@@ -63,8 +63,10 @@ def main(mode):
         from mlem_jax.parallel import initialize_distributed
 
         timeout = int(sys.argv[5]) if mode == "join" and len(sys.argv) > 5 else {"join": 20}.get(mode, 120)
+        # a short heartbeat only where a process is killed on purpose: under a loaded CI machine a 10 s heartbeat
+        # can lapse in a busy process (JAX's own default is 100 s; the library's 30 s)
         initialize_distributed(f"localhost:{sys.argv[2]}", int(sys.argv[4]), int(sys.argv[3]), timeout_s=timeout,
-                               heartbeat_timeout_s=10)
+                               heartbeat_timeout_s=10 if mode == "lose" else 30)
     if mode == "lose":
         import os
         import signal
