@@ -22,9 +22,10 @@ LOAD = max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 TIMEOUT = float(os.environ.get("MLEM_TEST_TIMEOUT", 240)) * min(LOAD, 4.0)
 
 
-def _timed_out(e):
+def _timed_out(e, stderr=""):
     pytest.fail(f"a worker process did not finish in {TIMEOUT:.0f} s (load {LOAD:.1f} per core at start): the "
-                f"machine is too slow or a collective hung; set MLEM_TEST_TIMEOUT to allow more ({e.cmd[-1]!r})")
+                f"machine is too slow or a collective hung; set MLEM_TEST_TIMEOUT to allow more ({e.cmd[-1]!r})"
+                + (f"\n{stderr}" if stderr else ""))
 
 
 def env(devices):
@@ -67,7 +68,13 @@ def run_processes(argv_of, n=2, devices=2):
                 try:
                     p.wait(timeout=TIMEOUT)
                 except subprocess.TimeoutExpired as e:
-                    _timed_out(e)
+                    for q in procs:
+                        q.kill()
+                    tails = []
+                    for i, (_, err) in enumerate(files):  # what each process said: a hang is otherwise blind
+                        err.seek(0)
+                        tails.append(f"process {i} stderr: ...{err.read()[-1500:]}")
+                    _timed_out(e, "\n".join(tails))
         finally:
             for p in procs:
                 p.kill()
