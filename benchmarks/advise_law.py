@@ -159,8 +159,8 @@ def main(argv=None) -> int:
     # the same law fitted on the main batch's own draws: what is left of the gap is the law's form, not
     # the pilots' noise (the pilots then share the measurement's prior draws and truth)
     own = None if args.quick else run_pilots(testbed_outputs(tb), tb.truth, K, SAMPLERS)
+    own_floor = None if own is None else fit_law(own).floors[-1]
     for row in rows if own is not None else ():
-        own_floor = fit_law(own).floors[-1]
         p = predict(own, row["target"] * own_floor, costs, CALLS_PER_STEP, steps=SINGLE_STEPS, ml_steps=ML_STEPS)
         row["own_draws"] = dict(predicted=p.gain, low=p.low, high=p.high, pays=p.pays)
         gain = "none (a single network is cheapest)" if p.gain is None else \
@@ -232,7 +232,7 @@ def _family(args, log, log_lines, t0) -> int:
         by_time = predict(pilots, pred.target, c.level_seconds, CALLS_PER_STEP, steps=ladders["step_ladder"],
                           ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size)
         measured_time = c.single.modelled_seconds / ml.modelled_seconds
-        log("  in modelled seconds (the cost the comparison chooses by; level seconds "
+        log("  in modelled seconds at the same target (the cost the comparison chooses by; level seconds "
             + ", ".join(f"{1e3 * x:.2f} ms" for x in c.level_seconds) + "): predicted "
             + ("none (a single network is cheapest)" if by_time.gain is None else
                f"{by_time.gain:.2f}x [{by_time.low:.2f}, {by_time.high:.2f}]")
