@@ -2,7 +2,8 @@
 process group are fixed when JAX starts.
 
     python sharding_worker.py sample | train CKPT            one process
-    python sharding_worker.py spmd PORT PID NPROC CKPT       one of NPROC processes
+    python sharding_worker.py spmd PORT PID NPROC CKPT [LATE]  one of NPROC processes; process 1 starts
+                                                             training LATE s after the others (default 0)
     python sharding_worker.py join PORT PID NPROC [TIMEOUT]  initialize only (error checks; TIMEOUT s, default 20)
     python sharding_worker.py lose PORT PID NPROC [VICTIM]   process VICTIM (default 1) is killed after the
                                                              join; the others run collectives until JAX's
@@ -113,6 +114,10 @@ def main(mode):
         y, ev = sharded_sampler(sample_one)(keys, lk)  # one program over every device of every process
         out.update(y=np.asarray(y).tolist(), evals=np.asarray(ev).tolist())
         m, x, cfg = tiny_training()
+        if jax.process_index() == 1 and len(sys.argv) > 6:  # process 0 has created the folder by then
+            import time
+
+            time.sleep(float(sys.argv[6]))
         state, h = train(m, x, cfg, progress=False, mesh=batch_mesh(), checkpoint_dir=sys.argv[5])
         out["loss"] = [loss for _, loss in h.train]
         out["ema"] = leaves(state.ema_params)
@@ -137,4 +142,9 @@ def main(mode):
 
 
 if __name__ == "__main__":
+    import faulthandler
+    import os
+
+    if os.environ.get("MLEM_WORKER_DUMP_AFTER"):  # a hang shows every thread's stack on stderr, not silence
+        faulthandler.dump_traceback_later(float(os.environ["MLEM_WORKER_DUMP_AFTER"]), exit=False)
     main(sys.argv[1])

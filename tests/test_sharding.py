@@ -30,7 +30,8 @@ def _timed_out(e, stderr=""):
 
 def env(devices):
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")  # keeps conftest's optimisation level
+    # keeps conftest's optimisation level; a worker still running 15 s before its limit prints every thread's stack
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", MLEM_WORKER_DUMP_AFTER=str(max(5.0, TIMEOUT - 15)))
 
 
 def result(stdout):
@@ -95,10 +96,12 @@ def single(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """Two processes with 2 devices each, one global mesh of 4."""
+    """Two processes with 2 devices each, one global mesh of 4. Process 1 starts training 3 s late, after
+    process 0 has created the checkpoint folder: a per-process view of the folder must not decide which
+    barriers a process enters (it did, and the pair hung on loaded machines)."""
     ckpt = str(tmp_path_factory.mktemp("two") / "ckpt")
     port = free_port()
-    codes, outs, errs = run_processes(lambda p: [sys.executable, WORKER, "spmd", port, str(p), "2", ckpt])
+    codes, outs, errs = run_processes(lambda p: [sys.executable, WORKER, "spmd", port, str(p), "2", ckpt, "3"])
     for c, e in zip(codes, errs):
         assert c == 0, e[-3000:]
     return [result(o) for o in outs], ckpt

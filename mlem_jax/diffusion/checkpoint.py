@@ -189,11 +189,15 @@ def save_checkpoint(directory: str, state: TrainState, meta: dict) -> None:
 
 
 def all_steps(directory: str) -> list[int]:
-    """The steps of the checkpoints in `directory`, oldest first ([] when it does not exist)."""
+    """The steps of the finalized checkpoints in `directory`, oldest first ([] when it does not exist).
+
+    A listing of the folder only: no orbax manager, so no barrier between processes, and any
+    one process may call it on its own."""
+    import orbax.checkpoint as ocp
+
     if not os.path.isdir(directory):
         return []
-    with Checkpoints(directory) as c:
-        return c.steps()
+    return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def latest_step(directory: str) -> int | None:

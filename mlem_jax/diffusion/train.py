@@ -193,17 +193,27 @@ def _check_training(model, train_images, config: TrainConfig, resume: bool, over
 
 def _clear_for_a_new_run(checkpoint_dir: str, resume: bool, overwrite: bool) -> None:
     """Checkpoints already in `checkpoint_dir` are never restarted silently: without `resume`, refuse them,
-    or delete them with `overwrite`."""
+    or delete them with `overwrite`.
+
+    With several processes, process 0's listing decides for all: the branches differ in their barriers, and a
+    slower process could otherwise list the folder after process 0 has created or cleared it, take the other
+    branch and wait forever at a barrier that process 0 never reaches (measured: 2 of 6 two-process runs hung
+    on a loaded 2-core machine)."""
     import shutil
 
     existing = all_steps(checkpoint_dir)
-    if not existing or resume:
+    held = bool(existing)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
+    if not held or resume:
         return
     if not overwrite:
         raise FileExistsError(
-            f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing}); pass resume=True "
-            "(--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, or use "
-            "another directory.")
+            f"checkpoint_dir: {checkpoint_dir!r} already holds checkpoints (steps {existing or 'seen by process 0'}); "
+            "pass resume=True (--resume) to continue them, overwrite=True (--overwrite) to start again from step 0, "
+            "or use another directory.")
     if jax.process_index() == 0:
         shutil.rmtree(checkpoint_dir)
     if jax.process_count() > 1:  # the others wait until process 0 has removed it
