@@ -6,8 +6,9 @@ process group are fixed when JAX starts.
                                                              training LATE s after the others (default 0)
     python sharding_worker.py join PORT PID NPROC [TIMEOUT]  initialize only (error checks; TIMEOUT s, default 20)
     python sharding_worker.py lose PORT PID NPROC [VICTIM]   process VICTIM (default 1) is killed after the
-                                                             join; the others run collectives until JAX's
-                                                             coordination service stops them
+                                                             join (none when VICTIM >= NPROC); the others run
+                                                             collectives until JAX's coordination service
+                                                             stops them (or 600 s pass)
     python sharding_worker.py levels CKPT                    levels side by side; restore CKPT here
 """
 

@@ -240,6 +240,32 @@ def test_losing_the_coordinator_stops_the_others_with_one_line():
     assert last.startswith("error: process 0 (the coordinator) died, was killed or cannot be reached"), last
 
 
+def test_sigterm_ends_a_process_of_a_run_and_the_others_say_so():
+    """SIGTERM to process 0's supervisor, while both processes run collectives: the supervisor passes
+    it on and process 0 ends by it (status 143), where JAX's preemption service used to swallow it and
+    the run went on; process 1 then ends in one line naming process 0."""
+    import signal
+    import time
+
+    port = free_port()
+    argv = lambda p: [*SUPERVISED, sys.executable, WORKER, "lose", port, str(p), "2", "9"]  # nobody kills itself
+    with open(os.devnull, "w") as null:
+        procs = [subprocess.Popen(argv(p), stdout=subprocess.PIPE, stderr=null if p == 0 else subprocess.PIPE,
+                                  text=True, env=env(1)) for p in range(2)]
+    try:
+        assert procs[0].stdout.readline().strip() == "JOINED"
+        time.sleep(1)
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(timeout=30) == 128 + signal.SIGTERM
+        _, err = procs[1].communicate(timeout=TIMEOUT)
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 1, err[-2000:]
+    last = ends_in_one_line(err)
+    assert "process 0 (the coordinator)" in last or "closed its connection" in last, last
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
      "--process-id: expected 0 <= process_id < num_processes = 2, got 2."),
