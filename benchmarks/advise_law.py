@@ -106,7 +106,8 @@ def main(argv=None) -> int:
             ml = best_multilevel(tb, goal, "error", [(b, K - 1) for b in range(K - 1)], "dpm++2m", ml_steps,
                                  single.flops)
         measured = None if (single is None or ml is None) else single.flops / ml.flops
-        row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays, measured=measured,
+        row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays, verdict=pred.verdict,
+                   measured=measured,
                    predicted_single=None if pred.single is None else [list(pred.single.levels), pred.single.sampler,
                                                                       pred.single.steps, pred.single.cost],
                    predicted_multilevel=None if pred.multilevel is None else [
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         rows.append(row)
         fmt = lambda g: "none (a single network is cheapest)" if g is None else f"{g:.2f}x"
         interval = ("" if pred.low is None else f" [{pred.low:.2f}, {pred.high:.2f}]") + \
-            f" (pays in {100 * pred.pays:.0f}% of the replicas)"
+            f" (pays in {100 * pred.pays:.0f}% of the replicas; verdict: {pred.verdict})"
         verdict = ""
         if pred.gain is not None and measured is not None:
             ratio = max(pred.gain / measured, measured / pred.gain)
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
             row.update(ratio=ratio, inside=inside)
         elif (pred.gain is None) == (measured is None):
             verdict = "; both say no multilevel run is cheaper"
+        elif pred.verdict == "unsettled":
+            verdict = "; they differ, where the prediction's verdict is unsettled (it does not say either way)"
         else:
             verdict = "; they DISAGREE on whether multilevel pays"
         log(f"target {tau} x the top's floor (both sides at most this pathwise error): predicted "
@@ -236,14 +239,15 @@ def _family(args, log, log_lines, t0) -> int:
             + ", ".join(f"{1e3 * x:.2f} ms" for x in c.level_seconds) + "): predicted "
             + ("none (a single network is cheapest)" if by_time.gain is None else
                f"{by_time.gain:.2f}x [{by_time.low:.2f}, {by_time.high:.2f}]")
-            + f" (pays in {100 * by_time.pays:.0f}% of the replicas), measured {measured_time:.2f}x")
+            + f" (pays in {100 * by_time.pays:.0f}% of the replicas; verdict: {by_time.verdict}), measured "
+            f"{measured_time:.2f}x")
         checks = _measure_choices(fam, pred, args.batch_size)
         for what, err in checks.items():
             near = "within 1.1x of it" if err <= 1.1 * c.target.error.value else "MISSES 1.1x"
             log(f"  the law's {what} choice measured on the main batch: error {err:.4f} against the target "
                 f"{c.target.error.value:.4f}: {near}")
         rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays,
-                         measured=c.flop_ratio,
+                         verdict=pred.verdict, verdict_modelled_seconds=by_time.verdict, measured=c.flop_ratio,
                          predicted_modelled_seconds=[by_time.gain, by_time.low, by_time.high, by_time.pays],
                          measured_modelled_seconds=measured_time,
                          measured_multilevel_error=[ml.error.value, ml.error.stderr], law_multilevel_error=law_ml))

@@ -41,6 +41,7 @@ import numpy as np
 from mlem_jax._errors import InputError
 
 MAX_STEPS = 64  # the most steps a prediction considers; the fewest are the pilots' fewest (no extrapolation)
+SETTLED = 0.8  # the share of bootstrap replicas that must agree with the law on all the pilots for a verdict
 
 
 class Pilots(NamedTuple):
@@ -100,6 +101,19 @@ class Prediction(NamedTuple):
     high: float | None
     level: float
     pays: float = float("nan")
+
+    @property
+    def verdict(self) -> str:
+        """"pays", "does not pay", or "unsettled": settled only where the law on all the pilots and at least
+        `SETTLED` of the bootstrap replicas agree (a share near a threshold, where one step more or less
+        flips the cheapest run, is pilot noise, not an answer)."""
+        if not math.isfinite(self.pays):
+            return "does not pay" if self.gain is None else "pays"
+        if self.gain is not None and self.pays >= SETTLED:
+            return "pays"
+        if self.gain is None and 1.0 - self.pays >= SETTLED:
+            return "does not pay"
+        return "unsettled"
 
 
 def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence[str], *, fine_steps: int = 50,
@@ -473,13 +487,20 @@ def format_prediction(pred: Prediction, names: Sequence[str], unit: str = "FLOPs
     lines = [f"at error {pred.target:.4f}:"]
     lines.append("  single network: " + ("none reaches it" if pred.single is None else
                                          f"{run(pred.single)} (law's error {pred.single.error:.4f})"))
-    settled = "" if not math.isfinite(pred.pays) else \
-        f" (multilevel pays in {100 * pred.pays:.0f}% of the bootstrap replicas)"
+    share = "" if not math.isfinite(pred.pays) else \
+        f"multilevel pays in {100 * pred.pays:.0f}% of the bootstrap replicas"
     if pred.multilevel is None:
-        lines.append("  multilevel: no run is cheaper than the single network: multilevel does not pay here" + settled)
+        lines.append("  multilevel: no run is cheaper than the single network")
     else:
         lines.append(f"  multilevel: {run(pred.multilevel)} (law's error {pred.multilevel.error:.4f})")
         lines.append(f"  predicted gain {pred.gain:.2f}x in {unit} [{pred.low:.2f}, {pred.high:.2f}] "
                      f"({100 * pred.level:.0f}% interval: refits on resampled pilots, each leaving out one pilot "
-                     "step or firing count in turn)" + settled)
+                     "step or firing count in turn)")
+    verdict = pred.verdict
+    if verdict == "unsettled":
+        lines.append(f"  verdict: unsettled ({share}; {100 * SETTLED:.0f}% would settle it): the target is near a "
+                     "threshold where the pilots' noise decides; run the pilots on more draws, or measure")
+    else:
+        lines.append(f"  verdict: multilevel {'pays' if verdict == 'pays' else 'does not pay'} here"
+                     + (f" ({share})" if share else ""))
     return "\n".join(lines)
