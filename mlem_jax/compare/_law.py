@@ -91,7 +91,7 @@ class Prediction(NamedTuple):
     (`low`, `high`: the `level` central interval over pilot samples; None where a replica has none), and
     `pays`: the share of bootstrap replicas in which a multilevel run is cheaper. Near a target where
     the cheapest run changes (one step more or less), the gain jumps, and `pays` says how settled the
-    verdict is."""
+    verdict is: `verdict` is "unsettled" unless at least `SETTLED` of the replicas agree with the law."""
 
     target: float
     single: Choice | None

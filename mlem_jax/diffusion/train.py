@@ -201,11 +201,11 @@ def _clear_for_a_new_run(checkpoint_dir: str, resume: bool, overwrite: bool) -> 
     on a loaded 2-core machine)."""
     import shutil
 
+    from jax.experimental import multihost_utils
+
     existing = all_steps(checkpoint_dir)
     held = bool(existing)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         held = bool(multihost_utils.broadcast_one_to_all(np.int32(held)))
     if not held or resume:
         return
@@ -217,8 +217,6 @@ def _clear_for_a_new_run(checkpoint_dir: str, resume: bool, overwrite: bool) -> 
     if jax.process_index() == 0:
         shutil.rmtree(checkpoint_dir)
     if jax.process_count() > 1:  # the others wait until process 0 has removed it
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("mlem_jax overwrite " + os.path.abspath(checkpoint_dir))
 
 
