@@ -31,19 +31,20 @@ import time
 
 import jax
 
-from mlem_jax.compare import fit_law, law_error, predict, run_pilots
+from mlem_jax.compare import fit_law, law_error, predict, predict_settled, run_pilots
 from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 from mlem_jax.diffusion.testbed import Run, Testbed, best_multilevel, best_single
 
 SAMPLERS = ("dpm++2m", "unipc")
+IID_FIRINGS = (2, 4, 8)  # the iid-coin pilots (the law reports their constants; the measurement runs stratified coins)
 SINGLE_STEPS = (3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
 ML_STEPS = (6, 8, 12, 16, 24)
 
 
 def testbed_outputs(tb: Testbed):
     """outputs(levels, sampler, steps, firings) -> the run's samples from the testbed's prior draws."""
-    def outputs(levels, sampler, steps, firings):
-        return tb.outputs(Run(tuple(levels), sampler, steps, firings, 0.0, 0.0, 0.0, 0.0, ()))[0]
+    def outputs(levels, sampler, steps, firings, coins="stratified"):
+        return tb.outputs(Run(tuple(levels), sampler, steps, firings, 0.0, 0.0, 0.0, 0.0, ()), coins=coins)[0]
 
     return outputs
 
@@ -60,10 +61,13 @@ def main(argv=None) -> int:
                          "DPM-Solver++(2M) at --steps, against compare_best_samplers (what demo --family runs)")
     ap.add_argument("--steps", type=int, nargs="+", default=[8])
     ap.add_argument("--name", default="law_family", help="with --family: the stem of the files written to --out")
+    ap.add_argument("--max-pilot-size", type=int, default=None,
+                    help="where a verdict is unsettled, pilots on more batches of --pilot-size draws, up to this many "
+                         "(default 4x --pilot-size on the testbed, 2x on a family; --quick: no more)")
     args = ap.parse_args(argv)
     single_steps, ml_steps = SINGLE_STEPS, ML_STEPS
     if args.quick:
-        args.batch_size, args.pilot_size, args.targets = 32, 16, [1.25]
+        args.batch_size, args.pilot_size, args.targets, args.max_pilot_size = 32, 16, [1.25], 16
         single_steps, ml_steps = (4, 5, 6, 8, 10), (8, 12)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
@@ -83,13 +87,20 @@ def main(argv=None) -> int:
     t_p = time.perf_counter()
     # --quick: a smoke run (CI), with the fewest pilots the law accepts
     small = dict(pilot_steps=(5, 8), ml_steps=(12,), ml_firings=(2, 4)) if args.quick else {}
-    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS, **small)
+    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS, iid_firings=IID_FIRINGS, **small)
+    batches = [pilots]
+
+    def more(i):  # the same pilots on the i-th further batch of draws (seed 1 + i; the measurement's is 0)
+        extra = Testbed(batch_size=args.pilot_size, seed=1 + i, truth_steps=100)
+        log(f"  pilots on a further batch of {args.pilot_size} draws (seed {1 + i})")
+        return run_pilots(testbed_outputs(extra), extra.truth, K, SAMPLERS, iid_firings=IID_FIRINGS, **small)
     law = fit_law(pilots)
     log(f"pilots: {len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins)} runs on {args.pilot_size} "
         f"samples in {time.perf_counter() - t_p:.0f} s")
     log("law: floors " + ", ".join(f"{f:.4f}" for f in law.floors)
         + "; " + "; ".join(f"{s}: p {law.p[s]:.2f}, C " + ", ".join(f"{c:.3f}" for c in law.C[s]) for s in law.p)
-        + "; coin c_b " + ", ".join(f"{c:.3f}" for c in law.coin) + f", r {law.r:.2f}, u {law.u:.2f}")
+        + "; coin c_b " + ", ".join(f"{c:.3f}" for c in law.coin) + f", r {law.r:.2f}, u {law.u:.2f}"
+        + "; iid coins c_b " + ", ".join(f"{c:.3f}" for c in law.iid_coin) + f", r {law.iid_r:.2f}")
 
     tb = Testbed(batch_size=args.batch_size, seed=0, truth_steps=100)
     top_floor = tb.single(K - 1, "dpm++2m", 50).error
@@ -97,7 +108,7 @@ def main(argv=None) -> int:
     for tau in args.targets:
         # the law searches the step counts the measurement searches: an equal question on both sides
         pred = predict(pilots, tau * law.floors[-1], costs, CALLS_PER_STEP, steps=single_steps, ml_steps=ml_steps,
-                       measured_size=args.batch_size)
+                       measured_size=args.batch_size, coins=("stratified",))
         goal = tau * top_floor
         eligible = [k for k in range(K) if tb.single(k, "dpm++2m", 50).error < goal]
         single = best_single(tb, goal, "error", eligible, SAMPLERS, single_steps)
@@ -106,8 +117,12 @@ def main(argv=None) -> int:
             ml = best_multilevel(tb, goal, "error", [(b, K - 1) for b in range(K - 1)], "dpm++2m", ml_steps,
                                  single.flops)
         measured = None if (single is None or ml is None) else single.flops / ml.flops
+        # the prediction following its own advice: pilots on more draws while its verdict is unsettled
+        settled, on = predict_settled(batches, more, lambda p: tau * fit_law(p).floors[-1], costs, CALLS_PER_STEP,
+                                      max_draws=args.max_pilot_size or 4 * args.pilot_size, steps=single_steps,
+                                      ml_steps=ml_steps, measured_size=args.batch_size, coins=("stratified",))
         row = dict(target=tau, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays, verdict=pred.verdict,
-                   measured=measured,
+                   measured=measured, settled=_settled_row(settled, on, measured),
                    predicted_single=None if pred.single is None else [list(pred.single.levels), pred.single.sampler,
                                                                       pred.single.steps, pred.single.cost],
                    predicted_multilevel=None if pred.multilevel is None else [
@@ -137,6 +152,7 @@ def main(argv=None) -> int:
         log(f"target {tau} x the top's floor (both sides at most this pathwise error): predicted "
             f"{fmt(pred.gain)}{interval} in FLOPs, measured "
             f"{fmt(measured)}{verdict}")
+        log("  " + _settled_line(row["settled"]))
         for what, c in (("single", pred.single), ("multilevel", pred.multilevel)):
             if c is not None:
                 run = tb.single(c.levels[0], c.sampler, c.steps) if len(c.levels) == 1 else \
@@ -159,9 +175,15 @@ def main(argv=None) -> int:
                                                f"base {ml.levels[0]}, {ml.steps} steps, m {ml.firings} "
                                                f"(error {ml.error:.4f}, law "
                                                f"{law_error(law, ml.levels, ml.sampler, ml.steps, ml.firings):.4f})"))
+        if ml is not None:  # the iid-coin term, checked at the same run with iid coins (m expected firings)
+            iid = tb.multilevel(ml.levels, ml.sampler, ml.steps, ml.firings, coins="iid")
+            row["iid_at_measured_multilevel"] = dict(
+                measured=iid.error, law=law_error(law, ml.levels, ml.sampler, ml.steps, ml.firings, "iid"))
+            log(f"  the same run with iid coins: error {iid.error:.4f}, the law's "
+                f"{row['iid_at_measured_multilevel']['law']:.4f}")
     # the same law fitted on the main batch's own draws: what is left of the gap is the law's form, not
     # the pilots' noise (the pilots then share the measurement's prior draws and truth)
-    own = None if args.quick else run_pilots(testbed_outputs(tb), tb.truth, K, SAMPLERS)
+    own = None if args.quick else run_pilots(testbed_outputs(tb), tb.truth, K, SAMPLERS)  # stratified only, as measured
     own_floor = None if own is None else fit_law(own).floors[-1]
     for row in rows if own is not None else ():
         p = predict(own, row["target"] * own_floor, costs, CALLS_PER_STEP, steps=SINGLE_STEPS, ml_steps=ML_STEPS)
@@ -175,10 +197,32 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "law.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]),
                        law=dict(floors=law.floors.tolist(), p=law.p, C={s: c.tolist() for s, c in law.C.items()},
-                                coin=law.coin.tolist(), r=law.r, u=law.u), rows=rows), f, indent=1)
+                                coin=law.coin.tolist(), r=law.r, u=law.u, iid_coin=law.iid_coin.tolist()),
+                       rows=rows), f, indent=1)
     with open(os.path.join(args.out, "law.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0
+
+
+def _settled_row(pred, pilots, measured) -> dict:
+    """The settled prediction's figures, and how it compares with the measured gain."""
+    row = dict(draws=len(next(iter(pilots.floors.values()))), predicted=pred.gain, low=pred.low, high=pred.high,
+               pays=pred.pays, verdict=pred.verdict, measured=measured)
+    if pred.gain is not None and measured is not None:
+        row.update(ratio=max(pred.gain / measured, measured / pred.gain),
+                   inside=pred.low is not None and pred.low <= measured <= pred.high)
+    return row
+
+
+def _settled_line(row) -> str:
+    gain = "none (a single network is cheapest)" if row["predicted"] is None else \
+        f"{row['predicted']:.2f}x [{row['low']:.2f}, {row['high']:.2f}]"
+    measured = "none" if row["measured"] is None else f"{row['measured']:.2f}x"
+    tail = ""
+    if "ratio" in row:
+        tail = f"; ratio {row['ratio']:.2f}, measured {'inside' if row['inside'] else 'OUTSIDE'} the interval"
+    return (f"settled on {row['draws']} pilot draws: predicted {gain} (pays in {100 * row['pays']:.0f}% of the "
+            f"replicas; verdict: {row['verdict']}), measured {measured}{tail}")
 
 
 def _measure_choices(fam, pred, batch_size: int) -> dict:
@@ -206,16 +250,25 @@ def _family(args, log, log_lines, t0) -> int:
     fam = load_family(args.family)
     names = [f"nf={m.nf}" for m in fam.models]
     pilots, flops = family_pilots(fam, batch_size=args.pilot_size, seed=1, samplers=("dpm++2m", "ddim"))
+    batches = [pilots]
+
+    def more(i):  # the same pilots on the i-th further batch of draws (seed 1 + i; the comparison's are 0 and 1)
+        log(f"  pilots on a further batch of {args.pilot_size} draws (seed {1 + i})")
+        return family_pilots(fam, batch_size=args.pilot_size, seed=1 + i, samplers=("dpm++2m", "ddim"))[0]
     with open(os.path.join(args.out, f"{args.name}_pilots.pkl"), "wb") as f:  # to refit the law without rerunning
         pickle.dump(dict(pilots=pilots._asdict(), flops=flops), f)
     law = fit_law(pilots)
     log(f"law ({args.pilot_size} pilot draws): floors " + ", ".join(f"{f:.4f}" for f in law.floors) + "; "
-        + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p) + f"; coin r {law.r:.2f}, u {law.u:.2f}")
+        + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p) + f"; coin r {law.r:.2f}, u {law.u:.2f}, c_b "
+        + ", ".join(f"{c:.3f}" for c in law.coin) + "; iid coins c_b " + ", ".join(f"{c:.3f}" for c in law.iid_coin)
+        + f", r {law.iid_r:.2f}")
+    only = dict(coins=("stratified",))  # the comparison runs stratified coins: the law searches those
     rows = []
     for n in args.steps:
         ladders = demo_ladders(n)  # the law searches the step counts the comparison searches
         pred = predict(pilots, law_error(law, (len(names) - 1,), "dpm++2m", n), flops, CALLS_PER_STEP,
-                       steps=ladders["step_ladder"], ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size)
+                       steps=ladders["step_ladder"], ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size,
+                       **only)
         c = compare_best_samplers(fam, steps=n, sampler="dpm++2m", batch_size=args.batch_size,
                                   pilot_size=max(16, args.pilot_size), seed=0, reference_steps=100, repeats=1,
                                   samplers=("dpm++2m", "ddim"), exhaustive=False, max_step_ups=64, **ladders)
@@ -227,20 +280,28 @@ def _family(args, log, log_lines, t0) -> int:
         log(f"  measured: single {c.single.describe([m.nf for m in fam.models])} ({c.single.gflop:.3f} GFLOP), "
             f"multilevel {ml.describe([m.nf for m in fam.models])} (error {ml.error.value:.4f} +- "
             f"{ml.error.stderr:.4f}, the law's {law_ml:.4f}): {c.flop_ratio:.2f}x in FLOPs, the multilevel "
-            "error at most 1.1x the single network's")
+            f"error at most 1.1x the single network's; {len(c.main_candidates)} pilot candidate(s) run on the main "
+            f"batch, firings grown {c.stepped_up} time(s))")
         if pred.gain is not None:
             log(f"  predicted / measured: {pred.gain / c.flop_ratio:.2f}")
         # the comparison chooses both sides by modelled seconds (evaluations x each level's seconds per call,
         # timed in it), so the like-for-like prediction searches on the same costs
         by_time = predict(pilots, pred.target, c.level_seconds, CALLS_PER_STEP, steps=ladders["step_ladder"],
-                          ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size)
+                          ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size, **only)
         measured_time = c.single.modelled_seconds / ml.modelled_seconds
+        top = len(names) - 1
+        settled, on = predict_settled(batches, more, lambda p: law_error(fit_law(p), (top,), "dpm++2m", n),
+                                      c.level_seconds, CALLS_PER_STEP, max_draws=args.max_pilot_size or
+                                      2 * args.pilot_size, steps=ladders["step_ladder"],
+                                      ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size, **only)
+        settled_row = _settled_row(settled, on, measured_time)
         log("  in modelled seconds at the same target (the cost the comparison chooses by; level seconds "
             + ", ".join(f"{1e3 * x:.2f} ms" for x in c.level_seconds) + "): predicted "
             + ("none (a single network is cheapest)" if by_time.gain is None else
                f"{by_time.gain:.2f}x [{by_time.low:.2f}, {by_time.high:.2f}]")
             + f" (pays in {100 * by_time.pays:.0f}% of the replicas; verdict: {by_time.verdict}), measured "
             f"{measured_time:.2f}x")
+        log("  in modelled seconds, " + _settled_line(settled_row))
         checks = _measure_choices(fam, pred, args.batch_size)
         for what, err in checks.items():
             near = "within 1.1x of it" if err <= 1.1 * c.target.error.value else "MISSES 1.1x"
@@ -249,9 +310,12 @@ def _family(args, log, log_lines, t0) -> int:
         rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays,
                          verdict=pred.verdict, verdict_modelled_seconds=by_time.verdict, measured=c.flop_ratio,
                          predicted_modelled_seconds=[by_time.gain, by_time.low, by_time.high, by_time.pays],
-                         measured_modelled_seconds=measured_time,
+                         measured_modelled_seconds=measured_time, settled_modelled_seconds=settled_row,
+                         main_candidates=len(c.main_candidates), stepped_up=c.stepped_up,
                          measured_multilevel_error=[ml.error.value, ml.error.stderr], law_multilevel_error=law_ml))
     log(f"total {time.perf_counter() - t0:.0f} s")
+    with open(os.path.join(args.out, f"{args.name}_pilots.pkl"), "wb") as f:  # every batch the settling ran
+        pickle.dump(dict(pilots=[b._asdict() for b in batches], flops=flops), f)
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]), rows=rows), f, indent=1)
     with open(os.path.join(args.out, f"{args.name}.log"), "w") as f:

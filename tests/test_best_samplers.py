@@ -30,7 +30,8 @@ def test_the_comparison_keeps_its_rules(family):
               ml_step_ladder=(4, 6), samplers=("dpm++2m", "ddim"), coin_plans=2, repeats=1)
     ticks = []
     c = compare_best_samplers(family, tick=lambda: ticks.append(1), **kw)
-    assert len(ticks) == len(c.singles) + 1 + len(c.pilot) + 1 + c.stepped_up  # every sampler run ticks once
+    # every sampler run ticks once
+    assert len(ticks) == len(c.singles) + 1 + len(c.pilot) + len(c.main_candidates) + c.stepped_up
     assert len(c.singles) + 1 + len(c.pilot) + 1 <= planned_runs(family, **kw)
     # skipping the runs that cannot win changes neither side, only the tables
     lean = compare_best_samplers(family, exhaustive=False, **kw)
@@ -55,3 +56,27 @@ def test_the_comparison_keeps_its_rules(family):
 def test_bad_arguments_name_themselves(family, kw, match):
     with pytest.raises(ValueError, match=match):
         compare_best_samplers(family, **kw)
+
+
+def test_the_multilevel_side_is_the_cheapest_candidate_that_reaches_the_limit_on_the_main_batch():
+    """The pilot's candidates run on the main batch cheapest first; the first within the limit wins, and the
+    ones after it are not run (measured on the five-level family at 12 steps: the cheapest candidate missed
+    on the main batch and growing its firings gave 0.65x, where the next candidate reached the limit)."""
+    from types import SimpleNamespace
+
+    from mlem_jax.compare._best_samplers import _candidates_on_main
+
+    errors = {"a": 0.5, "b": 0.2, "c": 0.1}
+    cands = [SimpleNamespace(levels=name, sampler="s", steps=8, firings=2) for name in "abc"]
+    ran = []
+
+    def run(batch, levels, sampler, steps, firings):
+        ran.append(levels)
+        return SimpleNamespace(levels=levels, error=SimpleNamespace(value=errors[levels]))
+
+    lines = []
+    out = _candidates_on_main(run, None, cands, 0.25, lambda c: c.levels, lines.append)
+    assert ran == ["a", "b"] and out[-1].levels == "b" and len(lines) == 1 and "a errs 0.5000" in lines[0]
+    ran.clear()
+    out = _candidates_on_main(run, None, cands, 0.05, lambda c: c.levels, lines.append)
+    assert ran == ["a", "b", "c"] and all(r.error.value > 0.05 for r in out)  # none: the caller grows the first

@@ -427,6 +427,10 @@ def test_advise_predicts_the_gain_from_pilots(trained, tmp_path, capsys):
                  "--no-progress"]) == 0
     text = (out / "advise.txt").read_text()
     assert "the law from" in text and "pilot runs on 4 prior draws" in text
+    # every constant with its bootstrap standard error, the coin constants for both schemes
+    for line in ("  floors F_k: nf=", "  orders p: dpm++2m ", "  coin constants c_b ", "  iid coins "):
+        row = next(r for r in text.splitlines() if r.startswith(line))
+        assert " +- " in row, row
     assert "target: nf=8 with DPM-Solver++(2M) at 6 steps" in text and "single network:" in text
     assert ("predicted gain" in text and "interval: refits on resampled pilots" in text) \
         or "no run is cheaper than the single network" in text

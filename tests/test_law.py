@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from mlem_jax import InputError
 from mlem_jax.compare import Law, cheapest, fit_law, law_error, law_variants, predict, run_pilots
 from mlem_jax.diffusion import VP, dpm_solver_pp, logsnr_grid
 from mlem_jax.diffusion.samplers import ddim
@@ -18,10 +19,10 @@ P, CS = {"a": 1.0, "b": 2.0}, {"a": np.array([0.8, 0.9, 1.0]), "b": np.array([2.
 COIN, R, U = np.array([1.5, 0.7]), 2.0, 1.0
 
 
-def synthetic_outputs():
+def synthetic_outputs(seed=0):
     """Samples whose squared distances follow the law exactly in expectation: every term is an
     independent Gaussian direction per sample, scaled to the law's RMS."""
-    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+    keys = iter(jax.random.split(jax.random.key(seed), 10_000))
     directions = {}
 
     def direction(tag):
@@ -198,3 +199,94 @@ def test_the_verdict_is_settled_only_where_the_replicas_agree_with_the_law():
         assert text.splitlines()[-1].startswith({"pays": "  verdict: multilevel pays here",
                                                  "does not pay": "  verdict: multilevel does not pay here",
                                                  "unsettled": "  verdict: unsettled"}[verdict]), text
+
+
+IID = np.array([1.2, 0.5])
+
+
+def with_iid_coins(outputs):
+    """`outputs` plus iid-coin runs whose coin noise is c_b,iid^2 (1/m - 1/N) exactly in expectation (an
+    independent Gaussian direction per run, m the expected firings)."""
+    keys = iter(jax.random.split(jax.random.key(7), 1000))
+
+    def both(levels, sampler, steps, firings, coins="stratified"):
+        if coins != "iid":
+            return outputs(levels, sampler, steps, firings)
+        noise = np.asarray(jax.random.normal(next(keys), (B, D)), np.float64)
+        return outputs((levels[-1],), sampler, steps, 0) + IID[levels[0]] * math.sqrt(1 / firings - 1 / steps) * noise
+
+    return both
+
+
+def test_the_fit_recovers_iid_coin_constants_and_their_standard_errors():
+    """iid coins with the linearised exponent (r = 1): the fit recovers it and the constants it is given,
+    each within 4 of its bootstrap standard errors, and those are the size the sampling gives."""
+    from mlem_jax.compare import law_standard_errors
+
+    pilots = run_pilots(with_iid_coins(synthetic_outputs()), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a",
+                        iid_firings=(2, 4, 8))
+    assert {(b, n, f) for (b, _, n, f) in pilots.iid_coins} == {(b, 24, f) for b in (0, 1) for f in (2, 4, 8)}
+    law, se = fit_law(pilots), law_standard_errors(pilots, replicas=100)
+    assert np.all(np.abs(law.iid_coin - IID) < 4 * se.iid_coin), (law.iid_coin, se.iid_coin)
+    assert abs(law.iid_r - 1.0) < 4 * se.iid_r and se.iid_r < 0.05, (law.iid_r, se.iid_r)
+    assert np.all(np.abs(law.floors - FLOORS) < 4 * se.floors)
+    # with r fitted, c_b is the fit's intercept: its relative s.e. is at least that of a mean over 3 x B x D
+    # unit Gaussians' squares, sqrt(2 / (3 B D)) / 2 = 0.46%, and the bootstrap sees it
+    assert np.all(se.iid_coin / law.iid_coin > 0.5 * math.sqrt(2 / (3 * B * D)) / 2)
+    assert np.all(se.iid_coin / law.iid_coin < 0.05)
+
+
+def test_the_search_weighs_iid_against_stratified_coins():
+    """With both constants the search picks whichever scheme reaches the target cheaper, as an enumeration
+    over both does; asked for stratified coins only (a comparison that runs no others), it keeps to them."""
+    costs, calls = np.array([1.0, 4.0, 16.0]), {"a": 1, "b": 1}
+    for iid in (np.array([0.3, 0.2]), np.array([3.0, 2.0])):
+        law = Law(FLOORS, P, CS, COIN, R, U, {}, iid)
+        for target in (0.12, 0.15):
+            single, ml = cheapest(law, target, costs, calls, "a", min_steps=2)
+            runs = [(n * costs[b] + m * costs[2], c) for b in range(2) for n in range(2, 65) for m in range(1, n + 1)
+                    for c in ("stratified", "iid") if law_error(law, (b, 2), "a", n, m, c) <= target]
+            cheaper = [r for r in runs if r[0] < single.cost]
+            assert (ml is None) == (not cheaper)
+            if ml is not None:
+                assert ml.cost == min(cheaper)[0] and law_error(law, ml.levels, "a", ml.steps, ml.firings, ml.coins) \
+                    <= target
+        _, only = cheapest(law, 0.12, costs, calls, "a", min_steps=2, coins=("stratified",))
+        assert only is None or only.coins == "stratified"
+    _, ml = cheapest(Law(FLOORS, P, CS, COIN, R, U, {}, np.array([0.01, 0.01])), 0.12, costs, calls, "a", 2)
+    assert ml.coins == "iid"  # a tiny iid constant wins
+    with pytest.raises(InputError, match="iid"):
+        law_error(Law(FLOORS, P, CS, COIN, R, U), (0, 2), "a", 8, 2, "iid")
+
+
+def test_pilots_on_more_draws_are_the_union_and_settle_where_they_can():
+    """merge_pilots concatenates each run's samples (and refuses batches of other runs); predict_settled adds
+    batches only while the verdict is unsettled, up to max_draws, and later targets reuse them."""
+    from mlem_jax.compare import merge_pilots, predict_settled
+
+    outputs, calls, costs = synthetic_outputs(), {"a": 1, "b": 1}, [1.0, 4.0, 16.0]
+    one = run_pilots(outputs, np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    two = merge_pilots(one, one)
+    assert all(np.array_equal(two.coins[k], np.concatenate([v, v])) for k, v in one.coins.items())
+    assert fit_law(two).floors == pytest.approx(fit_law(one).floors)  # the same draws twice: the same means
+    with pytest.raises(InputError, match="batch 1 holds other coins runs"):
+        merge_pilots(one, one._replace(coins={}))
+    made = []
+
+    def more(i):  # pilots on fresh draws
+        made.append(i)
+        return run_pilots(synthetic_outputs(seed=i), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+
+    # a clear target settles at once: no batch is added
+    batches = [one]
+    pred, pilots = predict_settled(batches, more, 0.12, costs, calls, max_draws=4 * B, replicas=40)
+    assert pred.verdict == "pays" and made == [] and len(batches) == 1
+    # at 0.105 a single run just reaches the target and refits on B draws split (unsettled): batches of fresh
+    # draws are added while it stays unsettled, up to max_draws and never beyond
+    assert predict(one, 0.105, costs, calls, replicas=40).verdict == "unsettled"
+    pred, pilots = predict_settled(batches, more, lambda p: 0.105, costs, calls, max_draws=4 * B, replicas=40)
+    n = len(batches)
+    assert n >= 2 and made == list(range(1, n)) and len(next(iter(pilots.floors.values()))) == n * B <= 4 * B
+    for k in range(1, n):  # every batch was added because the pilots before it left the verdict unsettled
+        assert predict(merge_pilots(*batches[:k]), 0.105, costs, calls, replicas=40).verdict == "unsettled"
+    assert pred.verdict != "unsettled" or n == 4

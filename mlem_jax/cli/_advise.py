@@ -69,7 +69,7 @@ def run(args):
 def _prediction(args, family) -> str:
     from tqdm.auto import tqdm
 
-    from mlem_jax.compare._law import family_pilots, fit_law, format_prediction, law_error, predict
+    from mlem_jax.compare._law import family_pilots, fit_law, format_prediction, law_error, law_standard_errors, predict
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
     steps = args.predict or [10, 20]
@@ -80,14 +80,23 @@ def _prediction(args, family) -> str:
                                       pilot_steps=tuple(args.pilot_steps), tick=lambda: bar.update(1))
     finally:
         bar.close()
-    law = fit_law(pilots)
+    law, se = fit_law(pilots), law_standard_errors(pilots)
     K = len(family.models)
     names = [f"nf={m.nf}" for m in family.models]
-    lines = [f"the law from {len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins)} pilot runs on "
-             f"{args.pilot_size} prior draws (reference: nf={family.models[-1].nf}'s fine ODE): floors "
-             + ", ".join(f"{n}: {f:.4f}" for n, f in zip(names, law.floors))
-             + "; " + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p)
-             + f"; coin noise exponents r {law.r:.2f}, u {law.u:.2f}"]
+    pm = lambda v, e, f=".4f": f"{v:{f}} +- {e:{f}}"
+    runs = len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins) + len(pilots.iid_coins)
+    lines = [f"the law from {runs} pilot runs on {args.pilot_size} prior draws (reference: "
+             f"nf={family.models[-1].nf}'s fine ODE; every +- a bootstrap standard error):",
+             "  floors F_k: " + ", ".join(f"{n} {pm(f, e)}" for n, f, e in zip(names, law.floors, se.floors)),
+             "  orders p: " + ", ".join(f"{s} {pm(law.p[s], se.p[s], '.2f')}" for s in law.p),
+             "  coin constants c_b (base + top; squared coin noise c_b^2 (1/m - 1/N)^r N^-u, stratified, r "
+             f"{pm(law.r, se.r, '.2f')}, u {pm(law.u, se.u, '.2f')}): "
+             + ", ".join(f"{names[b]} {pm(c, e, '.3f')}" for b, (c, e) in enumerate(zip(law.coin, se.coin)))]
+    if len(law.iid_coin):
+        lines.append(f"  iid coins (c_b,iid^2 (1/m - 1/N)^r_iid, m the expected firings, r_iid "
+                     f"{pm(law.iid_r, se.iid_r, '.2f')}): "
+                     + ", ".join(f"{names[b]} {pm(c, e, '.3f')}" for b, (c, e) in
+                                 enumerate(zip(law.iid_coin, se.iid_coin))))
     for n in steps:
         target = law_error(law, (K - 1,), "dpm++2m", n)
         lines.append(f"target: nf={family.models[-1].nf} with DPM-Solver++(2M) at {n} steps")

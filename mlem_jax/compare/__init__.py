@@ -34,12 +34,16 @@ from mlem_jax.compare._law import (
     Pilots,
     Prediction,
     cheapest,
+    coin_noise,
     family_pilots,
     fit_law,
     format_prediction,
     law_error,
+    law_standard_errors,
     law_variants,
+    merge_pilots,
     predict,
+    predict_settled,
     run_pilots,
 )
 
@@ -47,6 +51,6 @@ __all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "ve
            "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
            "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "LADDER", "Config",
            "Search", "search_configuration", "Choice", "Law",
-           "Pilots", "Prediction", "cheapest", "family_pilots", "fit_law", "format_prediction", "law_error",
-           "law_variants", "predict",
+           "Pilots", "Prediction", "cheapest", "coin_noise", "family_pilots", "fit_law", "format_prediction",
+           "law_error", "law_standard_errors", "law_variants", "merge_pilots", "predict", "predict_settled",
            "run_pilots"]

@@ -17,11 +17,13 @@ falls about like 1 / m rather than 1 / sqrt(m).
    target, among every network x `samplers` x `step_ladder`.
 3. Multilevel side: a pilot batch with its own prior draws and its own reference. For every
    lower network as the base and every step count in `ml_step_ladder`, the fewest firings
-   m of the top whose pilot error is at most the pilot's target (bisection). The cheapest
-   of these, in modelled seconds, is run on the main batch. Where it misses 1.1 times the
-   single-network side's error there, m grows by half (at m = N every step runs both
-   networks, which is the top network's sampler plus a wasted base); the result says how
-   many times.
+   m of the top whose pilot error is at most the pilot's target (bisection). These
+   candidates are run on the main batch in order of modelled seconds, and the first within
+   1.1 times the single-network side's error there is the multilevel side: both sides are
+   then the cheapest of their candidates that reach their limit on the main batch. Where
+   none does, the cheapest candidate's m grows by half until it does (at m = N every step
+   runs both networks, which is the top network's sampler plus a wasted base); the result
+   says how many candidates were run and how many times m grew.
 
 Costs: modelled seconds (evaluations x each level's seconds per sample, timed once at the
 batch size), GFLOP (evaluations x XLA FLOPs), and, for the two sides, their own measured
@@ -73,7 +75,8 @@ class Run(NamedTuple):
 
 class Comparison(NamedTuple):
     """The target run, the single-network side, the multilevel side, every single-network
-    run, the pilot's multilevel candidates, and how often the firings grew on the main batch."""
+    run, the pilot's multilevel runs, how often the firings grew on the main batch, each
+    level's seconds and GFLOP per call, and the pilot's candidates run on the main batch."""
 
     target: Run
     single: Run
@@ -83,6 +86,7 @@ class Comparison(NamedTuple):
     stepped_up: int
     level_seconds: np.ndarray
     level_gflop: np.ndarray
+    main_candidates: list = []
 
     @property
     def speedup(self) -> float:
@@ -116,8 +120,8 @@ class _Batch:
         ref = self.program((top,), "dpm++3m", reference_steps)
         self.reference = np.asarray(ref(self.y0, self.labels, None, None)[0])
 
-    def program(self, levels: tuple, sampler: str, steps: int) -> Callable:
-        key = (levels, sampler, steps)
+    def program(self, levels: tuple, sampler: str, steps: int, coins: str = "stratified") -> Callable:
+        key = (levels, sampler, steps) + (() if coins == "stratified" or len(levels) == 1 else (coins,))
         if key not in self.programs:
             ts = _grid(self.sde, sampler, steps)
             solve, sde = SAMPLERS[sampler], self.sde
@@ -127,18 +131,20 @@ class _Batch:
                     return solve(chosen[0], sde, y, ts, args=label), jnp.full((1,), CALLS_PER_STEP[sampler] * steps)
             else:
                 def one(y, label, lk, probs):
-                    sol = solve(Multilevel(chosen, probs, coins="stratified", level_key=lk), sde, y, ts, args=label)
+                    sol = solve(Multilevel(chosen, probs, coins=coins, level_key=lk), sde, y, ts, args=label)
                     return sol.y, sol.evaluations
 
             labelled = 0 if self.labels is not None else None
             self.programs[key] = jax.jit(jax.vmap(one, in_axes=(0, labelled, None, None)))
         return self.programs[key]
 
-    def images(self, levels: tuple, sampler: str, steps: int, firings: int, plans: int | None = None):
+    def images(self, levels: tuple, sampler: str, steps: int, firings: int, plans: int | None = None,
+               coins: str = "stratified"):
         """(images, evaluations per sample): a multilevel run in `plans` chunks (default: the
-        batch's), each its own coin plan. Its cost does not depend on the plan (exactly
-        `firings` of the top), so one plan for the whole batch is what a timing calls."""
-        fn = self.program(levels, sampler, steps)
+        batch's), each its own coin plan. With stratified coins its cost does not depend on the
+        plan (exactly `firings` of the top), so one plan for the whole batch is what a timing
+        calls; with iid coins (probability firings / steps) `firings` is the expected count."""
+        fn = self.program(levels, sampler, steps, coins)
         if len(levels) == 1:
             y, ev = fn(self.y0, self.labels, None, None)
             return y, np.asarray(ev[0], float)
@@ -235,17 +241,22 @@ def compare_best_samplers(family, *, steps: int = 10, sampler: str = "dpm++2m", 
     goal = run(pilot, (top,), sampler, steps).error.value
     tried, best = _multilevel_bisections(run, pilot, top, sampler, ml_step_ladder, goal, secs, exhaustive)
     # none reached it (a family whose coin noise never falls that low): the closest one, which the main batch steps up
-    choice = min(best, key=lambda r: r.modelled_seconds) if best else min(tried, key=lambda r: r.error.value)
-    log(f"pilot ({pilot_size} samples, target {goal:.4f}): {len(tried)} multilevel runs; chose "
-        f"{choice.describe([m.nf for m in family.models])} (pilot error {choice.error.value:.4f})")
+    candidates = sorted(best, key=lambda r: r.modelled_seconds) if best else [min(tried, key=lambda r: r.error.value)]
+    nfs = [m.nf for m in family.models]
+    log(f"pilot ({pilot_size} samples, target {goal:.4f}): {len(tried)} multilevel runs; {len(candidates)} "
+        f"candidate(s), the cheapest {candidates[0].describe(nfs)} (pilot error {candidates[0].error.value:.4f})")
     stage("multilevel on the main batch")
-    ml, stepped = _step_up(run, main, choice, 1.1 * single.error.value, max_step_ups, log)
+    limit = 1.1 * single.error.value
+    on_main = _candidates_on_main(run, main, candidates, limit, lambda c: c.describe(nfs), log)
+    ml, stepped = on_main[-1], 0
+    if ml.error.value > limit:  # none did: grow the cheapest one's firings
+        ml, stepped = _step_up(run, main, candidates[0], limit, max_step_ups, log, on_main[0])
     stage("timing both sides")
     t_single, t_ml = time_pair(lambda: main.images(single.levels, single.sampler, single.steps, 0)[0],
                                lambda: main.images(ml.levels, ml.sampler, ml.steps, ml.firings, plans=1)[0],
                                repeats)
     return Comparison(target, single._replace(seconds=t_single), ml._replace(seconds=t_ml), singles, tried, stepped,
-                      secs, gflop)
+                      secs, gflop, on_main)
 
 
 def _check_comparison(family, sampler, steps, batch_size, pilot_size, coin_plans) -> None:
@@ -330,12 +341,25 @@ def _multilevel_bisections(run, pilot, top, sampler, ml_step_ladder, goal, secs,
     return tried, best
 
 
-def _step_up(run, main, choice, limit: float, max_step_ups: int, log) -> tuple:
-    """The pilot's choice on the main batch, its firings grown 1.5x while its error exceeds `limit`
-    (at most `max_step_ups` times, m up to N): (run, times grown)."""
+def _candidates_on_main(run, main, candidates: list, limit: float, describe, log) -> list:
+    """The pilot's `candidates` (cheapest first) run on the main batch until one errs at most `limit`:
+    the runs, the last the one that reached it unless none did."""
+    on_main = []
+    for c in candidates:
+        on_main.append(run(main, c.levels, c.sampler, c.steps, c.firings))
+        if on_main[-1].error.value <= limit:
+            break
+        log(f"  main batch: {describe(c)} errs {on_main[-1].error.value:.4f} > {limit:.4f}")
+    return on_main
+
+
+def _step_up(run, main, choice, limit: float, max_step_ups: int, log, first: Run | None = None) -> tuple:
+    """The pilot's choice on the main batch (`first`, when it has run there), its firings grown 1.5x
+    while its error exceeds `limit` (at most `max_step_ups` times, m up to N): (run, times grown)."""
     stepped, m = 0, choice.firings
     while True:
-        ml = run(main, choice.levels, choice.sampler, choice.steps, m)
+        fresh = first is None or stepped > 0
+        ml = run(main, choice.levels, choice.sampler, choice.steps, m) if fresh else first
         if ml.error.value <= limit or m >= choice.steps or stepped >= max_step_ups:
             return ml, stepped
         stepped += 1
@@ -363,4 +387,4 @@ def planned_runs(family, *, steps: int = 10, sampler: str = "dpm++2m",
     singles = len(family.models) * len(samplers) * len(set(step_ladder))
     singles += 0 if (sampler in samplers and steps in step_ladder) else 1  # the target
     bisections = sum(math.floor(math.log2(n)) + 1 for n in ml_step_ladder)
-    return singles + 1 + top * bisections + 1  # + the pilot's target, + the main batch's multilevel run
+    return singles + 1 + top * bisections + 1  # + the pilot's target, + the main batch's first candidate

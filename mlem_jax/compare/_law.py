@@ -17,12 +17,19 @@ multilevel run with base b and top K, the top fired m times
     e^2(b, s, N, m) = F_K^2 + C_{K,s}^2 N^(-2 p_s) + c_b^2 (1/m - 1/N)^r N^(-u),
 
 the last term the coin noise of the correction D^K - D^b: the RMS distance of the multilevel run
-from the top alone at the same N. With iid coins at p = m/N its variance is h^2 sum_n V (1/p - 1),
-which is proportional to 1/m - 1/N (r = 1, u = 0) and vanishes at m = N; stratified coins fall
-faster, and with N as well, since each firing stands for a shorter stretch of the path (r and u are
-fitted on two step counts). The three terms are taken as
-uncorrelated. Every constant is fitted on pilots (every distance is paired, sample by sample): a
-fine run and three short runs per network and sampler, and three firing counts per base.
+from the top alone at the same N. With iid coins at p = m/N its linearised variance is
+h^2 sum_n V (1/p - 1), which is proportional to 1/m - 1/N (r = 1, u = 0) and vanishes at m = N;
+stratified coins fall faster, and with N as well, since each firing stands for a shorter stretch of
+the path (r and u are fitted on two step counts). iid coins get a term of their own,
+c_b,iid^2 (1/m - 1/N)^r_iid, m the expected firings, with r_iid fitted too: at few firings one large
+correction (weight N/m) bends the path, and the noise grows faster than the linearised 1/m (on the
+exact testbed at N = 24 the ratio of the noise to 1/m - 1/N is 0.49, 0.15 and 0.10 at m = 2, 4, 8).
+The three terms are taken as uncorrelated. Every constant is fitted on pilots (every distance is
+paired, sample by sample): a fine run and five short runs per network and sampler, and four firing
+counts per base and step count (m = 2, 4, 6, 8: the coin noise is not one power of 1/m - 1/N from 2
+firings, where one large correction bends the path, to 8; on the exact testbed, adding m = 6 moved
+the law's error at the measured run from 0.1508 to 0.1479, against 0.1459 measured on the same
+draws).
 The cost of a run is its calls x each level's cost (FLOPs or seconds). `predict` searches both
 sides on the law, as the measured comparisons do on real runs (on their step ladders when given),
 and gives the gain with an interval from refits on resampled pilots, each leaving out one pilot
@@ -48,21 +55,24 @@ class Pilots(NamedTuple):
     """Per-sample squared distances (each (B,), mean over a sample's components, the same B prior draws
     everywhere): `floors[k]` (level k's fine run to the reference), `discretisation[(k, s, N)]` (the
     N-step run to level k's fine run), `coins[(b, s, N, m)]` (the multilevel run to the top alone at
-    N steps; top = the last level), and `cross[(k, s, N)]`, the inner product of the N-step run's
+    N steps; top = the last level), `cross[(k, s, N)]`, the inner product of the N-step run's
     discretisation error with the fine run's own error (y_N - fine) . (fine - reference): the run's
-    squared error is floor + discretisation + 2 cross, sample by sample."""
+    squared error is floor + discretisation + 2 cross, sample by sample; and `iid_coins[(b, s, N, m)]`,
+    as `coins` with iid coins of probability m / N (m firings on average)."""
 
     floors: dict
     discretisation: dict
     coins: dict
     cross: dict = {}
+    iid_coins: dict = {}
 
 
 class Law(NamedTuple):
     """The fitted constants: floors F_k (K,), per sampler p_s and C_{k,s} (K,), per base c_b, r and u.
     `measured[(k, s)]`: the pilots' (log N, log squared distance) points, which the law follows between
     them (piecewise linear in log-log; beyond the last, along p_s): the discretisation error of a few
-    steps is rarely one power of N."""
+    steps is rarely one power of N. `iid_coin`: per base c_b,iid of iid coins, with exponent `iid_r`
+    (u = 0; empty when the pilots ran none)."""
 
     floors: np.ndarray
     p: dict
@@ -71,11 +81,13 @@ class Law(NamedTuple):
     r: float
     u: float = 0.0
     measured: dict = {}
+    iid_coin: np.ndarray = np.zeros(0)
+    iid_r: float = 1.0
 
 
 class Choice(NamedTuple):
-    """The cheapest run the law says reaches the target: levels, sampler, steps, firings, cost and the
-    predicted RMS error."""
+    """The cheapest run the law says reaches the target: levels, sampler, steps, firings (expected, with
+    iid coins), cost and the predicted RMS error, and the coins of a multilevel run."""
 
     levels: tuple
     sampler: str
@@ -83,6 +95,7 @@ class Choice(NamedTuple):
     firings: int
     cost: float
     error: float
+    coins: str = "stratified"
 
 
 class Prediction(NamedTuple):
@@ -118,12 +131,14 @@ class Prediction(NamedTuple):
 
 def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence[str], *, fine_steps: int = 50,
                pilot_steps: Sequence[int] = (5, 6, 8, 10, 12), ml_sampler: str | None = None,
-               ml_steps: Sequence[int] = (12, 24), ml_firings: Sequence[int] = (2, 4, 8),
-               tick: Callable[[], None] = lambda: None) -> Pilots:
+               ml_steps: Sequence[int] = (12, 24), ml_firings: Sequence[int] = (2, 4, 6, 8),
+               iid_firings: Sequence[int] = (), tick: Callable[[], None] = lambda: None) -> Pilots:
     """Run the pilots through `outputs(levels, sampler, steps, firings) -> (B, ...)` samples from the
     same B prior draws every time: every level's fine run (its first sampler at `fine_steps`; against
     `reference`, the truth or the top's fine run), every level x sampler at `pilot_steps`, and every
-    base with the top at each of `ml_steps` with each of `ml_firings` (below the steps).
+    base with the top at each of `ml_steps` with each of `ml_firings` (below the steps), with
+    stratified coins; with `iid_firings`, also every base at the most `ml_steps` with iid coins of
+    probability m / N for each m, through `outputs(levels, sampler, steps, m, coins="iid")`.
 
     Args:
       outputs: `outputs(levels, sampler, steps, firings)` -> samples from the same prior draws.
@@ -135,6 +150,8 @@ def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence
       ml_sampler: the multilevel pilots' sampler (default the first).
       ml_steps: the multilevel pilots' steps.
       ml_firings: the multilevel pilots' firings of the top (at least two).
+      iid_firings: the iid-coin pilots' expected firings of the top (none by default; two or more fit
+        r_iid as well, one keeps the linearised r_iid = 1).
       tick: called after every pilot run.
     """
     if num_levels < 2:
@@ -162,7 +179,33 @@ def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence
     cross = {key: np.mean((y - fine[key[0]]) * (fine[key[0]] - reference), axis=1) for key, y in short.items()}
     coins = {(b, ml_sampler, n, f): dist2(run((b, top), ml_sampler, n, f), short[(top, ml_sampler, n)])
              for b in range(top) for n in ml_steps for f in ml_firings if f < n}
-    return Pilots(floors, discretisation, coins, cross)
+    iid, n = {}, max(ml_steps)
+    for b in range(top):
+        for f in (f for f in iid_firings if f < n):
+            iid[(b, ml_sampler, n, f)] = dist2(flat(outputs((b, top), ml_sampler, n, f, coins="iid")),
+                                               short[(top, ml_sampler, n)])
+            tick()
+    return Pilots(floors, discretisation, coins, cross, iid)
+
+
+def merge_pilots(*batches: Pilots) -> Pilots:
+    """The pilots of several batches of prior draws as one, on all their draws: each run's per-sample
+    values concatenated (pilots on more draws, where a verdict is unsettled). Every batch must hold the
+    same runs.
+
+    Args:
+      *batches: `Pilots` of the same runs on separate prior draws.
+    """
+    if not batches:
+        raise InputError("batches: give at least one Pilots.")
+    first = batches[0]
+    for i, b in enumerate(batches[1:], 1):
+        for field in Pilots._fields:
+            if set(getattr(b, field)) != set(getattr(first, field)):
+                raise InputError(f"batches: batch {i} holds other {field} runs than batch 0; run the same pilots "
+                                 "(the same levels, samplers, steps and firings) on every batch.")
+    return Pilots(*({k: np.concatenate([getattr(b, field)[k] for b in batches]) for k in getattr(first, field)}
+                    for field in Pilots._fields))
 
 
 def _pooled_power(groups: dict, fallback: float) -> tuple[float, dict]:
@@ -253,29 +296,39 @@ def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> 
             if len(pts) >= 2:
                 xs, ys, _ = zip(*sorted(pts))
                 measured[(k, s)] = (np.array(xs), np.array(ys))
-    # log Q^2 = log c_b^2 + r log(1/m - 1/N) - u log N, least squares with one intercept per base
-    rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in pilots.coins})
-    for (b, _, n, f), v in pilots.coins.items():
+    coin, r, u = _fit_coins(pilots.coins, index, z, K, 2.0)
+    iid_coin, iid_r, _ = _fit_coins(pilots.iid_coins, index, z, K if pilots.iid_coins else 1, 1.0)
+    return Law(np.sqrt(floor2), p, C, coin, r, u, measured, iid_coin, iid_r)
+
+
+def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tuple[np.ndarray, float, float]:
+    """(c_b for each of the K - 1 bases, r, u) of log Q^2 = log c_b^2 + r log(1/m - 1/N) - u log N on the
+    coin pilots `values[(b, s, N, m)]` above `z` standard errors: weighted least squares with one intercept
+    per base; u needs two step counts and r two values of 1/m - 1/N (else u = 0, r = `fallback_r`); r is
+    clipped to [0.5, 3] and u to [-1, 3], and each c_b refitted at the clipped exponents."""
+    rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in values})
+    for (b, _, n, f), v in values.items():
         d = v if index is None else v[index]
         mean, se = float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(len(d)))
         if f < n and mean > z * se:
             rows.append([math.log(1.0 / f - 1.0 / n), -math.log(n)] + [float(b == g) for g in bases])
             ys.append(math.log(mean))
             ws.append(math.sqrt(_weight(mean, se)))
-    coin, r, u = np.zeros(K - 1), 2.0, 0.0
+    coin, r, u = np.zeros(K - 1), fallback_r, 0.0
     if rows:
         A, y, w = np.array(rows), np.array(ys), np.array(ws)
-        used = [0, 1] if len({row[1] for row in rows}) > 1 else [0]  # u needs two step counts
+        used = [0] if len({row[0] for row in rows}) > 1 else []
+        used += [1] if len({row[1] for row in rows}) > 1 else []  # u needs two step counts
         cols = used + [2 + i for i in range(len(bases))]
         sol = np.linalg.lstsq(A[:, cols] * w[:, None], y * w, rcond=None)[0]
-        r = float(np.clip(sol[0], 0.5, 3.0))
-        u = float(np.clip(sol[1], -1.0, 3.0)) if 1 in used else 0.0
+        r = float(np.clip(sol[used.index(0)], 0.5, 3.0)) if 0 in used else fallback_r
+        u = float(np.clip(sol[used.index(1)], -1.0, 3.0)) if 1 in used else 0.0
         for i, b in enumerate(bases):  # each c_b at the clipped exponents
             mine = [j for j, row in enumerate(rows) if row[2 + i] == 1.0]
             if mine:
                 coin[b] = math.exp(0.5 * float(np.average(
                     [ys[j] - r * rows[j][0] - u * rows[j][1] for j in mine], weights=[ws[j] for j in mine])))
-    return Law(np.sqrt(floor2), p, C, coin, r, u, measured)
+    return coin, r, u
 
 
 def discretisation(law: Law, k: int, sampler: str, steps: int) -> float:
@@ -295,7 +348,19 @@ def discretisation(law: Law, k: int, sampler: str, steps: int) -> float:
     return math.exp(float(np.interp(x, xs, ys)))
 
 
-def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 0) -> float:
+def coin_noise(law: Law, base: int, steps: int, firings: float, coins: str = "stratified") -> float:
+    """The squared coin noise the law gives a multilevel run with `base`: c_b^2 (1/m - 1/N)^r N^-u with
+    stratified coins, c_b,iid^2 (1/m - 1/N)^r_iid with iid coins (m their expected firings)."""
+    if firings >= steps:
+        return 0.0
+    if coins == "iid":
+        if not len(law.iid_coin):
+            raise InputError("coins: the law has no iid-coin constants; run the pilots with iid_firings.")
+        return law.iid_coin[base] ** 2 * (1.0 / firings - 1.0 / steps) ** law.iid_r
+    return law.coin[base] ** 2 * (1.0 / firings - 1.0 / steps) ** law.r * steps ** (-law.u)
+
+
+def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 0, coins: str = "stratified") -> float:
     """The RMS error the law gives a run.
 
     Args:
@@ -303,18 +368,20 @@ def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 
       levels: (k,) for one network, (b, K) for a multilevel run.
       sampler: the sampler.
       steps: N.
-      firings: m, the top's firings (multilevel).
+      firings: m, the top's firings (multilevel; expected firings with iid coins).
+      coins: "stratified" or "iid" (multilevel).
     """
     top = levels[-1]
     e2 = law.floors[top] ** 2 + discretisation(law, top, sampler, steps)
-    if len(levels) > 1 and firings < steps:
-        e2 += law.coin[levels[0]] ** 2 * (1.0 / firings - 1.0 / steps) ** law.r * steps ** (-law.u)
+    if len(levels) > 1:
+        e2 += coin_noise(law, levels[0], steps, firings, coins)
     return math.sqrt(e2)
 
 
 def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler: str, min_steps: int = 2,
              max_cost: float = math.inf, ml_min_steps: int | None = None, steps: Sequence[int] | None = None,
-             ml_steps: Sequence[int] | None = None) -> tuple[Choice | None, Choice | None]:
+             ml_steps: Sequence[int] | None = None,
+             coins: Sequence[str] | None = None) -> tuple[Choice | None, Choice | None]:
     """(best single run, best multilevel run cheaper than the single one) on the law, over
     `min_steps`..`MAX_STEPS` steps (multilevel runs from `ml_min_steps`, default `min_steps`), or over
     the step counts `steps` / `ml_steps` where given (those of the comparison being predicted: a
@@ -331,8 +398,10 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
       ml_min_steps: the fewest steps of a multilevel run (default `min_steps`).
       steps: the single runs' step counts (default every N from `min_steps`).
       ml_steps: the multilevel runs' step counts (default every N from `ml_min_steps`).
+      coins: the coin schemes searched ("stratified", "iid"; default those the law has constants for).
     """
     K = len(law.floors)
+    coins = tuple(coins) if coins is not None else ("stratified",) + (("iid",) if len(law.iid_coin) else ())
     ml_min = min_steps if ml_min_steps is None else ml_min_steps
     steps_range = range(min_steps, MAX_STEPS + 1) if steps is None else sorted(n for n in steps if n >= min_steps)
     ml_range = range(ml_min, MAX_STEPS + 1) if ml_steps is None else sorted(n for n in ml_steps if n >= ml_min)
@@ -358,15 +427,38 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
             room = target ** 2 - disc
             if room <= 0:
                 continue
-            # the least m with c_b^2 (1/m - 1/N)^r N^-u <= room
-            m = max(1, math.ceil(1.0 / ((room * n ** law.u / law.coin[b] ** 2) ** (1.0 / law.r) + 1.0 / n))) \
-                if law.coin[b] > 0 else 1
-            if m > n:
-                continue
-            cost = base + calls[ml_sampler] * m * costs[K - 1]
-            if cost < cap:
-                ml, cap = Choice((b, K - 1), ml_sampler, n, m, cost, law_error(law, (b, K - 1), ml_sampler, n, m)), cost
+            for scheme in coins:
+                # the least m with c_b^2 (1/m - 1/N)^r N^-u <= room (iid: r_iid, u = 0)
+                c, r, u = (law.iid_coin[b], law.iid_r, 0.0) if scheme == "iid" else (law.coin[b], law.r, law.u)
+                m = max(1, math.ceil(1.0 / ((room * n ** u / c ** 2) ** (1.0 / r) + 1.0 / n))) if c > 0 else 1
+                if m > n:
+                    continue
+                cost = base + calls[ml_sampler] * m * costs[K - 1]
+                if cost < cap:
+                    ml = Choice((b, K - 1), ml_sampler, n, m, cost,
+                                law_error(law, (b, K - 1), ml_sampler, n, m, scheme), scheme)
+                    cap = cost
     return single, ml
+
+
+def law_standard_errors(pilots: Pilots, replicas: int = 100, seed: int = 0) -> Law:
+    """The bootstrap standard error of every constant of `fit_law(pilots)`, as a `Law` of standard
+    errors (its `measured` empty): the spread of the refits on `replicas` resamples of the pilots'
+    samples (the same resample for every run: they share their prior draws).
+
+    Args:
+      pilots: the `Pilots`.
+      replicas: bootstrap resamples.
+      seed: of the resamples.
+    """
+    size = len(next(iter(pilots.floors.values())))
+    rng = np.random.default_rng(seed)
+    laws = [fit_law(pilots, rng.integers(0, size, size)) for _ in range(replicas)]
+    sd = lambda xs: np.std(np.asarray(xs, np.float64), axis=0, ddof=1)
+    return Law(sd([w.floors for w in laws]), {s: float(sd([w.p[s] for w in laws])) for s in laws[0].p},
+               {s: sd([w.C[s] for w in laws]) for s in laws[0].C}, sd([w.coin for w in laws]),
+               float(sd([w.r for w in laws])), float(sd([w.u for w in laws])), {}, sd([w.iid_coin for w in laws]),
+               float(sd([w.iid_r for w in laws])))
 
 
 def law_variants(pilots: Pilots) -> list[Pilots]:
@@ -390,7 +482,7 @@ def law_variants(pilots: Pilots) -> list[Pilots]:
 def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, *, replicas: int = 200,
             level: float = 0.8, seed: int = 0, steps: Sequence[int] | None = None,
             ml_steps: Sequence[int] | None = None, leave_out: bool = True,
-            measured_size: int | None = None) -> Prediction:
+            measured_size: int | None = None, coins: Sequence[str] | None = None) -> Prediction:
     """The law's gain at `target` (an RMS error), with an interval: the law refitted on `replicas`
     bootstrap resamples of the pilots' samples (the same resample for every run: they share their
     prior draws), each on one of the `law_variants` in turn when `leave_out` (so the interval holds
@@ -412,6 +504,8 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
       leave_out: whether the replicas also leave out one pilot step or firing count in turn.
       measured_size: the draws of the measurement the interval should cover (default: none, the
         interval is for the law's gain itself).
+      coins: the coin schemes searched (default those the pilots ran; a comparison that runs only
+        stratified coins is predicted with ("stratified",)).
     """
     costs = np.asarray(costs, np.float64)
     ml_sampler = next(iter(pilots.coins))[1]
@@ -419,7 +513,7 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
     # discretisation pilots, multilevel runs from the fewest of the coin pilots
     fewest = min(n for (_, _, n) in pilots.discretisation)
     ml_fewest = min(n for (_, _, n, _) in pilots.coins)
-    search = dict(ml_min_steps=ml_fewest, steps=steps, ml_steps=ml_steps)
+    search = dict(ml_min_steps=ml_fewest, steps=steps, ml_steps=ml_steps, coins=coins)
     single, ml = cheapest(fit_law(pilots), target, costs, calls, ml_sampler, fewest, **search)
     gain = None if (single is None or ml is None) else single.cost / ml.cost
     size = len(next(iter(pilots.floors.values())))
@@ -442,12 +536,43 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
     return Prediction(target, single, ml, gain, low, high, level, float(np.mean(np.isfinite(gains))))
 
 
+def predict_settled(batches: list, more: Callable[[int], Pilots], target, costs: Sequence[float],
+                    calls: dict, *, max_draws: int, **kwargs) -> tuple[Prediction, Pilots]:
+    """`predict` on the merged pilots of `batches`, following its own advice: while the verdict is
+    unsettled and the pilots hold fewer than `max_draws` draws, one more batch, `more(len(batches))`,
+    is appended to `batches` (the caller's list, so that later targets reuse it) and the prediction is
+    repeated. Returns (prediction, the pilots it rests on). A verdict that stays unsettled at `max_draws`
+    is reported as such: the target is within the pilots' noise of a threshold.
+
+    Args:
+      batches: the pilots run so far, one `Pilots` per batch of draws (appended to).
+      more: `more(i)` runs the pilots on a new, i-th batch of draws.
+      target: as in `predict`, or `target(pilots)` for a target set by the pilots (a multiple of the
+        top's floor, the top's error at some steps), which more draws move too.
+      costs: as in `predict`.
+      calls: as in `predict`.
+      max_draws: the most draws the pilots may hold.
+      **kwargs: passed to `predict`.
+    """
+    while True:
+        pilots = merge_pilots(*batches)
+        pred = predict(pilots, target(pilots) if callable(target) else target, costs, calls, **kwargs)
+        size = len(next(iter(pilots.floors.values())))
+        if pred.verdict != "unsettled" or size + len(next(iter(batches[-1].floors.values()))) > max_draws:
+            return pred, pilots
+        batches.append(more(len(batches)))
+
+
 def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequence[str] = ("dpm++2m", "unipc"),
-                  pilot_steps: Sequence[int] = (5, 6, 8, 10, 12),
+                  pilot_steps: Sequence[int] = (5, 6, 8, 10, 12), coin_plans: int = 8,
+                  iid_firings: Sequence[int] = (2, 4, 8),
                   tick: Callable[[], None] = lambda: None) -> tuple[Pilots, np.ndarray]:
     """(pilots, FLOPs per call of each level) of a UNet family, the reference being its top network's
     probability-flow ODE solved finely (DPM-Solver++(3M), 100 log-SNR steps) from the same prior draws, as
     in `compare_best_samplers`: the top's floor is then 0, and a lower level's is its distance from the top.
+    A multilevel pilot averages `coin_plans` coin plans (one per slice of the batch; fewer where they
+    would not divide it): one plan shared by every draw would measure one realisation of where the top
+    fires, not the coin noise's mean, and no resampling of the draws could show it.
 
     Args:
       family: a UNet `Family`.
@@ -455,17 +580,21 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
       seed: of the pilots' draws.
       samplers: the samplers whose discretisation is fitted.
       pilot_steps: the short runs' steps (at least two).
+      coin_plans: coin plans per multilevel pilot (the most that divide `batch_size`, up to this).
+      iid_firings: the iid-coin pilots' expected firings (empty: stratified coins only).
       tick: called after every pilot run.
     """
     from mlem_jax.compare._best_samplers import _Batch
     from mlem_jax.diffusion.unet import family_summary
 
-    batch = _Batch(family, batch_size, seed, 100, 1)
+    plans = max(d for d in range(1, max(1, coin_plans) + 1) if batch_size % d == 0)
+    batch = _Batch(family, batch_size, seed, 100, plans)
 
-    def outputs(levels, sampler, steps, firings):
-        return batch.images(tuple(levels), sampler, steps, firings)[0]
+    def outputs(levels, sampler, steps, firings, coins="stratified"):
+        return batch.images(tuple(levels), sampler, steps, firings, coins=coins)[0]
 
-    pilots = run_pilots(outputs, batch.reference, len(family.models), samplers, pilot_steps=pilot_steps, tick=tick)
+    pilots = run_pilots(outputs, batch.reference, len(family.models), samplers, pilot_steps=pilot_steps,
+                        iid_firings=iid_firings, tick=tick)
     flops = np.array([1e9 * s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
     return pilots, flops
 
@@ -481,8 +610,9 @@ def format_prediction(pred: Prediction, names: Sequence[str], unit: str = "FLOPs
     def run(c: Choice) -> str:
         if len(c.levels) == 1:
             return f"{names[c.levels[0]]} alone, {c.sampler} {c.steps} steps"
-        return (f"{names[c.levels[0]]} + {names[c.levels[-1]]}, {c.sampler} {c.steps} steps, the top fired "
-                f"{c.firings} times")
+        fired = f"the top fired {c.firings} times" if c.coins == "stratified" else \
+            f"iid coins, the top fired {c.firings} times on average"
+        return f"{names[c.levels[0]]} + {names[c.levels[-1]]}, {c.sampler} {c.steps} steps, {fired}"
 
     lines = [f"at error {pred.target:.4f}:"]
     lines.append("  single network: " + ("none reaches it" if pred.single is None else
