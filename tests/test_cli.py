@@ -423,15 +423,21 @@ def test_advise_predicts_the_gain_from_pilots(trained, tmp_path, capsys):
     and the gain with its interval or the verdict that multilevel does not pay, in advise.txt."""
     out = tmp_path / "adv"
     assert main(["advise", "--family", str(trained / "family"), "--data", "procedural", "--draws", "64",
-                 "--predict", "6", "--pilot-size", "4", "--pilot-steps", "5", "8", "--out", str(out),
+                 "--predict", "6", "--pilot-size", "4", "--max-pilot-size", "8", "--pilot-steps", "5", "8",
+                 "--out", str(out),
                  "--no-progress"]) == 0
     text = (out / "advise.txt").read_text()
-    assert "the law from" in text and "pilot runs on 4 prior draws" in text
+    assert "the law from" in text and "pilot runs on" in text and "batch(es) of 4;" in text
+    assert "target: nf=8 with DPM-Solver++(2M) at 6 steps (predicted on " in text
     # every constant with its bootstrap standard error, the coin constants for both schemes
     for line in ("  floors F_k: nf=", "  orders p: dpm++2m ", "  coin constants c_b ", "  iid coins "):
         row = next(r for r in text.splitlines() if r.startswith(line))
         assert " +- " in row, row
-    assert "target: nf=8 with DPM-Solver++(2M) at 6 steps" in text and "single network:" in text
+    assert "single network:" in text
+    draws = int(text.split("pilot runs on ")[1].split()[0])
+    settled = "verdict: unsettled" not in text
+    # a second batch only where the first left the verdict unsettled; unsettled only with both
+    assert draws in (4, 8) and (settled or draws == 8) and (draws == 8 or settled)
     assert ("predicted gain" in text and "interval: refits on resampled pilots" in text) \
         or "no run is cheaper than the single network" in text
     assert any(v in text for v in ("verdict: multilevel pays here", "verdict: multilevel does not pay here",

@@ -24,6 +24,9 @@ def add_parser(sub):
                    help="also fit the law on short pilots and predict the equal-error gain at the error of the top "
                         "network with DPM-Solver++(2M) at each STEPS (default 10 and 20; about 2 minutes more)")
     a.add_argument("--pilot-size", type=positive(int), default=32, help="with --predict: prior draws of the pilots")
+    a.add_argument("--max-pilot-size", type=positive(int), default=None,
+                   help="with --predict: where a verdict is unsettled, run the pilots on further batches of "
+                        "--pilot-size draws, up to this many in all (default: no further batches)")
     a.add_argument("--pilot-steps", type=positive(int), nargs="+", default=[5, 6, 8, 10, 12], metavar="N",
                    help="with --predict: the pilots' step counts (at least two; the law follows its points between "
                         "them)")
@@ -69,24 +72,44 @@ def run(args):
 def _prediction(args, family) -> str:
     from tqdm.auto import tqdm
 
-    from mlem_jax.compare._law import family_pilots, fit_law, format_prediction, law_error, law_standard_errors, predict
+    from mlem_jax.compare._law import (
+        family_pilots,
+        fit_law,
+        format_prediction,
+        law_error,
+        law_standard_errors,
+        merge_pilots,
+        predict_settled,
+    )
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
     steps = args.predict or [10, 20]
-    bar = tqdm(total=None, desc="advise: pilots", disable=args.no_progress, unit="run",
-               bar_format="{desc}: {n} runs {elapsed}")
-    try:
-        pilots, flops = family_pilots(family, batch_size=args.pilot_size, seed=args.seed + 1,
-                                      pilot_steps=tuple(args.pilot_steps), tick=lambda: bar.update(1))
-    finally:
-        bar.close()
-    law, se = fit_law(pilots), law_standard_errors(pilots)
     K = len(family.models)
     names = [f"nf={m.nf}" for m in family.models]
+    bar = tqdm(total=None, desc="advise: pilots", disable=args.no_progress, unit="run",
+               bar_format="{desc}: {n} runs {elapsed}")
+
+    def pilots_on(i):  # the i-th batch of pilot draws
+        return family_pilots(family, batch_size=args.pilot_size, seed=args.seed + 1 + i,
+                             pilot_steps=tuple(args.pilot_steps), tick=lambda: bar.update(1))
+
+    try:
+        first, flops = pilots_on(0)
+        batches, predictions = [first], []
+        for n in steps:  # later targets reuse the batches an earlier one added
+            target = lambda p, n=n: law_error(fit_law(p), (K - 1,), "dpm++2m", n)
+            pred, on = predict_settled(batches, lambda i: pilots_on(i)[0], target, flops, CALLS_PER_STEP,
+                                       max_draws=max(args.max_pilot_size or 0, args.pilot_size))
+            predictions.append((n, pred, len(next(iter(on.floors.values())))))
+    finally:
+        bar.close()
+    pilots = merge_pilots(*batches)  # every batch any target ran
+    law, se = fit_law(pilots), law_standard_errors(pilots)
     pm = lambda v, e, f=".4f": f"{v:{f}} +- {e:{f}}"
-    runs = len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins) + len(pilots.iid_coins)
-    lines = [f"the law from {runs} pilot runs on {args.pilot_size} prior draws (reference: "
-             f"nf={family.models[-1].nf}'s fine ODE; every +- a bootstrap standard error):",
+    runs = len(first.floors) + len(first.discretisation) + len(first.coins) + len(first.iid_coins)
+    draws = len(next(iter(pilots.floors.values())))
+    lines = [f"the law from {runs} pilot runs on {draws} prior draws ({len(batches)} batch(es) of {args.pilot_size}; "
+             f"reference: nf={family.models[-1].nf}'s fine ODE; every +- a bootstrap standard error):",
              "  floors F_k: " + ", ".join(f"{n} {pm(f, e)}" for n, f, e in zip(names, law.floors, se.floors)),
              "  orders p: " + ", ".join(f"{s} {pm(law.p[s], se.p[s], '.2f')}" for s in law.p),
              "  coin constants c_b (base + top; squared coin noise c_b^2 (1/m - 1/N)^r N^-u, stratified, r "
@@ -97,8 +120,8 @@ def _prediction(args, family) -> str:
                      f"{pm(law.iid_r, se.iid_r, '.2f')}): "
                      + ", ".join(f"{names[b]} {pm(c, e, '.3f')}" for b, (c, e) in
                                  enumerate(zip(law.iid_coin, se.iid_coin))))
-    for n in steps:
-        target = law_error(law, (K - 1,), "dpm++2m", n)
-        lines.append(f"target: nf={family.models[-1].nf} with DPM-Solver++(2M) at {n} steps")
-        lines.append(format_prediction(predict(pilots, target, flops, CALLS_PER_STEP), names))
+    for n, pred, on_draws in predictions:
+        lines.append(f"target: nf={family.models[-1].nf} with DPM-Solver++(2M) at {n} steps (predicted on "
+                     f"{on_draws} pilot draws)")
+        lines.append(format_prediction(pred, names))
     return "\n".join(lines)

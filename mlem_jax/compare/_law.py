@@ -350,7 +350,15 @@ def discretisation(law: Law, k: int, sampler: str, steps: int) -> float:
 
 def coin_noise(law: Law, base: int, steps: int, firings: float, coins: str = "stratified") -> float:
     """The squared coin noise the law gives a multilevel run with `base`: c_b^2 (1/m - 1/N)^r N^-u with
-    stratified coins, c_b,iid^2 (1/m - 1/N)^r_iid with iid coins (m their expected firings)."""
+    stratified coins, c_b,iid^2 (1/m - 1/N)^r_iid with iid coins (m their expected firings).
+
+    Args:
+      law: the fitted `Law`.
+      base: b, the base level.
+      steps: N.
+      firings: m, the top's firings (expected, with iid coins); none at m >= N.
+      coins: "stratified" or "iid".
+    """
     if firings >= steps:
         return 0.0
     if coins == "iid":
