@@ -423,7 +423,8 @@ def test_advise_predicts_the_gain_from_pilots(trained, tmp_path, capsys):
     and the gain with its interval or the verdict that multilevel does not pay, in advise.txt."""
     out = tmp_path / "adv"
     assert main(["advise", "--family", str(trained / "family"), "--data", "procedural", "--draws", "64",
-                 "--predict", "6", "--pilot-size", "4", "--max-pilot-size", "8", "--pilot-steps", "5", "8",
+                 "--predict", "6", "--target", "0.05", "--pilot-size", "4", "--max-pilot-size", "8",
+                 "--pilot-steps", "5", "8",
                  "--out", str(out),
                  "--no-progress"]) == 0
     text = (out / "advise.txt").read_text()
@@ -433,11 +434,14 @@ def test_advise_predicts_the_gain_from_pilots(trained, tmp_path, capsys):
     for line in ("  floors F_k: nf=", "  orders p: dpm++2m ", "  coin constants c_b ", "  iid coins "):
         row = next(r for r in text.splitlines() if r.startswith(line))
         assert " +- " in row, row
-    assert "single network:" in text
+    assert "target: pathwise RMS error 0.05 (predicted on " in text and text.count("single network:") == 2
     draws = int(text.split("pilot runs on ")[1].split()[0])
     settled = "verdict: unsettled" not in text
-    # a second batch only where the first left the verdict unsettled; unsettled only with both
-    assert draws in (4, 8) and (settled or draws == 8) and (draws == 8 or settled)
+    # a second batch only where the first left a verdict unsettled; unsettled only with both
+    assert draws in (4, 8) and (settled or draws == 8)
+    assert main(["advise", "--family", str(trained / "family"), "--target", "0", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "--target: expected positive RMS errors" in capsys.readouterr().err
     assert ("predicted gain" in text and "interval: refits on resampled pilots" in text) \
         or "no run is cheaper than the single network" in text
     assert any(v in text for v in ("verdict: multilevel pays here", "verdict: multilevel does not pay here",

@@ -290,3 +290,33 @@ def test_pilots_on_more_draws_are_the_union_and_settle_where_they_can():
     for k in range(1, n):  # every batch was added because the pilots before it left the verdict unsettled
         assert predict(merge_pilots(*batches[:k]), 0.105, costs, calls, replicas=40).verdict == "unsettled"
     assert pred.verdict != "unsettled" or n == 4
+
+
+def test_a_target_in_a_users_metric_becomes_the_pathwise_target_it_stands_for():
+    """A metric that is exactly 0.3 + 2 e^2 of the run's samples (the reference is 0, so e^2 is the mean
+    square): metric_law recovers a = 0.3, b = 2 with r2 = 1, every pilot run recorded it, and a target of
+    0.3 + 2 x 0.12^2 in the metric is the pathwise target 0.12. A metric that falls as the error grows, and
+    a value below the floor, are refused with what to do instead."""
+    from mlem_jax.compare import merge_pilots, metric_law
+
+    metric = lambda y: 0.3 + 2.0 * float(np.mean(np.asarray(y, np.float64) ** 2))
+    pilots = run_pilots(with_iid_coins(synthetic_outputs()), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a",
+                        iid_firings=(2, 4), metric=metric)
+    runs = len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins) + len(pilots.iid_coins)
+    assert len(pilots.metrics) == runs and ((0, 2), "a", 24, 2, "iid") in pilots.metrics
+    fit = metric_law(pilots)
+    assert fit.a == pytest.approx(0.3, abs=1e-9) and fit.b == pytest.approx(2.0, rel=1e-9)
+    assert fit.r2 == pytest.approx(1.0) and fit.runs == runs
+    assert fit.error_at(0.3 + 2 * 0.12 ** 2) == pytest.approx(0.12, rel=1e-9)
+    # two batches: each run's metric and squared error averaged
+    other = run_pilots(with_iid_coins(synthetic_outputs(seed=3)), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a",
+                       iid_firings=(2, 4), metric=metric)
+    both = merge_pilots(pilots, other)
+    key = ((1,), "b", 8, 0, "stratified")
+    assert both.metrics[key] == pytest.approx(tuple((np.array(pilots.metrics[key]) + other.metrics[key]) / 2))
+    with pytest.raises(InputError, match="floor"):
+        fit.error_at(0.2)
+    with pytest.raises(InputError, match="does not grow"):
+        metric_law(pilots._replace(metrics={k: (-v[0], v[1]) for k, v in pilots.metrics.items()})).error_at(0.1)
+    with pytest.raises(InputError, match="metric="):
+        metric_law(pilots._replace(metrics={}))

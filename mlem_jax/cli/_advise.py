@@ -23,6 +23,9 @@ def add_parser(sub):
     a.add_argument("--predict", type=positive(int), nargs="*", default=None, metavar="STEPS",
                    help="also fit the law on short pilots and predict the equal-error gain at the error of the top "
                         "network with DPM-Solver++(2M) at each STEPS (default 10 and 20; about 2 minutes more)")
+    a.add_argument("--target", type=float, nargs="+", default=None, metavar="ERROR",
+                   help="also (or instead of --predict's) targets given as pathwise RMS errors per pixel against the "
+                        "top network's fine ODE; implies --predict")
     a.add_argument("--pilot-size", type=positive(int), default=32, help="with --predict: prior draws of the pilots")
     a.add_argument("--max-pilot-size", type=positive(int), default=None,
                    help="with --predict: where a verdict is unsettled, run the pilots on further batches of "
@@ -41,6 +44,8 @@ def run(args):
     from mlem_jax.compare._advise import family_diagnostics, held_out_images, plot_advice
 
     t0 = time.perf_counter()
+    if args.target is not None and any(not (t > 0) for t in args.target):
+        raise CLIError(f"--target: expected positive RMS errors, got {args.target}.")
     family = family_arg(args.family)
     if len(family.models) < 2:
         raise CLIError(f"--family: advise compares levels, and this family has {len(family.models)}.")
@@ -56,7 +61,7 @@ def run(args):
     finally:
         bar.close()
     report = advice.report()
-    if args.predict is not None:
+    if args.predict is not None or args.target is not None:
         report += "\n\n" + _prediction(args, family)
     print(report)
     with writing(txt, png):
@@ -83,7 +88,7 @@ def _prediction(args, family) -> str:
     )
     from mlem_jax.diffusion.samplers import CALLS_PER_STEP
 
-    steps = args.predict or [10, 20]
+    steps = args.predict or ([] if args.target else [10, 20])
     K = len(family.models)
     names = [f"nf={m.nf}" for m in family.models]
     bar = tqdm(total=None, desc="advise: pilots", disable=args.no_progress, unit="run",
@@ -96,11 +101,13 @@ def _prediction(args, family) -> str:
     try:
         first, flops = pilots_on(0)
         batches, predictions = [first], []
-        for n in steps:  # later targets reuse the batches an earlier one added
-            target = lambda p, n=n: law_error(fit_law(p), (K - 1,), "dpm++2m", n)
+        asked = [(f"nf={family.models[-1].nf} with DPM-Solver++(2M) at {n} steps",
+                  lambda p, n=n: law_error(fit_law(p), (K - 1,), "dpm++2m", n)) for n in steps]
+        asked += [(f"pathwise RMS error {e:g}", e) for e in args.target or ()]
+        for name, target in asked:  # later targets reuse the batches an earlier one added
             pred, on = predict_settled(batches, lambda i: pilots_on(i)[0], target, flops, CALLS_PER_STEP,
                                        max_draws=max(args.max_pilot_size or 0, args.pilot_size))
-            predictions.append((n, pred, len(next(iter(on.floors.values())))))
+            predictions.append((name, pred, len(next(iter(on.floors.values())))))
     finally:
         bar.close()
     pilots = merge_pilots(*batches)  # every batch any target ran
@@ -120,8 +127,7 @@ def _prediction(args, family) -> str:
                      f"{pm(law.iid_r, se.iid_r, '.2f')}): "
                      + ", ".join(f"{names[b]} {pm(c, e, '.3f')}" for b, (c, e) in
                                  enumerate(zip(law.iid_coin, se.iid_coin))))
-    for n, pred, on_draws in predictions:
-        lines.append(f"target: nf={family.models[-1].nf} with DPM-Solver++(2M) at {n} steps (predicted on "
-                     f"{on_draws} pilot draws)")
+    for name, pred, on_draws in predictions:
+        lines.append(f"target: {name} (predicted on {on_draws} pilot draws)")
         lines.append(format_prediction(pred, names))
     return "\n".join(lines)

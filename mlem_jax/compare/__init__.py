@@ -31,6 +31,7 @@ from mlem_jax.compare._em_search import (
 from mlem_jax.compare._law import (
     Choice,
     Law,
+    MetricLaw,
     Pilots,
     Prediction,
     cheapest,
@@ -42,6 +43,7 @@ from mlem_jax.compare._law import (
     law_standard_errors,
     law_variants,
     merge_pilots,
+    metric_law,
     predict,
     predict_settled,
     run_pilots,
@@ -50,7 +52,7 @@ from mlem_jax.compare._law import (
 __all__ = ["Advice", "family_diagnostics", "held_out_images", "plot_advice", "verdict", "SAMPLER_NAMES",
            "Comparison", "Run", "compare_best_samplers", "level_seconds", "planned_runs", "SharedNoise",
            "em_sampler", "increments_on", "mlem_sampler", "shared_noise", "LADDER", "Config",
-           "Search", "search_configuration", "Choice", "Law",
+           "Search", "search_configuration", "Choice", "Law", "MetricLaw", "metric_law",
            "Pilots", "Prediction", "cheapest", "coin_noise", "family_pilots", "fit_law", "format_prediction",
            "law_error", "law_standard_errors", "law_variants", "merge_pilots", "predict", "predict_settled",
            "run_pilots"]

@@ -58,13 +58,16 @@ class Pilots(NamedTuple):
     N steps; top = the last level), `cross[(k, s, N)]`, the inner product of the N-step run's
     discretisation error with the fine run's own error (y_N - fine) . (fine - reference): the run's
     squared error is floor + discretisation + 2 cross, sample by sample; and `iid_coins[(b, s, N, m)]`,
-    as `coins` with iid coins of probability m / N (m firings on average)."""
+    as `coins` with iid coins of probability m / N (m firings on average). With a user's distribution
+    metric, `metrics[(levels, sampler, steps, firings, coins)]` is (the metric of the run's samples, its
+    mean squared error against the reference) for every pilot run: what `metric_law` fits."""
 
     floors: dict
     discretisation: dict
     coins: dict
     cross: dict = {}
     iid_coins: dict = {}
+    metrics: dict = {}
 
 
 class Law(NamedTuple):
@@ -132,7 +135,8 @@ class Prediction(NamedTuple):
 def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence[str], *, fine_steps: int = 50,
                pilot_steps: Sequence[int] = (5, 6, 8, 10, 12), ml_sampler: str | None = None,
                ml_steps: Sequence[int] = (12, 24), ml_firings: Sequence[int] = (2, 4, 6, 8),
-               iid_firings: Sequence[int] = (), tick: Callable[[], None] = lambda: None) -> Pilots:
+               iid_firings: Sequence[int] = (), metric: Callable | None = None,
+               tick: Callable[[], None] = lambda: None) -> Pilots:
     """Run the pilots through `outputs(levels, sampler, steps, firings) -> (B, ...)` samples from the
     same B prior draws every time: every level's fine run (its first sampler at `fine_steps`; against
     `reference`, the truth or the top's fine run), every level x sampler at `pilot_steps`, and every
@@ -152,6 +156,9 @@ def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence
       ml_firings: the multilevel pilots' firings of the top (at least two).
       iid_firings: the iid-coin pilots' expected firings of the top (none by default; two or more fit
         r_iid as well, one keeps the linearised r_iid = 1).
+      metric: optionally a distribution metric of a run's (B, ...) samples (lower is better; an MMD,
+        a Frechet distance): recorded for every pilot run beside its squared error, so that a target
+        in that metric can be turned into a pathwise one (`metric_law`).
       tick: called after every pilot run.
     """
     if num_levels < 2:
@@ -164,8 +171,14 @@ def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence
     reference = flat(reference)
     dist2 = lambda a, b: np.mean((a - b) ** 2, axis=1)
 
-    def run(*a):
-        y = flat(outputs(*a))
+    metrics = {}
+
+    def run(*a, **kw):
+        raw = outputs(*a, **kw)
+        y = flat(raw)
+        if metric is not None:
+            metrics[tuple(a) + (kw.get("coins", "stratified"),)] = (float(metric(raw)),
+                                                                    float(np.mean(dist2(y, reference))))
         tick()
         return y
 
@@ -182,10 +195,9 @@ def run_pilots(outputs: Callable, reference, num_levels: int, samplers: Sequence
     iid, n = {}, max(ml_steps)
     for b in range(top):
         for f in (f for f in iid_firings if f < n):
-            iid[(b, ml_sampler, n, f)] = dist2(flat(outputs((b, top), ml_sampler, n, f, coins="iid")),
+            iid[(b, ml_sampler, n, f)] = dist2(run((b, top), ml_sampler, n, f, coins="iid"),
                                                short[(top, ml_sampler, n)])
-            tick()
-    return Pilots(floors, discretisation, coins, cross, iid)
+    return Pilots(floors, discretisation, coins, cross, iid, metrics)
 
 
 def merge_pilots(*batches: Pilots) -> Pilots:
@@ -204,8 +216,13 @@ def merge_pilots(*batches: Pilots) -> Pilots:
             if set(getattr(b, field)) != set(getattr(first, field)):
                 raise InputError(f"batches: batch {i} holds other {field} runs than batch 0; run the same pilots "
                                  "(the same levels, samplers, steps and firings) on every batch.")
-    return Pilots(*({k: np.concatenate([getattr(b, field)[k] for b in batches]) for k in getattr(first, field)}
-                    for field in Pilots._fields))
+    sizes = np.array([len(next(iter(b.floors.values()))) for b in batches], np.float64)
+    merged = {field: {k: np.concatenate([getattr(b, field)[k] for b in batches]) for k in getattr(first, field)}
+              for field in Pilots._fields if field != "metrics"}
+    # a distribution metric is not per sample: each batch's value, averaged (weighted by the batch's draws)
+    merged["metrics"] = {k: tuple(np.average([b.metrics[k] for b in batches], axis=0, weights=sizes).tolist())
+                         for k in first.metrics}
+    return Pilots(**merged)
 
 
 def _pooled_power(groups: dict, fallback: float) -> tuple[float, dict]:
@@ -542,6 +559,45 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
         low, high = min(1.0, float(np.min(finite, initial=1.0))), float(np.quantile(finite, (1 + level) / 2)) \
             if finite.size else 1.0
     return Prediction(target, single, ml, gain, low, high, level, float(np.mean(np.isfinite(gains))))
+
+
+class MetricLaw(NamedTuple):
+    """A user's distribution metric against the pathwise error over the pilot runs, metric = a + b e^2
+    (least squares; `r2` its coefficient of determination over the `runs` points): the map that turns a
+    target in the metric into a pathwise target (`error_at`)."""
+
+    a: float
+    b: float
+    r2: float
+    runs: int
+
+    def error_at(self, value: float) -> float:
+        """The pathwise RMS error at which the metric is `value`: sqrt((value - a) / b)."""
+        if self.b <= 0:
+            raise InputError(f"metric: over the pilots the metric does not grow with the pathwise error (slope "
+                             f"{self.b:.3g}), so no pathwise target stands for a value of it; use a pathwise target.")
+        if value <= self.a:
+            raise InputError(f"target: {value:.4g} is at or below the metric's floor over the pilots ({self.a:.4g}): "
+                             "no run's error is that small; ask for a larger value.")
+        return math.sqrt((value - self.a) / self.b)
+
+
+def metric_law(pilots: Pilots) -> MetricLaw:
+    """Fit metric = a + b e^2 over the pilot runs that recorded a metric (`run_pilots(..., metric=...)`),
+    e^2 each run's mean squared error against the reference. A distribution metric does not see every
+    pathwise error (two runs that send a draw to different but equally likely samples differ pathwise,
+    not in distribution): `r2` says how much of the metric the pathwise error explains.
+
+    Args:
+      pilots: `Pilots` run with a `metric`.
+    """
+    if len(pilots.metrics) < 3:
+        raise InputError("pilots: fewer than three runs recorded a metric; run the pilots with metric=.")
+    m, e2 = (np.array(v, np.float64) for v in zip(*pilots.metrics.values()))
+    b, a = np.polyfit(e2, m, 1)
+    resid = m - (a + b * e2)
+    total = float(np.sum((m - m.mean()) ** 2))
+    return MetricLaw(float(a), float(b), 1.0 - float(np.sum(resid ** 2)) / total if total > 0 else 1.0, len(m))
 
 
 def predict_settled(batches: list, more: Callable[[int], Pilots], target, costs: Sequence[float],
