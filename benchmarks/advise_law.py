@@ -30,6 +30,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from mlem_jax.compare import fit_law, law_error, predict, predict_settled, run_pilots
 from mlem_jax.diffusion.samplers import CALLS_PER_STEP
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
                          "DPM-Solver++(2M) at --steps, against compare_best_samplers (what demo --family runs)")
     ap.add_argument("--steps", type=int, nargs="+", default=[8])
     ap.add_argument("--name", default="law_family", help="with --family: the stem of the files written to --out")
+    ap.add_argument("--refit", action="store_true",
+                    help="with --family: no new runs; refit the law on the pilots and re-predict against the "
+                         "measurements recorded by an earlier run of the same --name (after a change to the law)")
     ap.add_argument("--max-pilot-size", type=int, default=None,
                     help="where a verdict is unsettled, pilots on more batches of --pilot-size draws, up to this many "
                          "(default 4x --pilot-size on the testbed, 2x on a family; --quick: no more)")
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
     log(f"advise_law: {' '.join(sys.argv[1:]) or '(defaults)'}; {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs")
     if args.family is not None:
-        return _family(args, log, log_lines, t0)
+        return (_refit if args.refit else _family)(args, log, log_lines, t0)
     pilot_tb = Testbed(batch_size=args.pilot_size, seed=1, truth_steps=100)
     K = len(pilot_tb.levels)
     costs = pilot_tb.level_flops
@@ -99,8 +103,7 @@ def main(argv=None) -> int:
         f"samples in {time.perf_counter() - t_p:.0f} s")
     log("law: floors " + ", ".join(f"{f:.4f}" for f in law.floors)
         + "; " + "; ".join(f"{s}: p {law.p[s]:.2f}, C " + ", ".join(f"{c:.3f}" for c in law.C[s]) for s in law.p)
-        + "; coin c_b " + ", ".join(f"{c:.3f}" for c in law.coin) + f", r {law.r:.2f}, u {law.u:.2f}"
-        + "; iid coins c_b " + ", ".join(f"{c:.3f}" for c in law.iid_coin) + f", r {law.iid_r:.2f}")
+        + "; " + _coins_text(law))
 
     tb = Testbed(batch_size=args.batch_size, seed=0, truth_steps=100)
     top_floor = tb.single(K - 1, "dpm++2m", 50).error
@@ -197,11 +200,20 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "law.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]),
                        law=dict(floors=law.floors.tolist(), p=law.p, C={s: c.tolist() for s, c in law.C.items()},
-                                coin=law.coin.tolist(), r=law.r, u=law.u, iid_coin=law.iid_coin.tolist()),
+                                coin=law.coin.tolist(), r=law.r.tolist(), u=law.u.tolist(),
+                                iid_coin=law.iid_coin.tolist(), iid_r=law.iid_r.tolist()),
                        rows=rows), f, indent=1)
     with open(os.path.join(args.out, "law.log"), "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0
+
+
+def _coins_text(law) -> str:
+    """Each base's coin constants: stratified c_b, r_b, u_b; iid c_b, r_b."""
+    return "coins per base (c, r, u; iid c, r): " + "; ".join(
+        f"{law.coin[b]:.3f}, {law.r[b]:.2f}, {law.u[b]:.2f}"
+        + (f"; iid {law.iid_coin[b]:.3f}, {law.iid_r[b]:.2f}" if len(law.iid_coin) else "")
+        for b in range(len(law.coin)))
 
 
 def _settled_row(pred, pilots, measured) -> dict:
@@ -259,9 +271,7 @@ def _family(args, log, log_lines, t0) -> int:
         pickle.dump(dict(pilots=pilots._asdict(), flops=flops), f)
     law = fit_law(pilots)
     log(f"law ({args.pilot_size} pilot draws): floors " + ", ".join(f"{f:.4f}" for f in law.floors) + "; "
-        + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p) + f"; coin r {law.r:.2f}, u {law.u:.2f}, c_b "
-        + ", ".join(f"{c:.3f}" for c in law.coin) + "; iid coins c_b " + ", ".join(f"{c:.3f}" for c in law.iid_coin)
-        + f", r {law.iid_r:.2f}")
+        + "; ".join(f"{s}: p {law.p[s]:.2f}" for s in law.p) + "; " + _coins_text(law))
     only = dict(coins=("stratified",))  # the comparison runs stratified coins: the law searches those
     rows = []
     for n in args.steps:
@@ -312,6 +322,7 @@ def _family(args, log, log_lines, t0) -> int:
                          predicted_modelled_seconds=[by_time.gain, by_time.low, by_time.high, by_time.pays],
                          measured_modelled_seconds=measured_time, settled_modelled_seconds=settled_row,
                          main_candidates=len(c.main_candidates), stepped_up=c.stepped_up,
+                         level_seconds=c.level_seconds.tolist(),
                          measured_multilevel_error=[ml.error.value, ml.error.stderr], law_multilevel_error=law_ml))
     log(f"total {time.perf_counter() - t0:.0f} s")
     with open(os.path.join(args.out, f"{args.name}_pilots.pkl"), "wb") as f:  # every batch the settling ran
@@ -319,6 +330,71 @@ def _family(args, log, log_lines, t0) -> int:
     with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
         json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]), rows=rows), f, indent=1)
     with open(os.path.join(args.out, f"{args.name}.log"), "w") as f:
+        f.write("\n".join(log_lines) + "\n")
+    return 0
+
+
+def _refit(args, log, log_lines, t0) -> int:
+    """The law refitted on the pilots an earlier `--family` run recorded (`NAME_pilots.pkl`: every batch)
+    and predicted again against the measurements it recorded (`NAME.json`; each target's level seconds
+    from it, or from `NAME.log` for runs that predate them): what a change to the law does, without
+    rerunning the comparison. A verdict is settled within the recorded batches only."""
+    import re
+
+    from mlem_jax.cli._demo import demo_ladders
+    from mlem_jax.compare import Pilots, format_prediction
+    from mlem_jax.diffusion.family import load_family
+
+    stem = os.path.join(args.out, args.name)
+    with open(stem + "_pilots.pkl", "rb") as f:
+        saved = pickle.load(f)
+    batches = [Pilots(**b) for b in (saved["pilots"] if isinstance(saved["pilots"], list) else [saved["pilots"]])]
+    with open(stem + ".json") as f:
+        recorded = json.load(f)
+    with open(stem + ".log") as f:
+        logged = [[float(x) / 1e3 for x in re.findall(r"([\d.]+) ms", m)]
+                  for m in re.findall(r"level seconds ([^)]*)\)", f.read())]
+    fam = load_family(args.family)
+    names, flops, top = [f"nf={m.nf}" for m in fam.models], saved["flops"], len(fam.models) - 1
+    first = batches[0]
+    size = len(next(iter(first.floors.values())))
+    law = fit_law(first)
+    log(f"refit on {len(batches)} recorded batch(es) of {size} pilot draws: floors "
+        + ", ".join(f"{f:.4f}" for f in law.floors) + "; " + _coins_text(law))
+    rows = []
+    for i, row in enumerate(recorded["rows"]):
+        n = row["steps"]
+        ladders = demo_ladders(n)
+        secs = np.asarray(row.get("level_seconds") or logged[i])
+        search = dict(steps=ladders["step_ladder"], ml_steps=ladders["ml_step_ladder"], measured_size=args.batch_size,
+                      coins=("stratified",))
+        target = lambda p: law_error(fit_law(p), (top,), "dpm++2m", n)
+        pred = predict(first, target(first), flops, CALLS_PER_STEP, **search)
+        by_time = predict(first, target(first), secs, CALLS_PER_STEP, **search)
+        recorded_batches = list(batches)
+        settled, on = predict_settled(recorded_batches[:1], lambda j: recorded_batches[j], target, secs,
+                                      CALLS_PER_STEP, max_draws=size * len(batches), **search)
+        measured = row["measured_modelled_seconds"]
+        log(f"target: {names[-1]} with DPM-Solver++(2M) at {n} steps")
+        log(format_prediction(pred, names))
+        log(f"  measured (recorded): {row['measured']:.2f}x in FLOPs, {measured:.2f}x in modelled seconds")
+        log("  in modelled seconds: predicted " + ("none (a single network is cheapest)" if by_time.gain is None else
+                                                 f"{by_time.gain:.2f}x [{by_time.low:.2f}, {by_time.high:.2f}]")
+            + f" (pays in {100 * by_time.pays:.0f}% of the replicas; verdict: {by_time.verdict})")
+        settled_row = _settled_row(settled, on, measured)
+        log("  in modelled seconds, " + _settled_line(settled_row))
+        checks = _measure_choices(fam, by_time, args.batch_size)
+        for what, err in checks.items():
+            log(f"  the law's {what} choice (by seconds) measured on the main batch: error {err:.4f}")
+        rows.append(dict(steps=n, predicted=pred.gain, low=pred.low, high=pred.high, pays=pred.pays,
+                         verdict=pred.verdict, measured=row["measured"],
+                         predicted_modelled_seconds=[by_time.gain, by_time.low, by_time.high, by_time.pays],
+                         verdict_modelled_seconds=by_time.verdict, measured_modelled_seconds=measured,
+                         settled_modelled_seconds=settled_row, law_choices_measured=checks))
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    with open(stem + "_refit.json", "w") as f:
+        json.dump(dict(command="python benchmarks/advise_law.py " + " ".join(sys.argv[1:]), rows=rows), f, indent=1)
+    with open(stem + "_refit.log", "w") as f:
         f.write("\n".join(log_lines) + "\n")
     return 0
 

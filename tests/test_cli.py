@@ -431,7 +431,7 @@ def test_advise_predicts_the_gain_from_pilots(trained, tmp_path, capsys):
     assert "the law from" in text and "pilot runs on" in text and "batch(es) of 4;" in text
     assert "target: nf=8 with DPM-Solver++(2M) at 6 steps (predicted on " in text
     # every constant with its bootstrap standard error, the coin constants for both schemes
-    for line in ("  floors F_k: nf=", "  orders p: dpm++2m ", "  coin constants c_b ", "  iid coins "):
+    for line in ("  floors F_k: nf=", "  orders p: dpm++2m ", "  coins, stratified ", "  coins, iid "):
         row = next(r for r in text.splitlines() if r.startswith(line))
         assert " +- " in row, row
     assert "target: pathwise RMS error 0.05 (predicted on " in text and text.count("single network:") == 2

@@ -119,14 +119,13 @@ def _prediction(args, family) -> str:
              f"reference: nf={family.models[-1].nf}'s fine ODE; every +- a bootstrap standard error):",
              "  floors F_k: " + ", ".join(f"{n} {pm(f, e)}" for n, f, e in zip(names, law.floors, se.floors)),
              "  orders p: " + ", ".join(f"{s} {pm(law.p[s], se.p[s], '.2f')}" for s in law.p),
-             "  coin constants c_b (base + top; squared coin noise c_b^2 (1/m - 1/N)^r N^-u, stratified, r "
-             f"{pm(law.r, se.r, '.2f')}, u {pm(law.u, se.u, '.2f')}): "
-             + ", ".join(f"{names[b]} {pm(c, e, '.3f')}" for b, (c, e) in enumerate(zip(law.coin, se.coin)))]
+             "  coins, stratified (squared coin noise c_b^2 (1/m - 1/N)^r N^-u, per base + the top): "
+             + ", ".join(f"{names[b]} c {pm(law.coin[b], se.coin[b], '.3f')}, r {pm(law.r[b], se.r[b], '.2f')}, "
+                         f"u {pm(law.u[b], se.u[b], '.2f')}" for b in range(K - 1))]
     if len(law.iid_coin):
-        lines.append(f"  iid coins (c_b,iid^2 (1/m - 1/N)^r_iid, m the expected firings, r_iid "
-                     f"{pm(law.iid_r, se.iid_r, '.2f')}): "
-                     + ", ".join(f"{names[b]} {pm(c, e, '.3f')}" for b, (c, e) in
-                                 enumerate(zip(law.iid_coin, se.iid_coin))))
+        lines.append("  coins, iid (c_b,iid^2 (1/m - 1/N)^r_iid, m the expected firings): "
+                     + ", ".join(f"{names[b]} c {pm(law.iid_coin[b], se.iid_coin[b], '.3f')}, r "
+                                 f"{pm(law.iid_r[b], se.iid_r[b], '.2f')}" for b in range(K - 1)))
     for name, pred, on_draws in predictions:
         lines.append(f"target: {name} (predicted on {on_draws} pilot draws)")
         lines.append(format_prediction(pred, names))

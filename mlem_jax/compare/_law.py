@@ -28,7 +28,7 @@ The three terms are taken as uncorrelated. Every constant is fitted on pilots (e
 paired, sample by sample): a fine run and five short runs per network and sampler, and four firing
 counts per base and step count (m = 2, 4, 6, 8: the coin noise is not one power of 1/m - 1/N from 2
 firings, where one large correction bends the path, to 8; on the exact testbed, adding m = 6 moved
-the law's error at the measured run from 0.1508 to 0.1479, against 0.1459 measured on the same
+the law's error at the measured run from 0.1508 to 0.1479, against 0.1467 measured on the same
 draws).
 The cost of a run is its calls x each level's cost (FLOPs or seconds). `predict` searches both
 sides on the law, as the measured comparisons do on real runs (on their step ladders when given),
@@ -71,7 +71,8 @@ class Pilots(NamedTuple):
 
 
 class Law(NamedTuple):
-    """The fitted constants: floors F_k (K,), per sampler p_s and C_{k,s} (K,), per base c_b, r and u.
+    """The fitted constants: floors F_k (K,), per sampler p_s and C_{k,s} (K,), per base c_b and its
+    exponents r_b and u_b (arrays (K - 1,), or one number for every base).
     `measured[(k, s)]`: the pilots' (log N, log squared distance) points, which the law follows between
     them (piecewise linear in log-log; beyond the last, along p_s): the discretisation error of a few
     steps is rarely one power of N. `iid_coin`: per base c_b,iid of iid coins, with exponent `iid_r`
@@ -81,11 +82,11 @@ class Law(NamedTuple):
     p: dict
     C: dict
     coin: np.ndarray
-    r: float
-    u: float = 0.0
+    r: np.ndarray | float
+    u: np.ndarray | float = 0.0
     measured: dict = {}
     iid_coin: np.ndarray = np.zeros(0)
-    iid_r: float = 1.0
+    iid_r: np.ndarray | float = 1.0
 
 
 class Choice(NamedTuple):
@@ -290,9 +291,10 @@ def _excess(pilots: Pilots, index, z: float) -> dict:
 
 def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> Law:
     """The constants of the law from the pilots (over the samples `index`, all by default: a bootstrap
-    replica passes a resample): in log-log, one exponent per sampler (p) and one for the coins (r),
-    each shared over the levels, and one constant per level; only distances above `z` standard errors
-    enter, and p falls back to 1 and r to 2 (stratified coins) when no level resolves two points.
+    replica passes a resample): in log-log, one exponent per sampler (p), shared over the levels, and
+    one constant per level; per base, the coins' constant and exponents (r, u; `_fit_coins`); only
+    distances above `z` standard errors enter, and p falls back to 1 and r to 2 (stratified coins) when
+    no level resolves two points.
 
     Args:
       pilots: the `Pilots`.
@@ -318,11 +320,16 @@ def fit_law(pilots: Pilots, index: np.ndarray | None = None, z: float = 2.0) -> 
     return Law(np.sqrt(floor2), p, C, coin, r, u, measured, iid_coin, iid_r)
 
 
-def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tuple[np.ndarray, float, float]:
-    """(c_b for each of the K - 1 bases, r, u) of log Q^2 = log c_b^2 + r log(1/m - 1/N) - u log N on the
-    coin pilots `values[(b, s, N, m)]` above `z` standard errors: weighted least squares with one intercept
-    per base; u needs two step counts and r two values of 1/m - 1/N (else u = 0, r = `fallback_r`); r is
-    clipped to [0.5, 3] and u to [-1, 3], and each c_b refitted at the clipped exponents."""
+def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tuple[np.ndarray, np.ndarray,
+                                                                                  np.ndarray]:
+    """(c_b, r_b, u_b) for each of the K - 1 bases: log Q^2 = log c_b^2 + r_b log(1/m - 1/N) - u_b log N on
+    the coin pilots `values[(b, s, N, m)]` above `z` standard errors, by weighted least squares. First one
+    r and u pooled over the bases (one intercept each); then each base that resolves three points over
+    two values of 1/m - 1/N gets its own r_b (and u_b where it has two step counts): each correction
+    D^K - D^b bends the path in its own way (on the five-level family the noise of nf 4 and 8 grows 17x
+    faster than 1/m - 1/N from m = 4 to 2, that of nf 16 and 32 about as fast). A base with fewer keeps
+    the pooled exponents. r is clipped to [0.5, 3] and u to [-1, 3]; u needs two step counts and r two
+    values of 1/m - 1/N (else u = 0, r = `fallback_r`)."""
     rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in values})
     for (b, _, n, f), v in values.items():
         d = v if index is None else v[index]
@@ -331,20 +338,27 @@ def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tupl
             rows.append([math.log(1.0 / f - 1.0 / n), -math.log(n)] + [float(b == g) for g in bases])
             ys.append(math.log(mean))
             ws.append(math.sqrt(_weight(mean, se)))
-    coin, r, u = np.zeros(K - 1), fallback_r, 0.0
+    coin, r, u = np.zeros(K - 1), np.full(K - 1, fallback_r), np.zeros(K - 1)
+
+    def solve(mine, intercepts):
+        A, y, w = np.array([rows[j] for j in mine]), np.array([ys[j] for j in mine]), np.array([ws[j] for j in mine])
+        used = [0] if len({row[0] for row in A.tolist()}) > 1 else []
+        used += [1] if len({row[1] for row in A.tolist()}) > 1 else []  # u needs two step counts
+        sol = np.linalg.lstsq(A[:, used + intercepts] * w[:, None], y * w, rcond=None)[0]
+        return (float(np.clip(sol[used.index(0)], 0.5, 3.0)) if 0 in used else fallback_r,
+                float(np.clip(sol[used.index(1)], -1.0, 3.0)) if 1 in used else 0.0)
+
     if rows:
-        A, y, w = np.array(rows), np.array(ys), np.array(ws)
-        used = [0] if len({row[0] for row in rows}) > 1 else []
-        used += [1] if len({row[1] for row in rows}) > 1 else []  # u needs two step counts
-        cols = used + [2 + i for i in range(len(bases))]
-        sol = np.linalg.lstsq(A[:, cols] * w[:, None], y * w, rcond=None)[0]
-        r = float(np.clip(sol[used.index(0)], 0.5, 3.0)) if 0 in used else fallback_r
-        u = float(np.clip(sol[used.index(1)], -1.0, 3.0)) if 1 in used else 0.0
-        for i, b in enumerate(bases):  # each c_b at the clipped exponents
+        pooled = solve(range(len(rows)), [2 + i for i in range(len(bases))])
+        for i, b in enumerate(bases):
             mine = [j for j, row in enumerate(rows) if row[2 + i] == 1.0]
-            if mine:
-                coin[b] = math.exp(0.5 * float(np.average(
-                    [ys[j] - r * rows[j][0] - u * rows[j][1] for j in mine], weights=[ws[j] for j in mine])))
+            if not mine:
+                continue
+            own = len(mine) >= 3 and len({rows[j][0] for j in mine}) > 1
+            r[b], u[b] = solve(mine, [2 + i]) if own else pooled
+            # c_b at the clipped exponents
+            coin[b] = math.exp(0.5 * float(np.average(
+                [ys[j] - r[b] * rows[j][0] - u[b] * rows[j][1] for j in mine], weights=[ws[j] for j in mine])))
     return coin, r, u
 
 
@@ -381,8 +395,13 @@ def coin_noise(law: Law, base: int, steps: int, firings: float, coins: str = "st
     if coins == "iid":
         if not len(law.iid_coin):
             raise InputError("coins: the law has no iid-coin constants; run the pilots with iid_firings.")
-        return law.iid_coin[base] ** 2 * (1.0 / firings - 1.0 / steps) ** law.iid_r
-    return law.coin[base] ** 2 * (1.0 / firings - 1.0 / steps) ** law.r * steps ** (-law.u)
+        return law.iid_coin[base] ** 2 * (1.0 / firings - 1.0 / steps) ** _of(law.iid_r, base)
+    return law.coin[base] ** 2 * (1.0 / firings - 1.0 / steps) ** _of(law.r, base) * steps ** (-_of(law.u, base))
+
+
+def _of(exponent, base: int) -> float:
+    """A base's exponent: one per base, or one for all."""
+    return float(exponent[base]) if np.ndim(exponent) else float(exponent)
 
 
 def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 0, coins: str = "stratified") -> float:
@@ -454,7 +473,8 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
                 continue
             for scheme in coins:
                 # the least m with c_b^2 (1/m - 1/N)^r N^-u <= room (iid: r_iid, u = 0)
-                c, r, u = (law.iid_coin[b], law.iid_r, 0.0) if scheme == "iid" else (law.coin[b], law.r, law.u)
+                c, r, u = (law.iid_coin[b], _of(law.iid_r, b), 0.0) if scheme == "iid" else \
+                    (law.coin[b], _of(law.r, b), _of(law.u, b))
                 m = max(1, math.ceil(1.0 / ((room * n ** u / c ** 2) ** (1.0 / r) + 1.0 / n))) if c > 0 else 1
                 if m > n:
                     continue
@@ -482,8 +502,8 @@ def law_standard_errors(pilots: Pilots, replicas: int = 100, seed: int = 0) -> L
     sd = lambda xs: np.std(np.asarray(xs, np.float64), axis=0, ddof=1)
     return Law(sd([w.floors for w in laws]), {s: float(sd([w.p[s] for w in laws])) for s in laws[0].p},
                {s: sd([w.C[s] for w in laws]) for s in laws[0].C}, sd([w.coin for w in laws]),
-               float(sd([w.r for w in laws])), float(sd([w.u for w in laws])), {}, sd([w.iid_coin for w in laws]),
-               float(sd([w.iid_r for w in laws])))
+               sd([w.r for w in laws]), sd([w.u for w in laws]), {}, sd([w.iid_coin for w in laws]),
+               sd([w.iid_r for w in laws]))
 
 
 def law_variants(pilots: Pilots) -> list[Pilots]:
