@@ -321,3 +321,21 @@ def test_a_target_in_a_users_metric_becomes_the_pathwise_target_it_stands_for():
         metric_law(pilots._replace(metrics={k: (-v[0], v[1]) for k, v in pilots.metrics.items()})).error_at(0.1)
     with pytest.raises(InputError, match="metric="):
         metric_law(pilots._replace(metrics={}))
+
+
+def test_a_base_whose_coin_noise_the_pilots_do_not_resolve_is_never_a_multilevel_base():
+    """Coin distances that are zero but for one huge one per run (a heavy tail): their mean is within two
+    standard errors of 0, which says the noise is unknown, not small. The base gets c_b = inf and the search
+    never picks it (with c_b = 0 it looked free: one firing reached any target)."""
+    from mlem_jax.compare import law_standard_errors
+
+    pilots = run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    tail = np.zeros(B)
+    tail[0] = 50.0
+    heavy = {k: (tail if k[0] == 0 else v) for k, v in pilots.coins.items()}
+    law = fit_law(pilots._replace(coins=heavy))
+    assert law.coin[0] == np.inf and np.isfinite(law.coin[1])
+    for target in (0.12, 0.15, 0.3):
+        _, ml = cheapest(law, target, np.array([1.0, 4.0, 16.0]), {"a": 1, "b": 1}, "a", min_steps=5)
+        assert ml is None or ml.levels[0] == 1
+    assert np.isnan(law_standard_errors(pilots._replace(coins=heavy), replicas=10).coin[0])

@@ -3,6 +3,7 @@ levels (`mlem_jax.compare._advise`), a verdict in words, a text report and a plo
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -112,7 +113,9 @@ def _prediction(args, family) -> str:
         bar.close()
     pilots = merge_pilots(*batches)  # every batch any target ran
     law, se = fit_law(pilots), law_standard_errors(pilots)
-    pm = lambda v, e, f=".4f": f"{v:{f}} +- {e:{f}}"
+    def pm(v, e, f=".4f"):
+        return f"{v:{f}} +- {e:{f}}" if math.isfinite(v) else "unresolved (no pilot distance beyond 2 s.e.)"
+
     runs = len(first.floors) + len(first.discretisation) + len(first.coins) + len(first.iid_coins)
     draws = len(next(iter(pilots.floors.values())))
     lines = [f"the law from {runs} pilot runs on {draws} prior draws ({len(batches)} batch(es) of {args.pilot_size}; "

@@ -329,7 +329,7 @@ def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tupl
     D^K - D^b bends the path in its own way (on the five-level family the noise of nf 4 and 8 grows 17x
     faster than 1/m - 1/N from m = 4 to 2, that of nf 16 and 32 about as fast). A base with fewer keeps
     the pooled exponents. r is clipped to [0.5, 3] and u to [-1, 3]; u needs two step counts and r two
-    values of 1/m - 1/N (else u = 0, r = `fallback_r`)."""
+    values of 1/m - 1/N (else u = 0, r = `fallback_r`). A base with no resolved distance gets c_b = inf."""
     rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in values})
     for (b, _, n, f), v in values.items():
         d = v if index is None else v[index]
@@ -338,7 +338,10 @@ def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tupl
             rows.append([math.log(1.0 / f - 1.0 / n), -math.log(n)] + [float(b == g) for g in bases])
             ys.append(math.log(mean))
             ws.append(math.sqrt(_weight(mean, se)))
-    coin, r, u = np.zeros(K - 1), np.full(K - 1, fallback_r), np.zeros(K - 1)
+    # a base none of whose distances is resolved has an unknown coin noise, not a zero one: a mean within
+    # z standard errors of 0 comes from a few large distances among small ones (a heavy tail), since a
+    # small noise on every draw is resolved; such a base gets c_b = inf and is never a multilevel base
+    coin, r, u = np.full(K - 1, np.inf), np.full(K - 1, fallback_r), np.zeros(K - 1)
 
     def solve(mine, intercepts):
         A, y, w = np.array([rows[j] for j in mine]), np.array([ys[j] for j in mine]), np.array([ws[j] for j in mine])
@@ -475,6 +478,8 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
                 # the least m with c_b^2 (1/m - 1/N)^r N^-u <= room (iid: r_iid, u = 0)
                 c, r, u = (law.iid_coin[b], _of(law.iid_r, b), 0.0) if scheme == "iid" else \
                     (law.coin[b], _of(law.r, b), _of(law.u, b))
+                if not math.isfinite(c):  # its coin noise is not resolved by the pilots
+                    continue
                 m = max(1, math.ceil(1.0 / ((room * n ** u / c ** 2) ** (1.0 / r) + 1.0 / n))) if c > 0 else 1
                 if m > n:
                     continue
@@ -499,7 +504,10 @@ def law_standard_errors(pilots: Pilots, replicas: int = 100, seed: int = 0) -> L
     size = len(next(iter(pilots.floors.values())))
     rng = np.random.default_rng(seed)
     laws = [fit_law(pilots, rng.integers(0, size, size)) for _ in range(replicas)]
-    sd = lambda xs: np.std(np.asarray(xs, np.float64), axis=0, ddof=1)
+    def sd(xs):  # nan where a replica left a constant unresolved (inf)
+        with np.errstate(invalid="ignore"):
+            return np.std(np.asarray(xs, np.float64), axis=0, ddof=1)
+
     return Law(sd([w.floors for w in laws]), {s: float(sd([w.p[s] for w in laws])) for s in laws[0].p},
                {s: sd([w.C[s] for w in laws]) for s in laws[0].C}, sd([w.coin for w in laws]),
                sd([w.r for w in laws]), sd([w.u for w in laws]), {}, sd([w.iid_coin for w in laws]),
