@@ -163,6 +163,14 @@ def test_the_search_keeps_to_the_given_step_counts():
             if law_error(law, (k,), s, n) <= 0.15]
     assert single.steps in ladder and single.cost == min(runs)[0]
     assert ml is None or ml.steps in ml_ladder
+    # and the law is not extrapolated far beyond its coin pilots: at most 1.5x their most steps (24 here)
+    _, free = cheapest(law, 0.12, costs, calls, "a", min_steps=2)
+    assert free is not None and free.steps > 24  # unbounded, the search goes beyond
+    _, capped = cheapest(law, 0.12, costs, calls, "a", min_steps=2, ml_max_steps=24)
+    assert capped is None or capped.steps <= 24
+    pilots = run_pilots(synthetic_outputs(), np.zeros((B, D)), 3, ["a", "b"], ml_sampler="a")
+    pred = predict(pilots, 0.15, costs, calls, replicas=5)
+    assert pred.multilevel is None or 12 <= pred.multilevel.steps <= 36
 
 
 def test_the_interval_for_a_measurement_resamples_fewer_draws(monkeypatch):
@@ -200,6 +208,8 @@ def test_the_verdict_is_settled_only_where_the_replicas_agree_with_the_law():
         assert text.splitlines()[-1].startswith({"pays": "  verdict: multilevel pays here",
                                                  "does not pay": "  verdict: multilevel does not pay here",
                                                  "unsettled": "  verdict: unsettled"}[verdict]), text
+    slim = format_prediction(Prediction(0.1, single, ml, 1.02, 1.0, 1.3, 0.8, 0.9), ["s", "m", "l"])
+    assert slim.splitlines()[-1].endswith("but by 2%: about the cost of the single network"), slim
 
 
 IID = np.array([1.2, 0.5])
@@ -282,14 +292,14 @@ def test_pilots_on_more_draws_are_the_union_and_settle_where_they_can():
     batches = [one]
     pred, pilots = predict_settled(batches, more, 0.12, costs, calls, max_draws=4 * B, replicas=40)
     assert pred.verdict == "pays" and made == [] and len(batches) == 1
-    # at 0.105 a single run just reaches the target and refits on B draws split (unsettled): batches of fresh
-    # draws are added while it stays unsettled, up to max_draws and never beyond
-    assert predict(one, 0.105, costs, calls, replicas=40).verdict == "unsettled"
-    pred, pilots = predict_settled(batches, more, lambda p: 0.105, costs, calls, max_draws=4 * B, replicas=40)
+    # at 0.11 the cheapest multilevel run just reaches the target and refits on B draws split (unsettled): fresh
+    # batches are added while it stays unsettled, up to max_draws and never beyond
+    assert predict(one, 0.11, costs, calls, replicas=40).verdict == "unsettled"
+    pred, pilots = predict_settled(batches, more, lambda p: 0.11, costs, calls, max_draws=4 * B, replicas=40)
     n = len(batches)
     assert n >= 2 and made == list(range(1, n)) and len(next(iter(pilots.floors.values()))) == n * B <= 4 * B
     for k in range(1, n):  # every batch was added because the pilots before it left the verdict unsettled
-        assert predict(merge_pilots(*batches[:k]), 0.105, costs, calls, replicas=40).verdict == "unsettled"
+        assert predict(merge_pilots(*batches[:k]), 0.11, costs, calls, replicas=40).verdict == "unsettled"
     assert pred.verdict != "unsettled" or n == 4
 
 

@@ -49,6 +49,7 @@ from mlem_jax._errors import InputError
 
 MAX_STEPS = 64  # the most steps a prediction considers; the fewest are the pilots' fewest (no extrapolation)
 SETTLED = 0.8  # the share of bootstrap replicas that must agree with the law on all the pilots for a verdict
+ML_EXTRAPOLATION = 1.5  # multilevel runs up to this multiple of the coin pilots' most steps, no further
 
 
 class Pilots(NamedTuple):
@@ -427,8 +428,8 @@ def law_error(law: Law, levels: tuple, sampler: str, steps: int, firings: int = 
 
 def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler: str, min_steps: int = 2,
              max_cost: float = math.inf, ml_min_steps: int | None = None, steps: Sequence[int] | None = None,
-             ml_steps: Sequence[int] | None = None,
-             coins: Sequence[str] | None = None) -> tuple[Choice | None, Choice | None]:
+             ml_steps: Sequence[int] | None = None, coins: Sequence[str] | None = None,
+             ml_max_steps: int = MAX_STEPS) -> tuple[Choice | None, Choice | None]:
     """(best single run, best multilevel run cheaper than the single one) on the law, over
     `min_steps`..`MAX_STEPS` steps (multilevel runs from `ml_min_steps`, default `min_steps`), or over
     the step counts `steps` / `ml_steps` where given (those of the comparison being predicted: a
@@ -446,12 +447,14 @@ def cheapest(law: Law, target: float, costs: np.ndarray, calls: dict, ml_sampler
       steps: the single runs' step counts (default every N from `min_steps`).
       ml_steps: the multilevel runs' step counts (default every N from `ml_min_steps`).
       coins: the coin schemes searched ("stratified", "iid"; default those the law has constants for).
+      ml_max_steps: the most steps of a multilevel run.
     """
     K = len(law.floors)
     coins = tuple(coins) if coins is not None else ("stratified",) + (("iid",) if len(law.iid_coin) else ())
     ml_min = min_steps if ml_min_steps is None else ml_min_steps
     steps_range = range(min_steps, MAX_STEPS + 1) if steps is None else sorted(n for n in steps if n >= min_steps)
-    ml_range = range(ml_min, MAX_STEPS + 1) if ml_steps is None else sorted(n for n in ml_steps if n >= ml_min)
+    ml_top = min(MAX_STEPS, ml_max_steps)
+    ml_range = range(ml_min, ml_top + 1) if ml_steps is None else sorted(n for n in ml_steps if ml_min <= n <= ml_top)
     single = None
     for k in range(K):
         for s in law.p:
@@ -563,10 +566,12 @@ def predict(pilots: Pilots, target: float, costs: Sequence[float], calls: dict, 
     costs = np.asarray(costs, np.float64)
     ml_sampler = next(iter(pilots.coins))[1]
     # the law is not extrapolated below the pilots' steps: single runs from the fewest steps of the
-    # discretisation pilots, multilevel runs from the fewest of the coin pilots
+    # discretisation pilots, multilevel runs from the fewest of the coin pilots and up to
+    # ML_EXTRAPOLATION x their most (a coin exponent in N fitted on two step counts goes no further)
     fewest = min(n for (_, _, n) in pilots.discretisation)
     ml_fewest = min(n for (_, _, n, _) in pilots.coins)
-    search = dict(ml_min_steps=ml_fewest, steps=steps, ml_steps=ml_steps, coins=coins)
+    ml_most = math.floor(ML_EXTRAPOLATION * max(n for (_, _, n, _) in pilots.coins))
+    search = dict(ml_min_steps=ml_fewest, steps=steps, ml_steps=ml_steps, coins=coins, ml_max_steps=ml_most)
     single, ml = cheapest(fit_law(pilots), target, costs, calls, ml_sampler, fewest, **search)
     gain = None if (single is None or ml is None) else single.cost / ml.cost
     size = len(next(iter(pilots.floors.values())))
@@ -656,7 +661,8 @@ def predict_settled(batches: list, more: Callable[[int], Pilots], target, costs:
 
 
 def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequence[str] = ("dpm++2m", "unipc"),
-                  pilot_steps: Sequence[int] = (5, 6, 8, 10, 12), coin_plans: int = 8,
+                  pilot_steps: Sequence[int] = (5, 6, 8, 10, 12), ml_steps: Sequence[int] = (12, 24),
+                  coin_plans: int = 8,
                   iid_firings: Sequence[int] = (2, 4, 8),
                   tick: Callable[[], None] = lambda: None) -> tuple[Pilots, np.ndarray]:
     """(pilots, FLOPs per call of each level) of a UNet family, the reference being its top network's
@@ -672,6 +678,7 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
       seed: of the pilots' draws.
       samplers: the samplers whose discretisation is fitted.
       pilot_steps: the short runs' steps (at least two).
+      ml_steps: the multilevel pilots' steps (the law's multilevel runs reach 1.5x the most).
       coin_plans: coin plans per multilevel pilot (the most that divide `batch_size`, up to this).
       iid_firings: the iid-coin pilots' expected firings (empty: stratified coins only).
       tick: called after every pilot run.
@@ -686,7 +693,7 @@ def family_pilots(family, *, batch_size: int = 32, seed: int = 1, samplers: Sequ
         return batch.images(tuple(levels), sampler, steps, firings, coins=coins)[0]
 
     pilots = run_pilots(outputs, batch.reference, len(family.models), samplers, pilot_steps=pilot_steps,
-                        iid_firings=iid_firings, tick=tick)
+                        ml_steps=ml_steps, iid_firings=iid_firings, tick=tick)
     flops = np.array([1e9 * s["gflop"] for s in family_summary(family.models, family.params, family.image_shape)])
     return pilots, flops
 
@@ -723,6 +730,8 @@ def format_prediction(pred: Prediction, names: Sequence[str], unit: str = "FLOPs
         lines.append(f"  verdict: unsettled ({share}; {100 * SETTLED:.0f}% would settle it): the target is near a "
                      "threshold where the pilots' noise decides; run the pilots on more draws, or measure")
     else:
+        slim = verdict == "pays" and pred.gain < 1.05  # cheaper, but by less than a timing's noise
         lines.append(f"  verdict: multilevel {'pays' if verdict == 'pays' else 'does not pay'} here"
-                     + (f" ({share})" if share else ""))
+                     + (f" ({share})" if share else "")
+                     + (f", but by {100 * (pred.gain - 1):.0f}%: about the cost of the single network" if slim else ""))
     return "\n".join(lines)
