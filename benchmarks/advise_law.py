@@ -91,13 +91,14 @@ def main(argv=None) -> int:
     t_p = time.perf_counter()
     # --quick: a smoke run (CI), with the fewest pilots the law accepts
     small = dict(pilot_steps=(5, 8), ml_steps=(12,), ml_firings=(2, 4)) if args.quick else {}
-    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS, iid_firings=IID_FIRINGS, **small)
+    iid_firings = (2, 4) if args.quick else IID_FIRINGS
+    pilots = run_pilots(testbed_outputs(pilot_tb), pilot_tb.truth, K, SAMPLERS, iid_firings=iid_firings, **small)
     batches = [pilots]
 
     def more(i):  # the same pilots on the i-th further batch of draws (seed 1 + i; the measurement's is 0)
         extra = Testbed(batch_size=args.pilot_size, seed=1 + i, truth_steps=100)
         log(f"  pilots on a further batch of {args.pilot_size} draws (seed {1 + i})")
-        return run_pilots(testbed_outputs(extra), extra.truth, K, SAMPLERS, iid_firings=IID_FIRINGS, **small)
+        return run_pilots(testbed_outputs(extra), extra.truth, K, SAMPLERS, iid_firings=iid_firings, **small)
     law = fit_law(pilots)
     log(f"pilots: {len(pilots.floors) + len(pilots.discretisation) + len(pilots.coins)} runs on {args.pilot_size} "
         f"samples in {time.perf_counter() - t_p:.0f} s")

@@ -119,7 +119,11 @@ def _prediction(args, family) -> str:
     pilots = merge_pilots(*batches)  # every batch any target ran
     law, se = fit_law(pilots), law_standard_errors(pilots)
     def pm(v, e, f=".4f"):
-        return f"{v:{f}} +- {e:{f}}" if math.isfinite(v) else "unresolved (no pilot distance beyond 2 s.e.)"
+        if not math.isfinite(v):
+            return "unresolved (no pilot distance beyond 2 s.e.)"
+        if not math.isfinite(e):
+            return f"{v:{f}} (s.e. undefined: some refits leave it unresolved)"
+        return f"{v:{f}} +- {e:{f}}"
 
     runs = len(first.floors) + len(first.discretisation) + len(first.coins) + len(first.iid_coins)
     draws = len(next(iter(pilots.floors.values())))
