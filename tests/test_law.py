@@ -242,9 +242,12 @@ def test_the_fit_recovers_iid_coin_constants_and_their_standard_errors():
     assert np.all(np.abs(law.iid_r - 1.0) < 4 * se.iid_r) and np.all(se.iid_r < 0.05), (law.iid_r, se.iid_r)
     assert np.all(np.abs(law.floors - FLOORS) < 4 * se.floors)
     # with r fitted, c_b is the fit's intercept: its relative s.e. is at least that of a mean over 3 x B x D
-    # unit Gaussians' squares, sqrt(2 / (3 B D)) / 2 = 0.46%, and the bootstrap sees it
-    assert np.all(se.iid_coin / law.iid_coin > 0.5 * math.sqrt(2 / (3 * B * D)) / 2)
-    assert np.all(se.iid_coin / law.iid_coin < 0.05)
+    # unit Gaussians' squares, sqrt(2 / (3 B D)) / 2 = 0.46% (half of it allowed for the bootstrap's own
+    # noise); extrapolating the intercept to 1/m - 1/N = 1 inflates it by a small factor (10x allowed: a
+    # broken refit gives far more)
+    floor = math.sqrt(2 / (3 * B * D)) / 2
+    assert np.all(se.iid_coin / law.iid_coin > 0.5 * floor)
+    assert np.all(se.iid_coin / law.iid_coin < 10 * floor)
 
 
 def test_the_search_weighs_iid_against_stratified_coins():

@@ -329,8 +329,9 @@ def _fit_coins(values: dict, index, z: float, K: int, fallback_r: float) -> tupl
     two values of 1/m - 1/N gets its own r_b (and u_b where it has two step counts): each correction
     D^K - D^b bends the path in its own way (on the five-level family at 12 steps, nf 8's noise over
     1/m - 1/N is 17.6 at m = 2 and 0.55 at m = 4; nf 16's and nf 32's stay within 0.04-0.18). A base
-    with fewer keeps the pooled exponents. r is clipped to [0.5, 3] and u to [-1, 3]; u needs two step counts and r two
-    values of 1/m - 1/N (else u = 0, r = `fallback_r`). A base with no resolved distance gets c_b = inf."""
+    with fewer keeps the pooled exponents. r is clipped to [0.5, 3] and u to [-1, 3]; u needs two step
+    counts and r two values of 1/m - 1/N (else u = 0, r = `fallback_r`). A base with no resolved
+    distance gets c_b = inf."""
     rows, ys, ws, bases = [], [], [], sorted({b for (b, _, _, _) in values})
     for (b, _, n, f), v in values.items():
         d = v if index is None else v[index]
